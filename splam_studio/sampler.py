@@ -1,0 +1,104 @@
+"""Samplers behind one contract: multistep consistency sampling for students, diffusers solvers for the teacher.
+
+Multistep consistency sampling (as diffusers' LCMScheduler, gamma = 1, no CFG at run time): at each chosen
+timestep predict F(z, t); unless last, re-noise it to the next timestep with fresh noise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
+
+from .schedule import NoiseSchedule, coef, lcm_timesteps
+
+# F(z, t) -> estimate of the clean end, for integer timesteps t of shape (B,) (a student at gamma = 1).
+CleanFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def consistency_sample(F: CleanFn, schedule: NoiseSchedule, z_T: torch.Tensor, num_steps: int,
+                       generator: torch.Generator | None = None, original_steps: int = 50) -> torch.Tensor:
+    """Multistep consistency sampling (LCM, Algorithm 1 of Song et al. 2023) on LCMScheduler's timesteps."""
+    timesteps = lcm_timesteps(num_steps, schedule.T, original_steps)
+    z = z_T
+    for i, t in enumerate(timesteps):
+        x0 = F(z, torch.full((z.shape[0],), t, dtype=torch.long))
+        if i == len(timesteps) - 1:
+            return x0
+        t_next = timesteps[i + 1]
+        noise = torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+        z = coef(schedule.alpha(t_next), z) * x0 + coef(schedule.sigma(t_next), z) * noise
+    raise AssertionError("unreachable")
+
+
+# Every sampler the studio offers: name -> (scheduler class, whether it is a student's consistency sampler).
+SAMPLERS: dict[str, type] = {
+    "ddim": DDIMScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+    "lcm": LCMScheduler,
+}
+
+
+def make_scheduler(name: str, config) -> object:
+    """A diffusers scheduler of the given sampler name built from a teacher's scheduler config."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if name == "dpm++" else {}
+    return SAMPLERS[name].from_config(config, **extra)
+
+
+def initial_noise(seed: int, batch: int, unet: UNet2DConditionModel, height: int, width: int, vae_scale: int) -> torch.Tensor:
+    """z_T ~ N(0, I) from a CPU generator seeded by `seed`, so every device draws the same noise. (B, C, h, w)."""
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    shape = (batch, unet.config.in_channels, height // vae_scale, width // vae_scale)
+    return torch.randn(shape, generator=g, dtype=torch.float32)
+
+
+@dataclass
+class Generation:
+    images: list  # PIL images
+    latents: torch.Tensor  # (B, C, h, w) final clean latents, float32 on the CPU
+
+
+@torch.no_grad()
+def generate(pipe: StableDiffusionPipeline, *, prompt: list[str], sampler: str, steps: int, seed: int,
+             unet: UNet2DConditionModel | None = None, guidance_scale: float = 1.0,
+             negative_prompt: list[str] | None = None, decode: bool = True) -> Generation:
+    """Generate with the teacher (unet=None) or a student UNet, from the initial noise of `seed`, in a stock pipeline.
+
+    Students run with LCMScheduler at guidance_scale = 1 (diffusers then embeds gamma = 1 and skips CFG).
+    """
+    unet = unet if unet is not None else pipe.unet
+    is_student = unet.config.time_cond_proj_dim is not None
+    if is_student and sampler != "lcm":
+        raise ValueError(f"students sample with 'lcm' (multistep consistency), not {sampler!r}")
+    if is_student:
+        guidance_scale, negative_prompt = 1.0, None  # guidance is baked into the student
+    p = StableDiffusionPipeline(**{**pipe.components, "unet": unet, "scheduler": make_scheduler(sampler, pipe.scheduler.config)})
+    p.set_progress_bar_config(disable=True)
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = unet.config.sample_size * vae_scale
+    z_T = initial_noise(seed, len(prompt), unet, size, size, vae_scale).to(pipe.device, unet.dtype)
+    g = torch.Generator("cpu").manual_seed(int(seed) + 1)  # re-noising of multistep sampling
+    out = p(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+            latents=z_T, generator=g, output_type="latent", height=size, width=size)
+    latents = out.images.float().cpu()
+    images = decode_latents(pipe, latents) if decode else []
+    return Generation(images=images, latents=latents)
+
+
+@torch.no_grad()
+def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> list:
+    """VAE-decode clean latents (B, C, h, w) to PIL images."""
+    vae = pipe.vae
+    x = vae.decode(latents.to(pipe.device, vae.dtype) / vae.config.scaling_factor).sample
+    return pipe.image_processor.postprocess(x.float(), output_type="pil")

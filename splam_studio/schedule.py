@@ -1,0 +1,104 @@
+"""Noise schedule of a discrete DDPM-type model: alpha(t), sigma(t), the DDIM grid.
+
+z_t = alpha(t) z_0 + sigma(t) eps, alpha(t) = sqrt(alpha_bar_t), sigma(t) = sqrt(1 - alpha_bar_t)
+(METHOD.md, notation). Tables are kept in float64 for accuracy; callers cast at the model boundary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+SD15_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+}
+
+
+def append_dims(x: torch.Tensor, target_ndim: int) -> torch.Tensor:
+    """Append singleton dims so a (B,) tensor broadcasts against a (B, C, H, W) one."""
+    if x.ndim > target_ndim:
+        raise ValueError(f"input has {x.ndim} dims, more than target_ndim={target_ndim}")
+    return x.reshape(*x.shape, *([1] * (target_ndim - x.ndim)))
+
+
+def coef(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample float64 coefficient (B,) cast to like's dtype, then device (MPS has no float64), broadcastable."""
+    return append_dims(torch.as_tensor(v), like.ndim).to(like.dtype).to(like.device)
+
+
+def betas_from_config(config: Mapping[str, Any]) -> torch.Tensor:
+    """Betas of a diffusers DDPM/DDIM/LCM/PNDM scheduler config, float64, shape (T,)."""
+    T = int(config.get("num_train_timesteps", 1000))
+    if config.get("trained_betas") is not None:
+        return torch.as_tensor(config["trained_betas"], dtype=torch.float64)
+    b0, b1 = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+    kind = config.get("beta_schedule", "linear")
+    if kind == "linear":
+        return torch.linspace(b0, b1, T, dtype=torch.float64)
+    if kind == "scaled_linear":
+        return torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float64) ** 2
+    if kind == "squaredcos_cap_v2":
+        t = torch.arange(T + 1, dtype=torch.float64) / T
+        f = torch.cos((t + 0.008) / 1.008 * torch.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    raise ValueError(f"beta_schedule {kind!r} not supported; use linear, scaled_linear or squaredcos_cap_v2")
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """alpha(t), sigma(t) on the integer grid 0..T-1 of a variance-preserving DDPM."""
+
+    alphas_cumprod: torch.Tensor  # (T,) float64
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None) -> "NoiseSchedule":
+        """From any diffusers DDPM-type scheduler config (defaults to SD1.5's)."""
+        config = dict(SD15_SCHEDULER_CONFIG if config is None else config)
+        pred = config.get("prediction_type", "epsilon")
+        if pred != "epsilon":
+            raise ValueError(f"prediction_type {pred!r} not supported; SPLAM distils epsilon-prediction teachers")
+        return cls(torch.cumprod(1.0 - betas_from_config(config), dim=0))
+
+    @classmethod
+    def from_scheduler(cls, scheduler: Any) -> "NoiseSchedule":
+        return cls.from_config(scheduler.config)
+
+    @property
+    def T(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    def _table(self, t: torch.Tensor | int) -> torch.Tensor:
+        t = torch.as_tensor(t).long().cpu()  # tables stay on the CPU in float64
+        if (t < 0).any() or (t >= self.T).any():
+            raise ValueError(f"timestep out of range [0, {self.T - 1}]: {t.tolist()}")
+        return self.alphas_cumprod[t]
+
+    def alpha(self, t: torch.Tensor | int) -> torch.Tensor:
+        """alpha(t) = sqrt(alpha_bar_t), float64."""
+        return self._table(t).sqrt()
+
+    def sigma(self, t: torch.Tensor | int) -> torch.Tensor:
+        """sigma(t) = sqrt(1 - alpha_bar_t), float64."""
+        return (1.0 - self._table(t)).sqrt()
+
+
+def ddim_grid(T: int = 1000, N: int = 50) -> torch.Tensor:
+    """DDIM grid t_i = (T // N)(i + 1) - 1, i = 0..N-1 (19, 39, ..., 999 for SD1.5); skip k_phi = T // N."""
+    if not 1 <= N <= T:
+        raise ValueError(f"N must be in [1, {T}], got {N}")
+    k_phi = T // N
+    return torch.arange(1, N + 1, dtype=torch.long) * k_phi - 1
+
+
+def lcm_timesteps(num_steps: int, T: int = 1000, original_steps: int = 50) -> list[int]:
+    """Inference timesteps of diffusers' LCMScheduler: [999] / [999, 499] / [999, 759, 499, 259] for 1/2/4 steps."""
+    if not 1 <= num_steps <= original_steps:
+        raise ValueError(f"num_steps must be in [1, {original_steps}], got {num_steps}")
+    origin = ddim_grid(T, original_steps).flip(0)  # (N,) descending: 999, 979, ..., 19
+    idx = torch.floor(torch.linspace(0, original_steps, num_steps + 1, dtype=torch.float64)[:-1]).long()
+    return origin[idx].tolist()

@@ -1,0 +1,86 @@
+"""The Sub-Path Linear ODE (SL-ODE) and the SPLAM objective (Algorithm 1, steps 3-6).
+
+On the sub-path from z_t to the drifted end r zhat_s, r = alpha(t) / alpha(s):
+  z_gamma = gamma z_t + (1 - gamma) r zhat_s                     (Methods slide, SL-ODE)
+  sigma_gamma^2 = r^2 sigma(s)^2 + gamma^2 (1 - r^2)             (authors' script)
+  loss = d(F_theta(z_gamma, t, gamma), F_theta^-(zhat_s, s, 1))  (L_SL-ODE slide)
+LCM is the same objective with gamma = 1 (then z_gamma = z_t and sigma_gamma = sigma(t)).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .consistency import ConsistencyFn
+from .schedule import NoiseSchedule, coef
+
+Distance = Literal["l2", "huber"]
+HUBER_C = 1e-3  # pseudo-Huber c in latent space (authors' / diffusers LCM script default)
+GAMMA_EMBED_DIM = 256  # time_cond_proj_dim of the authors' student UNet
+
+
+def z_gamma(z_t: torch.Tensor, zhat_s: torch.Tensor, gamma: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Point on the SL-ODE: gamma z_t + (1 - gamma) r zhat_s; gamma, r of shape (B,)."""
+    g = coef(gamma, z_t)
+    return g * z_t + (1 - g) * coef(r, z_t) * zhat_s
+
+
+def sigma_gamma(gamma: torch.Tensor, r: torch.Tensor, sigma_s: torch.Tensor) -> torch.Tensor:
+    """Noise level of z_gamma: sqrt(r^2 sigma(s)^2 + gamma^2 (1 - r^2)); sigma(t) at gamma = 1, r sigma(s) at 0."""
+    g = torch.as_tensor(gamma, dtype=torch.float64).cpu()
+    r, sigma_s = torch.as_tensor(r, dtype=torch.float64), torch.as_tensor(sigma_s, dtype=torch.float64)
+    return (r**2 * sigma_s**2 + g**2 * (1 - r**2)).sqrt()
+
+
+def gamma_embedding(gamma: torch.Tensor, dim: int = GAMMA_EMBED_DIM) -> torch.Tensor:
+    """LCM's sinusoidal guidance embedding of w = 10 - 10 gamma (input scaled by 1000); gamma = 1 -> embedding(0).
+
+    Matches diffusers' `get_guidance_scale_embedding`, so a stock pipeline at guidance_scale = 1 feeds gamma = 1.
+    """
+    w = (10.0 - 10.0 * torch.as_tensor(gamma, dtype=torch.float32).reshape(-1)) * 1000.0  # (B,)
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    args = w[:, None] * freqs[None, :]  # (B, half)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 == 1 else emb  # (B, dim)
+
+
+def distance(pred: torch.Tensor, target: torch.Tensor, kind: Distance = "l2", c: float = HUBER_C) -> torch.Tensor:
+    """d(pred, target): mean squared error, or pseudo-Huber mean(sqrt(d^2 + c^2) - c), computed in float32."""
+    d = pred.float() - target.float()
+    if kind == "l2":
+        return (d**2).mean()
+    if kind == "huber":
+        return (torch.sqrt(d**2 + c**2) - c).mean()
+    raise ValueError(f"unknown distance {kind!r}; use 'l2' or 'huber'")
+
+
+def sample_gamma(batch: int, generator: torch.Generator | None = None, method: str = "splam") -> torch.Tensor:
+    """gamma ~ U[0, 1] per sample for SPLAM; gamma = 1 for LCM. Shape (B,), float64, on the CPU."""
+    if method == "lcm":
+        return torch.ones(batch, dtype=torch.float64)
+    if method == "splam":
+        return torch.rand(batch, generator=generator, dtype=torch.float64)
+    raise ValueError(f"unknown method {method!r}; use 'splam' or 'lcm'")
+
+
+def splam_loss(
+    F_student: ConsistencyFn,
+    F_target: ConsistencyFn,
+    schedule: NoiseSchedule,
+    z_t: torch.Tensor,
+    zhat_s: torch.Tensor,
+    t: torch.Tensor,
+    s: torch.Tensor,
+    gamma: torch.Tensor,
+    kind: Distance = "l2",
+    huber_c: float = HUBER_C,
+) -> torch.Tensor:
+    """SPLAM loss d(F_theta(z_gamma, t, gamma), F_theta^-(zhat_s, s, 1)); with gamma = 1 it is the LCM loss."""
+    alpha_t, alpha_s, sigma_s = schedule.alpha(t), schedule.alpha(s), schedule.sigma(s)
+    r = alpha_t / alpha_s  # (B,) float64
+    pred = F_student(z_gamma(z_t, zhat_s, gamma, r), t, gamma, sigma_gamma(gamma, r, sigma_s), alpha_t)
+    with torch.no_grad():
+        target = F_target(zhat_s, s, torch.ones_like(gamma), sigma_s, alpha_s)
+    return distance(pred, target, kind, huber_c)

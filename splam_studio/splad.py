@@ -1,0 +1,64 @@
+"""One SPLAD step (Algorithm 1 of the slides), as a pure function of models and a batch.
+
+The training loop (train.py) only adds the optimiser step and the EMA update (step 7).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from .schedule import NoiseSchedule, coef, ddim_grid
+from .slode import Distance, sample_gamma, splam_loss
+from .solver import guided_eps, solve
+from .student import student_F
+
+
+@dataclass(frozen=True)
+class SpladConfig:
+    method: str = "splam"  # "splam" (gamma ~ U[0, 1]) or "lcm" (gamma = 1): the only difference between the two
+    w: float = 8.0  # teacher guidance in the LCM form eps_c + w (eps_c - eps_u); authors' script: 8 (CFG 9)
+    num_ddim_steps: int = 50  # N: DDIM grid t_i = 20 (i + 1) - 1, so k_phi = T / N = 20
+    m: int = 1  # multiple estimation: k = m * k_phi (authors' script: m = 1, k = 20)
+    distance: Distance = "huber"  # pseudo-Huber, c = 0.001, as the authors and diffusers' LCM script
+    huber_c: float = 1e-3
+
+    def __post_init__(self):
+        if self.method not in ("splam", "lcm"):
+            raise ValueError(f"method must be 'splam' or 'lcm', got {self.method!r}")
+        if self.m < 1 or self.num_ddim_steps < 1:
+            raise ValueError(f"need m >= 1 and num_ddim_steps >= 1, got m={self.m}, N={self.num_ddim_steps}")
+        if self.distance not in ("l2", "huber"):
+            raise ValueError(f"distance must be 'l2' or 'huber', got {self.distance!r}")
+
+
+def splad_loss(
+    cfg: SpladConfig,
+    schedule: NoiseSchedule,
+    student: UNet2DConditionModel,
+    target: UNet2DConditionModel,
+    teacher: UNet2DConditionModel,
+    z_0: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Steps 1-6 of Algorithm 1 for clean latents z_0 (B, C, h, w) and text embeddings cond, uncond (B, L, D)."""
+    B = z_0.shape[0]
+    # 1. grid time t, s = t - k, and z_t = alpha(t) z_0 + sigma(t) eps
+    grid = ddim_grid(schedule.T, cfg.num_ddim_steps)
+    k_phi = schedule.T // cfg.num_ddim_steps
+    t = grid[torch.randint(len(grid), (B,), generator=generator)]
+    eps = torch.randn(z_0.shape, generator=generator, dtype=z_0.dtype).to(z_0.device)
+    z_t = coef(schedule.alpha(t), z_0) * z_0 + coef(schedule.sigma(t), z_0) * eps
+    t_dev = t.to(z_0.device)
+    # 2. teacher, no grad: zhat_s = m chained guided DDIM steps of size k_phi
+    with torch.no_grad():
+        zhat_s, s = solve(guided_eps(teacher, cond, uncond, cfg.w), schedule, z_t, t_dev, cfg.m, k_phi)
+    # 3. gamma ~ U[0, 1] (SPLAM) or gamma = 1 (LCM)
+    gamma = sample_gamma(B, generator, cfg.method)
+    # 4-6. student on the SL-ODE point, EMA target at (zhat_s, s, gamma = 1), distance
+    return splam_loss(
+        student_F(student, cond), student_F(target, cond), schedule, z_t, zhat_s, t, s.cpu(), gamma, cfg.distance, cfg.huber_c
+    )

@@ -1,0 +1,452 @@
+"""SPLAD distillation (Algorithm 1) on accelerate: one CUDA / MPS GPU, the CPU, or `accelerate launch` on several.
+
+The loop orchestrates only: data -> latents and text embeddings -> `splad_loss` (steps 1-6) -> optimiser step ->
+EMA update (step 7) -> logging, validation and atomic checkpoints. `train_cli.py` is a thin front end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .device import resolve_runtime
+from .schedule import NoiseSchedule
+from .splad import SpladConfig, splad_loss
+from .student import build_student, ema_update, make_target
+
+# LoRA targets of diffusers' LCM-LoRA script: attention, feed-forward, resnet convs and time projections.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or must stop; the message says why and what to change."""
+
+
+@dataclass
+class TrainConfig:
+    # what to distil from what
+    teacher: str = "shapes"  # embedded name, diffusers folder, single-file .safetensors or hub id
+    data: str = "shapes"  # image folder, metadata.jsonl folder, datasets name/path, tar shards, or "shapes"
+    method: str = "splam"  # splam | lcm (gamma = 1, all else identical)
+    run_name: str | None = None  # weights/<run_name>; default: <method>-<timestamp>
+    output_dir: str = "weights"
+    # Algorithm 1
+    w: float = 8.0  # teacher CFG in the LCM form (8 = CFG 9, authors' script)
+    num_ddim_steps: int = 50  # N; k_phi = 1000 / N = 20
+    m: int = 1  # multiple estimation, k = m k_phi
+    distance: str = "huber"  # huber (c = 0.001) | l2
+    huber_c: float = 1e-3
+    ema_decay: float = 0.95  # mu of the target theta^-
+    cond_proj_init: str = "fresh"  # fresh (authors) | zero (student starts as the teacher at every gamma)
+    # optimisation
+    max_steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-5  # full fine-tune; LoRA runs usually want ~1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_rank: int = 0  # 0 = full fine-tune; > 0 = LoRA of this rank through peft
+    use_8bit_adam: bool = False
+    gradient_checkpointing: bool = False
+    # data
+    resolution: int | None = None  # default: the teacher's native size
+    caption_column: str | None = None
+    image_column: str | None = None
+    num_workers: int = 0
+    shapes_size: int = 20000  # images drawn from the Shapes generator when data == "shapes"
+    # runtime
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+    allow_pickle: bool = False
+    # bookkeeping
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    validate_every: int = 0  # 0 = only at the end
+    validation_prompts: list[str] = field(default_factory=list)
+    log_every: int = 10
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    resume: str | None = None  # "latest" or a checkpoint folder
+    fault_injection: str | None = None  # tests only: "nan@<step>,<step>..." makes those steps' loss NaN
+
+    def validate(self) -> None:
+        checks = {
+            "method": self.method in ("splam", "lcm"),
+            "distance": self.distance in ("huber", "l2"),
+            "cond_proj_init": self.cond_proj_init in ("fresh", "zero"),
+            "max_steps": self.max_steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "grad_accum": self.grad_accum >= 1,
+            "lr": 0 < self.lr < 1,
+            "ema_decay": 0 <= self.ema_decay <= 1,
+            "m": self.m >= 1,
+            "num_ddim_steps": 1 <= self.num_ddim_steps <= 1000,
+            "lora_rank": self.lora_rank >= 0,
+            "checkpoint_every": self.checkpoint_every >= 1,
+            "keep_checkpoints": self.keep_checkpoints >= 1,
+            "num_workers": self.num_workers >= 0,
+            "resolution": self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise TrainError(f"invalid config values: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+        if self.run_name is not None and (not self.run_name or any(c in self.run_name for c in "/\\") or self.run_name.startswith(".")):
+            raise TrainError(f"run_name must be a plain folder name, got {self.run_name!r}")
+
+    def splad(self) -> SpladConfig:
+        return SpladConfig(method=self.method, w=self.w, num_ddim_steps=self.num_ddim_steps, m=self.m,
+                           distance=self.distance, huber_c=self.huber_c)
+
+
+# ---------------------------------------------------------------- checkpoints (safetensors + JSON, atomic)
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimiser state as flat tensors (safetensors) and JSON metadata: no pickle anywhere."""
+    sd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "scalars": {}}
+    for idx, st in sd["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{name}"] = v.detach().cpu().contiguous()
+            else:
+                meta["scalars"][f"{idx}.{name}"] = v
+    return tensors, meta
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach().cpu().contiguous() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run_dir: Path, step: int, student, target, opt, keep: int) -> Path:
+    """checkpoints/step-N/{student,target,optimizer}.safetensors + state.json, written to a temp dir then renamed."""
+    ckpt_root = run_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:07d}"
+    tmp = ckpt_root / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_trainable_state(student), tmp / "student.safetensors")
+    trainable = set(_trainable_state(student))
+    save_file({k: v.detach().cpu().contiguous() for k, v in target.state_dict().items() if k in trainable},
+              tmp / "target.safetensors")
+    opt_t, opt_meta = _optimizer_tensors(opt)
+    save_file(opt_t, tmp / "optimizer.safetensors")
+    _write_json(tmp / "optimizer.json", opt_meta)
+    _write_json(tmp / "state.json", {"step": step, "time": time.time()})
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """`latest` -> the newest complete checkpoint of the run (one with state.json), or an explicit folder."""
+    if resume != "latest":
+        p = Path(resume)
+        if not (p / "state.json").is_file():
+            raise TrainError(f"--resume {resume!r}: not a complete checkpoint folder (no state.json); use 'latest'")
+        return p
+    done = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(ckpt: Path, student, target, opt) -> int:
+    """Restore student, target and optimiser; returns the step to continue from."""
+    s = load_file(ckpt / "student.safetensors")
+    missing = [k for k, p in student.named_parameters() if p.requires_grad and k not in s]
+    if missing:
+        raise TrainError(f"checkpoint {ckpt} does not match this run's student ({len(missing)} missing tensors, e.g. {missing[0]})")
+    student.load_state_dict(s, strict=False)
+    target.load_state_dict(load_file(ckpt / "target.safetensors"), strict=False)
+    _load_optimizer(opt, load_file(ckpt / "optimizer.safetensors"), json.loads((ckpt / "optimizer.json").read_text()))
+    return int(json.loads((ckpt / "state.json").read_text())["step"])
+
+
+# ---------------------------------------------------------------- data order (exactly resumable)
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Batches of indices for steps start..: epoch e is a permutation seeded by (seed, e); process `rank` of `world`."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, max_steps: int, rank: int = 0, world: int = 1):
+        if n < batch_size * world:
+            raise TrainError(f"dataset has {n} usable items, fewer than one batch ({batch_size} x {world} processes)")
+        self.n, self.bs, self.seed, self.start, self.max, self.rank, self.world = n, batch_size, seed, start_step, max_steps, rank, world
+
+    def __len__(self) -> int:
+        return max(0, self.max - self.start)
+
+    def __iter__(self):
+        per_epoch = self.n // (self.bs * self.world)
+        for step in range(self.start, self.max):
+            epoch, pos = divmod(step, per_epoch)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+            off = (pos * self.world + self.rank) * self.bs
+            yield perm[off: off + self.bs].tolist()
+
+
+def _collate(items):
+    items = [x for x in items if x is not None]
+    if not items:
+        return None
+    return {"pixel_values": torch.stack([x["pixel_values"] for x in items]), "caption": [x["caption"] for x in items]}
+
+
+# ---------------------------------------------------------------- the run
+
+def _encode_text(pipe, captions: list[str], device) -> torch.Tensor:
+    ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(device)
+    return pipe.text_encoder(ids)[0]  # (B, L, D)
+
+
+def _fault_steps(spec: str | None) -> set[int]:
+    if not spec:
+        return set()
+    if not spec.startswith("nan@"):
+        raise TrainError(f"fault_injection must look like 'nan@3,4', got {spec!r}")
+    return {int(x) for x in spec[4:].split(",") if x}
+
+
+def run(cfg: TrainConfig, log=print) -> Path:
+    """Train; returns the run folder under output_dir. Resumable with cfg.resume = 'latest'."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .data import build_dataset
+    from .models import load_teacher, save_student
+
+    cfg.validate()
+    rt = resolve_runtime(cfg.device, cfg.precision)
+    run_name = cfg.run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.output_dir) / run_name
+    acc = Accelerator(mixed_precision=rt.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                      cpu=rt.device.type == "cpu", log_with="tensorboard", project_dir=str(run_dir / "logs"))
+    set_seed(cfg.seed)
+    device = acc.device
+
+    # models: frozen teacher, VAE and text encoder in the weight dtype; trainable student in fp32
+    pipe = load_teacher(cfg.teacher, torch_dtype=torch.float32, allow_pickle=cfg.allow_pickle)
+    schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+    teacher = pipe.unet.requires_grad_(False).eval()
+    student = build_student(teacher, cfg.cond_proj_init, generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.lora_rank > 0:
+        from peft import LoraConfig
+
+        student.requires_grad_(False)
+        student.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                       target_modules=LORA_TARGETS))
+        student.time_embedding.cond_proj.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    target = make_target(student)
+    teacher.to(device, rt.weight_dtype)
+    pipe.text_encoder.requires_grad_(False).to(device, rt.weight_dtype)
+    pipe.vae.requires_grad_(False).to(device, rt.vae_dtype)
+    target.to(device)
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise TrainError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU") from e
+        opt = bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    # resume (before data, so the sampler starts at the right step)
+    start = 0
+    if cfg.resume:
+        ckpt = find_checkpoint(run_dir, cfg.resume)
+        if ckpt is None:
+            log(f"resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+        else:
+            start = load_checkpoint(ckpt, student, target, opt)
+            log(f"resume: {ckpt.name}, continuing at step {start}")
+    if start >= cfg.max_steps:
+        log(f"already at step {start} >= max_steps {cfg.max_steps}; nothing to do")
+
+    # data
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    resolution = cfg.resolution or teacher.config.sample_size * vae_scale
+    dataset = build_dataset(cfg.data, resolution, caption_column=cfg.caption_column, image_column=cfg.image_column,
+                            seed=cfg.seed, size=cfg.shapes_size)
+    loader_kw = dict(collate_fn=_collate, num_workers=cfg.num_workers)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, **loader_kw)
+        skip = start * cfg.grad_accum  # batches to fast-forward
+    else:
+        sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start * cfg.grad_accum,
+                                   cfg.max_steps * cfg.grad_accum, acc.process_index, acc.num_processes)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_kw)
+        skip = 0
+
+    student, opt = acc.prepare(student, opt)
+    resolved = {**dataclasses.asdict(cfg), "run_name": run_name, "resolution": resolution, "gamma_sampling":
+                "uniform[0,1]" if cfg.method == "splam" else "constant 1", "k": cfg.m * (schedule.T // cfg.num_ddim_steps),
+                "mixed_precision": rt.mixed_precision, "device": str(device), "processes": acc.num_processes,
+                "teacher_scheduler": dict(pipe.scheduler.config)}
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / "training_config.json", resolved)
+        acc.init_trackers("splad", config={k: v for k, v in resolved.items() if isinstance(v, (int, float, str, bool))})
+
+    with torch.no_grad():
+        uncond_1 = _encode_text(pipe, [""], device)  # (1, L, D)
+    splad = cfg.splad()
+    faults = _fault_steps(cfg.fault_injection)
+    bad_in_row = bad_total = 0
+    step = start
+    t0, losses = time.time(), []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=start, disable=not acc.is_main_process, desc=f"{cfg.method} {run_name}",
+               dynamic_ncols=True, file=sys.stderr)
+    data_iter = iter(loader)
+    for _ in range(skip):  # iterable data: fast-forward to the resumed position
+        next(data_iter, None)
+    micro, end = 0, object()
+    while step < cfg.max_steps:
+        batch = next(data_iter, end)
+        if batch is end:
+            if not isinstance(dataset, torch.utils.data.IterableDataset):
+                raise TrainError(f"data order exhausted at step {step}; this is a bug, please report it")
+            data_iter = iter(loader)  # next pass over a finite iterable source
+            batch = next(data_iter, end)
+            if batch is end:
+                raise TrainError(f"data source {cfg.data!r} yielded no usable batch (see the skip counts above)")
+        if batch is None:  # every item of this batch was unreadable (counted by the dataset); move on
+            micro += 1
+            continue
+        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * 104729 + micro * 31 + acc.process_index)
+        with acc.accumulate(student):
+            with torch.no_grad():
+                px = batch["pixel_values"].to(device, rt.vae_dtype)
+                z_0 = pipe.vae.encode(px).latent_dist.sample(generator=gen) * pipe.vae.config.scaling_factor
+                z_0 = z_0.float()
+                cond = _encode_text(pipe, batch["caption"], device)
+                uncond = uncond_1.expand(len(batch["caption"]), -1, -1)
+            with acc.autocast():
+                loss = splad_loss(splad, schedule, student, target, teacher, z_0, cond, uncond, gen)
+            if step in faults:
+                loss = loss * float("nan")
+            finite = torch.isfinite(loss.detach()).float()
+            if acc.num_processes > 1:
+                finite = acc.reduce(finite, "min")
+            if finite.item() < 1:
+                bad_in_row += 1
+                bad_total += 1
+                opt.zero_grad(set_to_none=True)
+                log(f"step {step}: non-finite loss, step skipped ({bad_in_row} in a row, {bad_total} total)")
+                if bad_in_row >= cfg.max_bad_steps:
+                    raise TrainError(f"{bad_in_row} non-finite losses in a row at step {step}; stopped. "
+                                     f"The last good checkpoint in {run_dir / 'checkpoints'} is intact; lower --lr or check the data")
+                micro = 0
+                step += 1
+                bar.update(1)
+                continue
+            bad_in_row = 0
+            acc.backward(loss)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        micro += 1
+        if not acc.sync_gradients:
+            continue
+        micro = 0
+        ema_update(target, acc.unwrap_model(student), cfg.ema_decay)  # 7. theta^- <- mu theta^- + (1 - mu) theta
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4g}")
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            acc.log({"loss": sum(losses) / len(losses), "bad_steps": bad_total}, step=step)
+            losses.clear()
+        if acc.is_main_process and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
+            save_checkpoint(run_dir, step, acc.unwrap_model(student), target, opt, cfg.keep_checkpoints)
+        if acc.is_main_process and cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.max_steps:
+            _validate(pipe, target, cfg, run_dir, step)
+    bar.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        export = target  # theta^- is the exported student, as in the LCM script
+        save_student(run_dir, export, lora=cfg.lora_rank > 0, config=resolved)
+        if cfg.lora_rank > 0:
+            from .models import export_kohya_lora
+
+            export_kohya_lora(export, run_dir / "lora_kohya.safetensors")
+        if start < cfg.max_steps:
+            _validate(pipe, target, cfg, run_dir, step)
+        log(f"done: {step} steps in {time.time() - t0:.1f}s, {bad_total} skipped non-finite steps; student in {run_dir}")
+    acc.end_training()
+    return run_dir
+
+
+@torch.no_grad()
+def _validate(pipe, student, cfg: TrainConfig, run_dir: Path, step: int) -> Path | None:
+    """A grid of 1/2/4-step samples of the validation prompts, saved as validation/step-N.png."""
+    from .sampler import generate
+
+    prompts = cfg.validation_prompts
+    if not prompts:
+        return None
+    from PIL import Image
+
+    rows = []
+    for steps in (1, 2, 4):
+        rows.append(generate(pipe, prompt=prompts, sampler="lcm", steps=steps, seed=cfg.seed, unet=student).images)
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * len(prompts), h * len(rows)))
+    for r, imgs in enumerate(rows):
+        for c, im in enumerate(imgs):
+            grid.paste(im, (c * w, r * h))
+    out = run_dir / "validation" / f"step-{step:07d}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    grid.save(tmp)
+    os.replace(tmp, out)
+    return out

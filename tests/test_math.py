@@ -1,0 +1,187 @@
+"""Identities and closed-form checks of the SPLAM math (CPU, milliseconds)."""
+import math
+
+import pytest
+import torch
+from diffusers import LCMScheduler
+
+from splam_studio.consistency import boundary, c_out, c_skip, x0_from_eps
+from splam_studio.schedule import NoiseSchedule, ddim_grid, lcm_timesteps
+from splam_studio.slode import distance, gamma_embedding, sigma_gamma, splam_loss, z_gamma
+from splam_studio.solver import solve
+
+SCHED = NoiseSchedule.from_config()
+
+
+def test_schedule_matches_diffusers_sd15():
+    ref = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
+    assert torch.allclose(SCHED.alphas_cumprod.float(), ref, rtol=1e-6)
+    t = torch.tensor([0, 499, 999])
+    assert torch.allclose(SCHED.alpha(t) ** 2 + SCHED.sigma(t) ** 2, torch.ones(3, dtype=torch.float64))
+
+
+def test_schedule_reads_other_configs_and_rejects_v_prediction():
+    lin = NoiseSchedule.from_config({"num_train_timesteps": 100, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02})
+    assert lin.T == 100 and abs(lin.alphas_cumprod[0].item() - (1 - 1e-4)) < 1e-12
+    with pytest.raises(ValueError, match="epsilon"):
+        NoiseSchedule.from_config({"prediction_type": "v_prediction"})
+    with pytest.raises(ValueError, match="out of range"):
+        SCHED.alpha(1000)
+
+
+def test_ddim_grid_and_lcm_timesteps_match_lcmscheduler():
+    grid = ddim_grid(1000, 50)
+    assert grid[0] == 19 and grid[-1] == 999 and len(grid) == 50
+    assert lcm_timesteps(1) == [999]
+    assert lcm_timesteps(2) == [999, 499]
+    assert lcm_timesteps(4) == [999, 759, 499, 259]
+    ref = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    for n in (1, 2, 3, 4, 8):
+        ref.set_timesteps(n)
+        assert lcm_timesteps(n) == ref.timesteps.tolist(), n
+
+
+def test_boundary_condition():
+    assert c_skip(torch.tensor(0)).item() == 1.0 and c_out(torch.tensor(0)).item() == 0.0
+    z, x0 = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    assert torch.equal(boundary(z, x0, torch.zeros(2, dtype=torch.long)), z)
+    # matches LCMScheduler's scalings at a large t
+    cs, co = LCMScheduler().get_scalings_for_boundary_condition_discrete(torch.tensor(999.0))
+    assert math.isclose(c_skip(torch.tensor(999)).item(), cs.item(), rel_tol=1e-6)
+    assert math.isclose(c_out(torch.tensor(999)).item(), co.item(), rel_tol=1e-6)
+
+
+def test_z_gamma_and_sigma_gamma_endpoints():
+    t, s = torch.tensor([999, 519]), torch.tensor([979, 499])
+    r = SCHED.alpha(t) / SCHED.alpha(s)
+    z_t, zhat_s = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    assert torch.equal(z_gamma(z_t, zhat_s, torch.ones(2, dtype=torch.float64), r), z_t)
+    assert torch.allclose(z_gamma(z_t, zhat_s, torch.zeros(2, dtype=torch.float64), r), r.float().view(2, 1, 1, 1) * zhat_s)
+    assert torch.allclose(sigma_gamma(torch.ones(2), r, SCHED.sigma(s)), SCHED.sigma(t), rtol=1e-12)
+    assert torch.allclose(sigma_gamma(torch.zeros(2), r, SCHED.sigma(s)), r * SCHED.sigma(s), rtol=1e-12)
+    g = torch.linspace(0, 1, 11, dtype=torch.float64)
+    sg = sigma_gamma(g, r[0], SCHED.sigma(s[0]))
+    assert (sg.diff() > 0).all()  # noise grows monotonically from the drifted end to z_t
+
+
+def test_float64_schedule_does_not_leak_into_the_model():
+    """The authors' script fed the UNet float64 (METHOD.md): every SL-ODE point keeps the latent dtype."""
+    t, s = torch.tensor([999]), torch.tensor([979])
+    r = SCHED.alpha(t) / SCHED.alpha(s)
+    for dt in (torch.float32, torch.bfloat16):
+        z = torch.randn(1, 4, 2, 2, dtype=dt)
+        assert z_gamma(z, z, torch.rand(1, dtype=torch.float64), r).dtype == dt
+        assert x0_from_eps(z, z, SCHED.alpha(t), SCHED.sigma(t)).dtype == dt
+
+
+def test_gamma_embedding_matches_diffusers_guidance_embedding():
+    from diffusers import StableDiffusionPipeline
+
+    ref = StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.tensor([0.0, 3.0]), embedding_dim=256)
+    ours = gamma_embedding(torch.tensor([1.0, 0.7]), 256)
+    assert torch.allclose(ours, ref, atol=1e-5)  # gamma = 1 <-> guidance_scale - 1 = 0
+
+
+def test_distances():
+    a, b = torch.zeros(3), torch.tensor([0.0, 1.0, 2.0])
+    assert distance(a, b, "l2").item() == pytest.approx(5 / 3)
+    c = 1e-3
+    assert distance(a, b, "huber", c).item() == pytest.approx(((1 + c * c) ** 0.5 - c + (4 + c * c) ** 0.5 - c) / 3, rel=1e-6)
+    with pytest.raises(ValueError, match="l2"):
+        distance(a, b, "l1")
+
+
+# ---- Gaussian data: z_0 ~ N(mu, s0^2 I) has a closed-form eps-predictor and probability-flow map ----
+MU, S0 = torch.tensor([0.7, -1.2, 0.1, 2.0], dtype=torch.float64), 0.6
+
+
+def _S(t):  # std of z_t per dim: sqrt(alpha^2 s0^2 + sigma^2)
+    return (SCHED.alpha(t) ** 2 * S0**2 + SCHED.sigma(t) ** 2).sqrt()
+
+
+def _v(x):  # (B,) -> (B, 1)
+    return x.view(-1, 1)
+
+
+def exact_eps(z, t):
+    """E[eps | z_t] = sigma(t) (z - alpha(t) mu) / S(t)^2."""
+    return _v(SCHED.sigma(t)) * (z - _v(SCHED.alpha(t)) * MU) / _v(_S(t)) ** 2
+
+
+def exact_flow(z, t, s):
+    """Probability-flow ODE map t -> s: the standardised value (z - alpha mu) / S is constant along it."""
+    return _v(SCHED.alpha(s)) * MU + _v(_S(s)) * (z - _v(SCHED.alpha(t)) * MU) / _v(_S(t))
+
+
+def test_ddim_converges_to_the_exact_flow_at_first_order():
+    g = torch.Generator().manual_seed(0)
+    B = 64
+    t = torch.full((B,), 999)
+    z_t = _v(SCHED.alpha(t)) * MU + _v(_S(t)) * torch.randn(B, 4, generator=g, dtype=torch.float64)
+    s = torch.full((B,), 199)
+    truth = exact_flow(z_t, t, s)
+    errs = []
+    for n in (5, 10, 20, 40, 80):
+        zhat, s_out = solve(exact_eps, SCHED, z_t, t, m=n, k_phi=800 // n)
+        assert torch.equal(s_out, s)
+        errs.append((zhat - truth).pow(2).mean().sqrt().item())
+    orders = [math.log2(a / b) for a, b in zip(errs, errs[1:])]
+    assert all(0.8 < p < 1.25 for p in orders), (errs, orders)
+    assert errs[-1] < 1e-2
+
+
+def _exact_F(k, scale=1.0):
+    """Exact consistency function of the SL-ODE from z_t to the drifted exact z_{t-k}: mu + s0 u, u standardised."""
+
+    def F(z, t, gamma, sigma, alpha):
+        s = (t - k).clamp(min=0)
+        r = SCHED.alpha(t) / SCHED.alpha(s)
+        S_gamma = gamma * _S(t) + (1 - gamma) * r * _S(s)  # std of z_gamma along the sub-path
+        return MU + scale * S0 * (z - _v(SCHED.alpha(t)) * MU) / _v(S_gamma)
+
+    return F
+
+
+@pytest.mark.parametrize("kind", ["l2", "huber"])
+def test_splam_loss_vanishes_for_the_exact_consistency_function(kind):
+    g = torch.Generator().manual_seed(1)
+    B, k = 256, 40
+    t = ddim_grid()[torch.randint(1, 50, (B,), generator=g)]
+    s = t - k
+    s = s.clamp(min=0)
+    z_t = _v(SCHED.alpha(t)) * MU + _v(_S(t)) * torch.randn(B, 4, generator=g, dtype=torch.float64)
+    zhat_s = exact_flow(z_t, t, s)
+    gamma = torch.rand(B, generator=g, dtype=torch.float64)
+    exact = splam_loss(_exact_F(k), _exact_F(k), SCHED, z_t, zhat_s, t, s, gamma, kind)
+    perturbed = splam_loss(_exact_F(k, scale=1.05), _exact_F(k), SCHED, z_t, zhat_s, t, s, gamma, kind)
+    assert exact.item() < 1e-12
+    assert perturbed.item() > 1e-4
+    # the student must see the SL-ODE point, not z_t: an exact F evaluated as if gamma were 1 fails on it
+    as_if_lcm = lambda z, t_, g_, sg, a: _exact_F(k)(z, t_, torch.ones_like(g_), sg, a)  # noqa: E731
+    assert splam_loss(as_if_lcm, _exact_F(k), SCHED, z_t, zhat_s, t, s, gamma, kind).item() > 1e-4
+
+
+def test_gamma_one_is_exactly_the_lcm_loss():
+    """SPLAM with gamma = 1 equals an independently written LCM loss d(F(z_t, t), F^-(zhat_s, s))."""
+    g = torch.Generator().manual_seed(2)
+    B = 8
+    t = ddim_grid()[torch.randint(0, 50, (B,), generator=g)]
+    s = (t - 20).clamp(min=0)
+    z_t, zhat_s = torch.randn(B, 4, 2, 2, generator=g), torch.randn(B, 4, 2, 2, generator=g)
+    W = torch.randn(4, 4, generator=g)
+
+    def eps_model(z, t_, gamma):  # any model of z, t and gamma
+        return torch.einsum("ij,bjhw->bihw", W, z) * (1 + 1e-3 * t_.view(-1, 1, 1, 1)) + gamma.float().view(-1, 1, 1, 1)
+
+    from splam_studio.consistency import consistency_function
+
+    F = consistency_function(eps_model)
+    ones = torch.ones(B, dtype=torch.float64)
+    splam = splam_loss(F, F, SCHED, z_t, zhat_s, t, s, ones, "huber")
+
+    def F_lcm(z, t_, sigma, alpha):
+        x0 = (z - sigma.float().view(-1, 1, 1, 1) * eps_model(z, t_, ones)) / alpha.float().view(-1, 1, 1, 1)
+        return c_skip(t_).float().view(-1, 1, 1, 1) * z + c_out(t_).float().view(-1, 1, 1, 1) * x0
+
+    lcm = distance(F_lcm(z_t, t, SCHED.sigma(t), SCHED.alpha(t)), F_lcm(zhat_s, s, SCHED.sigma(s), SCHED.alpha(s)), "huber")
+    assert torch.allclose(splam, lcm, rtol=1e-6, atol=0), (splam.item(), lcm.item())

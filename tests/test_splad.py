@@ -1,0 +1,109 @@
+"""A tiny SD-shaped pipeline: the student, one SPLAD step on both methods, and stock-pipeline sampling."""
+import pytest
+import torch
+from diffusers import LCMScheduler, StableDiffusionPipeline
+
+from splam_studio.error_bound import error_bound, teacher_trajectory
+from splam_studio.sampler import consistency_sample
+from splam_studio.schedule import NoiseSchedule
+from splam_studio.solver import guided_eps
+from splam_studio.splad import SpladConfig, splad_loss
+from splam_studio.student import build_student, clean_fn, ema_update, make_target, unet_eps_model
+from tests.tiny import make_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny"))
+
+
+def _text(pipe, captions):
+    ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    return pipe.text_encoder(ids)[0]
+
+
+@pytest.mark.parametrize("method", ["splam", "lcm"])
+def test_one_splad_step_forward_backward(pipe, method):
+    teacher = pipe.unet.requires_grad_(False)
+    student = build_student(teacher, "fresh", generator=torch.Generator().manual_seed(0))
+    target = make_target(student)
+    schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+    with torch.no_grad():
+        cond, uncond = _text(pipe, ["one large red circle", "two small blue squares"]), _text(pipe, ["", ""])
+    z_0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    loss = splad_loss(SpladConfig(method=method), schedule, student, target, teacher, z_0, cond, uncond,
+                      torch.Generator().manual_seed(2))
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 0
+    g = student.time_embedding.cond_proj.weight.grad
+    assert g is not None and g.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    before = [p.clone() for p in target.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    ema_update(target, student, mu=0.95)
+    assert all(torch.allclose(a, b + 0.05, atol=1e-5) for a, b in zip(target.parameters(), before))
+
+
+def test_zero_init_student_is_the_teacher_at_every_gamma(pipe):
+    teacher = pipe.unet
+    zero = build_student(teacher, "zero")
+    fresh = build_student(teacher, "fresh", generator=torch.Generator().manual_seed(0))
+    ehs = _text(pipe, ["one large red circle"] * 3)
+    z, t = torch.randn(3, 4, 8, 8), torch.tensor([999, 499, 19])
+    gamma = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    with torch.no_grad():
+        ref = teacher(z, t, encoder_hidden_states=ehs).sample
+        assert torch.allclose(unet_eps_model(zero, ehs)(z, t, gamma), ref, atol=1e-5)
+        assert not torch.allclose(unet_eps_model(fresh, ehs)(z, t, gamma), ref, atol=1e-3)
+    with pytest.raises(ValueError, match="fresh"):
+        build_student(teacher, "random")
+
+
+def test_guided_eps_is_one_batched_call_in_lcm_form(pipe):
+    calls = []
+    unet = pipe.unet
+    hook = unet.register_forward_hook(lambda m, a, k: calls.append(a[0].shape[0]))
+    try:
+        cond, uncond = _text(pipe, ["one red circle"]), _text(pipe, [""])
+        z, t = torch.randn(1, 4, 8, 8), torch.tensor([499])
+        with torch.no_grad():
+            eps = guided_eps(unet, cond, uncond, w=8.0)(z, t)
+            e_c = unet(z, t, encoder_hidden_states=cond).sample
+            e_u = unet(z, t, encoder_hidden_states=uncond).sample
+    finally:
+        hook.remove()
+    assert calls[0] == 2  # cond and uncond in one batch
+    assert torch.allclose(eps, e_c + 8.0 * (e_c - e_u), atol=1e-4)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_student_runs_in_a_stock_pipeline_like_our_sampler(pipe, steps):
+    """Our multistep consistency sampler equals StableDiffusionPipeline + LCMScheduler at guidance_scale = 1."""
+    student = build_student(pipe.unet, "fresh", generator=torch.Generator().manual_seed(3)).eval()
+    lcm = LCMScheduler.from_config(pipe.scheduler.config)
+    stock = StableDiffusionPipeline(**{**pipe.components, "unet": student, "scheduler": lcm})
+    stock.set_progress_bar_config(disable=True)
+    z_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = stock("one red circle", num_inference_steps=steps, guidance_scale=1.0, latents=z_T.clone(),
+                    generator=torch.Generator().manual_seed(5), output_type="latent").images
+        ehs = _text(pipe, ["one red circle"])
+        ours = consistency_sample(clean_fn(student, ehs, NoiseSchedule.from_scheduler(pipe.scheduler)),
+                                  NoiseSchedule.from_scheduler(pipe.scheduler), z_T, steps, torch.Generator().manual_seed(5))
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+
+
+def test_error_bound_dominates_the_real_error(pipe):
+    schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+    student = build_student(pipe.unet, "zero").eval()
+    cond, uncond = _text(pipe, ["one red circle"] * 2), _text(pipe, ["", ""])
+    with torch.no_grad():
+        traj, times = teacher_trajectory(guided_eps(pipe.unet, cond, uncond, 2.0), schedule, torch.randn(2, 4, 8, 8), N=10)
+        assert traj.shape == (11, 2, 4, 8, 8) and times[0] == 999 and times[-1] == 0
+        for stride in (1, 2, 3):
+            eb = error_bound(clean_fn(student, cond, schedule), traj, times, stride)
+            assert eb.terms.shape == eb.error.shape == (len(eb.times), 2)
+            assert (eb.bound >= eb.error - 1e-5).all()
+            assert torch.allclose(eb.bound[-1], eb.error[-1], atol=1e-6)  # last sub-path ends at z_0 itself

@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""SPLAD distillation from the command line: `python train_cli.py --preset shapes --method splam`.
+
+Thin front end: flags map one-to-one onto `splam_studio.train.TrainConfig`; presets fill defaults.
+Multi-GPU: `accelerate launch train_cli.py ...` works unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+from splam_studio.train import TrainConfig, TrainError, run
+
+HELP = {
+    "teacher": "teacher: embedded name (shapes), diffusers folder, single-file SD1.5 .safetensors, or hub id",
+    "data": "data: image folder with .txt captions, folder with metadata.jsonl, datasets name/path, .tar shards (path/glob/URL), or 'shapes'",
+    "method": "splam (gamma ~ U[0,1] on the SL-ODE) or lcm (gamma = 1; everything else identical)",
+    "run_name": "checkpoints go to <output-dir>/<run-name> (default: <method>-<timestamp>)",
+    "output_dir": "where runs are written",
+    "w": "teacher guidance w in the LCM form eps_c + w (eps_c - eps_u); 8 = CFG 9 (authors)",
+    "num_ddim_steps": "N of the DDIM grid; k_phi = 1000 / N",
+    "m": "multiple estimation: m chained teacher DDIM steps, k = m * k_phi",
+    "distance": "loss distance: huber (pseudo-Huber, c = 0.001) or l2",
+    "huber_c": "pseudo-Huber c, in latent units",
+    "ema_decay": "mu of the EMA target theta^- (authors: 0.95)",
+    "cond_proj_init": "initialisation of the gamma projection: fresh (authors) or zero (student starts as the teacher)",
+    "max_steps": "optimiser steps",
+    "batch_size": "images per step and process",
+    "grad_accum": "gradient accumulation steps per optimiser step",
+    "lr": "learning rate (full fine-tune ~1e-5; LoRA ~1e-4)",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping norm",
+    "lora_rank": "0 = full fine-tune; > 0 = LoRA of this rank (peft), exported in diffusers and kohya formats",
+    "use_8bit_adam": "8-bit AdamW from bitsandbytes (CUDA)",
+    "gradient_checkpointing": "trade compute for memory in the student UNet",
+    "resolution": "training resolution in pixels (default: the teacher's native size)",
+    "caption_column": "caption column of a datasets source",
+    "image_column": "image column of a datasets source",
+    "num_workers": "DataLoader worker processes",
+    "shapes_size": "number of images drawn from the Shapes generator when --data shapes",
+    "device": "auto (CUDA, then MPS, then CPU), cuda, mps or cpu",
+    "precision": "auto (CUDA: bf16 if supported else fp16; otherwise fp32), no, fp16 or bf16",
+    "seed": "seed of everything (data order, noise, gamma): two runs with the same seed are identical",
+    "allow_pickle": "allow loading pickle checkpoints (.ckpt/.bin/.pt): they can run arbitrary code; off by default",
+    "checkpoint_every": "save a resumable checkpoint every N steps (atomic)",
+    "keep_checkpoints": "how many resumable checkpoints to keep",
+    "validate_every": "save a validation grid every N steps (0 = at the end only)",
+    "validation_prompts": "prompts of the validation grid (repeat the flag)",
+    "log_every": "TensorBoard logging interval in steps",
+    "max_bad_steps": "stop after this many non-finite losses in a row",
+    "resume": "'latest' or a checkpoint folder",
+    "fault_injection": argparse.SUPPRESS,
+}
+
+PRESETS: dict[str, dict] = {
+    # the embedded Shapes students: CPU-sized, same budget for both methods
+    "shapes": dict(teacher="shapes", data="shapes", max_steps=600, batch_size=16, lr=5e-5, w=4.0,
+                   checkpoint_every=100, validate_every=200,
+                   validation_prompts=["one large red circle on the left on a black background",
+                                       "two small yellow squares at the top on a gray background"]),
+    # an SD1.5 fine-tune on one consumer GPU: the authors' hyper-parameters, LoRA to fit 12-16 GB
+    "sd15": dict(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", max_steps=4000, batch_size=8, grad_accum=1,
+                 lr=1e-4, lora_rank=64, w=8.0, gradient_checkpointing=True, resolution=512, checkpoint_every=500,
+                 validate_every=500, validation_prompts=["a photo of a cat", "a watercolor painting of a lighthouse"]),
+}
+
+
+def _flag_type(tp):
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return _flag_type(args[0])
+    return tp
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named defaults; explicit flags override them")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp = _flag_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{HELP[f.name]} (default {default})")
+        elif typing.get_origin(tp) is list:
+            p.add_argument(flag, action="append", default=None, help=HELP[f.name])
+        else:
+            p.add_argument(flag, type=tp, default=None, help=f"{HELP[f.name]}" + ("" if HELP[f.name] is argparse.SUPPRESS else f" (default {default})"))
+    return p
+
+
+def resolve(args: argparse.Namespace) -> TrainConfig:
+    values = dict(PRESETS.get(args.preset or "", {}))
+    values.update({k: v for k, v in vars(args).items() if k not in ("preset", "print_config") and v is not None})
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve(args)
+        if args.print_config:
+            print(json.dumps(dataclasses.asdict(cfg), indent=2))
+            return 0
+        run(cfg)
+    except (TrainError, ValueError, FileNotFoundError) as e:  # ModelLoadError and DataError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last complete checkpoint is intact; continue with --resume latest", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
