@@ -49,6 +49,7 @@ HELP = {
     "keep_checkpoints": "how many resumable checkpoints to keep",
     "validate_every": "save a validation grid every N steps (0 = at the end only)",
     "validation_prompts": "prompts of the validation grid (repeat the flag)",
+    "snapshot_every": "keep the EMA student every N steps in snapshots/ for convergence curves (0 = off)",
     "log_every": "TensorBoard logging interval in steps",
     "max_bad_steps": "stop after this many non-finite losses in a row",
     "resume": "'latest' or a checkpoint folder",

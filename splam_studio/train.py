@@ -74,6 +74,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     validate_every: int = 0  # 0 = only at the end
+    snapshot_every: int = 0  # > 0: keep theta^- every N steps in snapshots/ (convergence curves); 0 = off
     validation_prompts: list[str] = field(default_factory=list)
     log_every: int = 10
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
@@ -96,6 +97,7 @@ class TrainConfig:
             "checkpoint_every": self.checkpoint_every >= 1,
             "keep_checkpoints": self.keep_checkpoints >= 1,
             "num_workers": self.num_workers >= 0,
+            "snapshot_every": self.snapshot_every >= 0,
             "resolution": self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -180,6 +182,17 @@ def save_checkpoint(run_dir: Path, step: int, student, target, opt, keep: int) -
     for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_snapshot(run_dir: Path, step: int, student, target) -> Path:
+    """snapshots/step-N.safetensors: theta^-'s trainable tensors in fp16, for convergence curves."""
+    out = run_dir / "snapshots" / f"step-{step:07d}.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    trainable = set(_trainable_state(student))
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file({k: v.detach().cpu().half().contiguous() for k, v in target.state_dict().items() if k in trainable}, tmp)
+    os.replace(tmp, out)
+    return out
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
@@ -408,6 +421,8 @@ def run(cfg: TrainConfig, log=print) -> Path:
             losses.clear()
         if acc.is_main_process and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
             save_checkpoint(run_dir, step, acc.unwrap_model(student), target, opt, cfg.keep_checkpoints)
+        if acc.is_main_process and cfg.snapshot_every and step % cfg.snapshot_every == 0:
+            save_snapshot(run_dir, step, acc.unwrap_model(student), target)
         if acc.is_main_process and cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.max_steps:
             _validate(pipe, target, cfg, run_dir, step)
     bar.close()

@@ -1,0 +1,284 @@
+"""The Shapes-world benchmark: the paper's comparison table, convergence curve, ablations and error bound.
+
+    python -m splam_studio.bench            # full: >= 1000 held-out captions per row; writes
+                                            # benchmarks/results.json, benchmarks/*.png and BENCHMARKS.md
+    python -m splam_studio.bench --n 64     # a quick look
+
+Every row starts from the same initial noise per caption (seeded batches), so teacher distance is paired.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .error_bound import error_bound, teacher_trajectory
+from .metrics import feature_statistics, frechet_distance, latent_mse, psnr
+from .sampler import decode_latents, generate, initial_noise
+from .schedule import NoiseSchedule
+from .solver import guided_eps
+from .student import clean_fn
+
+ROWS = [("teacher-ddim", 50), ("ddim", 4), ("ddim", 8), ("dpm++", 4), ("unipc", 4),
+        ("lcm", 1), ("lcm", 2), ("lcm", 4), ("splam", 1), ("splam", 2), ("splam", 4)]
+SAMPLER = {"teacher-ddim": "ddim", "ddim": "ddim", "dpm++": "dpm++", "unipc": "unipc", "lcm": "lcm", "splam": "lcm"}
+ABLATIONS = {  # run name under weights/ -> what it changes against `ablate-base` (SPLAM, same reduced budget)
+    "ablate-base": "SPLAM, gamma ~ U[0,1], k = 20 (m = 1), fresh gamma projection",
+    "ablate-gamma1": "gamma = 1 always (= LCM)",
+    "ablate-k40m2": "k = 40 by multiple estimation m = 2",
+    "ablate-zeroinit": "gamma projection zero-initialised",
+}
+
+
+@dataclass
+class Row:
+    method: str
+    steps: int
+    fid: float
+    prompt_acc: float
+    teacher_mse: float
+    psnr: float
+    latency_ms: float
+    speedup: float = 1.0
+    guidance: float = 1.0
+
+
+def _pixels(images) -> torch.Tensor:
+    from .shapes import to_tensor
+
+    return to_tensor(images)  # (B, 3, H, W) in [-1, 1]
+
+
+class Bench:
+    def __init__(self, weights: Path, n: int, batch: int, guidance: float, seed: int = 1234, split: str = "heldout", log=print):
+        from .evaluator import Evaluator
+        from .models import load_student, load_teacher
+        from .shapes import render, sample_specs
+
+        self.log = log
+        self.pipe = load_teacher(str(weights / "shapes-teacher"))
+        self.students = {m: load_student(str(weights / f"shapes-{m}"), self.pipe) for m in ("lcm", "splam")}
+        self.evaluator = Evaluator.from_pretrained(weights / "shapes-evaluator")
+        self.schedule = NoiseSchedule.from_scheduler(self.pipe.scheduler)
+        self.n, self.batch, self.guidance, self.seed, self.split = n, batch, guidance, seed, split
+        specs = sample_specs(n, seed, split)
+        self.captions = [s.caption() for s in specs]
+        real = [render(s, rng) for s, rng in zip(specs, range(seed + 1, seed + 1 + n))]  # other draws, same captions
+        self.real_stats = feature_statistics(self.evaluator.features(real))
+        self.real_acc = self.evaluator.prompt_accuracy(real, self.captions)["accuracy"]
+        self.reference: torch.Tensor | None = None  # teacher 50-step latents
+        self.reference_px: torch.Tensor | None = None
+
+    def _batches(self):
+        for b, i in enumerate(range(0, self.n, self.batch)):
+            yield self.seed * 1000 + b, self.captions[i: i + self.batch]
+
+    def sample(self, method: str, steps: int, unet=None) -> torch.Tensor:
+        """Clean latents (n, C, h, w) of one row, batch by batch from the seeded noise."""
+        unet = unet if unet is not None else self.students.get(method)
+        g = self.guidance if method in ("teacher-ddim", "ddim", "dpm++", "unipc") else 1.0
+        out = [generate(self.pipe, prompt=caps, sampler=SAMPLER[method], steps=steps, seed=s, unet=unet,
+                        guidance_scale=g, decode=False).latents for s, caps in self._batches()]
+        return torch.cat(out)
+
+    def score(self, latents: torch.Tensor) -> dict:
+        images = [im for i in range(0, len(latents), 256) for im in decode_latents(self.pipe, latents[i: i + 256])]
+        px = _pixels(images)
+        fid = frechet_distance(*feature_statistics(self.evaluator.features(px)), *self.real_stats)
+        acc = self.evaluator.prompt_accuracy(px, self.captions)
+        res = {"fid": fid, "prompt_acc": acc["accuracy"], "per_attribute": acc["per_attribute"]}
+        if self.reference is not None:
+            res["teacher_mse"] = float(latent_mse(latents, self.reference).mean())
+            res["psnr"] = float(psnr(px, self.reference_px).mean())
+        return res, px
+
+    def latency_ms(self, method: str, steps: int, repeats: int) -> float:
+        """Median wall time of one image (batch 1, prompt encoding and VAE decode included)."""
+        unet = self.students.get(method)
+        g = self.guidance if unet is None else 1.0
+        times = []
+        for r in range(repeats + 1):
+            t0 = time.perf_counter()
+            generate(self.pipe, prompt=self.captions[:1], sampler=SAMPLER[method], steps=steps, seed=r, unet=unet, guidance_scale=g)
+            times.append(1000 * (time.perf_counter() - t0))
+        return statistics.median(times[1:])  # the first run warms up
+
+    def table(self, repeats: int) -> list[Row]:
+        rows = []
+        for method, steps in ROWS:
+            t0 = time.time()
+            lat = self.sample(method, steps)
+            if method == "teacher-ddim":
+                self.reference = lat
+            res, px = self.score(lat)
+            if method == "teacher-ddim":
+                self.reference_px = px
+                res["teacher_mse"], res["psnr"] = 0.0, float("inf")
+            row = Row(method, steps, res["fid"], res["prompt_acc"], res["teacher_mse"], res["psnr"],
+                      self.latency_ms(method, steps, repeats),
+                      guidance=self.guidance if method not in ("lcm", "splam") else 1.0)
+            rows.append(row)
+            self.log(f"{method:>12} {steps:>2} steps  FID {row.fid:7.3f}  acc {row.prompt_acc:.3f}  "
+                     f"mse {row.teacher_mse:.4f}  psnr {row.psnr:6.2f}  {row.latency_ms:7.1f} ms  ({time.time() - t0:.0f}s)")
+        t_teacher = rows[0].latency_ms
+        for r in rows:
+            r.speedup = t_teacher / r.latency_ms
+        return rows
+
+    def error_bound(self, n_prompts: int, strides=(1, 2)) -> dict:
+        """Per-sub-path terms, bound and real error averaged over prompts, for LCM and SPLAM."""
+        caps = self.captions[:n_prompts]
+        tok = self.pipe.tokenizer
+        ids = lambda c: tok(c, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids  # noqa: E731
+        with torch.no_grad():
+            cond, uncond = self.pipe.text_encoder(ids(caps))[0], self.pipe.text_encoder(ids([""] * len(caps)))[0]
+            size = self.pipe.unet.config.sample_size
+            z_T = initial_noise(self.seed, len(caps), self.pipe.unet, size, size, 1)
+            traj, times = teacher_trajectory(guided_eps(self.pipe.unet, cond, uncond, self.guidance - 1.0), self.schedule, z_T)
+            out = {}
+            for m, unet in self.students.items():
+                F = clean_fn(unet, cond, self.schedule)
+                out[m] = {}
+                for stride in strides:
+                    eb = error_bound(F, traj, times, stride)
+                    out[m][f"k={20 * stride}"] = {"t": eb.times, "term": eb.terms.mean(1).tolist(),
+                                                   "bound": eb.bound.mean(1).tolist(), "error": eb.error.mean(1).tolist()}
+        return out
+
+    def evaluate_unet(self, method: str, unet, steps: int) -> dict:
+        res, _ = self.score(self.sample(method, steps, unet))
+        res.pop("per_attribute")
+        return res
+
+
+def convergence(bench: Bench, weights: Path, steps: int = 2) -> dict:
+    """FID and teacher distance of the snapshots theta^- along training, SPLAM and LCM (same budget)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for m in ("lcm", "splam"):
+        snaps = sorted((weights / f"shapes-{m}" / "snapshots").glob("step-*.safetensors"))
+        if not snaps:
+            continue
+        unet = bench.students[m]
+        final = {k: v.clone() for k, v in unet.state_dict().items()}
+        pts = []
+        for p in snaps:
+            unet.load_state_dict({k: v.float() for k, v in load_file(p).items()}, strict=False)
+            res = bench.evaluate_unet(m, unet, steps)
+            pts.append({"iteration": int(p.stem.split("-")[1]), **res})
+            bench.log(f"convergence {m} {pts[-1]}")
+        unet.load_state_dict(final)
+        out[m] = pts
+    return {"steps": steps, "curves": out}
+
+
+def ablations(bench: Bench, weights: Path, steps=(1, 2, 4)) -> dict:
+    from .models import load_student
+
+    out = {}
+    for name, what in ABLATIONS.items():
+        if not (weights / name).is_dir():
+            continue
+        unet = load_student(str(weights / name), bench.pipe)
+        out[name] = {"change": what, "rows": {s: bench.evaluate_unet("splam", unet, s) for s in steps}}
+        bench.log(f"ablation {name}: {out[name]['rows']}")
+    return out
+
+
+def plot(results: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    eb = results.get("error_bound")
+    if eb:
+        keys = list(next(iter(eb.values())).keys())
+        fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)
+        for ax, k in zip(axes[0], keys):
+            for m, c in (("lcm", "tab:orange"), ("splam", "tab:blue")):
+                d = eb[m][k]
+                ax.plot(d["t"], d["bound"], "--", color=c, label=f"{m.upper()} bound (sum of terms)")
+                ax.plot(d["t"], d["error"], "-", color=c, label=f"{m.upper()} real error |F(z_t) - z_0|")
+                ax.plot(d["t"], d["term"], ":", color=c, label=f"{m.upper()} sub-path term")
+            ax.set_xlabel("t"), ax.set_ylabel("RMS in latent space"), ax.set_title(f"per-sub-path error bound, {k}")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "error_bound.png", dpi=110)
+        plt.close(fig)
+        files.append("error_bound.png")
+    conv = results.get("convergence", {}).get("curves")
+    if conv:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for m, c in (("lcm", "tab:orange"), ("splam", "tab:blue")):
+            if m in conv:
+                it = [p["iteration"] for p in conv[m]]
+                axes[0].plot(it, [p["fid"] for p in conv[m]], "o-", color=c, label=m.upper())
+                axes[1].plot(it, [p["teacher_mse"] for p in conv[m]], "o-", color=c, label=m.upper())
+        axes[0].set_ylabel("Shapes-FID"), axes[1].set_ylabel("latent MSE to teacher (50-step DDIM)")
+        for ax in axes:
+            ax.set_xlabel("training iteration"), ax.legend()
+        fig.suptitle(f"convergence at {results['convergence']['steps']} sampling steps")
+        fig.tight_layout()
+        fig.savefig(out_dir / "convergence.png", dpi=110)
+        plt.close(fig)
+        files.append("convergence.png")
+    return files
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default=None, help="weights folder (default: the package's weights/)")
+    p.add_argument("--n", type=int, default=1000, help="held-out captions (images) per row")
+    p.add_argument("--n-curve", type=int, default=250, help="images per convergence / ablation point")
+    p.add_argument("--batch", type=int, default=250, help="generation batch size")
+    p.add_argument("--guidance", type=float, default=None, help="teacher CFG scale (default: the students' w + 1)")
+    p.add_argument("--repeats", type=int, default=7, help="latency repeats (median)")
+    p.add_argument("--error-prompts", type=int, default=32, help="prompts averaged in the error bound")
+    p.add_argument("--out", default="benchmarks", help="folder of results.json and plots")
+    p.add_argument("--no-report", action="store_true", help="do not rewrite BENCHMARKS.md")
+    a = p.parse_args(argv)
+    from .models import weights_dir
+
+    weights = Path(a.weights) if a.weights else weights_dir()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    guidance = a.guidance
+    if guidance is None:
+        cfg = json.loads((weights / "shapes-splam" / "training_config.json").read_text())
+        guidance = float(cfg["w"]) + 1.0
+    torch.manual_seed(0)
+    t0 = time.time()
+    bench = Bench(weights, a.n, a.batch, guidance)
+    results = {"n": a.n, "split": bench.split, "guidance": guidance, "real_prompt_acc": bench.real_acc,
+               "threads": torch.get_num_threads(), "device": "cpu"}
+    results["rows"] = [asdict(r) for r in bench.table(a.repeats)]
+    results["error_bound"] = bench.error_bound(a.error_prompts)
+    small = Bench.__new__(Bench)
+    small.__dict__.update(bench.__dict__)
+    small.n, small.captions = a.n_curve, bench.captions[: a.n_curve]
+    small.real_stats = bench.real_stats
+    small.reference = bench.reference[: a.n_curve] if bench.reference is not None else None
+    small.reference_px = bench.reference_px[: a.n_curve] if bench.reference_px is not None else None
+    results["convergence"] = convergence(small, weights)
+    results["ablations"] = ablations(small, weights)
+    results["n_curve"] = a.n_curve
+    results["wall_s"] = time.time() - t0
+    results["plots"] = plot(results, out)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    if not a.no_report:
+        from .report import write_benchmarks_md
+
+        write_benchmarks_md(out)
+    print(f"wrote {out / 'results.json'} in {results['wall_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
