@@ -344,6 +344,8 @@ def run(cfg: TrainConfig, log=print) -> Path:
                 "teacher_scheduler": dict(pipe.scheduler.config)}
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (run_dir / "checkpoints").glob(".tmp-*"):  # a write interrupted by a crash or kill -9
+            shutil.rmtree(stale, ignore_errors=True)
         _write_json(run_dir / "training_config.json", resolved)
         acc.init_trackers("splad", config={k: v for k, v in resolved.items() if isinstance(v, (int, float, str, bool))})
 
