@@ -16,6 +16,7 @@ from splam_studio.train import TrainConfig, TrainError, run
 
 HELP = {
     "teacher": "teacher: embedded name (shapes), diffusers folder, single-file SD1.5 .safetensors, or hub id",
+    "teacher_config": "local diffusers folder holding the model configs for a single-file teacher (needed offline)",
     "data": "data: image folder with .txt captions, folder with metadata.jsonl, datasets name/path, .tar shards (path/glob/URL), or 'shapes'",
     "method": "splam (gamma ~ U[0,1] on the SL-ODE) or lcm (gamma = 1; everything else identical)",
     "run_name": "checkpoints go to <output-dir>/<run-name> (default: <method>-<timestamp>)",
@@ -58,10 +59,11 @@ HELP = {
 
 PRESETS: dict[str, dict] = {
     # the embedded Shapes students: CPU-sized, same budget for both methods
-    "shapes": dict(teacher="shapes", data="shapes", max_steps=600, batch_size=16, lr=5e-5, w=4.0,
+    "shapes": dict(teacher="shapes", data="shapes", max_steps=600, batch_size=16, lr=5e-5, w=6.5,
                    checkpoint_every=100, validate_every=200,
-                   validation_prompts=["one large red circle on the left on a black background",
-                                       "two small yellow squares at the top on a gray background"]),
+                   validation_prompts=["one large red circle at the left on a black background",
+                                       "two small yellow squares at the top on a gray background",
+                                       "one large blue circle at the center on a white background"]),
     # an SD1.5 fine-tune on one consumer GPU: the authors' hyper-parameters, LoRA to fit 12-16 GB
     "sd15": dict(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", max_steps=4000, batch_size=8, grad_accum=1,
                  lr=1e-4, lora_rank=64, w=8.0, gradient_checkpointing=True, resolution=512, checkpoint_every=500,

@@ -52,9 +52,10 @@ def load_captions(annotations: str | Path, n: int, seed: int = 2024) -> list[Coc
 
 def load_real(folder: str | Path, prompts: Sequence[CocoPrompt], resolution: int) -> torch.Tensor:
     """The reference images, resized (shorter side) and centre-cropped, in [-1, 1]: (N, 3, R, R)."""
-    from .data import preprocess_image
+    from .data import image_to_tensor, resize_center_crop, to_rgb
 
-    return torch.stack([preprocess_image(Image.open(Path(folder) / p.file_name), resolution) for p in prompts])
+    return torch.stack([image_to_tensor(resize_center_crop(to_rgb(Image.open(Path(folder) / p.file_name)), resolution))
+                        for p in prompts])
 
 
 def inception_features(weights_path: str | Path, allow_pickle: bool = False) -> FeatureFn:

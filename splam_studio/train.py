@@ -37,6 +37,7 @@ class TrainError(RuntimeError):
 class TrainConfig:
     # what to distil from what
     teacher: str = "shapes"  # embedded name, diffusers folder, single-file .safetensors or hub id
+    teacher_config: str | None = None  # local diffusers folder with the configs of a single-file teacher (offline)
     data: str = "shapes"  # image folder, metadata.jsonl folder, datasets name/path, tar shards, or "shapes"
     method: str = "splam"  # splam | lcm (gamma = 1, all else identical)
     run_name: str | None = None  # weights/<run_name>; default: <method>-<timestamp>
@@ -281,7 +282,7 @@ def run(cfg: TrainConfig, log=print) -> Path:
     device = acc.device
 
     # models: frozen teacher, VAE and text encoder in the weight dtype; trainable student in fp32
-    pipe = load_teacher(cfg.teacher, torch_dtype=torch.float32, allow_pickle=cfg.allow_pickle)
+    pipe = load_teacher(cfg.teacher, torch_dtype=torch.float32, allow_pickle=cfg.allow_pickle, config=cfg.teacher_config)
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     teacher = pipe.unet.requires_grad_(False).eval()
     student = build_student(teacher, cfg.cond_proj_init, generator=torch.Generator().manual_seed(cfg.seed))
@@ -326,7 +327,8 @@ def run(cfg: TrainConfig, log=print) -> Path:
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     resolution = cfg.resolution or teacher.config.sample_size * vae_scale
     dataset = build_dataset(cfg.data, resolution, caption_column=cfg.caption_column, image_column=cfg.image_column,
-                            seed=cfg.seed, size=cfg.shapes_size)
+                            seed=cfg.seed, num_examples=cfg.shapes_size)
+    counter = getattr(dataset, "counter", None)
     loader_kw = dict(collate_fn=_collate, num_workers=cfg.num_workers)
     if isinstance(dataset, torch.utils.data.IterableDataset):
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, **loader_kw)
@@ -438,7 +440,8 @@ def run(cfg: TrainConfig, log=print) -> Path:
             export_kohya_lora(export, run_dir / "lora_kohya.safetensors")
         if start < cfg.max_steps:
             _validate(pipe, target, cfg, run_dir, step)
-        log(f"done: {step} steps in {time.time() - t0:.1f}s, {bad_total} skipped non-finite steps; student in {run_dir}")
+        skipped = f"; data: {counter.summary()}" if counter is not None else ""
+        log(f"done: {step} steps in {time.time() - t0:.1f}s, {bad_total} skipped non-finite steps{skipped}; student in {run_dir}")
     acc.end_training()
     return run_dir
 

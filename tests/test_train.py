@@ -106,7 +106,9 @@ def test_bad_arguments_are_clear_errors(world, tmp_path):
 
 
 def test_two_process_accelerate_launch(world, tmp_path):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+    # accelerate's --cpu launcher needs MPI for several processes; --multi_gpu runs torchrun, and --device cpu
+    # then gives a gloo process group on the CPU (accelerate's MULTI_CPU)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
     r = cli(world, tmp_path, "--max-steps", "2", "--run-name", "ddp", launcher=launcher)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])

@@ -1,0 +1,535 @@
+"""Training data: every source yields {"pixel_values": float32 (3, R, R) in [-1, 1], "caption": str}.
+
+Sources, dispatched by `build_dataset(source, resolution)`:
+  shapes | shapes:N                  the procedural Shapes world (splam_studio.shapes)
+  DIR with metadata.jsonl            imagefolder style: {"file_name": ..., "text" | "caption": ...} per line
+  DIR saved by datasets              `datasets.Dataset.save_to_disk` output (load_from_disk)
+  DIR of images (+ same-name .txt)   recursive; a missing .txt gives the empty caption (counted)
+  DIR of .tar files, a .tar path, a glob, a brace pattern (shard-{000..009}.tar) or a URL: webdataset shards
+  hf:NAME or owner/name              `datasets.load_dataset` (offline: only what is in the local cache)
+
+An unreadable entry (corrupt or truncated image, too many pixels, caption that is not UTF-8) is skipped and
+counted in the dataset's `SkipCounter`, never a crash; a source with nothing usable is a `DataError` at build time.
+With DataLoader workers each worker counts its own skips (the log lines still show every reason).
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import math
+import os
+import tarfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_PIXELS = 8192 * 8192  # decompression-bomb guard: larger images are skipped (PIL's own limit is ~89 Mpx)
+WHITE = (255, 255, 255)  # transparent pixels are composited on white
+CAPTION_COLUMNS = ("caption", "text", "prompt", "captions", "sentence", "txt", "description", "label")
+IMAGE_COLUMNS = ("image", "img", "png", "jpg", "jpeg", "webp", "picture", "pixel_values")
+WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+WDS_CAPTION_KEYS = ("txt", "caption", "text", "prompt")
+WDS_URL_PREFIXES = ("http://", "https://", "s3://", "gs://", "pipe:", "file:")
+DEFAULT_SHAPES_N = 10_000
+MAX_LOGGED_PER_REASON = 5  # each reason is logged this many times, then only counted
+VALID_FORMS = (
+    "valid sources: 'shapes' or 'shapes:N'; a folder of images with same-name .txt captions; a folder with "
+    "metadata.jsonl (file_name + text/caption); a folder written by datasets.save_to_disk; webdataset shards "
+    "(a .tar, a folder of .tar, a glob, a brace pattern like data-{000..009}.tar, or an http(s):// URL); "
+    "'hf:NAME' or 'owner/name' for datasets.load_dataset"
+)
+
+# skip / note reasons
+CORRUPT = "corrupt or truncated image"
+TOO_LARGE = "image larger than max_pixels"
+NOT_UTF8 = "caption not UTF-8"
+MISSING_CAPTION = "missing caption (used '')"
+EMPTY_CAPTION = "empty caption (used '')"
+NO_IMAGE = "sample without an image"
+BAD_METADATA = "bad metadata.jsonl line"
+MISSING_FILE = "metadata file_name not found or outside the folder"
+NOT_A_TAR = "shard is not a tar file"
+
+
+class DataError(ValueError):
+    """A data source that cannot be used; the message lists the valid forms."""
+
+
+@dataclass
+class SkipCounter:
+    """Counts skipped entries (and accepted-but-odd ones, `notes`) by reason; logs the first few of each."""
+
+    name: str = "data"
+    skipped: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
+
+    def skip(self, reason: str, where: str = "") -> None:
+        self.skipped[reason] += 1
+        if self.skipped[reason] <= MAX_LOGGED_PER_REASON:
+            log.warning("%s: skipped %s (%s)", self.name, where, reason)
+
+    def note(self, reason: str, where: str = "") -> None:
+        self.notes[reason] += 1
+        if self.notes[reason] <= MAX_LOGGED_PER_REASON:
+            log.info("%s: %s: %s", self.name, where, reason)
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        parts = [f"{n} x {r}" for r, n in self.skipped.most_common()] + [f"{n} x {r}" for r, n in self.notes.most_common()]
+        return f"{self.name}: " + ("; ".join(parts) if parts else "no skips")
+
+
+# ---- images and captions ---------------------------------------------------------------------------------------
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: transparency composited on white, 16-bit / int / float scaled to 8 bits, CMYK converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 1.0 if img.mode == "F" and arr.max(initial=0) <= 1.0 else 255.0 if arr.max(initial=0) <= 255 else 65535.0
+        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
+    """Shorter side to `resolution` (bicubic, antialiased), then the centre square."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 (3, H, W) in [-1, 1]."""
+    arr = np.asarray(img, dtype=np.uint8)  # (H, W, 3)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def open_image(src: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode fully, refusing more than max_pixels before decoding; raises OSError / ValueError on bad data."""
+    fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(fp)
+        w, h = img.size
+        if w * h > max_pixels:
+            raise _TooLarge(f"{w}x{h} > {max_pixels} pixels")
+        img.load()
+    return ImageOps.exif_transpose(img)
+
+
+class _TooLarge(ValueError):
+    pass
+
+
+def load_pixels(src: str | Path | bytes, resolution: int, counter: SkipCounter, where: str,
+                max_pixels: int = MAX_PIXELS) -> torch.Tensor | None:
+    """(3, R, R) in [-1, 1], or None (counted) when the image cannot be used."""
+    try:
+        img = open_image(src, max_pixels)
+    except (_TooLarge, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        counter.skip(TOO_LARGE, where)
+        return None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError):
+        counter.skip(CORRUPT, where)
+        return None
+    return image_to_tensor(resize_center_crop(to_rgb(img), resolution))
+
+
+def decode_caption(raw: bytes | str | None, counter: SkipCounter, where: str) -> str | None:
+    """Stripped caption; '' for missing / empty (noted), None for undecodable bytes (skipped)."""
+    if raw is None:
+        counter.note(MISSING_CAPTION, where)
+        return ""
+    if not isinstance(raw, (str, bytes, bytearray)):
+        raw = str(raw)
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            raw = bytes(raw).decode("utf-8-sig")
+        except UnicodeDecodeError:
+            counter.skip(NOT_UTF8, where)
+            return None
+    text = " ".join(str(raw).split())
+    if not text:
+        counter.note(EMPTY_CAPTION, where)
+    return text
+
+
+def make_example(pixels: torch.Tensor | None, caption: str | None) -> dict | None:
+    if pixels is None or caption is None:
+        return None
+    return {"pixel_values": pixels, "caption": caption}
+
+
+# ---- local folders ---------------------------------------------------------------------------------------------
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+class CaptionFolderDataset(Dataset):
+    """Images under `root` (recursive), each captioned by the same-name .txt beside it."""
+
+    def __init__(self, root: str | Path, resolution: int, max_pixels: int = MAX_PIXELS):
+        self.root, self.resolution, self.max_pixels = Path(root), resolution, max_pixels
+        self.files = sorted(p for p in self.root.rglob("*") if _is_image(p))
+        self.counter = SkipCounter(str(self.root))
+        if not self.files:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}; {VALID_FORMS}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict | None:
+        path = self.files[i]
+        pixels = load_pixels(path, self.resolution, self.counter, str(path), self.max_pixels)
+        if pixels is None:
+            return None
+        txt = path.with_suffix(".txt")
+        return make_example(pixels, decode_caption(txt.read_bytes() if txt.is_file() else None, self.counter, str(path)))
+
+
+class MetadataFolderDataset(Dataset):
+    """Imagefolder style: `root/metadata.jsonl`, one {"file_name": ..., "text" | "caption": ...} per line."""
+
+    def __init__(self, root: str | Path, resolution: int, caption_column: str | None = None,
+                 image_column: str | None = None, max_pixels: int = MAX_PIXELS):
+        self.root, self.resolution, self.max_pixels = Path(root).resolve(), resolution, max_pixels
+        self.counter = SkipCounter(str(self.root / "metadata.jsonl"))
+        self.image_column = image_column or "file_name"
+        self.entries: list[tuple[Path, Any]] = []
+        self.columns: set[str] = set()
+        lines = (self.root / "metadata.jsonl").read_bytes().splitlines()
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                self._add(line, caption_column, f"metadata.jsonl:{n}")
+        if not self.entries:
+            raise DataError(f"{self.root / 'metadata.jsonl'} lists no usable image ({self.counter.summary()}); "
+                            f"each line needs '{self.image_column}' and one of {CAPTION_COLUMNS}")
+        if caption_column and caption_column not in self.columns:
+            raise DataError(f"caption_column {caption_column!r} is in no line of metadata.jsonl; columns: "
+                            f"{sorted(self.columns)}")
+
+    def _add(self, line: bytes, caption_column: str | None, where: str) -> None:
+        try:
+            row = json.loads(line)
+            name = row[self.image_column]
+        except (ValueError, KeyError, TypeError):
+            self.counter.skip(BAD_METADATA, where)
+            return
+        path = (self.root / str(name)).resolve()
+        if not path.is_relative_to(self.root) or not path.is_file():
+            self.counter.skip(MISSING_FILE, f"{where} {name}")
+            return
+        self.columns.update(row)
+        column = caption_column or next((c for c in CAPTION_COLUMNS if c in row), None)
+        self.entries.append((path, row.get(column) if column else None))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict | None:
+        path, raw = self.entries[i]
+        pixels = load_pixels(path, self.resolution, self.counter, str(path), self.max_pixels)
+        if pixels is None:
+            return None
+        return make_example(pixels, decode_caption(raw, self.counter, str(path)))
+
+
+# ---- Hugging Face datasets -------------------------------------------------------------------------------------
+def _pick_column(features: dict, given: str | None, candidates: tuple[str, ...], want_image: bool) -> str:
+    import datasets
+
+    if given is not None:
+        if given not in features:
+            raise DataError(f"column {given!r} not in the dataset; columns: {sorted(features)}")
+        return given
+    typed = [k for k, f in features.items() if isinstance(f, datasets.Image) == want_image
+             and (want_image or getattr(f, "dtype", None) in ("string", "large_string"))]
+    for c in candidates:
+        if c in typed:
+            return c
+    if typed:
+        return typed[0]
+    kind = "image" if want_image else "caption (string)"
+    flag = "image_column" if want_image else "caption_column"
+    raise DataError(f"no {kind} column found among {sorted(features)}; pass {flag}=...")
+
+
+class HFImageTextDataset(Dataset):
+    """A `datasets.Dataset` with an image column and a caption column, decoded with the same guards."""
+
+    def __init__(self, ds: Any, resolution: int, caption_column: str | None = None,
+                 image_column: str | None = None, max_pixels: int = MAX_PIXELS, name: str = "datasets"):
+        import datasets
+
+        self.image_column = _pick_column(ds.features, image_column, IMAGE_COLUMNS, want_image=True)
+        self.caption_column = _pick_column(ds.features, caption_column, CAPTION_COLUMNS, want_image=False)
+        if isinstance(ds.features[self.image_column], datasets.Image):  # decode ourselves, with the guards
+            ds = ds.cast_column(self.image_column, datasets.Image(decode=False))
+        if len(ds) == 0:
+            raise DataError(f"dataset {name} is empty")
+        self.ds, self.resolution, self.max_pixels = ds, resolution, max_pixels
+        self.counter = SkipCounter(name)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict | None:
+        row = self.ds[i]
+        where = f"row {i}"
+        img = row[self.image_column]
+        if isinstance(img, dict):  # datasets.Image(decode=False): {"bytes": ..., "path": ...}
+            img = img.get("bytes") or img.get("path")
+        if isinstance(img, Image.Image):
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            img = buf.getvalue()
+        if img is None:
+            self.counter.skip(NO_IMAGE, where)
+            return None
+        pixels = load_pixels(img, self.resolution, self.counter, where, self.max_pixels)
+        if pixels is None:
+            return None
+        return make_example(pixels, decode_caption(row[self.caption_column], self.counter, where))
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def load_hf_dataset(source: str, split: str = "train") -> Any:
+    """`load_from_disk` for a saved folder, else `load_dataset` (offline: the local cache only)."""
+    import datasets
+
+    path = Path(source)
+    try:
+        ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(source.removeprefix("hf:"), split=split)
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one readable line
+        raise DataError(f"cannot load dataset {source!r}: {type(e).__name__}: {e}. {VALID_FORMS}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"dataset {source!r} has no split {split!r}; splits: {list(ds)}")
+        ds = ds[split]
+    return ds
+
+
+# ---- webdataset shards -----------------------------------------------------------------------------------------
+def expand_shards(source: str) -> list[str]:
+    """Brace patterns, globs, a folder of .tar, or URLs -> the list of shard paths / URLs."""
+    from braceexpand import braceexpand
+
+    out: list[str] = []
+    for part in source.split("::"):
+        for pattern in braceexpand(part):
+            if pattern.startswith(WDS_URL_PREFIXES):
+                out.append(pattern)
+            elif os.path.isdir(pattern):
+                out += sorted(glob.glob(os.path.join(pattern, "*.tar")))
+            elif glob.has_magic(pattern):
+                out += sorted(glob.glob(pattern))
+            else:
+                out.append(pattern)
+    return out
+
+
+def check_local_shards(shards: list[str], counter: SkipCounter) -> list[str]:
+    """Drop (and count) local shards that are missing or not tar files; URLs are checked while streaming."""
+    good = []
+    for s in shards:
+        if s.startswith(WDS_URL_PREFIXES) and not s.startswith("file:"):
+            good.append(s)
+            continue
+        path = s.removeprefix("file:")
+        if os.path.isfile(path) and tarfile.is_tarfile(path):
+            good.append(s)
+        else:
+            counter.skip(NOT_A_TAR if os.path.isfile(path) else "shard not found", s)
+    return good
+
+
+class WebDatasetSource(IterableDataset):
+    """Streams (image, caption) samples from webdataset tar shards; bad samples and bad shards are counted."""
+
+    def __init__(self, source: str, resolution: int, caption_column: str | None = None,
+                 image_column: str | None = None, max_pixels: int = MAX_PIXELS, shuffle_buffer: int = 0,
+                 seed: int = 0):
+        self.counter = SkipCounter(f"webdataset {source}")
+        shards = expand_shards(source)
+        if not shards:
+            raise DataError(f"no shards match {source!r}; {VALID_FORMS}")
+        self.shards = check_local_shards(shards, self.counter)
+        if not self.shards:
+            raise DataError(f"none of the {len(shards)} shard(s) of {source!r} is a readable tar file "
+                            f"({self.counter.summary()})")
+        self.image_keys = (image_column,) if image_column else WDS_IMAGE_KEYS
+        self.caption_keys = (caption_column,) if caption_column else WDS_CAPTION_KEYS
+        self.resolution, self.max_pixels = resolution, max_pixels
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+
+    def _samples(self) -> Iterator[dict]:
+        import webdataset as wds
+
+        stages: list[Any] = [wds.SimpleShardList(self.shards), wds.split_by_worker,
+                             wds.tarfile_to_samples(handler=self._handler)]
+        if self.shuffle_buffer > 0:
+            stages.append(wds.shuffle(self.shuffle_buffer, rng=_worker_rng(self.seed)))
+        return iter(wds.DataPipeline(*stages))
+
+    def _handler(self, exn: Exception) -> bool:
+        self.counter.skip(f"tar read error ({type(exn).__name__})", str(exn)[:200])
+        return True  # keep going with the next sample / shard
+
+    def decode(self, sample: dict) -> dict | None:
+        """One raw webdataset sample -> example dict, or None (counted)."""
+        key = sample.get("__key__")
+        if not key:  # webdataset >= 0.2.96 end-of-shard marker: not data, not counted
+            return None
+        where = f"{sample.get('__url__', '?')}:{key}"
+        img = next((sample[k] for k in self.image_keys if k in sample), None)
+        if img is None:
+            self.counter.skip(NO_IMAGE, where)
+            return None
+        pixels = load_pixels(img, self.resolution, self.counter, where, self.max_pixels)
+        if pixels is None:
+            return None
+        raw = next((sample[k] for k in self.caption_keys if k in sample), None)
+        if raw is None and "json" in sample:
+            raw = _caption_from_json(sample["json"])
+        return make_example(pixels, decode_caption(raw, self.counter, where))
+
+    def __iter__(self) -> Iterator[dict]:
+        for sample in self._samples():
+            example = self.decode(sample)
+            if example is not None:
+                yield example
+
+
+def _caption_from_json(raw: bytes) -> str | bytes | None:
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(meta, dict):
+        return None
+    return next((meta[c] for c in CAPTION_COLUMNS if isinstance(meta.get(c), str)), None)
+
+
+def _worker_rng(seed: int):
+    import random
+
+    info = torch.utils.data.get_worker_info()
+    return random.Random(seed * 1000 + (info.id if info else 0))
+
+
+def _looks_like_shards(source: str) -> bool:
+    s = source.lower()
+    return s.startswith(WDS_URL_PREFIXES) or ".tar" in s or "{" in source or glob.has_magic(source)
+
+
+# ---- the entry point ---------------------------------------------------------------------------------------------
+def build_dataset(source: str, resolution: int, *, caption_column: str | None = None,
+                  image_column: str | None = None, seed: int = 0, split: str = "train",
+                  num_examples: int | None = None, max_pixels: int = MAX_PIXELS,
+                  shuffle_buffer: int = 0) -> Dataset | IterableDataset:
+    """The dataset for `source` (see the module docstring); raises DataError listing the valid forms."""
+    if not isinstance(resolution, int) or resolution < 8:
+        raise DataError(f"resolution must be an integer >= 8, got {resolution!r}")
+    source = str(source).strip()
+    if source == "shapes" or source.startswith("shapes:"):
+        return _shapes(source, resolution, seed, split, num_examples)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _local_folder(path, resolution, caption_column, image_column, split, max_pixels, shuffle_buffer, seed)
+    if _looks_like_shards(source):
+        return WebDatasetSource(source, resolution, caption_column, image_column, max_pixels, shuffle_buffer, seed)
+    if path.is_file():
+        raise DataError(f"{source} is a file that is not a .tar shard; {VALID_FORMS}")
+    if source.startswith("hf:") or (source.count("/") == 1 and not source.startswith((".", "/", "~"))):
+        ds = load_hf_dataset(source, split)
+        return HFImageTextDataset(ds, resolution, caption_column, image_column, max_pixels, name=source)
+    raise DataError(f"data source {source!r} not found; {VALID_FORMS}")
+
+
+def _shapes(source: str, resolution: int, seed: int, split: str, num_examples: int | None) -> Dataset:
+    from .shapes import ShapesDataset  # written alongside; imported lazily
+
+    n = num_examples or DEFAULT_SHAPES_N
+    if ":" in source:
+        try:
+            n = int(source.split(":", 1)[1])
+        except ValueError:
+            raise DataError(f"'shapes:N' needs an integer N, got {source!r}") from None
+    if n <= 0:
+        raise DataError(f"the Shapes dataset needs N > 0 examples, got {n}")
+    return ShapesDataset(n, seed, split, resolution)
+
+
+def _local_folder(path: Path, resolution: int, caption_column: str | None, image_column: str | None,
+                  split: str, max_pixels: int, shuffle_buffer: int, seed: int) -> Dataset | IterableDataset:
+    if (path / "metadata.jsonl").is_file():
+        return MetadataFolderDataset(path, resolution, caption_column, image_column, max_pixels)
+    if _is_saved_dataset(path):
+        ds = load_hf_dataset(str(path), split)
+        return HFImageTextDataset(ds, resolution, caption_column, image_column, max_pixels, name=str(path))
+    if not any(_is_image(p) for p in path.rglob("*")) and any(path.glob("*.tar")):
+        return WebDatasetSource(str(path), resolution, caption_column, image_column, max_pixels, shuffle_buffer, seed)
+    return CaptionFolderDataset(path, resolution, max_pixels)
+
+
+# ---- batching ----------------------------------------------------------------------------------------------------
+def collate_drop_none(batch: list[dict | None]) -> dict | None:
+    """default_collate over the examples that decoded; None when none did (skip that step)."""
+    kept = [b for b in batch if b is not None]
+    return default_collate(kept) if kept else None
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, num_workers: int = 0, drop_last: bool = True) -> int:
+    """Batches per epoch; streamed shards are split across max(1, num_workers) workers (no division by zero)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    workers = max(1, num_workers)
+    per_worker = num_examples / workers
+    rounding = math.floor if drop_last else math.ceil
+    return int(rounding(per_worker / batch_size)) * workers
+
+
+def make_dataloader(dataset: Dataset | IterableDataset, batch_size: int, *, num_workers: int = 0,
+                    shuffle: bool = True, seed: int = 0, drop_last: bool = True,
+                    collate_fn: Callable = collate_drop_none) -> DataLoader:
+    """A DataLoader that works at num_workers = 0; map-style data shuffled by a seeded generator."""
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    iterable = isinstance(dataset, IterableDataset)
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs.update(persistent_workers=True, prefetch_factor=2)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and not iterable, num_workers=num_workers,
+                      drop_last=drop_last, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def non_empty(loader: DataLoader) -> Iterator[dict]:
+    """The loader's batches, without the None a batch of only bad examples collates to."""
+    for batch in loader:
+        if batch is not None:
+            yield batch

@@ -1,0 +1,78 @@
+"""The teacher recipe (tiny preset) end to end, the latent scale, and the Frechet distance math."""
+
+import numpy as np
+import pytest
+import torch
+
+from splam_studio.metrics import feature_statistics, frechet_distance, latent_mse, psnr
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    from splam_studio.world import build
+
+    torch.set_num_threads(2)
+    out = tmp_path_factory.mktemp("world")
+    record = build(out, "tiny", log=lambda s: None)
+    return out, record
+
+
+def test_tiny_build_loads_offline_and_generates(tiny_world):
+    from diffusers import StableDiffusionPipeline
+
+    out, record = tiny_world
+    assert (out / "recipe.json").exists() and (out / "shapes-evaluator" / "model.safetensors").exists()
+    pipe = StableDiffusionPipeline.from_pretrained(str(out / "shapes-teacher"), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.tokenizer.model_max_length == 16 and pipe.unet.config.sample_size == 8
+    image = pipe("one small red circle at the left on a black background", num_inference_steps=2,
+                 guidance_scale=7.5, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64) and image.mode == "RGB"
+    assert record["stages"]["unet"]["steps_done"] == 3
+
+
+def test_scaling_factor_gives_unit_variance(tiny_world):
+    from diffusers import AutoencoderKL
+
+    from splam_studio.shapes import ShapesDataset
+    from splam_studio.world import PRESETS, encode_latents
+
+    out, record = tiny_world
+    vae = AutoencoderKL.from_pretrained(str(out / "shapes-teacher" / "vae"))
+    ds = ShapesDataset(PRESETS["tiny"].n_train, seed=PRESETS["tiny"].seed, split="train")
+    mean, std = encode_latents(vae, ds.render_all())
+    z = (mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))) * vae.config.scaling_factor
+    assert abs(float(z.std()) - 1.0) < 0.1
+    assert vae.config.scaling_factor == pytest.approx(record["stages"]["scaling"]["scaling_factor"])
+
+
+def test_evaluator_round_trip(tiny_world):
+    from splam_studio.evaluator import Evaluator
+    from splam_studio.shapes import ShapesDataset
+
+    out, _ = tiny_world
+    ev = Evaluator.from_pretrained(out / "shapes-evaluator")
+    ds = ShapesDataset(3, seed=0, split="all")
+    images = [ds[i]["pixel_values"] for i in range(3)]
+    res = ev.prompt_accuracy(torch.stack(images), [s.caption() for s in ds.specs])
+    assert 0.0 <= res["accuracy"] <= 1.0 and set(res["per_attribute"]) == set(ev.heads)
+    assert ev.features(torch.stack(images)).shape == (3, ev.config.feature_dim)
+
+
+def test_frechet_distance_identical_statistics_is_zero():
+    feats = np.random.default_rng(0).normal(size=(500, 8))
+    mu, sigma = feature_statistics(feats)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_frechet_distance_1d_gaussians_closed_form():
+    # W2^2 between N(m1, s1^2) and N(m2, s2^2) is (m1 - m2)^2 + (s1 - s2)^2.
+    d = frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([-2.0]), np.array([[9.0]]))
+    assert d == pytest.approx(9.0 + 1.0)
+
+
+def test_psnr_and_latent_mse():
+    a = torch.zeros(2, 3, 4, 4)
+    b = a + 0.1
+    assert torch.allclose(psnr(a, b), torch.full((2,), 10 * np.log10(4 / 0.01)))
+    assert torch.allclose(latent_mse(a, b), torch.full((2,), 0.01))
