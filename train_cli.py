@@ -59,8 +59,9 @@ HELP = {
 
 PRESETS: dict[str, dict] = {
     # the embedded Shapes students: CPU-sized, same budget for both methods
-    "shapes": dict(teacher="shapes", data="shapes", max_steps=600, batch_size=16, lr=5e-5, w=6.5,
-                   checkpoint_every=100, validate_every=200,
+    # (w = 6.5 is the teacher's default CFG 7.5; constant lr, so snapshots double as shorter-budget runs)
+    "shapes": dict(teacher="shapes", data="shapes", max_steps=1500, batch_size=32, lr=1e-4, w=6.5,
+                   checkpoint_every=250, validate_every=500, snapshot_every=250, shapes_size=20000,
                    validation_prompts=["one large red circle at the left on a black background",
                                        "two small yellow squares at the top on a gray background",
                                        "one large blue circle at the center on a white background"]),

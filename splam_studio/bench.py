@@ -27,11 +27,13 @@ from .student import clean_fn
 ROWS = [("teacher-ddim", 50), ("ddim", 4), ("ddim", 8), ("dpm++", 4), ("unipc", 4),
         ("lcm", 1), ("lcm", 2), ("lcm", 4), ("splam", 1), ("splam", 2), ("splam", 4)]
 SAMPLER = {"teacher-ddim": "ddim", "ddim": "ddim", "dpm++": "dpm++", "unipc": "unipc", "lcm": "lcm", "splam": "lcm"}
-ABLATIONS = {  # run name under weights/ -> what it changes against `ablate-base` (SPLAM, same reduced budget)
-    "ablate-base": "SPLAM, gamma ~ U[0,1], k = 20 (m = 1), fresh gamma projection",
-    "ablate-gamma1": "gamma = 1 always (= LCM)",
-    "ablate-k40m2": "k = 40 by multiple estimation m = 2",
-    "ablate-zeroinit": "gamma projection zero-initialised",
+# Ablations: each changes one thing against SPLAM at the same (reduced) budget. With a constant learning rate and
+# the same seeds, the main runs' snapshots at that step ARE the SPLAM baseline and the gamma = 1 (LCM) arm.
+ABLATIONS = {
+    "ablate-base": ("shapes-splam", "SPLAM baseline: gamma ~ U[0,1], k = 20 (m = 1), fresh gamma projection"),
+    "ablate-gamma1": ("shapes-lcm", "gamma = 1 always (= LCM)"),
+    "ablate-k40m2": ("ablate-k40m2", "k = 40 by multiple estimation m = 2"),
+    "ablate-zeroinit": ("ablate-zeroinit", "gamma projection zero-initialised"),
 }
 
 
@@ -179,14 +181,30 @@ def convergence(bench: Bench, weights: Path, steps: int = 2) -> dict:
 
 
 def ablations(bench: Bench, weights: Path, steps=(1, 2, 4)) -> dict:
+    """Every arm evaluated at the budget of the dedicated ablation runs (their max_steps)."""
+    from safetensors.torch import load_file
+
     from .models import load_student
 
+    budgets = [json.loads((weights / run / "training_config.json").read_text())["max_steps"]
+               for run, _ in ABLATIONS.values() if run.startswith("ablate-") and (weights / run).is_dir()]
+    if not budgets:
+        return {}
+    budget = min(budgets)
     out = {}
-    for name, what in ABLATIONS.items():
-        if not (weights / name).is_dir():
+    for name, (run, what) in ABLATIONS.items():
+        if not (weights / run).is_dir():
             continue
-        unet = load_student(str(weights / name), bench.pipe)
-        out[name] = {"change": what, "rows": {s: bench.evaluate_unet("splam", unet, s) for s in steps}}
+        unet = load_student(str(weights / run), bench.pipe)
+        cfg = json.loads((weights / run / "training_config.json").read_text())
+        if cfg["max_steps"] != budget:  # a main run: take its snapshot at the ablation budget
+            snap = weights / run / "snapshots" / f"step-{budget:07d}.safetensors"
+            if not snap.is_file():
+                bench.log(f"ablation {name}: no snapshot at step {budget} in {run}; skipped")
+                continue
+            unet.load_state_dict({k: v.float() for k, v in load_file(snap).items()}, strict=False)
+        out[name] = {"change": what, "run": run, "iterations": budget,
+                     "rows": {s: bench.evaluate_unet("splam", unet, s) for s in steps}}
         bench.log(f"ablation {name}: {out[name]['rows']}")
     return out
 
