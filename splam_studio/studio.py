@@ -1,0 +1,685 @@
+"""The studio's logic, testable without a browser: models with a cache, side-by-side comparison, the error-bound
+plot, input validation with messages, and hobbyist training runs as subprocesses of `train_cli.py`.
+
+`splam_studio.ui` lays this out in Gradio; `app.py` parses flags and launches. Nothing here imports gradio.
+User mistakes raise `StudioError` (a ValueError) whose message is meant for the user; `notices` lists what was
+clamped or truncated.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .device import resolve_runtime
+from .error_bound import ErrorBound, error_bound, teacher_trajectory
+from .models import (
+    RUN_NAME, ModelLoadError, RunInfo, list_runs, load_student, load_teacher, resolve_run, weights_dir,
+)
+from .sampler import decode_latents, generate, initial_noise
+from .schedule import NoiseSchedule
+from .solver import guided_eps
+from .student import clean_fn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# ---- limits of the inputs (the UI's sliders use the same numbers) ---------------------------------------------
+STUDENT_STEPS = (1, 8)  # consistency sampling: SPLAM/LCM are meant for 1-4 steps
+TEACHER_STEPS = (1, 100)
+GUIDANCE = (1.0, 20.0)  # CFG in the usual `uncond + s (cond - uncond)` form; 1 = no guidance
+SEED = (0, 2**31 - 1)
+STRIDE = (1, 5)  # sub-path length k = stride * k_phi (k_phi = 20 on the 50-point DDIM grid)
+TRAIN_STEPS = (1, 100_000)
+TRAIN_BATCH = (1, 256)
+MAX_PROMPT_CHARS = 500
+TEACHER_SAMPLERS = ("ddim", "dpm++", "unipc")
+METHODS = ("splam", "lcm")
+DEFAULT_GUIDANCE = 7.5  # the Shapes students were distilled at w = 6.5, i.e. CFG 7.5
+N_GRID = 50  # DDIM grid of the error bound; k_phi = 1000 / 50 = 20
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # owner/name; no '..', no leading dot
+LOCAL_PREFIX = "local:"  # names of models given as paths on the command line
+
+Progress = Callable[[float, str], None]
+
+
+class StudioError(ValueError):
+    """A user mistake or a model that cannot be used; the message says what to do instead."""
+
+
+def _no_progress(fraction: float, desc: str) -> None:
+    pass
+
+
+# ---- validation ---------------------------------------------------------------------------------------------------
+def clean_prompt(prompt, notices: list[str], *, what: str = "prompt", required: bool = True) -> str:
+    """Stripped prompt, control characters removed, truncated to MAX_PROMPT_CHARS with a notice."""
+    if prompt is None:
+        prompt = ""
+    if not isinstance(prompt, str):
+        raise StudioError(f"the {what} must be text, got {type(prompt).__name__}")
+    text = re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", " ", prompt).strip()
+    if required and not text:
+        raise StudioError(f"enter a {what}, e.g. 'one large red circle at the left on a black background'")
+    if len(text) > MAX_PROMPT_CHARS:
+        notices.append(f"the {what} was {len(text)} characters; truncated to {MAX_PROMPT_CHARS} "
+                       "(the text encoder reads at most 77 tokens anyway)")
+        text = text[:MAX_PROMPT_CHARS]
+    return text
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or value is None or (isinstance(value, str) and not value.strip()):
+        raise StudioError(f"{name} must be a number, got {value!r}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise StudioError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise StudioError(f"{name} must be a finite number, got {value!r}")
+    return x
+
+
+def clamp_int(name: str, value, bounds: tuple[int, int], notices: list[str]) -> int:
+    """An integer in [lo, hi]: rounded and clamped, each change reported in `notices`."""
+    x = _number(name, value)
+    n = int(round(x))
+    if n != x:
+        notices.append(f"{name} {value!r} rounded to {n}")
+    lo, hi = bounds
+    if not lo <= n <= hi:
+        c = min(max(n, lo), hi)
+        notices.append(f"{name} {n} is outside {lo}-{hi}; using {c}")
+        n = c
+    return n
+
+
+def clamp_float(name: str, value, bounds: tuple[float, float], notices: list[str]) -> float:
+    x = _number(name, value)
+    lo, hi = bounds
+    if not lo <= x <= hi:
+        c = min(max(x, lo), hi)
+        notices.append(f"{name} {x:g} is outside {lo:g}-{hi:g}; using {c:g}")
+        x = c
+    return x
+
+
+def check_sampler(sampler) -> str:
+    if sampler not in TEACHER_SAMPLERS:
+        raise StudioError(f"unknown teacher sampler {sampler!r}; choose one of {list(TEACHER_SAMPLERS)}")
+    return sampler
+
+
+# ---- results ------------------------------------------------------------------------------------------------------
+ROLE_TITLE = {"teacher": "Teacher", "lcm": "LCM", "splam": "SPLAM"}
+
+
+@dataclass
+class Panel:
+    """One generated image and everything needed to reproduce it."""
+
+    role: str  # teacher | lcm | splam
+    model: str
+    sampler: str
+    steps: int
+    seed: int
+    guidance: float  # CFG at run time (students: 1, guidance baked in)
+    latency_ms: float
+    image: object  # PIL image
+    baked_guidance: float | None = None  # students: the CFG they were distilled at, when known
+    negative_prompt: str = ""
+    speedup: float | None = None  # teacher latency / this latency (students)
+
+    @property
+    def title(self) -> str:
+        return ROLE_TITLE[self.role]
+
+    def label(self) -> str:
+        """Short panel label: model kind, steps, latency, speed-up."""
+        s = f"{self.title} · {self.steps} step{'s' if self.steps != 1 else ''} · {self.latency_ms:.0f} ms"
+        return s + (f" · {self.speedup:.1f}× faster" if self.speedup else "")
+
+    def caption(self) -> str:
+        """Reproduction line: model, sampler, steps, guidance, seed (the prompt is shared)."""
+        if self.role == "teacher":
+            g = f"CFG {self.guidance:g}" + (f", negative prompt {self.negative_prompt!r}" if self.negative_prompt else "")
+        else:
+            baked = f"CFG {self.baked_guidance:g} baked in" if self.baked_guidance else "guidance baked in"
+            g = f"{baked}, run at guidance 1"
+        return f"`{self.model}` · {self.sampler} · {self.steps} steps · {g} · seed {self.seed}"
+
+
+@dataclass
+class CompareResult:
+    prompt: str
+    panels: list[Panel]  # teacher, lcm, splam
+    notices: list[str] = field(default_factory=list)
+
+    def panel(self, role: str) -> Panel:
+        return next(p for p in self.panels if p.role == role)
+
+    def summary(self) -> str:
+        t = self.panel("teacher")
+        parts = [f"**{p.title}** {p.latency_ms:.0f} ms" + (f" ({p.speedup:.1f}× faster)" if p.speedup else "")
+                 for p in self.panels]
+        return (f"Prompt: “{self.prompt}” · seed {t.seed} · same initial noise for all three. "
+                + " · ".join(parts) + ". Latency = text encoding + sampling + VAE decode, measured on this machine.")
+
+
+@dataclass
+class ErrorBoundResult:
+    prompt: str
+    seed: int
+    stride: int
+    k: int
+    guidance: float
+    curves: dict[str, ErrorBound]  # "LCM" / "SPLAM" -> terms, bound, error (batch of 1)
+    thumbnails: list[tuple[object, str]]  # (PIL image, caption): decoded F(z_t) along the trajectory
+    notices: list[str] = field(default_factory=list)
+
+    def frame(self):
+        """Long-format DataFrame (t, rms, series) of bound and real error, for gr.LinePlot."""
+        import pandas as pd
+
+        rows = []
+        for name, eb in self.curves.items():
+            for i, t in enumerate(eb.times):
+                rows.append({"t": t, "rms": float(eb.bound[i, 0]), "series": f"{name} bound"})
+                rows.append({"t": t, "rms": float(eb.error[i, 0]), "series": f"{name} error"})
+        return pd.DataFrame(rows, columns=["t", "rms", "series"])
+
+    def terms_frame(self):
+        """Long-format DataFrame (t, rms, series) of the per-sub-path terms |F(z_t') - F(z_{t'-k})|."""
+        import pandas as pd
+
+        rows = [{"t": t, "rms": float(eb.terms[i, 0]), "series": f"{name} term"}
+                for name, eb in self.curves.items() for i, t in enumerate(eb.times)]
+        return pd.DataFrame(rows, columns=["t", "rms", "series"])
+
+    def summary(self) -> str:
+        lines = [f"Teacher: guided DDIM on the {N_GRID}-step grid, CFG {self.guidance:g}, seed {self.seed}; "
+                 f"sub-paths of k = {self.k}. At the largest t on the sub-path grid, t = "
+                 f"{self.curves[next(iter(self.curves))].times[0]} (one-step generation starts at t = 999):", "", "| student | bound (sum of terms) | real error |F(z_t) − z_0| |", "|---|---|---|"]
+        for name, eb in self.curves.items():
+            lines.append(f"| {name} | {float(eb.bound[0, 0]):.4f} | {float(eb.error[0, 0]):.4f} |")
+        lines.append("")
+        lines.append("RMS over latent elements; smaller is better. SPLAM's claim: smaller sub-path terms, so a smaller "
+                     "bound and error than LCM, most of all for 1-2 step generation (large t).")
+        return "\n".join(lines)
+
+
+# ---- the studio ---------------------------------------------------------------------------------------------------
+class Studio:
+    """Loaded models (cached) and the operations behind the UI.
+
+    Model names the web UI may send: a run name under the weights folder, a `local:NAME` registered from the command
+    line (`local`), or a hub id `owner/name`. Never a path.
+    """
+
+    def __init__(self, weights: str | Path | None = None, *, teacher: str | None = None, splam: str | None = None,
+                 lcm: str | None = None, local: dict[str, str | Path] | None = None,
+                 data_dirs: dict[str, str | Path] | None = None, device: str = "auto", allow_hub: bool = True,
+                 cache_size: int = 6):
+        self.weights = Path(weights) if weights is not None else weights_dir()
+        self.runtime = resolve_runtime(device, "auto")
+        self.local = {self._local_name(k): Path(v).expanduser().resolve() for k, v in (local or {}).items()}
+        self.allow_hub = allow_hub
+        self._cache: OrderedDict[tuple, object] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.RLock()
+        self.defaults = {"teacher": teacher, "splam": splam, "lcm": lcm}
+        self.trainer = Trainer(self.weights, data_dirs or {})
+
+    @staticmethod
+    def _local_name(name: str) -> str:
+        return name if name.startswith(LOCAL_PREFIX) else LOCAL_PREFIX + name
+
+    # -- listing ------------------------------------------------------------------------------------------------
+    def runs(self) -> list[RunInfo]:
+        return list_runs(self.weights)
+
+    def teacher_choices(self) -> list[str]:
+        local = [k for k, p in self.local.items() if (p / "model_index.json").is_file() or p.is_file()]
+        return local + [r.name for r in self.runs() if r.kind == "teacher"]
+
+    def student_choices(self, method: str | None = None) -> list[str]:
+        """Student runs; those trained with `method` first."""
+        local = [k for k, p in self.local.items() if (p / "unet").is_dir() or (p / "lora").is_dir()]
+        runs = [r for r in self.runs() if r.kind == "student"]
+        runs.sort(key=lambda r: (r.method != method, r.name))
+        return local + [r.name for r in runs]
+
+    def default(self, role: str) -> str | None:
+        """The model shown first: the CLI's choice, else the embedded Shapes one, else the first that fits."""
+        if self.defaults.get(role):
+            name = self.defaults[role]
+            return self._local_name(name) if self._local_name(name) in self.local else name
+        if role == "teacher":
+            choices = self.teacher_choices()
+            return "shapes-teacher" if "shapes-teacher" in choices else (choices[0] if choices else None)
+        choices = self.student_choices(role)
+        embedded = f"shapes-{role}"
+        if embedded in choices:
+            return embedded
+        matching = [r.name for r in self.runs() if r.kind == "student" and r.method == role]
+        return matching[0] if matching else (choices[0] if choices else None)
+
+    def models_status(self) -> str:
+        """One line on what is missing, or '' when a teacher and both students are there."""
+        missing = [ROLE_TITLE[r] for r in ("teacher", "lcm", "splam") if not self.default(r)]
+        if not missing:
+            return ""
+        return (f"No {' / '.join(missing)} model found under `{self.weights}`. The embedded Shapes models appear in "
+                "weights/ once built; or train a student in the Train tab, or enter hub ids under SD1.5 setup.")
+
+    # -- resolving and loading --------------------------------------------------------------------------------------
+    def resolve(self, name, role: str) -> tuple[str, str | Path]:
+        """(kind, source) for a model name from the UI: ('path', Path) or ('hub', id). Never an arbitrary path."""
+        what = "teacher" if role == "teacher" else f"{ROLE_TITLE.get(role, role)} student"
+        if not isinstance(name, str) or not name.strip():
+            raise StudioError(f"choose a {what} model")
+        name = name.strip()
+        if name in self.local:
+            return "path", self.local[name]
+        if RUN_NAME.match(name):
+            try:
+                path = resolve_run(name, self.weights)
+            except ModelLoadError:
+                path = None
+            if path is not None:
+                kind = "teacher" if (path / "model_index.json").is_file() else "student"
+                if (kind == "teacher") != (role == "teacher"):
+                    raise StudioError(f"{name!r} is a {kind}, not a {what}; choose one of "
+                                      f"{self.teacher_choices() if role == 'teacher' else self.student_choices(role)}")
+                return "path", path
+        if HUB_ID.match(name) and ".." not in name:
+            if not self.allow_hub:
+                raise StudioError(f"hub models are disabled on this server; choose one of {self._choices(role)}")
+            return "hub", name
+        raise StudioError(f"unknown {what} {name!r}: choose one of {self._choices(role)} or a hub id 'owner/name' "
+                          "(local folders can only be given on the command line)")
+
+    def _choices(self, role: str) -> list[str]:
+        return self.teacher_choices() if role == "teacher" else self.student_choices(role)
+
+    def _cached(self, key: tuple, build: Callable[[], object]) -> object:
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            obj = build()
+            self._cache[key] = obj
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            return obj
+
+    def teacher(self, name: str | None = None):
+        """The teacher StableDiffusionPipeline, loaded once."""
+        name = name or self.default("teacher")
+        kind, source = self.resolve(name, "teacher")
+
+        def build():
+            try:
+                pipe = load_teacher(source, torch_dtype=self.runtime.weight_dtype)
+            except ModelLoadError as e:
+                raise StudioError(_hub_hint(str(e), source) if kind == "hub" else str(e)) from None
+            pipe = pipe.to(self.runtime.device)
+            _warm_up(pipe, None)
+            return pipe
+
+        return self._cached(("teacher", str(source)), build)
+
+    def student(self, name: str | None, teacher: str | None = None, role: str = "splam"):
+        """A student UNet (SPLAM or LCM) fitted to the teacher, loaded once."""
+        name = name or self.default(role)
+        tname = teacher or self.default("teacher")
+        kind, source = self.resolve(name, role)
+        pipe = self.teacher(tname)
+
+        def build():
+            if kind == "hub":
+                unet = _load_hub_student(str(source), pipe)
+            else:
+                try:
+                    unet = load_student(source, pipe, weights=self.weights)
+                except ModelLoadError as e:
+                    raise StudioError(str(e)) from None
+            _warm_up(pipe, unet)
+            return unet
+
+        return self._cached(("student", str(source), str(self.resolve(tname, "teacher")[1])), build)
+
+    def baked_guidance(self, name: str | None) -> float | None:
+        """CFG a student was distilled at (training_config.json: w in the LCM form, CFG = w + 1), when known."""
+        try:
+            kind, source = self.resolve(name, "splam")
+        except StudioError:
+            return None
+        if kind != "path":
+            return None
+        import json
+
+        cfg = Path(source) / "training_config.json"
+        try:
+            w = json.loads(cfg.read_text()).get("w")
+        except (OSError, ValueError):
+            return None
+        return float(w) + 1 if isinstance(w, (int, float)) else None
+
+    def load_models(self, teacher: str, splam: str, lcm: str, progress: Progress = _no_progress) -> str:
+        """Load (and cache) a teacher and two students; a one-line status, or StudioError saying what failed."""
+        progress(0.1, f"loading teacher {teacher}")
+        self.teacher(teacher)
+        progress(0.5, f"loading SPLAM student {splam}")
+        self.student(splam, teacher, "splam")
+        progress(0.8, f"loading LCM student {lcm}")
+        self.student(lcm, teacher, "lcm")
+        return f"Loaded teacher `{teacher}`, SPLAM `{splam}`, LCM `{lcm}`."
+
+    def start_training(self, teacher: str, data: str, method: str, steps, run_name: str, batch_size=32) -> str:
+        """Start a distillation run from a listed teacher (resolved here, so the UI never passes a path)."""
+        kind, source = self.resolve(teacher, "teacher")
+        return self.trainer.start(source, data, method, steps, run_name, batch_size)
+
+    # -- compare ------------------------------------------------------------------------------------------------
+    def compare(self, prompt: str, negative_prompt: str = "", seed=0, student_steps=4, teacher_steps=25,
+                guidance_scale=DEFAULT_GUIDANCE, sampler: str = "ddim", *, teacher: str | None = None,
+                splam: str | None = None, lcm: str | None = None, progress: Progress = _no_progress) -> CompareResult:
+        """Teacher, LCM and SPLAM from the same initial noise of `seed`, each timed."""
+        notices: list[str] = []
+        prompt = clean_prompt(prompt, notices)
+        negative_prompt = clean_prompt(negative_prompt, notices, what="negative prompt", required=False)
+        seed = clamp_int("seed", seed, SEED, notices)
+        student_steps = clamp_int("student steps", student_steps, STUDENT_STEPS, notices)
+        teacher_steps = clamp_int("teacher steps", teacher_steps, TEACHER_STEPS, notices)
+        guidance_scale = clamp_float("guidance scale", guidance_scale, GUIDANCE, notices)
+        sampler = check_sampler(sampler)
+        teacher, splam, lcm = (teacher or self.default("teacher"), splam or self.default("splam"),
+                               lcm or self.default("lcm"))
+
+        progress(0.02, "loading models")
+        pipe = self.teacher(teacher)
+        students = {"lcm": (lcm, self.student(lcm, teacher, "lcm")), "splam": (splam, self.student(splam, teacher, "splam"))}
+
+        progress(0.15, f"teacher: {teacher_steps} {sampler} steps")
+        panels: list[Panel] = []
+        image, ms = _timed(lambda: generate(pipe, prompt=[prompt], sampler=sampler, steps=teacher_steps, seed=seed,
+                                            guidance_scale=guidance_scale, negative_prompt=[negative_prompt]))
+        panels.append(Panel("teacher", teacher, sampler, teacher_steps, seed, guidance_scale, ms, image,
+                            negative_prompt=negative_prompt))
+        for i, (role, (name, unet)) in enumerate(students.items()):
+            progress(0.6 + 0.2 * i, f"{ROLE_TITLE[role]}: {student_steps} step{'s' if student_steps > 1 else ''}")
+            image, ms = _timed(lambda: generate(pipe, prompt=[prompt], sampler="lcm", steps=student_steps, seed=seed,
+                                                unet=unet))
+            panels.append(Panel(role, name, "lcm", student_steps, seed, 1.0, ms, image,
+                                baked_guidance=self.baked_guidance(name), speedup=panels[0].latency_ms / max(ms, 1e-6)))
+        progress(1.0, "done")
+        return CompareResult(prompt=prompt, panels=panels, notices=notices)
+
+    # -- error bound --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def error_bound_plot(self, prompt: str, seed=0, stride=1, guidance_scale=None, *, teacher: str | None = None,
+                         splam: str | None = None, lcm: str | None = None, n_thumbnails: int = 6,
+                         progress: Progress = _no_progress) -> ErrorBoundResult:
+        """Per-sub-path terms, bound and real error of LCM and SPLAM along the teacher's guided DDIM trajectory."""
+        notices: list[str] = []
+        prompt = clean_prompt(prompt, notices)
+        seed = clamp_int("seed", seed, SEED, notices)
+        stride = clamp_int("stride", stride, STRIDE, notices)
+        teacher, splam, lcm = (teacher or self.default("teacher"), splam or self.default("splam"),
+                               lcm or self.default("lcm"))
+        if guidance_scale is None:
+            guidance_scale = self.baked_guidance(splam) or DEFAULT_GUIDANCE
+        guidance_scale = clamp_float("guidance scale", guidance_scale, GUIDANCE, notices)
+
+        progress(0.02, "loading models")
+        pipe = self.teacher(teacher)
+        students = {"LCM": self.student(lcm, teacher, "lcm"), "SPLAM": self.student(splam, teacher, "splam")}
+        device = self.runtime.device
+        schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+        cond, uncond = pipe.encode_prompt([prompt], device, 1, True, [""])  # (1, L, D) each
+
+        progress(0.1, f"teacher trajectory ({N_GRID} guided DDIM steps)")
+        unet = pipe.unet
+        vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        size = unet.config.sample_size * vae_scale
+        z_T = initial_noise(seed, 1, unet, size, size, vae_scale).to(device)  # same noise as compare()
+        traj, times = teacher_trajectory(guided_eps(unet, cond, uncond, guidance_scale - 1), schedule, z_T, N=N_GRID)
+        k = stride * (schedule.T // N_GRID)
+
+        curves, Fs = {}, {}
+        show = _spread(len(times) - 1, n_thumbnails)  # trajectory indices to decode
+        for i, (name, s_unet) in enumerate(students.items()):
+            progress(0.5 + 0.2 * i, f"{name}: F along the trajectory")
+            F = clean_fn(s_unet, cond, schedule)
+            curves[name] = error_bound(F, traj, times, stride)
+            Fs[name] = torch.cat([F(traj[j], torch.tensor([times[j]], dtype=torch.long)).float() for j in show])
+
+        progress(0.9, "decoding thumbnails")
+        latents = torch.cat([traj[-1].float()] + list(Fs.values()))  # (1 + 2 n, C, h, w)
+        images = decode_latents(pipe, latents)
+        thumbs = [(images[0], f"Teacher z_0 ({N_GRID}-step DDIM)")]
+        for a, name in enumerate(Fs):
+            thumbs += [(images[1 + a * len(show) + b], f"{name} F(z_t), t={times[j]}") for b, j in enumerate(show)]
+        progress(1.0, "done")
+        return ErrorBoundResult(prompt=prompt, seed=seed, stride=stride, k=k, guidance=guidance_scale,
+                                curves=curves, thumbnails=thumbs, notices=notices)
+
+
+def _spread(last: int, n: int) -> list[int]:
+    """n indices from 0 to last-1 (excluding the end z_0 itself), evenly spread, starting at 0 (t = T - 1)."""
+    n = max(1, min(n, last))
+    return sorted({round(i * (last - 1) / max(n - 1, 1)) for i in range(n)})
+
+
+def _warm_up(pipe, unet) -> None:
+    """One 1-step generation, so the first measured latency carries no one-off start-up cost."""
+    generate(pipe, prompt=[""], sampler="lcm" if unet is not None else "ddim", steps=1, seed=0, unet=unet)
+
+
+def _timed(fn: Callable[[], object]) -> tuple[object, float]:
+    """(first image of fn(), wall milliseconds)."""
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out.images[0], (time.perf_counter() - t0) * 1000
+
+
+def _hub_hint(message: str, repo: str) -> str:
+    return (f"{message}. Offline or behind a firewall, hub models cannot be fetched: download it where there is "
+            f"network (`huggingface-cli download {repo}`), or start the app with a local folder (--teacher PATH).")
+
+
+def _load_hub_student(repo: str, pipe):
+    """A student UNet from the hub: a full UNet (repo/unet or repo root, e.g. alimama-creative/slam-sd1.5,
+    SimianLuo/LCM_Dreamshaper_v7) or an LCM-style LoRA fused into a copy of the teacher UNet."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from huggingface_hub import constants
+
+    offline = bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    teacher = pipe.unet
+    errors = []
+    for sub in ("unet", None):
+        try:
+            unet = UNet2DConditionModel.from_pretrained(repo, subfolder=sub, torch_dtype=teacher.dtype,
+                                                        local_files_only=offline)
+            return unet.to(teacher.device).eval()
+        except Exception as e:  # noqa: BLE001 - collected into one readable message below
+            errors.append(f"{repo}{'/' + sub if sub else ''}: {_one_line(e)}")
+    try:
+        state, alphas = StableDiffusionPipeline.lora_state_dict(repo, local_files_only=offline)
+        state = {k: v for k, v in state.items() if k.startswith("unet.") or not k.startswith("text_encoder")}
+        unet = copy.deepcopy(teacher)
+        StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=unet, adapter_name="student")
+        unet.fuse_lora()
+        unet.unload_lora()
+        return unet.eval()
+    except Exception as e:  # noqa: BLE001
+        errors.append(f"{repo} as LoRA: {_one_line(e)}")
+    where = "not in the local cache (offline)" if offline else "could not be downloaded or is not a student"
+    raise StudioError(_hub_hint(f"cannot load student {repo!r} ({where}); tried " + "; ".join(errors), repo))
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:200]
+
+
+# ---- training runs (subprocesses of train_cli.py) -------------------------------------------------------------
+NOISE = re.compile(r"safety checker|should be kept in float32|requires torchvision")  # library chatter, not news
+TQDM_LOSS = re.compile(r"(\d+)/(\d+)\s*\[[^\]\r\n]*?loss=([-+0-9.eE]+|nan|inf)")
+
+
+@dataclass
+class TrainStatus:
+    state: str  # idle | running | stopping | done | failed | stopped
+    message: str
+    run_name: str | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) as tqdm reported them
+    validation: list[tuple[Path, str]] = field(default_factory=list)  # (png, caption), oldest first
+    log_tail: str = ""
+    total_steps: int | None = None
+
+    def loss_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.losses, columns=["step", "loss"])
+
+
+class Trainer:
+    """One distillation run at a time, as a `train_cli.py` subprocess (a crash cannot take the server down)."""
+
+    def __init__(self, weights: Path, data_dirs: dict[str, str | Path], repo_root: Path = REPO_ROOT):
+        self.weights = Path(weights)
+        self.data_dirs = {str(k): Path(v).expanduser().resolve() for k, v in data_dirs.items()}
+        self.repo_root = repo_root
+        self.proc: subprocess.Popen | None = None
+        self.run_name: str | None = None
+        self.log_path: Path | None = None
+        self.total_steps: int | None = None
+        self.stopped = False
+        self._lock = threading.Lock()
+
+    def data_choices(self) -> list[str]:
+        return ["shapes"] + sorted(self.data_dirs)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def command(self, teacher: str | Path, data: str, method: str, steps: int, run_name: str, batch_size: int) -> list[str]:
+        """The train_cli.py command line for a run (teacher and data already resolved by the caller)."""
+        cmd = [sys.executable, "-u", str(self.repo_root / "train_cli.py")]
+        if data == "shapes":
+            cmd += ["--preset", "shapes", "--shapes-size", str(min(20000, max(256, steps * batch_size)))]
+        cmd += ["--teacher", str(teacher), "--data", data, "--method", method, "--max-steps", str(steps),
+                "--batch-size", str(batch_size), "--run-name", run_name, "--output-dir", str(self.weights),
+                "--checkpoint-every", str(max(1, steps // 2)), "--validate-every", str(max(1, steps // 4)),
+                "--snapshot-every", "0"]
+        return cmd
+
+    def start(self, teacher: str | Path, data: str, method: str, steps, run_name: str, batch_size=32) -> str:
+        """Start a run; StudioError if one is running or an input is invalid."""
+        notices: list[str] = []
+        if method not in METHODS:
+            raise StudioError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+        if data not in self.data_choices():
+            raise StudioError(f"unknown data {data!r}; choose one of {self.data_choices()} (folders are allowed "
+                              "only from the command line: --data-dir NAME=PATH)")
+        steps = clamp_int("training steps", steps, TRAIN_STEPS, notices)
+        batch_size = clamp_int("batch size", batch_size, TRAIN_BATCH, notices)
+        run_name = (run_name or "").strip() or f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if not RUN_NAME.match(run_name) or run_name in (".", ".."):
+            raise StudioError(f"invalid run name {run_name!r}: letters, digits, '.', '_' and '-' only, no paths")
+        if run_name.startswith("shapes-"):
+            raise StudioError(f"run names starting with 'shapes-' are reserved for the embedded models; pick another")
+        if (self.weights / run_name).exists():
+            raise StudioError(f"a run named {run_name!r} already exists under weights/; pick another name")
+        data_arg = data if data == "shapes" else str(self.data_dirs[data])
+        with self._lock:
+            if self.running():
+                raise StudioError(f"run {self.run_name!r} is still going: stop it first (one run at a time)")
+            logs = self.weights / ".studio-logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            self.log_path = logs / f"{run_name}.log"
+            env = {**os.environ, "PYTHONUNBUFFERED": "1",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(self.repo_root), os.environ.get("PYTHONPATH")]))}
+            with open(self.log_path, "wb") as log:
+                self.proc = subprocess.Popen(self.command(teacher, data_arg, method, steps, run_name, batch_size),
+                                             cwd=str(self.repo_root), stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            self.run_name, self.total_steps, self.stopped = run_name, steps, False
+        note = f" ({'; '.join(notices)})" if notices else ""
+        return f"Started {method} run `{run_name}`: {steps} steps, batch {batch_size}, data {data}{note}."
+
+    def stop(self, grace_s: float = 20.0) -> str:
+        """Interrupt the run (SIGINT: train_cli exits cleanly, the last checkpoint intact), kill after grace_s."""
+        with self._lock:
+            if not self.running():
+                return "No run is going."
+            proc, self.stopped = self.proc, True
+            proc.send_signal(signal.SIGINT)
+
+        def reap():
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+        threading.Thread(target=reap, daemon=True).start()
+        return f"Stopping `{self.run_name}`…"
+
+    def status(self) -> TrainStatus:
+        if self.proc is None:
+            return TrainStatus("idle", "No run started from the studio yet.")
+        log = _tail(self.log_path, 200_000) if self.log_path else ""
+        losses = _parse_losses(log)
+        val_dir = self.weights / (self.run_name or "") / "validation"
+        validation = [(p, f"step {int(p.stem.split('-')[-1])}") for p in sorted(val_dir.glob("step-*.png"))]
+        rc = self.proc.poll()
+        last = losses[-1] if losses else None
+        progress = f"step {last[0]}/{self.total_steps}, loss {last[1]:.4g}" if last else "starting…"
+        if rc is None:
+            state, msg = ("stopping" if self.stopped else "running"), f"`{self.run_name}` {progress}"
+        elif self.stopped:
+            state, msg = "stopped", (f"`{self.run_name}` stopped ({progress}). Its last checkpoint is in "
+                                     f"weights/{self.run_name}/checkpoints; continue with train_cli.py --resume latest.")
+        elif rc == 0:
+            state, msg = "done", f"`{self.run_name}` finished ({progress}); it is now in the model lists."
+        else:
+            err = [ln for ln in log.replace("\r", "\n").splitlines() if ln.strip() and not NOISE.search(ln)][-1:]
+            err = err or ["(no output)"]
+            state, msg = "failed", f"`{self.run_name}` failed (exit {rc}): {err[0][:300]}"
+        lines = [ln for ln in log.replace("\r", "\n").splitlines() if ln.strip() and not NOISE.search(ln)]
+        tail = "\n".join(lines[-15:])
+        return TrainStatus(state, msg, self.run_name, losses, validation, tail, self.total_steps)
+
+
+def _tail(path: Path, n: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - n))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _parse_losses(log: str) -> list[tuple[int, float]]:
+    """(step, loss) pairs from tqdm's progress lines (`3/10 [.. loss=0.0123]`), last report of each step kept."""
+    out: dict[int, float] = {}
+    for m in TQDM_LOSS.finditer(log):
+        out[int(m.group(1))] = float(m.group(3))
+    return sorted(out.items())

@@ -1,0 +1,317 @@
+"""The studio on a tiny fake weights folder: Studio unit tests, a train subprocess, and the app end to end.
+
+The end-to-end test launches `app.py` in a subprocess on a free port (SPLAM_WEIGHTS_DIR -> the fake weights, hub
+offline) and drives every named API endpoint with gradio_client, bad inputs included.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from splam_studio.studio import (
+    MAX_PROMPT_CHARS, Studio, StudioError, Trainer, _parse_losses, clamp_float, clamp_int, clean_prompt,
+)
+from splam_studio.student import build_student
+from tests.tiny import make_tiny_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+# One thread: on a busy 2-core machine torch's OpenMP threads spin against other processes and run ~50x slower.
+torch.set_num_threads(1)
+PROMPT = "one large red circle at the left on a black background"
+IMAGE_PX = 16  # the tiny pipeline: 8x8 latents, VAE x2
+
+
+def make_fake_weights(root: Path) -> Path:
+    """weights/ with shapes-teacher (tiny pipeline) and shapes-splam / shapes-lcm (fresh students, w = 6.5)."""
+    root.mkdir(parents=True, exist_ok=True)
+    pipe = make_tiny_pipeline(root.parent / f"{root.name}-build")
+    pipe.save_pretrained(str(root / "shapes-teacher"))
+    for i, method in enumerate(("splam", "lcm")):
+        student = build_student(pipe.unet, "fresh", generator=torch.Generator().manual_seed(i))
+        student.save_pretrained(str(root / f"shapes-{method}" / "unet"))
+        (root / f"shapes-{method}" / "training_config.json").write_text(json.dumps({"method": method, "w": 6.5}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    return make_fake_weights(tmp_path_factory.mktemp("studio") / "weights")
+
+
+@pytest.fixture(scope="module")
+def studio(weights) -> Studio:
+    return Studio(weights)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # train subprocesses inherit it
+
+
+# ---- Studio -------------------------------------------------------------------------------------------------------
+def test_model_lists_and_defaults(studio):
+    assert studio.teacher_choices() == ["shapes-teacher"]
+    assert studio.student_choices("lcm") == ["shapes-lcm", "shapes-splam"]  # the method's own runs first
+    assert (studio.default("teacher"), studio.default("splam"), studio.default("lcm")) == \
+        ("shapes-teacher", "shapes-splam", "shapes-lcm")
+    assert studio.models_status() == ""
+    assert studio.baked_guidance("shapes-splam") == 7.5
+
+
+def test_compare_three_panels_reproducible(studio):
+    r = studio.compare(PROMPT, "", seed=3, student_steps=2, teacher_steps=3, guidance_scale=7.5, sampler="ddim")
+    assert [p.role for p in r.panels] == ["teacher", "lcm", "splam"]
+    for p in r.panels:
+        assert p.image.size == (IMAGE_PX, IMAGE_PX)
+        assert p.latency_ms > 0 and f"{p.latency_ms:.0f} ms" in p.label()
+        assert f"seed 3" in p.caption() and p.model in p.caption()
+    assert r.panel("teacher").steps == 3 and r.panel("splam").steps == 2
+    assert r.panel("splam").speedup == pytest.approx(r.panel("teacher").latency_ms / r.panel("splam").latency_ms)
+    assert "CFG 7.5 baked in" in r.panel("lcm").caption()
+    again = studio.compare(PROMPT, "", seed=3, student_steps=2, teacher_steps=3, sampler="ddim")
+    for a, b in zip(r.panels, again.panels):  # every panel reproducible from what it shows
+        assert list(a.image.getdata()) == list(b.image.getdata())
+    other = studio.compare(PROMPT, seed=4, student_steps=1, teacher_steps=2, sampler="dpm++")
+    assert list(other.panel("splam").image.getdata()) != list(r.panel("splam").image.getdata())
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+def test_error_bound_bounds_error(studio, stride):
+    r = studio.error_bound_plot(PROMPT, seed=1, stride=stride, guidance_scale=7.5, n_thumbnails=3)
+    assert set(r.curves) == {"LCM", "SPLAM"} and r.k == 20 * stride
+    for eb in r.curves.values():
+        assert eb.times == sorted(eb.times, reverse=True) and eb.times[-1] == 20 * stride - 1
+        assert (eb.terms >= 0).all()
+        assert (eb.bound >= eb.error - 1e-5).all()  # the triangle inequality the slides plot
+        assert torch.allclose(eb.bound[-1], eb.terms[-1])
+    frame = r.frame()
+    assert list(frame.columns) == ["t", "rms", "series"]
+    assert set(frame.series) == {"LCM bound", "LCM error", "SPLAM bound", "SPLAM error"}
+    assert len(r.terms_frame()) == 2 * len(r.curves["LCM"].times)
+    assert len(r.thumbnails) == 1 + 2 * 3 and r.thumbnails[0][0].size == (IMAGE_PX, IMAGE_PX)
+    assert "| SPLAM |" in r.summary()
+
+
+def test_validation_helpers():
+    notes: list[str] = []
+    assert clamp_int("student steps", 12, (1, 8), notes) == 8 and "outside 1-8" in notes[-1]
+    assert clamp_int("seed", -5, (0, 10), notes) == 0
+    assert clamp_int("steps", 2.6, (1, 8), notes) == 3 and "rounded" in notes[-1]
+    assert clamp_float("guidance scale", 0.2, (1.0, 20.0), notes) == 1.0
+    for bad in (float("nan"), "abc", None, True, math.inf):
+        with pytest.raises(StudioError):
+            clamp_int("seed", bad, (0, 10), [])
+    notes = []
+    assert clean_prompt("  a\x00b  ", notes) == "a b" and not notes
+    assert len(clean_prompt("x" * 900, notes)) == MAX_PROMPT_CHARS and "truncated" in notes[0]
+    with pytest.raises(StudioError, match="enter a prompt"):
+        clean_prompt("   ", [])
+    assert clean_prompt(None, [], required=False) == ""
+
+
+def test_compare_rejects_and_clamps(studio):
+    with pytest.raises(StudioError, match="enter a prompt"):
+        studio.compare("")
+    with pytest.raises(StudioError, match="unknown teacher sampler 'euler'"):
+        studio.compare(PROMPT, sampler="euler")
+    r = studio.compare("one " * 200, seed=-1, student_steps=99, teacher_steps=0, guidance_scale=100)
+    assert r.panel("splam").steps == 8 and r.panel("teacher").steps == 1 and r.panel("teacher").seed == 0
+    assert r.panel("teacher").guidance == 20.0
+    assert any("truncated" in n for n in r.notices) and any("outside 1-8" in n for n in r.notices)
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "shapes-teacher/../..", "..", "nope", "a b",
+                                  "~/weights", "C:\\x"])
+def test_unknown_and_path_like_models_rejected(studio, name):
+    with pytest.raises(StudioError, match="unknown"):
+        studio.compare(PROMPT, teacher=name)
+    with pytest.raises(StudioError, match="unknown"):
+        studio.compare(PROMPT, splam=name)
+
+
+def test_wrong_kind_and_offline_hub(studio):
+    with pytest.raises(StudioError, match="is a student, not a teacher"):
+        studio.compare(PROMPT, teacher="shapes-splam")
+    with pytest.raises(StudioError, match="is a teacher, not a SPLAM student"):
+        studio.compare(PROMPT, splam="shapes-teacher")
+    with pytest.raises(StudioError, match="huggingface-cli download alimama-creative/slam-sd1.5"):
+        studio.compare(PROMPT, splam="alimama-creative/slam-sd1.5")
+    with pytest.raises(StudioError, match="Offline"):
+        studio.load_models("stable-diffusion-v1-5/stable-diffusion-v1-5", "shapes-splam", "shapes-lcm")
+    assert Studio(studio.weights, allow_hub=False).resolve("shapes-splam", "splam")[0] == "path"
+    with pytest.raises(StudioError, match="disabled"):
+        Studio(studio.weights, allow_hub=False).resolve("owner/name", "splam")
+
+
+def test_local_models_from_the_cli(weights):
+    s = Studio(weights, local={"my-teacher": weights / "shapes-teacher"}, teacher="my-teacher")
+    assert s.teacher_choices()[0] == "local:my-teacher" and s.default("teacher") == "local:my-teacher"
+    assert s.resolve("local:my-teacher", "teacher") == ("path", (weights / "shapes-teacher").resolve())
+
+
+# ---- training runs ----------------------------------------------------------------------------------------------
+def test_trainer_rejects_bad_runs(studio, weights):
+    t = studio.trainer
+    for name, match in [("../evil", "invalid run name"), ("a/b", "invalid run name"), ("shapes-x", "reserved"),
+                        ("shapes-teacher", "reserved")]:
+        with pytest.raises(StudioError, match=match):
+            t.start("shapes", "shapes", "splam", 1, name)
+    (weights / "taken").mkdir()
+    with pytest.raises(StudioError, match="already exists"):
+        t.start("shapes", "shapes", "splam", 1, "taken")
+    with pytest.raises(StudioError, match="unknown data '/etc'"):
+        t.start("shapes", "/etc", "splam", 1, "x1")
+    with pytest.raises(StudioError, match="unknown method"):
+        t.start("shapes", "shapes", "ddpm", 1, "x1")
+    with pytest.raises(StudioError, match="unknown teacher"):
+        studio.start_training("../../etc", "shapes", "splam", 1, "x1")
+    allowed = Trainer(weights, {"mine": weights})
+    assert allowed.data_choices() == ["shapes", "mine"]
+    cmd = allowed.command("T", str(weights), "lcm", 8, "r", 4)
+    assert cmd[2].endswith("train_cli.py") and "--preset" not in cmd
+    assert cmd[cmd.index("--output-dir") + 1] == str(weights) and cmd[cmd.index("--validate-every") + 1] == "2"
+
+
+def test_parse_tqdm_losses():
+    log = ("splam r:  50%|#####     | 1/2 [00:00<00:00,  1.49it/s]\rsplam r:  50%|#####     | 1/2 [00:00<00:00, "
+           "1.49it/s, loss=0.112]\rsplam r: 100%|##########| 2/2 [00:01<00:00,  1.05it/s, loss=1.2e-3]\n")
+    assert _parse_losses(log) == [(1, 0.112), (2, 0.0012)]
+
+
+@pytest.mark.slow
+def test_train_subprocess_run_appears_in_lists(weights):
+    s = Studio(weights)
+    s.start_training("shapes-teacher", "shapes", "lcm", 1, "my-lcm", 2)
+    with pytest.raises(StudioError, match="one run at a time"):
+        s.start_training("shapes-teacher", "shapes", "splam", 1, "other", 2)
+    deadline = time.time() + 240
+    while s.trainer.running() and time.time() < deadline:
+        time.sleep(0.5)
+    st = s.trainer.status()
+    assert st.state == "done", st.log_tail
+    assert st.losses and st.losses[-1][0] == 1 and st.validation
+    assert "my-lcm" in s.student_choices("lcm")
+    r = s.compare(PROMPT, student_steps=1, teacher_steps=1, lcm="my-lcm")
+    assert r.panel("lcm").model == "my-lcm"
+
+
+def test_train_stop(weights):
+    s = Studio(weights)
+    s.start_training("shapes-teacher", "shapes", "splam", 10_000, "stopped-run", 2)
+    assert s.trainer.stop(grace_s=5) .startswith("Stopping")
+    deadline = time.time() + 30
+    while s.trainer.running() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not s.trainer.running() and s.trainer.status().state == "stopped"
+    assert s.trainer.stop() == "No run is going."
+
+
+# ---- the app, end to end ------------------------------------------------------------------------------------------
+def test_cli_defaults():
+    sys.path.insert(0, str(REPO))
+    import app
+
+    args = app.parse_args([])
+    assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_app(weights: Path, log_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """app.py in a subprocess on a free port; (process, url) once it answers HTTP."""
+    port = _free_port()
+    env = {**os.environ, "SPLAM_WEIGHTS_DIR": str(weights), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), *extra], cwd=str(REPO),
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"app did not answer within 120 s: {log_path.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def app_url(weights, tmp_path_factory):
+    proc, url = launch_app(weights, tmp_path_factory.mktemp("app") / "app.log")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_app_end_to_end(app_url):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    from PIL import Image
+
+    c = Client(app_url, verbose=False)
+    api = c.view_api(print_info=False, return_format="dict")
+    assert set(api["named_endpoints"]) == {"/compare", "/error_bound"}
+
+    models = ("shapes-teacher", "shapes-splam", "shapes-lcm")
+    out = c.predict(PROMPT, "", 7, 2, 3, 7.5, "unipc", *models, api_name="/compare")
+    images, captions, summary = out[:3], out[3:6], out[6]
+    for img, title in zip(images, ("Teacher", "LCM", "SPLAM")):
+        assert img["label"].startswith(title) and " ms" in img["label"]
+        assert Image.open(img["value"]).size == (IMAGE_PX, IMAGE_PX)
+    assert "unipc" in captions[0] and "seed 7" in captions[2] and "faster" in summary
+
+    plot, terms, gallery, eb_summary = c.predict(PROMPT, 7, 2, 7.5, *models, api_name="/error_bound")
+    rows = plot["data"]
+    for name in ("LCM", "SPLAM"):
+        bound = {t: v for t, v, s in rows if s == f"{name} bound"}
+        error = {t: v for t, v, s in rows if s == f"{name} error"}
+        assert bound and all(bound[t] >= error[t] - 1e-5 for t in bound)
+    assert {s for _, _, s in terms["data"]} == {"LCM term", "SPLAM term"}
+    assert len(gallery) == 1 + 2 * 6 and "k = 40" in eb_summary
+
+    # out-of-range slider values are refused by gradio with a message (Studio clamps what gets past it)
+    with pytest.raises(AppError, match="greater than maximum value 8"):
+        c.predict(PROMPT, "", 7, 50, 3, 7.5, "ddim", *models, api_name="/compare")
+    with pytest.raises(AppError, match="less than minimum value 0"):
+        c.predict(PROMPT, "", -3, 2, 3, 7.5, "ddim", *models, api_name="/compare")
+    out = c.predict("red " * 300, "", 7, 1, 1, 7.5, "ddim", *models, api_name="/compare")
+    assert "truncated to 500" in out[6]
+
+    bad = [
+        (("", "", 7, 2, 3, 7.5, "ddim", *models), "/compare", "enter a prompt"),
+        ((PROMPT, "", 7, 2, 3, 7.5, "ddim", "../../etc/passwd", *models[1:]), "/compare", "unknown teacher"),
+        ((PROMPT, "", 7, 2, 3, 7.5, "ddim", models[0], "/etc/passwd", models[2]), "/compare", "unknown SPLAM"),
+        ((PROMPT, "", 7, 2, 3, 7.5, "ddim", models[0], "alimama-creative/slam-sd1.5", models[2]), "/compare",
+         "huggingface-cli download"),
+        ((PROMPT, "", 7, 2, 3, 7.5, "ddim", "shapes-splam", *models[1:]), "/compare", "not a teacher"),
+        ((" ", 7, 1, 7.5, *models), "/error_bound", "enter a prompt"),
+        ((PROMPT, 7, 1, 7.5, "..", *models[1:]), "/error_bound", "unknown teacher"),
+    ]
+    for args, endpoint, message in bad:
+        with pytest.raises(AppError, match=message) as e:
+            c.predict(*args, api_name=endpoint)
+        assert "Traceback" not in str(e.value)
+    with pytest.raises(Exception):  # not one of the Radio's choices: gradio itself refuses it
+        c.predict(PROMPT, "", 7, 2, 3, 7.5, "euler", *models, api_name="/compare")
