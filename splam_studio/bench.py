@@ -115,11 +115,9 @@ class Bench:
         for method, steps in ROWS:
             t0 = time.time()
             lat = self.sample(method, steps)
-            if method == "teacher-ddim":
-                self.reference = lat
             res, px = self.score(lat)
-            if method == "teacher-ddim":
-                self.reference_px = px
+            if method == "teacher-ddim":  # the reference of every later row
+                self.reference, self.reference_px = lat, px
                 res["teacher_mse"], res["psnr"] = 0.0, float("inf")
             row = Row(method, steps, res["fid"], res["prompt_acc"], res["teacher_mse"], res["psnr"],
                       self.latency_ms(method, steps, repeats),
