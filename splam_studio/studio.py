@@ -210,7 +210,7 @@ class ErrorBoundResult:
     def summary(self) -> str:
         lines = [f"Teacher: guided DDIM on the {N_GRID}-step grid, CFG {self.guidance:g}, seed {self.seed}; "
                  f"sub-paths of k = {self.k}. At the largest t on the sub-path grid, t = "
-                 f"{self.curves[next(iter(self.curves))].times[0]} (one-step generation starts at t = 999):", "", "| student | bound (sum of terms) | real error |F(z_t) − z_0| |", "|---|---|---|"]
+                 f"{self.curves[next(iter(self.curves))].times[0]} (one-step generation starts at t = 999):", "", "| student | bound (sum of terms) | real error ‖F(z_t) − z_0‖ |", "|---|---|---|"]
         for name, eb in self.curves.items():
             lines.append(f"| {name} | {float(eb.bound[0, 0]):.4f} | {float(eb.error[0, 0]):.4f} |")
         lines.append("")
