@@ -51,6 +51,37 @@ def launch_app(port: int, weights: str | None = None, extra=(), timeout: float =
     raise RuntimeError("app.py did not come up in time")
 
 
+BAD_INPUTS = {
+    "empty prompt": dict(prompt=""),
+    "10,000-character prompt": dict(prompt="red " * 2500),
+    "steps out of range": dict(student_steps=99, teacher_steps=100000),
+    "negative seed": dict(seed=-5),
+    "guidance out of range": dict(guidance_scale=1e9),
+    "unknown sampler": dict(sampler="../../etc/passwd"),
+    "path traversal in the negative prompt": dict(negative_prompt="../../../../etc/passwd"),
+    "unknown model name": dict(splam="no-such-run"),
+    "path traversal as a model name": dict(teacher="../../../../etc"),
+}
+
+
+def bad_input_round(url: str, good: dict) -> dict:
+    """Each bad input once: a gr.Error with a message is a rejection; an answer means the value was clamped."""
+    from gradio_client import Client
+
+    client, rows = Client(url, verbose=False), {}
+    for name, patch in BAD_INPUTS.items():
+        try:
+            client.predict(**{**good, **patch}, api_name="/compare")
+            rows[name] = "accepted"
+        except Exception as e:  # noqa: BLE001 - classify every outcome
+            msg = str(e)
+            rows[name] = f"rejected: {msg[:160]}" if msg.strip() and "Traceback" not in msg else f"error: {msg[:160]}"
+    return {"requests": len(rows), "rows": rows,
+            "rejected_with_message": sum(v.startswith("rejected") for v in rows.values()),
+            "accepted": sum(v == "accepted" for v in rows.values()),
+            "other_errors": sum(v.startswith("error") for v in rows.values())}
+
+
 def app_load_test(clients: int = 32, weights: str | None = None, max_queue: int = 16, log=print) -> dict:
     from gradio_client import Client
 
@@ -75,20 +106,42 @@ def app_load_test(clients: int = 32, weights: str | None = None, max_queue: int 
             with lock:
                 results.append(kind)
 
+        rss_trace: list[float] = []
+        done = threading.Event()
+
+        def watch_memory() -> None:
+            while not done.is_set():
+                rss_trace.append(rss_mib(proc.pid))
+                done.wait(0.5)
+
         t0 = time.time()
+        watcher = threading.Thread(target=watch_memory, daemon=True)
+        watcher.start()
         threads = [threading.Thread(target=user, args=(i,)) for i in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=600)
         wall = time.time() - t0
+        done.set()
+        watcher.join()
         rss_after = rss_mib(proc.pid)
+        bad = bad_input_round(url, args)
         errors = [r for r in results if r.startswith("error")]
-        out = {"clients": clients, "max_queue": max_queue, "answered": results.count("answered"),
-               "queue_full": results.count("queue_full"), "errors": len(errors), "error_messages": errors[:5],
-               "rss_before_mib": rss_before, "rss_after_mib": rss_after, "wall_s": wall, "alive": proc.poll() is None,
-               "notes": [f"{clients} concurrent clients, queue limit {max_queue}, concurrency 2: every request was answered "
-                         f"or told the queue is full; server RSS {rss_before:.0f} -> {rss_after:.0f} MiB"]}
+        answered, queue_full = results.count("answered"), results.count("queue_full")
+        alive = proc.poll() is None
+        ok = not errors and answered + queue_full == clients and alive
+        out = {"clients": clients, "max_queue": max_queue, "answered": answered, "queue_full": queue_full,
+               "errors": len(errors), "error_messages": errors[:5], "unfinished": clients - len(results),
+               "rss_before_mib": rss_before, "rss_peak_mib": max(rss_trace, default=rss_after),
+               "rss_after_mib": rss_after, "wall_s": wall, "alive": alive, "bad_input": bad,
+               "notes": [f"{clients} concurrent clients, queue limit {max_queue}: {answered} answered, {queue_full} told "
+                         f"the queue is full, {len(errors)} errors, {clients - len(results)} unfinished "
+                         f"({'as required' if ok else 'REQUIREMENT MISSED'}); server RSS {rss_before:.0f} MiB before, "
+                         f"{max(rss_trace, default=rss_after):.0f} peak, {rss_after:.0f} after",
+                         f"bad input: {bad['rejected_with_message']} of {bad['requests']} bad requests rejected with a "
+                         f"message, {bad['accepted']} accepted (clamped), {bad['other_errors']} other errors; "
+                         f"server alive afterwards: {'yes' if proc.poll() is None else 'NO'}"]}
         log(out)
         return out
     finally:

@@ -8,6 +8,7 @@ Everything is safetensors; pickle formats load only with allow_pickle=True (CLI:
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -21,6 +22,8 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_write, fsync_tree, replace_dir
 
 EMBEDDED = {
     "shapes": "shapes-teacher",
@@ -259,49 +262,20 @@ def save_single_file(pipe: StableDiffusionPipeline, path: str | Path) -> Path:
     sd = {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae), **text_encoder_to_ldm(pipe.text_encoder)}
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     path = Path(path)
-    _atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
     return path
 
 
 # ---- students --------------------------------------------------------------------------------------------------
-def _fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*"), reverse=True) + [root]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """write(tmp_path) into a temp file beside `path`, fsync, then os.replace onto it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Swap a fully written tmp dir onto target (a dir cannot be os.replace'd over a non-empty one: rename aside)."""
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def _has_lora(unet: torch.nn.Module) -> bool:
     return bool(getattr(unet, "peft_config", None))
 
 
-def save_student(run_dir: str | Path, unet: UNet2DConditionModel, *, lora: bool, config: dict) -> Path:
+def save_student(run_dir: str | Path, unet: UNet2DConditionModel, *, lora: bool, config: dict,
+                 dtype: torch.dtype | None = None) -> Path:
     """Write unet/ (full) or lora/ (adapter + cond_proj) and training_config.json, each atomically; returns run_dir.
+
+    dtype: store a full UNet in this dtype (e.g. fp16 for the embedded students); loading casts to the teacher's.
 
     Other files in run_dir (samples, checkpoints) are left alone; the other format's folder is removed.
     """
@@ -314,9 +288,12 @@ def save_student(run_dir: str | Path, unet: UNet2DConditionModel, *, lora: bool,
     name = "lora" if lora else "unet"
     tmp = run_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        (_write_lora if lora else _write_full)(unet, tmp)
-        _fsync_tree(tmp)
-        _replace_dir(tmp, run_dir / name)
+        if lora:
+            _write_lora(unet, tmp)
+        else:
+            _write_full(unet if dtype is None else copy.deepcopy(unet).to(dtype), tmp)
+        fsync_tree(tmp)
+        replace_dir(tmp, run_dir / name)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -324,7 +301,7 @@ def save_student(run_dir: str | Path, unet: UNet2DConditionModel, *, lora: bool,
     if other.exists():
         shutil.rmtree(other)
     payload = json.dumps(config, indent=2, sort_keys=True, default=str)
-    _atomic_write(run_dir / TRAINING_CONFIG, lambda p: p.write_text(payload))
+    atomic_write(run_dir / TRAINING_CONFIG, lambda p: p.write_text(payload))
     return run_dir
 
 
@@ -514,7 +491,7 @@ def export_kohya_lora(lora_state_dict_or_unet: Any, out_path: str | Path) -> Pat
         kohya[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     out_path = Path(out_path)
     meta = {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1", "format": "pt"}
-    _atomic_write(out_path, lambda tmp: save_file(kohya, str(tmp), metadata=meta))
+    atomic_write(out_path, lambda tmp: save_file(kohya, str(tmp), metadata=meta))
     return out_path
 
 

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -36,9 +37,20 @@ def _last_step(run: Path) -> int:
     return json.loads((done[-1] / "state.json").read_text())["step"] if done else 0
 
 
-def kill_test(teacher: str, data: str, workdir: Path, steps: int = 24, kills: int = 6, seed: int = 0, log=print) -> dict:
-    """kill -9 a run `kills` times (half of them while a checkpoint is being written), resume each time with
-    --resume latest, and compare the final student with an uninterrupted run of the same seeds."""
+def _tmp_dirs(run: Path) -> set[str]:
+    ckpts = run / "checkpoints"
+    return {p.name for p in ckpts.glob(".tmp-*")} if ckpts.exists() else set()
+
+
+def kill_test(teacher: str, data: str, workdir: Path, steps: int = 60, kills: int = 6, seed: int = 0, log=print) -> dict:
+    """kill -9 a run `kills` times (every other one while a checkpoint is being written), resume each time with
+    --resume latest, and compare the final student with an uninterrupted run of the same seeds.
+
+    Each attempt is first allowed to complete a checkpoint past the previous one (so every kill interrupts real
+    progress, not start-up); then it is killed either at a random moment up to 3 s later, or as soon as a checkpoint
+    temp folder of this attempt appears. A kill counts as "during a write" only if such a temp folder, absent when
+    the attempt started, is still there after the kill.
+    """
     from safetensors.torch import load_file
 
     rng = random.Random(seed)
@@ -48,43 +60,58 @@ def kill_test(teacher: str, data: str, workdir: Path, steps: int = 24, kills: in
     run, events = workdir / "killed", []
     while len(events) < kills:
         before = _last_step(run) if run.exists() else 0
-        proc = subprocess.Popen(_train_cmd(teacher, data, workdir, "killed", steps, ["--resume", "latest"]), env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        tmp_before = _tmp_dirs(run)
+        attempt_log = workdir / f"attempt-{len(events) + 1}.log"
+        with attempt_log.open("w") as fh:
+            proc = subprocess.Popen(_train_cmd(teacher, data, workdir, "killed", steps, ["--resume", "latest"]),
+                                    env=_env(), stdout=fh, stderr=subprocess.STDOUT)
         during_write = len(events) % 2 == 0
-        t0, deadline = time.time(), time.time() + 120
+        deadline = time.time() + 300
+        progressed_at = None
         while proc.poll() is None and time.time() < deadline:
-            ckpts = run / "checkpoints"
-            if during_write and ckpts.exists() and any(p.name.startswith(".tmp-step-") for p in ckpts.iterdir()):
-                break  # a checkpoint write is in flight: kill now
-            if not during_write and time.time() - t0 > rng.uniform(4.0, 12.0):
+            if progressed_at is None:
+                if run.exists() and _last_step(run) > before:
+                    progressed_at, delay = time.time(), rng.uniform(0.0, 3.0)
+            elif during_write:
+                if _tmp_dirs(run) - tmp_before:
+                    break  # a checkpoint write of this attempt is in flight: kill now
+            elif time.time() - progressed_at > delay:
                 break
-            time.sleep(0.002)
+            time.sleep(0.001)
         if proc.poll() is not None:
-            break  # the run finished before we could kill it
+            log("the run finished before the next kill")
+            break
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        tmp_left = [p.name for p in (run / "checkpoints").glob(".tmp-*")] if (run / "checkpoints").exists() else []
-        after = _last_step(run) if run.exists() else 0
+        tmp_left = sorted(_tmp_dirs(run) - tmp_before)
+        after = _last_step(run)
         loadable = True
-        if after:
-            ck = sorted(p for p in (run / "checkpoints").glob("step-*") if (p / "state.json").is_file())[-1]
-            try:
-                for f in ("student.safetensors", "target.safetensors", "optimizer.safetensors"):
-                    load_file(ck / f)
-            except Exception:  # noqa: BLE001 - a checkpoint that does not load is exactly what we measure
-                loadable = False
-        events.append({"kill": len(events) + 1, "during_checkpoint_write": bool(tmp_left), "last_step_before": before,
-                       "last_complete_step": after, "loadable": loadable})
+        ck = sorted(p for p in (run / "checkpoints").glob("step-*") if (p / "state.json").is_file())[-1]
+        try:
+            for f in ("student.safetensors", "target.safetensors", "optimizer.safetensors"):
+                load_file(ck / f)
+        except Exception:  # noqa: BLE001 - a checkpoint that does not load is exactly what we measure
+            loadable = False
+        resumed = re.findall(r"continuing at step (\d+)", attempt_log.read_text(errors="replace"))
+        events.append({"kill": len(events) + 1, "aimed_at_write": during_write,
+                       "resumed_at": int(resumed[0]) if resumed else 0, "during_checkpoint_write": bool(tmp_left),
+                       "temp_folders_left": tmp_left, "last_step_before": before, "last_complete_step": after,
+                       "loadable": loadable})
         log(f"kill {events[-1]}")
     fin = subprocess.run(_train_cmd(teacher, data, workdir, "killed", steps, ["--resume", "latest"]), env=_env(),
                          capture_output=True, text=True)
     if fin.returncode != 0:
         raise RuntimeError(fin.stderr[-2000:])
+    resumed_from = [int(m) for m in re.findall(r"continuing at step (\d+)", fin.stdout + fin.stderr)]
     a = load_file(sorted((workdir / "straight" / "checkpoints").glob("step-*"))[-1] / "student.safetensors")
     b = load_file(sorted((workdir / "killed" / "checkpoints").glob("step-*"))[-1] / "student.safetensors")
     diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    return {"kills": events, "final_step": _last_step(run), "max_abs_weight_diff_vs_uninterrupted": diff,
-            "tolerance": 1e-5, "match": diff <= 1e-5, "all_checkpoints_loadable": all(e["loadable"] for e in events)}
+    return {"kills": events, "steps": steps, "final_step": _last_step(run), "final_attempt_resumed_at": resumed_from[0] if resumed_from else 0,
+            "every_resume_at_last_checkpoint": all(e["resumed_at"] == e["last_step_before"] for e in events)
+            and (resumed_from[0] if resumed_from else 0) == (events[-1]["last_complete_step"] if events else 0),
+            "stale_temp_folders_after_finish": sorted(_tmp_dirs(run)),
+            "max_abs_weight_diff_vs_uninterrupted": diff, "tolerance": 1e-5, "match": diff <= 1e-5,
+            "all_checkpoints_loadable": all(e["loadable"] for e in events)}
 
 
 def main(argv=None) -> None:
@@ -120,18 +147,28 @@ def render(raw: dict) -> dict:
     if "kill" in raw:
         k = raw["kill"]
         tables.append({"title": "kill -9 during training (train_cli.py, Shapes teacher, resume with --resume latest)",
-                       "columns": ["kill", "during a checkpoint write", "last complete step", "loads"],
-                       "rows": [[e["kill"], "yes" if e["during_checkpoint_write"] else "no", e["last_complete_step"],
-                                 "yes" if e["loadable"] else "NO"] for e in k["kills"]]})
-        notes.append(f"after {len(k['kills'])} kills the run finished at step {k['final_step']}; its student differs from an "
+                       "columns": ["kill", "aimed at", "during a checkpoint write", "resumed at step", "after the kill: last complete step",
+                                   "last checkpoint loads"],
+                       "rows": [[e["kill"], "a write" if e["aimed_at_write"] else "a random moment",
+                                 "yes" if e["during_checkpoint_write"] else "no", e["resumed_at"],
+                                 e["last_complete_step"], "yes" if e["loadable"] else "NO"] for e in k["kills"]]})
+        notes.append(f"after {len(k['kills'])} kills ({sum(e['during_checkpoint_write'] for e in k['kills'])} during a "
+                     f"checkpoint write) the run finished at step {k['final_step']} of {k['steps']}, with "
+                     f"{len(k['stale_temp_folders_after_finish'])} temp folders left; every resume started at the last complete "
+                     f"checkpoint: {'yes' if k['every_resume_at_last_checkpoint'] else 'NO'}; its student differs from an "
                      f"uninterrupted run with the same seeds by at most {k['max_abs_weight_diff_vs_uninterrupted']:.2e} "
                      f"(tolerance {k['tolerance']:.0e}: {'met' if k['match'] else 'MISSED'})")
     if "app" in raw:
         a = raw["app"]
         tables.append({"title": f"app under load: {a['clients']} concurrent clients on /compare",
-                       "columns": ["answered", "queue full", "errors", "RSS before (MiB)", "RSS after (MiB)", "wall (s)"],
-                       "rows": [[a["answered"], a["queue_full"], a["errors"], round(a["rss_before_mib"]), round(a["rss_after_mib"]),
-                                 round(a["wall_s"], 1)]]})
+                       "columns": ["answered", "queue full", "errors", "RSS before (MiB)", "RSS peak (MiB)",
+                                   "RSS after (MiB)", "wall (s)"],
+                       "rows": [[a["answered"], a["queue_full"], a["errors"], round(a["rss_before_mib"]),
+                                 round(a["rss_peak_mib"]), round(a["rss_after_mib"]), round(a["wall_s"], 1)]]})
+        if "bad_input" in a:
+            tables.append({"title": "bad input to /compare (after the load round, same server)",
+                           "columns": ["input", "outcome"],
+                           "rows": [[k, v] for k, v in a["bad_input"]["rows"].items()]})
         notes += a.get("notes", [])
     return {"description": "`python -m splam_studio.reliability`: faults injected into real runs; every figure measured.",
             "tables": tables, "notes": notes}

@@ -95,10 +95,29 @@ def goals(r: dict) -> list[str]:
 
 
 def teacher_section(t: dict) -> list[str]:
-    L = ["## The Shapes teacher", "", t.get("description", ""), "", "| split | prompt accuracy | Shapes-FID | real-vs-real FID floor | n |", "|---|---|---|---|---|"]
+    attrs = list(next(iter(t["splits"].values())).get("per_attribute", {}))
+    L = ["## The Shapes teacher", "", t.get("description", ""), "",
+         "| split | prompt accuracy (goal 0.9) | " + " | ".join(attrs) + " | Shapes-FID | real-vs-real FID floor | n |",
+         "|---|---|" + "---|" * len(attrs) + "---|---|---|"]
     for split, d in t["splits"].items():
-        L.append(f"| {split} | {_f(d.get('prompt_acc'))} | {_f(d.get('fid'))} | {_f(d.get('fid_floor'))} | {d.get('n')} |")
+        per = d.get("per_attribute", {})
+        L.append(f"| {split} | {_f(d.get('prompt_acc'))} | " + " | ".join(_f(per.get(a)) for a in attrs)
+                 + f" | {_f(d.get('fid'))} | {_f(d.get('fid_floor'))} | {d.get('n')} |")
+    if (p := t.get("position_probe")):
+        L += ["", f"**Position probe** ({p['n_noise_draws']} noise draws, each caption generated once per position word "
+              f"from the same noise): the position follows the prompt in {_f(p['follows_prompt'])} of the images "
+              f"(chance {_f(p['chance_follows'])}); for {_f(p['same_place_for_all_words'])} of the draws the object lands "
+              f"in the same place whatever the word says (chance {p['chance_same']:.4f})."
+              + (" The teacher reads the layout out of the initial noise, not the prompt."
+                 if p["same_place_for_all_words"] > 0.5 and p["follows_prompt"] < 0.5 else "")]
+    for note in t.get("notes", []):
+        L.append(f"- {note}")
     return L + [""]
+
+
+def _cell(v) -> str:
+    """A value as one Markdown table cell: no pipes, no line breaks."""
+    return " ".join(str(v).split()).replace("|", "\\|")
 
 
 def generic_section(title: str, d: dict) -> list[str]:
@@ -107,7 +126,7 @@ def generic_section(title: str, d: dict) -> list[str]:
         L += [d["description"], ""]
     for table in d.get("tables", []):
         L += [f"**{table['title']}**", "" , "| " + " | ".join(table["columns"]) + " |", "|" + "---|" * len(table["columns"])]
-        L += ["| " + " | ".join(_f(v) if isinstance(v, float) else str(v) for v in row) + " |" for row in table["rows"]]
+        L += ["| " + " | ".join(_f(v) if isinstance(v, float) else _cell(v) for v in row) + " |" for row in table["rows"]]
         L.append("")
     for note in d.get("notes", []):
         L.append(f"- {note}")

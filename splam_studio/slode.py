@@ -56,12 +56,22 @@ def distance(pred: torch.Tensor, target: torch.Tensor, kind: Distance = "l2", c:
     raise ValueError(f"unknown distance {kind!r}; use 'l2' or 'huber'")
 
 
-def sample_gamma(batch: int, generator: torch.Generator | None = None, method: str = "splam") -> torch.Tensor:
-    """gamma ~ U[0, 1] per sample for SPLAM; gamma = 1 for LCM. Shape (B,), float64, on the CPU."""
+def sample_gamma(batch: int, generator: torch.Generator | None = None, method: str = "splam",
+                 p_one: float = 0.0) -> torch.Tensor:
+    """gamma ~ U[0, 1] per sample for SPLAM; gamma = 1 for LCM. Shape (B,), float64, on the CPU.
+
+    p_one > 0 (SPLAM only) sets gamma = 1 with that probability: the sampler always runs at gamma = 1, a point
+    that U[0, 1] never draws exactly, and the sinusoidal embedding of 10000 (1 - gamma) does not interpolate to it.
+    """
+    if not 0.0 <= p_one <= 1.0:
+        raise ValueError(f"p_one must be in [0, 1], got {p_one}")
     if method == "lcm":
         return torch.ones(batch, dtype=torch.float64)
     if method == "splam":
-        return torch.rand(batch, generator=generator, dtype=torch.float64)
+        gamma = torch.rand(batch, generator=generator, dtype=torch.float64)
+        if p_one > 0:
+            gamma = torch.where(torch.rand(batch, generator=generator, dtype=torch.float64) < p_one, 1.0, gamma)
+        return gamma
     raise ValueError(f"unknown method {method!r}; use 'splam' or 'lcm'")
 
 

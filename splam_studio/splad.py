@@ -23,6 +23,7 @@ class SpladConfig:
     m: int = 1  # multiple estimation: k = m * k_phi (authors' script: m = 1, k = 20)
     distance: Distance = "huber"  # pseudo-Huber, c = 0.001, as the authors and diffusers' LCM script
     huber_c: float = 1e-3
+    gamma_one_prob: float = 0.0  # SPLAM: probability of gamma = 1 (the sampling point); 0 = the paper's U[0, 1]
 
     def __post_init__(self):
         if self.method not in ("splam", "lcm"):
@@ -57,7 +58,7 @@ def splad_loss(
     with torch.no_grad():
         zhat_s, s = solve(guided_eps(teacher, cond, uncond, cfg.w), schedule, z_t, t_dev, cfg.m, k_phi)
     # 3. gamma ~ U[0, 1] (SPLAM) or gamma = 1 (LCM)
-    gamma = sample_gamma(B, generator, cfg.method)
+    gamma = sample_gamma(B, generator, cfg.method, cfg.gamma_one_prob)
     # 4-6. student on the SL-ODE point, EMA target at (zhat_s, s, gamma = 1), distance
     return splam_loss(
         student_F(student, cond), student_F(target, cond), schedule, z_t, zhat_s, t, s.cpu(), gamma, cfg.distance, cfg.huber_c

@@ -7,7 +7,7 @@ adds a bias-free linear `cond_proj` to the time embedding. They initialise it fr
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -80,7 +80,7 @@ def ema_update(target: torch.nn.Module, online: torch.nn.Module, mu: float = 0.9
         p_t.lerp_(p.detach().to(p_t.dtype), 1.0 - mu)
 
 
-def clean_fn(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tensor, schedule) -> "CleanFn":
+def clean_fn(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tensor, schedule) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """F(z, t) of a student at gamma = 1 (sampling and the error bound): sigma(t), alpha(t) of the schedule."""
     F = student_F(unet, encoder_hidden_states)
 

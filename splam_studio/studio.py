@@ -514,7 +514,7 @@ def _load_hub_student(repo: str, pipe):
     for sub in ("unet", None):
         try:
             unet = UNet2DConditionModel.from_pretrained(repo, subfolder=sub, torch_dtype=teacher.dtype,
-                                                        local_files_only=offline)
+                                                        local_files_only=offline, use_safetensors=True)
             return unet.to(teacher.device).eval()
         except Exception as e:  # noqa: BLE001 - collected into one readable message below
             errors.append(f"{repo}{'/' + sub if sub else ''}: {_one_line(e)}")
@@ -603,7 +603,7 @@ class Trainer:
         if not RUN_NAME.match(run_name) or run_name in (".", ".."):
             raise StudioError(f"invalid run name {run_name!r}: letters, digits, '.', '_' and '-' only, no paths")
         if run_name.startswith("shapes-"):
-            raise StudioError(f"run names starting with 'shapes-' are reserved for the embedded models; pick another")
+            raise StudioError("run names starting with 'shapes-' are reserved for the embedded models; pick another")
         if (self.weights / run_name).exists():
             raise StudioError(f"a run named {run_name!r} already exists under weights/; pick another name")
         data_arg = data if data == "shapes" else str(self.data_dirs[data])

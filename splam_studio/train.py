@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_write, fsync_path, fsync_tree, write_json
 from .device import resolve_runtime
 from .schedule import NoiseSchedule
 from .splad import SpladConfig, splad_loss
@@ -50,6 +49,9 @@ class TrainConfig:
     huber_c: float = 1e-3
     ema_decay: float = 0.95  # mu of the target theta^-
     cond_proj_init: str = "fresh"  # fresh (authors) | zero (student starts as the teacher at every gamma)
+    gamma_one_prob: float = 0.0  # SPLAM: share of samples at gamma = 1, the sampling point; 0 = the paper's U[0, 1]
+    cond_proj_lr_scale: float = 1.0  # learning rate of the gamma projection relative to lr
+    save_fp16: bool = False  # store the exported student in fp16 (half the size; loads in the teacher's dtype)
     # optimisation
     max_steps: int = 1000
     batch_size: int = 8
@@ -92,6 +94,8 @@ class TrainConfig:
             "grad_accum": self.grad_accum >= 1,
             "lr": 0 < self.lr < 1,
             "ema_decay": 0 <= self.ema_decay <= 1,
+            "gamma_one_prob": 0 <= self.gamma_one_prob <= 1,
+            "cond_proj_lr_scale": self.cond_proj_lr_scale > 0,
             "m": self.m >= 1,
             "num_ddim_steps": 1 <= self.num_ddim_steps <= 1000,
             "lora_rank": self.lora_rank >= 0,
@@ -109,27 +113,10 @@ class TrainConfig:
 
     def splad(self) -> SpladConfig:
         return SpladConfig(method=self.method, w=self.w, num_ddim_steps=self.num_ddim_steps, m=self.m,
-                           distance=self.distance, huber_c=self.huber_c)
+                           distance=self.distance, huber_c=self.huber_c, gamma_one_prob=self.gamma_one_prob)
 
 
 # ---------------------------------------------------------------- checkpoints (safetensors + JSON, atomic)
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimiser state as flat tensors (safetensors) and JSON metadata: no pickle anywhere."""
@@ -170,16 +157,13 @@ def save_checkpoint(run_dir: Path, step: int, student, target, opt, keep: int) -
               tmp / "target.safetensors")
     opt_t, opt_meta = _optimizer_tensors(opt)
     save_file(opt_t, tmp / "optimizer.safetensors")
-    _write_json(tmp / "optimizer.json", opt_meta)
-    _write_json(tmp / "state.json", {"step": step, "time": time.time()})
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    (tmp / "optimizer.json").write_text(json.dumps(opt_meta, indent=2, default=str))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "time": time.time()}))
+    fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+    fsync_path(ckpt_root)
     for old in sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -190,10 +174,8 @@ def save_snapshot(run_dir: Path, step: int, student, target) -> Path:
     out = run_dir / "snapshots" / f"step-{step:07d}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     trainable = set(_trainable_state(student))
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file({k: v.detach().cpu().half().contiguous() for k, v in target.state_dict().items() if k in trainable}, tmp)
-    os.replace(tmp, out)
-    return out
+    sd = {k: v.detach().cpu().half().contiguous() for k, v in target.state_dict().items() if k in trainable}
+    return atomic_write(out, lambda tmp: save_file(sd, str(tmp)))
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
@@ -302,14 +284,20 @@ def run(cfg: TrainConfig, log=print) -> Path:
     target.to(device)
 
     params = [p for p in student.parameters() if p.requires_grad]
+    if cfg.cond_proj_lr_scale != 1.0:  # the gamma projection in its own group, at cond_proj_lr_scale x lr
+        gp = [p for n, p in student.named_parameters() if p.requires_grad and "cond_proj" in n]
+        rest = [p for n, p in student.named_parameters() if p.requires_grad and "cond_proj" not in n]
+        groups = [{"params": rest}, {"params": gp, "lr": cfg.lr * cfg.cond_proj_lr_scale}]
+    else:
+        groups = params
     if cfg.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError as e:
             raise TrainError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU") from e
-        opt = bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = bnb.optim.AdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     # resume (before data, so the sampler starts at the right step)
     start = 0
@@ -341,14 +329,15 @@ def run(cfg: TrainConfig, log=print) -> Path:
 
     student, opt = acc.prepare(student, opt)
     resolved = {**dataclasses.asdict(cfg), "run_name": run_name, "resolution": resolution, "gamma_sampling":
-                "uniform[0,1]" if cfg.method == "splam" else "constant 1", "k": cfg.m * (schedule.T // cfg.num_ddim_steps),
+                ("constant 1" if cfg.method != "splam" else "uniform[0,1]" if not cfg.gamma_one_prob
+                 else f"1 with p={cfg.gamma_one_prob:g}, else uniform[0,1]"), "k": cfg.m * (schedule.T // cfg.num_ddim_steps),
                 "mixed_precision": rt.mixed_precision, "device": str(device), "processes": acc.num_processes,
                 "teacher_scheduler": dict(pipe.scheduler.config)}
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in (run_dir / "checkpoints").glob(".tmp-*"):  # a write interrupted by a crash or kill -9
             shutil.rmtree(stale, ignore_errors=True)
-        _write_json(run_dir / "training_config.json", resolved)
+        write_json(run_dir / "training_config.json", resolved)
         acc.init_trackers("splad", config={k: v for k, v in resolved.items() if isinstance(v, (int, float, str, bool))})
 
     with torch.no_grad():
@@ -433,7 +422,8 @@ def run(cfg: TrainConfig, log=print) -> Path:
     acc.wait_for_everyone()
     if acc.is_main_process:
         export = target  # theta^- is the exported student, as in the LCM script
-        save_student(run_dir, export, lora=cfg.lora_rank > 0, config=resolved)
+        save_student(run_dir, export, lora=cfg.lora_rank > 0, config=resolved,
+                     dtype=torch.float16 if cfg.save_fp16 else None)
         if cfg.lora_rank > 0:
             from .models import export_kohya_lora
 
@@ -464,9 +454,4 @@ def _validate(pipe, student, cfg: TrainConfig, run_dir: Path, step: int) -> Path
     for r, imgs in enumerate(rows):
         for c, im in enumerate(imgs):
             grid.paste(im, (c * w, r * h))
-    out = run_dir / "validation" / f"step-{step:07d}.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    grid.save(tmp)
-    os.replace(tmp, out)
-    return out
+    return atomic_write(run_dir / "validation" / f"step-{step:07d}.png", lambda tmp: grid.save(tmp, format="PNG"))

@@ -1,6 +1,6 @@
 """The Shapes teacher: a tiny Stable-Diffusion-shaped pipeline (diffusers format) and its recipe.
 
-    python -m splam_studio.world build --out weights --preset full   # ~40 min on 2 CPU cores
+    python -m splam_studio.world build --out weights --preset full   # ~45 min on 2 CPU cores
     python -m splam_studio.world build --out /tmp/w --preset tiny     # seconds, for tests
     python -m splam_studio.world bench                                # it/s of each stage
 
@@ -24,14 +24,13 @@ import math
 import shutil
 import textwrap
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .shapes import SHAPES, VOCAB, ShapesDataset, render, sample_specs
+from .shapes import VOCAB, ShapesDataset, render, sample_specs
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 16  # bos + 11 caption words + eos fits; StableDiffusionPipeline pads to this length
@@ -106,7 +105,8 @@ def vae_config() -> dict:
                 block_out_channels=(16, 32, 32, 64), norm_num_groups=16, scaling_factor=1.0)
 
 
-def text_encoder_config(tokenizer) -> "CLIPTextConfig":
+def text_encoder_config(tokenizer):
+    """CLIP text encoder config, narrow: 3 layers of width 128 over the grammar's vocabulary."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
@@ -116,14 +116,17 @@ def text_encoder_config(tokenizer) -> "CLIPTextConfig":
 
 
 def unet_config() -> dict:
-    """SD's UNet2DConditionModel, 2 levels on 8x8 latents (8 -> 4), cross-attention at 8x8 and the 4x4 mid.
+    """SD's UNet2DConditionModel, 3 levels on 8x8 latents (8 -> 4 -> 2), cross-attention at every level.
 
-    3.2M parameters; measured 0.40 s per batch-64 training step on 2 CPU cores (3 levels cost +20%).
+    3.6M parameters. The first teacher (2 levels, 8 -> 4, no attention at 2x2, 2000 steps) learned shape,
+    colour, size and count but placed objects at chance (20% position accuracy): a 3x3-conv UNet learns
+    absolute position only from zero padding, and on a 2x2 map every cell touches two borders, so the
+    2x2 cross-attention can write "left" into the left column directly.
     """
     return dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                block_out_channels=(64, 128),
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                block_out_channels=(64, 64, 96),
+                down_block_types=("CrossAttnDownBlock2D",) * 3,
+                up_block_types=("CrossAttnUpBlock2D",) * 3,
                 cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32)
 
 
@@ -143,9 +146,10 @@ def build_models(tokenizer, seed: int):
 class WorldPreset:
     name: str
     seed: int = 0
-    # Step counts sized from measured CPU speed (2 cores, 1.33x slack for a concurrent process):
-    # VAE 0.28 s/step, evaluator 0.15 s/step, UNet+text 0.43 s/step -> ~30 min in all on idle cores.
+    # Step counts sized from measured CPU speed (2 cores): VAE 0.28 s/step, evaluator 0.15 s/step; the 3-level
+    # UNet + text encoder ran 0.74 s/step on one thread (3500 steps in 43 min) -> about 45 min in all on 2 cores.
     # 1000 VAE steps left reconstructions the evaluator could not read (2.5% prompt accuracy): the VAE gets more.
+    # The 2-level UNet at 2000 steps and this one at 3500 both place objects at chance; see BENCHMARKS.md.
     n_train: int = 20000  # fixed (image, caption) training pairs, rendered and encoded once
     vae_steps: int = 1800
     vae_batch: int = 16
@@ -156,7 +160,7 @@ class WorldPreset:
     eval_steps: int = 600
     eval_batch: int = 64
     eval_lr: float = 2e-3
-    unet_steps: int = 2000
+    unet_steps: int = 3500
     unet_batch: int = 64
     unet_lr: float = 1e-3
     warmup: int = 200
@@ -165,14 +169,16 @@ class WorldPreset:
     check_n: int = 96  # captions per split in the final prompt-accuracy check
     check_steps: int = 50
     guidance_scale: float = 7.5
-    deadline_s: float = 42 * 60  # safety: training stages stop early (and say so) past this wall time
+    probe_every: int = 1000  # log a quick prompt-accuracy probe (32 captions, 20 steps) during UNet training
+    deadline_s: float = 58 * 60  # safety: training stages stop early (and say so) past this wall time
     log_every: int = 100
 
 
 PRESETS = {
     "full": WorldPreset("full"),
     "tiny": WorldPreset("tiny", n_train=64, vae_steps=2, vae_batch=8, eval_n=64, eval_steps=2, eval_batch=8,
-                        unet_steps=3, unet_batch=8, warmup=1, check_n=4, check_steps=2, log_every=1),
+                        unet_steps=3, unet_batch=8, warmup=1, check_n=4, check_steps=2, log_every=1,
+                        probe_every=2),
 }
 
 
@@ -317,8 +323,11 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 
 def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor,
-               p: WorldPreset, clock: _Clock, reserve_s: float, log) -> tuple:
-    """Epsilon loss on cached latents; UNet and text encoder trained jointly; EMA of both returned."""
+               p: WorldPreset, clock: _Clock, reserve_s: float, log, probe=None) -> tuple:
+    """Epsilon loss on cached latents; UNet and text encoder trained jointly; EMA of both returned.
+
+    probe(ema_unet, ema_text) -> dict, if given, runs every `probe_every` steps; its results are logged and kept.
+    """
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER.items() if k != "set_alpha_to_one"})
@@ -329,7 +338,7 @@ def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, emp
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=p.unet_lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(p.warmup, p.unet_steps))
-    t0, step, ema_loss = time.time(), 0, None
+    t0, step, ema_loss, probes = time.time(), 0, None, []
     for step in range(p.unet_steps):
         if clock.past_deadline(reserve_s):
             log(f"[unet] deadline reached, stopping at step {step}")
@@ -359,8 +368,28 @@ def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, emp
         if step % p.log_every == 0 or step == p.unet_steps - 1:
             log(f"[unet] step {step}/{p.unet_steps} loss {loss.item():.4f} (ema {ema_loss:.4f}) "
                 f"{(step + 1) / (time.time() - t0):.2f} it/s  elapsed {clock.elapsed() / 60:.1f} min")
+        if probe is not None and p.probe_every and (step + 1) % p.probe_every == 0 and step + 1 < p.unet_steps:
+            res = {"step": step + 1, **probe(ema_unet.eval(), ema_text.eval())}
+            probes.append(res)
+            log(f"[unet] probe {res}")
     return ema_unet.eval(), ema_text.eval(), {"steps_done": step + 1, "final_loss_ema": ema_loss,
-                                              "wall_s": time.time() - t0}
+                                              "wall_s": time.time() - t0, "probes": probes}
+
+
+def _reuse_stages(src: Path, eval_dir: Path, log) -> tuple:
+    """VAE and evaluator of a finished build in `src` (stages 2-4), with their recipe records."""
+    from diffusers import AutoencoderKL
+
+    rec_path = src / "recipe.json"
+    if not (src / "shapes-teacher" / "vae").is_dir() or not (src / "shapes-evaluator").is_dir() or not rec_path.is_file():
+        raise FileNotFoundError(f"--reuse-from {src}: need shapes-teacher/vae, shapes-evaluator and recipe.json there")
+    old = json.loads(rec_path.read_text())["stages"]
+    vae = AutoencoderKL.from_pretrained(src / "shapes-teacher" / "vae", use_safetensors=True).to(DEVICE, DTYPE).eval()
+    if (src / "shapes-evaluator").resolve() != eval_dir.resolve():
+        shutil.copytree(src / "shapes-evaluator", eval_dir, dirs_exist_ok=True)
+    stages = {k: {**old[k], "reused_from": str(src)} for k in ("vae", "scaling", "evaluator") if k in old}
+    log(f"[reuse] VAE (scaling_factor {vae.config.scaling_factor:.5f}) and evaluator from {src}")
+    return vae, float(vae.config.scaling_factor), stages
 
 
 def make_pipeline(vae, text_encoder, tokenizer, unet):
@@ -385,8 +414,12 @@ def check_prompt_accuracy(pipe, evaluator, p: WorldPreset, split: str, seed: int
 
 
 # ---- the build ---------------------------------------------------------------------------------------
-def build(out: str | Path, preset: WorldPreset | str = "full", log=print) -> dict:
-    """Run the whole recipe; writes <out>/shapes-teacher, <out>/shapes-evaluator and recipe.json."""
+def build(out: str | Path, preset: WorldPreset | str = "full", log=print, reuse_from: str | Path | None = None) -> dict:
+    """Run the whole recipe; writes <out>/shapes-teacher, <out>/shapes-evaluator and recipe.json.
+
+    reuse_from: a finished build's folder; its VAE (with scaling factor) and evaluator are loaded instead of
+    retrained (stages 2-4), and their records are copied into recipe.json marked `reused_from`.
+    """
     from .evaluator import Evaluator
 
     p = PRESETS[preset] if isinstance(preset, str) else preset
@@ -410,41 +443,56 @@ def build(out: str | Path, preset: WorldPreset | str = "full", log=print) -> dic
                         for n, m in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet))}
     log(f"[models] params {record['params']}")
 
-    # Stage budgets (fractions of the deadline) keep the UNet its share if an early stage runs slow.
-    # 2. VAE
-    record["stages"]["vae"] = train_vae(vae, images_u8, p, clock, reserve_s=0.75 * p.deadline_s, log=log)
-    heldout_u8 = ShapesDataset(256 if p.name != "tiny" else 8, seed=p.seed + 7, split="heldout").render_all()
-    record["stages"]["vae"]["heldout_recon"] = vae_report(vae, heldout_u8)
-    log(f"[vae] done: {record['stages']['vae']}")
+    if reuse_from is not None:
+        vae, sf, stages = _reuse_stages(Path(reuse_from), eval_dir, log)
+        record["stages"].update(stages)
+        evaluator = Evaluator.from_pretrained(eval_dir)
+        mean, std = encode_latents(vae, images_u8)
+    else:
+        # Stage budgets (fractions of the deadline) keep the UNet its share if an early stage runs slow.
+        # 2. VAE
+        record["stages"]["vae"] = train_vae(vae, images_u8, p, clock, reserve_s=0.75 * p.deadline_s, log=log)
+        heldout_u8 = ShapesDataset(256 if p.name != "tiny" else 8, seed=p.seed + 7, split="heldout").render_all()
+        record["stages"]["vae"]["heldout_recon"] = vae_report(vae, heldout_u8)
+        log(f"[vae] done: {record['stages']['vae']}")
 
-    # 3. scaling factor
-    t = time.time()
-    mean, std = encode_latents(vae, images_u8)
-    sf = fit_scaling_factor(mean, std, p.seed + 4)
-    vae.register_to_config(scaling_factor=sf)
-    record["stages"]["scaling"] = {"scaling_factor": sf, "latent_std_unscaled": 1.0 / sf, "wall_s": time.time() - t}
-    log(f"[scaling] scaling_factor {sf:.5f} ({time.time() - t:.1f}s)")
+        # 3. scaling factor
+        t = time.time()
+        mean, std = encode_latents(vae, images_u8)
+        sf = fit_scaling_factor(mean, std, p.seed + 4)
+        vae.register_to_config(scaling_factor=sf)
+        record["stages"]["scaling"] = {"scaling_factor": sf, "latent_std_unscaled": 1.0 / sf, "wall_s": time.time() - t}
+        log(f"[scaling] scaling_factor {sf:.5f} ({time.time() - t:.1f}s)")
 
-    # 4. evaluator
-    evaluator, rec = train_evaluator(p, clock, reserve_s=0.62 * p.deadline_s, log=log)
-    evaluator.save_pretrained(eval_dir)
-    evaluator = Evaluator.from_pretrained(eval_dir)
-    test_ds = ShapesDataset(512 if p.name != "tiny" else 8, seed=p.seed + 8, split="all")
-    test_u8 = test_ds.render_all()
-    caps = [s.caption() for s in test_ds.specs]
-    rec["real_accuracy"] = evaluator.prompt_accuracy(_to_pm1(test_u8), caps)
-    with torch.no_grad():
-        recon = vae.decode(vae.encode(_to_pm1(test_u8)).latent_dist.mean).sample.clamp(-1, 1)
-    rec["vae_recon_accuracy"] = evaluator.prompt_accuracy(recon, caps)
-    record["stages"]["evaluator"] = rec
-    log(f"[evaluator] done: {rec}")
+        # 4. evaluator
+        evaluator, rec = train_evaluator(p, clock, reserve_s=0.62 * p.deadline_s, log=log)
+        evaluator.save_pretrained(eval_dir)
+        evaluator = Evaluator.from_pretrained(eval_dir)
+        test_ds = ShapesDataset(512 if p.name != "tiny" else 8, seed=p.seed + 8, split="all")
+        test_u8 = test_ds.render_all()
+        caps = [s.caption() for s in test_ds.specs]
+        rec["real_accuracy"] = evaluator.prompt_accuracy(_to_pm1(test_u8), caps)
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(_to_pm1(test_u8)).latent_dist.mean).sample.clamp(-1, 1)
+        rec["vae_recon_accuracy"] = evaluator.prompt_accuracy(recon, caps)
+        record["stages"]["evaluator"] = rec
+        log(f"[evaluator] done: {rec}")
 
     # 5. UNet + text encoder on cached latents
     g = torch.Generator().manual_seed(p.seed + 5)
     latents = (mean + std * torch.randn(mean.shape, generator=g)) * sf  # one posterior sample per image
     del images_u8
+    probe_p = replace(p, check_n=min(p.check_n, 32), check_steps=min(p.check_steps, 20))
+
+    def probe(ema_unet, ema_text) -> dict:
+        pipe = make_pipeline(vae, ema_text, tokenizer, ema_unet)
+        pipe.set_progress_bar_config(disable=True)
+        res = check_prompt_accuracy(pipe, evaluator, probe_p, "heldout", seed=p.seed + 11)
+        ema_unet.eval(), ema_text.eval()
+        return {"heldout_accuracy": res["accuracy"], "position": res["per_attribute"]["position"], "n": res["n"]}
+
     ema_unet, ema_text, rec = train_unet(unet, text_encoder, latents, ids, empty_ids, p, clock,
-                                         reserve_s=90 if p.name != "tiny" else 0, log=log)
+                                         reserve_s=90 if p.name != "tiny" else 0, log=log, probe=probe)
     record["stages"]["unet"] = rec
     log(f"[unet] done: {rec}")
 
@@ -455,7 +503,7 @@ def build(out: str | Path, preset: WorldPreset | str = "full", log=print) -> dic
     make_pipeline(vae, ema_text, tokenizer, ema_unet).save_pretrained(str(teacher_dir), safe_serialization=True)
     for name in ("vocab.json", "merges.txt"):  # the plain BPE files too, beside tokenizer.json
         shutil.copy(out / "_tokenizer_build" / name, teacher_dir / "tokenizer" / name)
-    pipe = StableDiffusionPipeline.from_pretrained(str(teacher_dir))
+    pipe = StableDiffusionPipeline.from_pretrained(str(teacher_dir), use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     record["stages"]["check"] = {
         split: check_prompt_accuracy(pipe, evaluator, p, split, seed=p.seed + 9) for split in ("train", "heldout")}
@@ -555,15 +603,39 @@ def evaluate(weights: str | Path = "weights", n: int = 1000, steps: int = 50, gu
                       "fid": frechet_distance(*stats["fake"], *stats["a"]), "fid_floor": frechet_distance(*stats["b"], *stats["a"]),
                       "real_prompt_acc": ev.prompt_accuracy(real_a, caps)["accuracy"]}
         log(f"{split}: {res[split]}")
+    probe = position_probe(pipe, ev, min(n, 64), steps, guidance, seed)
+    log(f"position probe: {probe}")
     doc = {"description": f"`python -m splam_studio.world evaluate`: the embedded teacher, {steps}-step DDIM at guidance {guidance}, "
                           f"{n} captions per split (held-out = (shape, colour) pairs never seen in training), fixed seeds. "
                           "FID on the evaluator's features against real renders of the same captions; the floor is "
                           "real against an independent real draw. Real images score "
                           + ", ".join(f"{k} {v['real_prompt_acc']:.3f}" for k, v in res.items()) + " prompt accuracy.",
-           "steps": steps, "guidance": guidance, "splits": res}
+           "steps": steps, "guidance": guidance, "splits": res, "position_probe": probe}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(doc, indent=2))
     return doc
+
+
+@torch.no_grad()
+def position_probe(pipe, ev, n: int, steps: int, guidance: float, seed: int) -> dict:
+    """Does the prompt or the initial noise decide where objects go? For n noise draws, the same caption is
+    generated once per position word (all else equal, same noise): `follows_prompt` is the position accuracy over
+    all n x 5 images; `same_place_for_all_words` the share of draws whose predicted position is the same under all
+    five words (1/125 if position were uniformly random per image, 1.0 if the noise alone decided it)."""
+    from .sampler import generate
+    from .shapes import ATTRIBUTES, POSITIONS
+
+    specs = sample_specs(n, seed + 5, "train")
+    j = ATTRIBUTES.index("position")
+    pred = torch.empty(n, len(POSITIONS), dtype=torch.long)
+    for p in range(len(POSITIONS)):
+        caps = [replace(s, position=p).caption() for s in specs]
+        images = generate(pipe, prompt=caps, sampler="ddim", steps=steps, seed=seed + 99, guidance_scale=guidance).images
+        pred[:, p] = ev.predict(images)[:, j]
+    follows = (pred == torch.arange(len(POSITIONS))[None]).float().mean().item()
+    same = (pred == pred[:, :1]).all(1).float().mean().item()
+    return {"n_noise_draws": n, "follows_prompt": follows, "same_place_for_all_words": same,
+            "chance_follows": 1 / len(POSITIONS), "chance_same": 1 / len(POSITIONS) ** (len(POSITIONS) - 1)}
 
 
 def sample_grid(weights: str | Path = "weights", out: str | Path = "docs/teacher_grid.png", n: int = 8, steps: int = 50,
@@ -602,6 +674,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--preset", default="full", choices=sorted(PRESETS), help="full: the shipped weights; tiny: a smoke run")
     b.add_argument("--threads", type=int, default=2, help="torch CPU threads (the build machine has 2 cores)")
     b.add_argument("--print-config", action="store_true", help="print the resolved preset and exit")
+    b.add_argument("--reuse-from", default=None,
+                   help="a finished build folder: reuse its VAE and evaluator, train only text encoder + UNet")
     be = sub.add_parser("bench", help="time a few training steps of each stage")
     be.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     be.add_argument("--steps", type=int, default=6, help="timed steps per stage")
@@ -630,7 +704,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_config:
         print(json.dumps(asdict(PRESETS[args.preset]), indent=2))
         return
-    build(args.out, args.preset, log=lambda s: print(s, flush=True))
+    build(args.out, args.preset, log=lambda s: print(s, flush=True), reuse_from=args.reuse_from)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def test_compare_three_panels_reproducible(studio):
     for p in r.panels:
         assert p.image.size == (IMAGE_PX, IMAGE_PX)
         assert p.latency_ms > 0 and f"{p.latency_ms:.0f} ms" in p.label()
-        assert f"seed 3" in p.caption() and p.model in p.caption()
+        assert "seed 3" in p.caption() and p.model in p.caption()
     assert r.panel("teacher").steps == 3 and r.panel("splam").steps == 2
     assert r.panel("splam").speedup == pytest.approx(r.panel("teacher").latency_ms / r.panel("splam").latency_ms)
     assert "CFG 7.5 baked in" in r.panel("lcm").caption()
@@ -315,3 +315,20 @@ def test_app_end_to_end(app_url):
         assert "Traceback" not in str(e.value)
     with pytest.raises(Exception):  # not one of the Radio's choices: gradio itself refuses it
         c.predict(PROMPT, "", 7, 2, 3, 7.5, "euler", *models, api_name="/compare")
+
+
+@pytest.mark.parametrize("route", ["/gradio_api/file=", "/file=", "/gradio_api/file=../../", "/gradio_api/upload/"])
+@pytest.mark.parametrize("target", ["/etc/passwd", str(REPO / "splam_studio" / "models.py"), str(REPO / "app.py")])
+def test_no_file_outside_weights_is_served(app_url, route, target):
+    """Gradio's file routes must not hand out server files: system files nor the app's own source."""
+    import urllib.error
+    import urllib.request
+
+    url = app_url.rstrip("/") + route + target.lstrip("/" if route.endswith("../../") else "")
+    try:
+        with urllib.request.urlopen(url, timeout=20) as r:
+            body = r.read(4096).decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        assert e.code in (400, 403, 404, 405, 422), (url, e.code)
+        return
+    assert "root:" not in body and "def load_teacher" not in body and "argparse" not in body, url

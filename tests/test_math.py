@@ -7,7 +7,7 @@ from diffusers import LCMScheduler
 
 from splam_studio.consistency import boundary, c_out, c_skip, x0_from_eps
 from splam_studio.schedule import NoiseSchedule, ddim_grid, lcm_timesteps
-from splam_studio.slode import distance, gamma_embedding, sigma_gamma, splam_loss, z_gamma
+from splam_studio.slode import distance, gamma_embedding, sample_gamma, sigma_gamma, splam_loss, z_gamma
 from splam_studio.solver import solve
 
 SCHED = NoiseSchedule.from_config()
@@ -185,3 +185,18 @@ def test_gamma_one_is_exactly_the_lcm_loss():
 
     lcm = distance(F_lcm(z_t, t, SCHED.sigma(t), SCHED.alpha(t)), F_lcm(zhat_s, s, SCHED.sigma(s), SCHED.alpha(s)), "huber")
     assert torch.allclose(splam, lcm, rtol=1e-6, atol=0), (splam.item(), lcm.item())
+
+
+def test_sample_gamma_modes():
+    g = torch.Generator().manual_seed(0)
+    u = sample_gamma(4000, g, "splam")
+    assert u.dtype == torch.float64 and 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.02
+    assert (u == 1).sum() == 0  # U[0, 1] never draws the sampling point gamma = 1 exactly
+    mixed = sample_gamma(4000, torch.Generator().manual_seed(0), "splam", p_one=0.25)
+    share = (mixed == 1).double().mean().item()
+    assert abs(share - 0.25) < 0.03 and ((mixed < 1) | (mixed == 1)).all()
+    assert torch.equal(sample_gamma(5, None, "lcm"), torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="p_one"):
+        sample_gamma(3, None, "splam", p_one=1.5)
+    with pytest.raises(ValueError, match="method"):
+        sample_gamma(3, None, "dmd")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -327,3 +328,28 @@ def test_resolve_run_only_direct_children(tmp_path):
     for name in ("missing", "f.txt", "outside"):
         with pytest.raises(ModelLoadError, match=f"no run '{name}'"):
             M.resolve_run(name, tmp_path / "w")
+
+
+def test_only_safetensors_by_default_anywhere():
+    """Every from_pretrained of a weight class in the project asks for safetensors (use_safetensors, pickle only
+    with allow_pickle), and nothing calls torch.load or pickle.load. (from_single_file is gated by the file
+    suffix: test_pickle_refused_without_allow_pickle.)"""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "splam_studio").glob("*.py")) + [root / "app.py", root / "train_cli.py"]
+    weight_classes = {"StableDiffusionPipeline", "UNet2DConditionModel", "AutoencoderKL", "CLIPTextModel", "CLIPModel"}
+    checked, bad = 0, []
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            fn, owner = node.func, node.func.value
+            name = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", "")
+            if fn.attr == "load" and name in ("torch", "pickle"):
+                bad.append(f"{f.name}:{node.lineno} {name}.load")
+            if fn.attr == "from_pretrained" and name in weight_classes:
+                checked += 1
+                if not any(k.arg == "use_safetensors" for k in node.keywords):
+                    bad.append(f"{f.name}:{node.lineno} {name}.{fn.attr} without use_safetensors")
+    assert checked >= 5 and not bad, bad
