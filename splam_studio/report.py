@@ -110,6 +110,11 @@ def teacher_section(t: dict) -> list[str]:
               f"in the same place whatever the word says (chance {p['chance_same']:.4f})."
               + (" The teacher reads the layout out of the initial noise, not the prompt."
                  if p["same_place_for_all_words"] > 0.5 and p["follows_prompt"] < 0.5 else "")]
+        if (sep := p.get("text_separation")):
+            L += ["", "**Text-encoder separation** (`python -m splam_studio.world diagnose`): relative change of the "
+                  "text encoder's output when only one attribute's word changes: "
+                  + ", ".join(f"{a} {_f(v)}" for a, v in sep.items())
+                  + ". A value near 0 means the UNet gets (almost) the same conditioning whatever that word says."]
     for note in t.get("notes", []):
         L.append(f"- {note}")
     return L + [""]

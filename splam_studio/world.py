@@ -605,6 +605,8 @@ def evaluate(weights: str | Path = "weights", n: int = 1000, steps: int = 50, gu
         log(f"{split}: {res[split]}")
     probe = position_probe(pipe, ev, min(n, 64), steps, guidance, seed)
     log(f"position probe: {probe}")
+    probe["text_separation"] = text_separation(pipe)
+    log(f"text separation: {probe['text_separation']}")
     doc = {"description": f"`python -m splam_studio.world evaluate`: the embedded teacher, {steps}-step DDIM at guidance {guidance}, "
                           f"{n} captions per split (held-out = (shape, colour) pairs never seen in training), fixed seeds. "
                           "FID on the evaluator's features against real renders of the same captions; the floor is "
@@ -614,6 +616,41 @@ def evaluate(weights: str | Path = "weights", n: int = 1000, steps: int = 50, gu
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(doc, indent=2))
     return doc
+
+
+@torch.no_grad()
+def text_separation(pipe, n: int = 64, seed: int = 0) -> dict:
+    """How far the text encoder's output moves when one attribute's word changes (all else equal).
+
+    Per attribute: mean over n captions and over the other values of |e' - e| / |e|, e the encoder output
+    (last hidden state) summed over the tokens from the changed word on. Near 0: the encoder hands the UNet
+    (almost) the same conditioning whatever the word, so the teacher cannot follow that attribute.
+    """
+    from .shapes import ATTRIBUTE_VALUES as VALUES
+    from .shapes import ATTRIBUTES
+
+    tok, te = pipe.tokenizer, pipe.text_encoder
+
+    def enc(captions: list[str]) -> torch.Tensor:
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(te.device)
+        return te(ids)[0].float().cpu()  # (B, L, D)
+
+    specs = sample_specs(n, seed, "train")
+    base = enc([s.caption() for s in specs])
+    out = {}
+    for a in ATTRIBUTES:
+        rel = []
+        for v in range(len(VALUES[a])):
+            other = [replace(s, **{a: v}) for s in specs]
+            keep = [i for i, (s, o) in enumerate(zip(specs, other)) if getattr(s, a) != v]
+            if not keep:
+                continue
+            e = enc([other[i].caption() for i in keep])
+            d = (e - base[keep]).norm(dim=-1).sum(1) / base[keep].norm(dim=-1).sum(1)
+            rel.append(d)
+        out[a] = float(torch.cat(rel).mean())
+    return out
 
 
 @torch.no_grad()
@@ -686,12 +723,27 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--guidance", type=float, default=None, help="default: the recipe's guidance scale")
     ev.add_argument("--threads", type=int, default=2)
     ev.add_argument("--out", default="benchmarks/teacher.json")
+    dg = sub.add_parser("diagnose", help="text-encoder separation per attribute -> printed, and into teacher.json")
+    dg.add_argument("--weights", default="weights")
+    dg.add_argument("--out", default="benchmarks/teacher.json", help="updated in place if it exists")
+    dg.add_argument("--threads", type=int, default=2)
     gr = sub.add_parser("grid", help="a captioned grid of teacher samples (train and held-out captions)")
     gr.add_argument("--weights", default="weights")
     gr.add_argument("--out", default="docs/teacher_grid.png")
     gr.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.cmd == "diagnose":
+        from .models import load_teacher
+
+        sep = text_separation(load_teacher(str(Path(args.weights) / "shapes-teacher")))
+        print(json.dumps(sep, indent=2))
+        out = Path(args.out)
+        if out.is_file():
+            doc = json.loads(out.read_text())
+            doc.setdefault("position_probe", {})["text_separation"] = sep
+            out.write_text(json.dumps(doc, indent=2))
+        return
     if args.cmd == "grid":
         print(sample_grid(args.weights, args.out))
         return

@@ -76,3 +76,23 @@ def test_psnr_and_latent_mse():
     b = a + 0.1
     assert torch.allclose(psnr(a, b), torch.full((2,), 10 * np.log10(4 / 0.01)))
     assert torch.allclose(latent_mse(a, b), torch.full((2,), 0.01))
+
+
+def test_text_separation_sees_a_collapsed_word(tiny_world):
+    """Distinct word embeddings separate every attribute; tying the position words' embeddings drops that one to 0."""
+    from diffusers import StableDiffusionPipeline
+
+    from splam_studio.shapes import POSITIONS
+    from splam_studio.world import text_separation
+
+    out, _ = tiny_world
+    pipe = StableDiffusionPipeline.from_pretrained(str(out / "shapes-teacher"), local_files_only=True)
+    sep = text_separation(pipe, n=8)
+    assert set(sep) == {"shape", "colour", "size", "position", "count", "background"}
+    assert min(sep.values()) > 0.01
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    ids = [pipe.tokenizer.convert_tokens_to_ids(w + "</w>") for w in POSITIONS]
+    with torch.no_grad():
+        emb[ids] = emb[ids[0]].clone()
+    tied = text_separation(pipe, n=8)
+    assert tied["position"] < 1e-5 and tied["colour"] == pytest.approx(sep["colour"], rel=0.1)
