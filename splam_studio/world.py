@@ -166,6 +166,7 @@ class WorldPreset:
     warmup: int = 200
     ema_decay: float = 0.999
     caption_dropout: float = 0.1  # to "" so classifier-free guidance works
+    train_text_encoder: bool = True  # False: the text encoder stays at its (random) init, as SD keeps CLIP frozen
     check_n: int = 96  # captions per split in the final prompt-accuracy check
     check_steps: int = 50
     guidance_scale: float = 7.5
@@ -176,6 +177,8 @@ class WorldPreset:
 
 PRESETS = {
     "full": WorldPreset("full"),
+    # experiment: jointly trained, the text encoder collapsed the five position words (`world diagnose`)
+    "full-frozen-text": WorldPreset("full-frozen-text", train_text_encoder=False),
     "tiny": WorldPreset("tiny", n_train=64, vae_steps=2, vae_batch=8, eval_n=64, eval_steps=2, eval_batch=8,
                         unet_steps=3, unet_batch=8, warmup=1, check_n=4, check_steps=2, log_every=1,
                         probe_every=2),
@@ -333,9 +336,9 @@ def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, emp
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER.items() if k != "set_alpha_to_one"})
     g = torch.Generator().manual_seed(p.seed + 3)
     unet.train().to(DEVICE)
-    text_encoder.train().to(DEVICE)
+    text_encoder.train(p.train_text_encoder).to(DEVICE).requires_grad_(p.train_text_encoder)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if p.train_text_encoder else [])
     opt = torch.optim.AdamW(params, lr=p.unet_lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(p.warmup, p.unet_steps))
     t0, step, ema_loss, probes = time.time(), 0, None, []

@@ -96,3 +96,17 @@ def test_text_separation_sees_a_collapsed_word(tiny_world):
         emb[ids] = emb[ids[0]].clone()
     tied = text_separation(pipe, n=8)
     assert tied["position"] < 1e-5 and tied["colour"] == pytest.approx(sep["colour"], rel=0.1)
+
+
+def test_frozen_text_encoder_preset_keeps_the_init(tmp_path):
+    from dataclasses import replace
+
+    from transformers import CLIPTextModel
+
+    from splam_studio.world import PRESETS, build, build_models, build_tokenizer
+
+    assert PRESETS["full-frozen-text"].train_text_encoder is False and PRESETS["full"].train_text_encoder is True
+    build(tmp_path / "w", replace(PRESETS["tiny"], train_text_encoder=False), log=lambda s: None)
+    trained = CLIPTextModel.from_pretrained(tmp_path / "w" / "shapes-teacher" / "text_encoder").state_dict()
+    _, init, _ = build_models(build_tokenizer(tmp_path / "tok"), PRESETS["tiny"].seed)
+    assert all(torch.equal(trained[k], v) for k, v in init.state_dict().items())
