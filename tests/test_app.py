@@ -254,15 +254,19 @@ def launch_app(weights: Path, log_path: Path, *extra: str) -> tuple[subprocess.P
     raise RuntimeError(f"app did not answer within 120 s: {log_path.read_text()[-2000:]}")
 
 
-@pytest.fixture(scope="module")
-def app_url(weights, tmp_path_factory):
-    proc, url = launch_app(weights, tmp_path_factory.mktemp("app") / "app.log")
-    yield url
+def stop_app(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def app_url(weights, tmp_path_factory):
+    proc, url = launch_app(weights, tmp_path_factory.mktemp("app") / "app.log")
+    yield url
+    stop_app(proc)
 
 
 def test_app_end_to_end(app_url):

@@ -4,12 +4,11 @@ Skipped when chromium or playwright is missing. The screenshot goes to artifacts
 """
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.test_app import REPO, launch_app, make_fake_weights
+from tests.test_app import REPO, launch_app, make_fake_weights, stop_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -26,11 +25,7 @@ def app_url(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
     proc, url = launch_app(make_fake_weights(root / "weights"), root / "app.log")
     yield url
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_app(proc)
 
 
 def test_compare_in_browser(app_url):
