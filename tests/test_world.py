@@ -105,7 +105,7 @@ def test_frozen_text_encoder_preset_keeps_the_init(tmp_path):
 
     from splam_studio.world import PRESETS, build, build_models, build_tokenizer
 
-    assert PRESETS["full-frozen-text"].train_text_encoder is False and PRESETS["full"].train_text_encoder is True
+    assert PRESETS["full"].train_text_encoder is False and PRESETS["full-joint-text"].train_text_encoder is True
     build(tmp_path / "w", replace(PRESETS["tiny"], train_text_encoder=False), log=lambda s: None)
     trained = CLIPTextModel.from_pretrained(tmp_path / "w" / "shapes-teacher" / "text_encoder").state_dict()
     _, init, _ = build_models(build_tokenizer(tmp_path / "tok"), PRESETS["tiny"].seed)
