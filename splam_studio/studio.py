@@ -91,28 +91,29 @@ def _number(name: str, value) -> float:
     return x
 
 
+def _clamp(name: str, x, bounds: tuple, notices: list[str]):
+    """x clamped to [lo, hi], the change reported in `notices`."""
+    lo, hi = bounds
+    if lo <= x <= hi:
+        return x
+    c = min(max(x, lo), hi)
+    f = (lambda v: f"{v:g}") if isinstance(x, float) else str  # a large seed stays a whole number
+    notices.append(f"{name} {f(x)} is outside {f(lo)}-{f(hi)}; using {f(c)}")
+    return c
+
+
 def clamp_int(name: str, value, bounds: tuple[int, int], notices: list[str]) -> int:
     """An integer in [lo, hi]: rounded and clamped, each change reported in `notices`."""
     x = _number(name, value)
     n = int(round(x))
     if n != x:
         notices.append(f"{name} {value!r} rounded to {n}")
-    lo, hi = bounds
-    if not lo <= n <= hi:
-        c = min(max(n, lo), hi)
-        notices.append(f"{name} {n} is outside {lo}-{hi}; using {c}")
-        n = c
-    return n
+    return _clamp(name, n, bounds, notices)
 
 
 def clamp_float(name: str, value, bounds: tuple[float, float], notices: list[str]) -> float:
-    x = _number(name, value)
-    lo, hi = bounds
-    if not lo <= x <= hi:
-        c = min(max(x, lo), hi)
-        notices.append(f"{name} {x:g} is outside {lo:g}-{hi:g}; using {c:g}")
-        x = c
-    return x
+    """A number in [lo, hi], clamped, the change reported in `notices`."""
+    return _clamp(name, _number(name, value), bounds, notices)
 
 
 def check_sampler(sampler) -> str:
