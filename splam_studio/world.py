@@ -105,12 +105,16 @@ def vae_config() -> dict:
                 block_out_channels=(16, 32, 32, 64), norm_num_groups=16, scaling_factor=1.0)
 
 
-def text_encoder_config(tokenizer):
-    """CLIP text encoder config, narrow: 3 layers of width 128 over the grammar's vocabulary."""
+def text_encoder_config(tokenizer, layers: int = 3):
+    """CLIP text encoder config, narrow: `layers` layers of width 128 over the grammar's vocabulary.
+
+    layers = 0 leaves token + position embedding and the final layer norm: each token's output depends on its
+    own word only, so a held-out (shape, colour) pair gets exactly the vectors its two words had in training.
+    """
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
-                          num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=MAX_LENGTH,
+                          num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=MAX_LENGTH,
                           projection_dim=128, bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
@@ -130,13 +134,13 @@ def unet_config() -> dict:
                 cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32)
 
 
-def build_models(tokenizer, seed: int):
+def build_models(tokenizer, seed: int, text_layers: int = 3):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(**vae_config())
-    text_encoder = CLIPTextModel(text_encoder_config(tokenizer))
+    text_encoder = CLIPTextModel(text_encoder_config(tokenizer, text_layers))
     unet = UNet2DConditionModel(**unet_config())
     return vae, text_encoder, unet
 
@@ -169,6 +173,7 @@ class WorldPreset:
     # The text encoder stays at its (random) init, as SD keeps CLIP frozen. Trained jointly with the UNet it
     # collapsed the five position words (`world diagnose`: 0.009 apart against 0.28-0.70 for other attributes).
     train_text_encoder: bool = False
+    text_layers: int = 3  # transformer layers of the text encoder
     check_n: int = 96  # captions per split in the final prompt-accuracy check
     check_steps: int = 50
     guidance_scale: float = 7.5
@@ -181,6 +186,8 @@ PRESETS = {
     "full": WorldPreset("full"),
     # the second teacher's recipe, kept for the record: text encoder trained jointly; position at chance
     "full-joint-text": WorldPreset("full-joint-text", unet_steps=3500, train_text_encoder=True),
+    # experiment: a text encoder without transformer layers (per-token conditioning), for held-out composition
+    "full-text0": WorldPreset("full-text0", text_layers=0),
     "tiny": WorldPreset("tiny", n_train=64, vae_steps=2, vae_batch=8, eval_n=64, eval_steps=2, eval_batch=8,
                         unet_steps=3, unet_batch=8, warmup=1, check_n=4, check_steps=2, log_every=1,
                         probe_every=2),
@@ -455,7 +462,7 @@ def build(out: str | Path, preset: WorldPreset | str = "full", log=print, reuse_
     empty_ids = tokenize(tokenizer, [""])[0]
     record["stages"]["data"] = {"n_train": len(train_ds), "wall_s": time.time() - t}
     log(f"[data] {len(train_ds)} pairs rendered and tokenized in {time.time() - t:.1f}s")
-    vae, text_encoder, unet = build_models(tokenizer, p.seed)
+    vae, text_encoder, unet = build_models(tokenizer, p.seed, p.text_layers)
     record["params"] = {n: sum(q.numel() for q in m.parameters())
                         for n, m in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet))}
     log(f"[models] params {record['params']}")

@@ -110,3 +110,24 @@ def test_frozen_text_encoder_preset_keeps_the_init(tmp_path):
     trained = CLIPTextModel.from_pretrained(tmp_path / "w" / "shapes-teacher" / "text_encoder").state_dict()
     _, init, _ = build_models(build_tokenizer(tmp_path / "tok"), PRESETS["tiny"].seed)
     assert all(torch.equal(trained[k], v) for k, v in init.state_dict().items())
+
+
+def test_text_encoder_without_layers_conditions_per_token(tmp_path):
+    """text_layers = 0: changing one word changes that token's conditioning and no other token's."""
+    from transformers import CLIPTextModel
+
+    from splam_studio.world import build_tokenizer, text_encoder_config, tokenize
+
+    tok = build_tokenizer(tmp_path / "tok")
+    te = CLIPTextModel(text_encoder_config(tok, layers=0)).eval()
+    ids = tokenize(tok, ["one small red circle at the left on a black background",
+                         "one small blue circle at the left on a black background"])
+    with torch.no_grad():
+        moved = (te(ids)[0][0] - te(ids)[0][1]).norm(dim=-1)
+    changed = (ids[0] != ids[1]).nonzero().flatten().tolist()
+    assert len(changed) == 1 and moved[changed[0]] > 1e-3
+    assert torch.all(moved[[i for i in range(len(moved)) if i != changed[0]]] < 1e-6)
+    deep = CLIPTextModel(text_encoder_config(tok, layers=3)).eval()
+    with torch.no_grad():
+        mixed = (deep(ids)[0][0] - deep(ids)[0][1]).norm(dim=-1)
+    assert mixed[changed[0] + 1] > 1e-3  # with layers, later tokens (causal attention) see the changed word
