@@ -151,9 +151,10 @@ class WorldPreset:
     name: str
     seed: int = 0
     # Step counts sized from measured CPU speed (2 cores): VAE 0.28 s/step, evaluator 0.15 s/step; the 3-level
-    # UNet ran 0.51 s/step with the text encoder frozen (0.74 jointly) -> about 53 min in all on 2 cores.
+    # UNet ran 0.51 s/step with the text encoder frozen (0.74 jointly) -> about 55 min in all on 2 cores.
     # 1000 VAE steps left reconstructions the evaluator could not read (2.5% prompt accuracy): the VAE gets more.
-    # The 2-level UNet at 2000 steps and this one at 3500 both place objects at chance; see BENCHMARKS.md.
+    # The 2-level UNet at 2000 steps and this one at 3500 with a jointly trained text encoder both placed
+    # objects at chance; with the text encoder frozen position follows the prompt (see BENCHMARKS.md).
     n_train: int = 20000  # fixed (image, caption) training pairs, rendered and encoded once
     vae_steps: int = 1800
     vae_batch: int = 16
@@ -164,7 +165,7 @@ class WorldPreset:
     eval_steps: int = 600
     eval_batch: int = 64
     eval_lr: float = 2e-3
-    unet_steps: int = 4500  # 0.51 s/step at batch 64 on 2 cores with the text encoder frozen: about 38 min
+    unet_steps: int = 4500  # 0.51 s/step at batch 64 on 2 cores, text encoder frozen: 41.6 min with the probes
     unet_batch: int = 64
     unet_lr: float = 1e-3
     warmup: int = 200
@@ -366,15 +367,13 @@ def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, emp
         idx = torch.randint(0, len(latents), (p.unet_batch,), generator=g)
         z0 = latents[idx].to(DEVICE, DTYPE)  # (B, 4, 8, 8), already scaled
         drop = torch.rand(p.unet_batch, generator=g) < p.caption_dropout
-        if enc_cache is None:
-            tok = torch.where(drop[:, None], empty_ids[None], ids[idx]).to(DEVICE)
         # 2. forward diffusion at a uniform timestep
         eps = torch.randn(z0.shape, generator=g).to(DEVICE, DTYPE)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (p.unet_batch,), generator=g).to(DEVICE)
         z_t = noise_scheduler.add_noise(z0, eps, t)
         # 3. epsilon prediction and loss
         if enc_cache is None:
-            enc = text_encoder(tok)[0]  # (B, L, 128)
+            enc = text_encoder(torch.where(drop[:, None], empty_ids[None], ids[idx]).to(DEVICE))[0]  # (B, L, 128)
         else:
             enc = torch.where(drop.to(DEVICE)[:, None, None], enc_empty, enc_cache[idx.to(DEVICE)])
         loss = F.mse_loss(unet(z_t, t, enc).sample, eps)

@@ -123,11 +123,26 @@ def test_text_encoder_without_layers_conditions_per_token(tmp_path):
     ids = tokenize(tok, ["one small red circle at the left on a black background",
                          "one small blue circle at the left on a black background"])
     with torch.no_grad():
-        moved = (te(ids)[0][0] - te(ids)[0][1]).norm(dim=-1)
+        out = te(ids)[0]
+    moved = (out[0] - out[1]).norm(dim=-1)
     changed = (ids[0] != ids[1]).nonzero().flatten().tolist()
     assert len(changed) == 1 and moved[changed[0]] > 1e-3
     assert torch.all(moved[[i for i in range(len(moved)) if i != changed[0]]] < 1e-6)
     deep = CLIPTextModel(text_encoder_config(tok, layers=3)).eval()
     with torch.no_grad():
-        mixed = (deep(ids)[0][0] - deep(ids)[0][1]).norm(dim=-1)
+        out = deep(ids)[0]
+    mixed = (out[0] - out[1]).norm(dim=-1)
     assert mixed[changed[0] + 1] > 1e-3  # with layers, later tokens (causal attention) see the changed word
+
+
+def test_joint_text_encoder_preset_trains_it(tmp_path):
+    from dataclasses import replace
+
+    from transformers import CLIPTextModel
+
+    from splam_studio.world import PRESETS, build, build_models, build_tokenizer
+
+    build(tmp_path / "w", replace(PRESETS["tiny"], train_text_encoder=True), log=lambda s: None)
+    trained = CLIPTextModel.from_pretrained(tmp_path / "w" / "shapes-teacher" / "text_encoder").state_dict()
+    _, init, _ = build_models(build_tokenizer(tmp_path / "tok"), PRESETS["tiny"].seed)
+    assert not all(torch.equal(trained[k], v) for k, v in init.state_dict().items())
