@@ -3,6 +3,7 @@
 Each section appears only when its JSON exists; every number comes from those files.
     benchmarks/results.json      python -m splam_studio.bench          (comparison, convergence, ablations, error bound)
     benchmarks/teacher.json      python -m splam_studio.world evaluate (teacher quality on the Shapes world)
+    benchmarks/teacher_history.json  earlier embedded teachers' teacher.json, each with its preset and commit
     benchmarks/trainer.json      python -m splam_studio.trainer_bench  (SPLAM vs LCM step time and memory)
     benchmarks/reliability.json  python -m splam_studio.reliability    (faults, bad input, load)
 """
@@ -120,6 +121,22 @@ def teacher_section(t: dict) -> list[str]:
     return L + [""]
 
 
+def teacher_history_section(h: dict, current: dict | None) -> list[str]:
+    """One row per teacher, earlier ones first and the embedded one last: what changed and what it measured."""
+    L = ["### Earlier teachers", "", h.get("description", ""), "",
+         "| preset | recipe | train acc | held-out acc | held-out shape | position (held-out) | held-out Shapes-FID |",
+         "|---|---|---|---|---|---|---|"]
+    rows = [(e["preset"], f"{e['what']} (commit {e['commit']})", e["evaluation"]) for e in h.get("teachers", [])]
+    if current:
+        rows.append(("full", "the embedded teacher (above)", current))
+    for preset, what, t in rows:
+        tr, ho = t["splits"].get("train", {}), t["splits"].get("heldout", {})
+        per = ho.get("per_attribute", {})
+        L.append(f"| {preset} | {_cell(what)} | {_f(tr.get('prompt_acc'))} | {_f(ho.get('prompt_acc'))} | "
+                 f"{_f(per.get('shape'))} | {_f(per.get('position'))} | {_f(ho.get('fid'), 1)} |")
+    return L + [""]
+
+
 def _cell(v) -> str:
     """A value as one Markdown table cell: no pipes, no line breaks."""
     return " ".join(str(v).split()).replace("|", "\\|")
@@ -144,6 +161,8 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
          "each section names the command that measures it. Nothing here is typed by hand.", ""]
     if (t := _load(folder, "teacher.json")):
         L += teacher_section(t)
+    if (h := _load(folder, "teacher_history.json")):
+        L += teacher_history_section(h, t)
     if (r := _load(folder, "results.json")):
         L += comparison_section(r)
     if (tr := _load(folder, "trainer.json")):
