@@ -191,7 +191,7 @@ class WorldPreset:
 PRESETS = {
     "full": WorldPreset("full"),
     # the second teacher's recipe, kept for the record: text encoder trained jointly; position at chance
-    "full-joint-text": WorldPreset("full-joint-text", unet_steps=3500, train_text_encoder=True),
+    "full-joint-text": WorldPreset("full-joint-text", unet_steps=3500, train_text_encoder=True, text_layers=3),
     # the third teacher's recipe, kept for the record: 3 frozen text-encoder layers; held-out pairs at 0.846
     "full-text3": WorldPreset("full-text3", text_layers=3),
     "tiny": WorldPreset("tiny", n_train=64, vae_steps=2, vae_batch=8, eval_n=64, eval_steps=2, eval_batch=8,
