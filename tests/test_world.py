@@ -137,3 +137,20 @@ def test_text_encoder_without_layers_conditions_per_token(tmp_path):
         out = deep(ids)[0]
     mixed = (out[0] - out[1]).norm(dim=-1)
     assert mixed[changed[0] + 1] > 1e-3  # with layers, later tokens (causal attention) see the changed word
+
+
+def test_embedded_teacher_was_built_by_the_full_preset():
+    """weights/recipe.json records exactly the `full` preset's fields, and the shipped models have its shapes."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from splam_studio.world import PRESETS, unet_config
+
+    weights = Path(__file__).resolve().parents[1] / "weights"
+    recorded = json.loads((weights / "recipe.json").read_text())["preset"]
+    assert recorded == asdict(PRESETS["full"])
+    te = json.loads((weights / "shapes-teacher" / "text_encoder" / "config.json").read_text())
+    assert te["num_hidden_layers"] == PRESETS["full"].text_layers
+    unet = json.loads((weights / "shapes-teacher" / "unet" / "config.json").read_text())
+    assert all(list(unet[k]) == list(v) if isinstance(v, tuple) else unet[k] == v for k, v in unet_config().items())
