@@ -1,6 +1,6 @@
 """The Shapes teacher: a tiny Stable-Diffusion-shaped pipeline (diffusers format) and its recipe.
 
-    python -m splam_studio.world build --out weights --preset full   # ~50 min on 2 CPU cores
+    python -m splam_studio.world build --out weights --preset full   # 48 min on 2 CPU cores
     python -m splam_studio.world build --out /tmp/w --preset tiny     # seconds, for tests
     python -m splam_studio.world bench                                # it/s of each stage
 
@@ -152,8 +152,8 @@ class WorldPreset:
     name: str
     seed: int = 0
     # Step counts sized from measured CPU speed (2 cores): VAE 0.28 s/step, evaluator 0.15 s/step; the 3-level
-    # UNet ran 0.47 s/step with the 0-layer text encoder frozen (0.51 with 3 layers, 0.74 jointly) -> about
-    # 50 min in all on 2 cores.
+    # UNet ran 0.47 s/step with the 0-layer text encoder frozen (0.51 with 3 layers, 0.74 jointly) -> 48 min
+    # in all on 2 cores (measured from scratch).
     # 1000 VAE steps left reconstructions the evaluator could not read (2.5% prompt accuracy): the VAE gets more.
     # The 2-level UNet at 2000 steps and this one at 3500 with a jointly trained text encoder both placed
     # objects at chance; with the text encoder frozen position follows the prompt (see BENCHMARKS.md).
