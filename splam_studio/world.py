@@ -106,7 +106,7 @@ def vae_config() -> dict:
                 block_out_channels=(16, 32, 32, 64), norm_num_groups=16, scaling_factor=1.0)
 
 
-def text_encoder_config(tokenizer, layers: int = 0):
+def text_encoder_config(tokenizer, layers: int):
     """CLIP text encoder config, narrow: `layers` layers of width 128 over the grammar's vocabulary.
 
     layers = 0 leaves token + position embedding and the final layer norm: each token's output depends on its
@@ -135,7 +135,7 @@ def unet_config() -> dict:
                 cross_attention_dim=128, attention_head_dim=8, norm_num_groups=32)
 
 
-def build_models(tokenizer, seed: int, text_layers: int = 0):
+def build_models(tokenizer, seed: int, text_layers: int):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -553,7 +553,7 @@ def bench(steps: int = 6, log=print) -> dict:
     p = PRESETS["full"]
     with tempfile.TemporaryDirectory() as d:
         tok = build_tokenizer(d)
-    vae, text_encoder, unet = build_models(tok, 0)
+    vae, text_encoder, unet = build_models(tok, p.seed, p.text_layers)
     ds = ShapesDataset(max(p.vae_batch, p.unet_batch, p.eval_batch), seed=0)
     x_u8, labels = ds.render_all(), ds.label_tensor()
     ids = tokenize(tok, [s.caption() for s in ds.specs])
