@@ -30,6 +30,8 @@ HELP = {
     "save_fp16": "store the exported student in fp16 (half the size; it loads in the teacher's dtype)",
     "cond_proj_lr_scale": "learning rate of the gamma projection (cond_proj) relative to --lr",
     "gamma_one_prob": "SPLAM: probability of gamma = 1, the point the sampler uses (0 = the paper's U[0,1])",
+    "gamma_scale": "gamma embedding = guidance embedding of gamma_scale * (1 - gamma); 10 = the authors' (gamma = 1 -> 0 at any scale)",
+    "init_from": "start the student from a finished full-UNet student run (folder or name), e.g. SPLAM after an LCM warm start",
     "cond_proj_init": "initialisation of the gamma projection: fresh (authors) or zero (student starts as the teacher)",
     "max_steps": "optimiser steps",
     "batch_size": "images per step and process",

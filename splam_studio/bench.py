@@ -152,6 +152,25 @@ class Bench:
                                                    "bound": eb.bound.mean(1).tolist(), "error": eb.error.mean(1).tolist()}
         return out
 
+    def ensure_reference(self, cache: Path | None = None) -> None:
+        """The teacher's 50-step latents of these captions, every later row's reference (cached in a file if given)."""
+        from safetensors.torch import load_file, save_file
+
+        if self.reference is not None:
+            return
+        key = f"n{self.n}-seed{self.seed}-g{self.guidance:g}-{self.split}"
+        if cache is not None and cache.is_file() and load_file(cache).get(key) is not None:
+            lat = load_file(cache)[key]
+        else:
+            lat = self.sample("teacher-ddim", 50)
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                save_file({key: lat.contiguous()}, str(cache))
+        res, px = self.score(lat)
+        self.reference, self.reference_px = lat, px
+        self.log(f"teacher 50 steps: FID {res['fid']:.2f} acc {res['prompt_acc']:.3f}")
+        self.teacher_row = {"fid": res["fid"], "prompt_acc": res["prompt_acc"]}
+
     def evaluate_unet(self, method: str, unet, steps: int) -> dict:
         res, _ = self.score(self.sample(method, steps, unet))
         res.pop("per_attribute")
@@ -178,6 +197,49 @@ def convergence(bench: Bench, weights: Path, steps: int = 2) -> dict:
         unet.load_state_dict(final)
         out[m] = pts
     return {"steps": steps, "curves": out}
+
+
+def untrained_student(pipe):
+    """What distillation must beat: the teacher UNet with a zero-initialised gamma projection, no training."""
+    from .student import build_student
+
+    return build_student(pipe.unet, "zero").to(pipe.unet.dtype).eval()
+
+
+def run_points(run_dir: Path) -> list[tuple[int, Path | None]]:
+    """(iteration, snapshot file) along a run, ending with its exported student (file None)."""
+    cfg = json.loads((run_dir / "training_config.json").read_text())
+    snaps = sorted((run_dir / "snapshots").glob("step-*.safetensors"))
+    pts = [(int(p.stem.split("-")[1]), p) for p in snaps]
+    if not pts or pts[-1][0] != cfg["max_steps"]:
+        pts.append((cfg["max_steps"], None))
+    return pts
+
+
+def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = True) -> dict:
+    """FID, prompt accuracy and teacher distance at 1/2/4 sampling steps along each run (snapshots of theta^-)."""
+    from safetensors.torch import load_file
+
+    from .models import load_student
+
+    out = {"n": bench.n, "guidance": bench.guidance, "teacher": getattr(bench, "teacher_row", None), "runs": {}}
+    if untrained:
+        unet = untrained_student(bench.pipe)
+        out["untrained"] = {s: bench.evaluate_unet("lcm", unet, s) for s in steps}
+        bench.log(f"untrained {out['untrained']}")
+    for run in runs:
+        unet = load_student(str(run), bench.pipe)
+        final = {k: v.clone() for k, v in unet.state_dict().items()}
+        cfg = json.loads((run / "training_config.json").read_text())
+        pts = []
+        for it, snap in run_points(run):
+            unet.load_state_dict({k: v.to(unet.dtype) for k, v in load_file(snap).items()} if snap else final, strict=False)
+            pts.append({"iteration": it, **{str(s): bench.evaluate_unet("lcm", unet, s) for s in steps}})
+            bench.log(f"{run.name} @{it}: " + "  ".join(f"{s}-step FID {pts[-1][str(s)]['fid']:.1f} mse {pts[-1][str(s)]['teacher_mse']:.4f}" for s in steps))
+        out["runs"][run.name] = {"config": {k: cfg.get(k) for k in ("method", "lr", "ema_decay", "batch_size", "seed", "w",
+                                                                    "gamma_one_prob", "gamma_scale", "cond_proj_lr_scale",
+                                                                    "huber_c", "max_steps", "init_from")}, "points": pts}
+    return out
 
 
 def ablations(bench: Bench, weights: Path, steps=(1, 2, 4)) -> dict:
@@ -262,6 +324,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--error-prompts", type=int, default=32, help="prompts averaged in the error bound")
     p.add_argument("--out", default="benchmarks", help="folder of results.json and plots")
     p.add_argument("--no-report", action="store_true", help="do not rewrite BENCHMARKS.md")
+    p.add_argument("--curves", nargs="+", default=None, metavar="RUN",
+                   help="instead of the full bench: curves of these run folders (snapshots and final) at 1/2/4 steps")
+    p.add_argument("--curves-out", default="benchmarks/curves.json", help="where --curves writes its JSON")
+    p.add_argument("--reference-cache", default=None, help="file caching the teacher's 50-step latents between runs")
+    p.add_argument("--no-untrained", action="store_true", help="--curves: skip the untrained-student row")
     a = p.parse_args(argv)
     from .models import weights_dir
 
@@ -275,6 +342,14 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     t0 = time.time()
     bench = Bench(weights, a.n, a.batch, guidance)
+    if a.curves:
+        bench.ensure_reference(Path(a.reference_cache) if a.reference_cache else None)
+        res = curves(bench, [Path(r) for r in a.curves], untrained=not a.no_untrained)
+        res["wall_s"] = time.time() - t0
+        Path(a.curves_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.curves_out).write_text(json.dumps(res, indent=2, default=float))
+        print(f"wrote {a.curves_out} in {res['wall_s']:.0f}s")
+        return
     results = {"n": a.n, "split": bench.split, "guidance": guidance, "real_prompt_acc": bench.real_acc,
                "threads": torch.get_num_threads(), "device": "cpu"}
     results["rows"] = [asdict(r) for r in bench.table(a.repeats)]

@@ -18,6 +18,7 @@ from .schedule import NoiseSchedule, coef
 Distance = Literal["l2", "huber"]
 HUBER_C = 1e-3  # pseudo-Huber c in latent space (authors' / diffusers LCM script default)
 GAMMA_EMBED_DIM = 256  # time_cond_proj_dim of the authors' student UNet
+GAMMA_SCALE_PAPER = 10.0  # authors: gamma enters as the guidance value w = 10 - 10 gamma
 
 
 def z_gamma(z_t: torch.Tensor, zhat_s: torch.Tensor, gamma: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -33,17 +34,30 @@ def sigma_gamma(gamma: torch.Tensor, r: torch.Tensor, sigma_s: torch.Tensor) -> 
     return (r**2 * sigma_s**2 + g**2 * (1 - r**2)).sqrt()
 
 
-def gamma_embedding(gamma: torch.Tensor, dim: int = GAMMA_EMBED_DIM) -> torch.Tensor:
-    """LCM's sinusoidal guidance embedding of w = 10 - 10 gamma (input scaled by 1000); gamma = 1 -> embedding(0).
+def gamma_to_omega(gamma: torch.Tensor, scale: float = GAMMA_SCALE_PAPER) -> torch.Tensor:
+    """omega = scale (1 - gamma): the value a stock pipeline embeds as `guidance_scale - 1`; gamma = 1 -> omega = 0."""
+    return scale * (1.0 - torch.as_tensor(gamma, dtype=torch.float32).reshape(-1))  # (B,)
 
-    Matches diffusers' `get_guidance_scale_embedding`, so a stock pipeline at guidance_scale = 1 feeds gamma = 1.
-    """
-    w = (10.0 - 10.0 * torch.as_tensor(gamma, dtype=torch.float32).reshape(-1)) * 1000.0  # (B,)
+
+def guidance_embedding(omega: torch.Tensor, dim: int = GAMMA_EMBED_DIM) -> torch.Tensor:
+    """diffusers' `get_guidance_scale_embedding`: sin / cos of 1000 omega at 10000^(-j / (dim/2 - 1)). (B, dim)."""
+    w = torch.as_tensor(omega, dtype=torch.float32).reshape(-1) * 1000.0  # (B,)
     half = dim // 2
     freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
     args = w[:, None] * freqs[None, :]  # (B, half)
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 == 1 else emb  # (B, dim)
+
+
+def gamma_embedding(gamma: torch.Tensor, dim: int = GAMMA_EMBED_DIM, scale: float = GAMMA_SCALE_PAPER) -> torch.Tensor:
+    """emb(gamma) = guidance_embedding(scale (1 - gamma)); gamma = 1 -> embedding(0) at every scale.
+
+    scale = 10 is the authors' choice: 1000 * 10 (1 - gamma) turns most of the 128 frequencies many times over
+    gamma in [0, 1], so nearby gammas get unrelated codes. A small scale (e.g. 0.005, arguments <= 5 rad) is smooth
+    in every frequency. Since emb(1) is embedding(0) either way, a stock pipeline at guidance_scale = 1 and the
+    released SPLAM checkpoints keep sampling at gamma = 1.
+    """
+    return guidance_embedding(gamma_to_omega(gamma, scale), dim)
 
 
 def distance(pred: torch.Tensor, target: torch.Tensor, kind: Distance = "l2", c: float = HUBER_C) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from .schedule import NoiseSchedule, coef, ddim_grid
-from .slode import Distance, sample_gamma, splam_loss
+from .slode import GAMMA_SCALE_PAPER, Distance, sample_gamma, splam_loss
 from .solver import guided_eps, solve
 from .student import student_F
 
@@ -24,12 +24,15 @@ class SpladConfig:
     distance: Distance = "huber"  # pseudo-Huber, c = 0.001, as the authors and diffusers' LCM script
     huber_c: float = 1e-3
     gamma_one_prob: float = 0.0  # SPLAM: probability of gamma = 1 (the sampling point); 0 = the paper's U[0, 1]
+    gamma_scale: float = GAMMA_SCALE_PAPER  # emb(gamma) = guidance_embedding(gamma_scale (1 - gamma)); paper: 10
 
     def __post_init__(self):
         if self.method not in ("splam", "lcm"):
             raise ValueError(f"method must be 'splam' or 'lcm', got {self.method!r}")
         if self.m < 1 or self.num_ddim_steps < 1:
             raise ValueError(f"need m >= 1 and num_ddim_steps >= 1, got m={self.m}, N={self.num_ddim_steps}")
+        if not self.gamma_scale > 0:
+            raise ValueError(f"gamma_scale must be > 0, got {self.gamma_scale}")
         if self.distance not in ("l2", "huber"):
             raise ValueError(f"distance must be 'l2' or 'huber', got {self.distance!r}")
 
@@ -61,5 +64,5 @@ def splad_loss(
     gamma = sample_gamma(B, generator, cfg.method, cfg.gamma_one_prob)
     # 4-6. student on the SL-ODE point, EMA target at (zhat_s, s, gamma = 1), distance
     return splam_loss(
-        student_F(student, cond), student_F(target, cond), schedule, z_t, zhat_s, t, s.cpu(), gamma, cfg.distance, cfg.huber_c
+        student_F(student, cond, cfg.gamma_scale), student_F(target, cond, cfg.gamma_scale), schedule, z_t, zhat_s, t, s.cpu(), gamma, cfg.distance, cfg.huber_c
     )

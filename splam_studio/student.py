@@ -13,7 +13,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from .consistency import ConsistencyFn, EpsModel, consistency_function
-from .slode import GAMMA_EMBED_DIM, gamma_embedding
+from .slode import GAMMA_EMBED_DIM, GAMMA_SCALE_PAPER, gamma_embedding
 
 CondProjInit = Literal["fresh", "zero"]
 
@@ -45,7 +45,8 @@ def build_student(
     return student.float()
 
 
-def unet_eps_model(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tensor) -> EpsModel:
+def unet_eps_model(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tensor,
+                   gamma_scale: float = GAMMA_SCALE_PAPER) -> EpsModel:
     """eps_theta(z, t, gamma) of a student UNet (or its DDP wrapper); casts to the UNet dtype at the boundary and back."""
     base = getattr(unet, "module", unet)
     dim, dtype = base.config.time_cond_proj_dim, base.dtype
@@ -53,16 +54,17 @@ def unet_eps_model(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tens
         raise ValueError("UNet has no time_cond_proj_dim: build the student with build_student()")
 
     def eps(z: torch.Tensor, t: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        cond = gamma_embedding(gamma, dim).to(dtype).to(z.device)
+        cond = gamma_embedding(gamma, dim, gamma_scale).to(dtype).to(z.device)
         out = unet(z.to(dtype), t.to(z.device), encoder_hidden_states=encoder_hidden_states.to(dtype), timestep_cond=cond)
         return out.sample.to(z.dtype)
 
     return eps
 
 
-def student_F(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tensor) -> ConsistencyFn:
+def student_F(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tensor,
+              gamma_scale: float = GAMMA_SCALE_PAPER) -> ConsistencyFn:
     """F_theta(z, t, gamma; sigma, alpha) for a student UNet and text condition c."""
-    return consistency_function(unet_eps_model(unet, encoder_hidden_states))
+    return consistency_function(unet_eps_model(unet, encoder_hidden_states, gamma_scale))
 
 
 def make_target(student: torch.nn.Module) -> torch.nn.Module:

@@ -51,6 +51,8 @@ class TrainConfig:
     cond_proj_init: str = "fresh"  # fresh (authors) | zero (student starts as the teacher at every gamma)
     gamma_one_prob: float = 0.0  # SPLAM: share of samples at gamma = 1, the sampling point; 0 = the paper's U[0, 1]
     cond_proj_lr_scale: float = 1.0  # learning rate of the gamma projection relative to lr
+    gamma_scale: float = 10.0  # emb(gamma) = guidance embedding of gamma_scale (1 - gamma); 10 = the authors'
+    init_from: str | None = None  # start the student from a finished full-UNet run (e.g. an LCM warm start)
     save_fp16: bool = False  # store the exported student in fp16 (half the size; loads in the teacher's dtype)
     # optimisation
     max_steps: int = 1000
@@ -96,6 +98,7 @@ class TrainConfig:
             "ema_decay": 0 <= self.ema_decay <= 1,
             "gamma_one_prob": 0 <= self.gamma_one_prob <= 1,
             "cond_proj_lr_scale": self.cond_proj_lr_scale > 0,
+            "gamma_scale": self.gamma_scale > 0,
             "m": self.m >= 1,
             "num_ddim_steps": 1 <= self.num_ddim_steps <= 1000,
             "lora_rank": self.lora_rank >= 0,
@@ -113,7 +116,8 @@ class TrainConfig:
 
     def splad(self) -> SpladConfig:
         return SpladConfig(method=self.method, w=self.w, num_ddim_steps=self.num_ddim_steps, m=self.m,
-                           distance=self.distance, huber_c=self.huber_c, gamma_one_prob=self.gamma_one_prob)
+                           distance=self.distance, huber_c=self.huber_c, gamma_one_prob=self.gamma_one_prob,
+                           gamma_scale=self.gamma_scale)
 
 
 # ---------------------------------------------------------------- checkpoints (safetensors + JSON, atomic)
@@ -252,7 +256,7 @@ def run(cfg: TrainConfig, log=print) -> Path:
     from accelerate.utils import set_seed
 
     from .data import build_dataset
-    from .models import load_teacher, save_student
+    from .models import load_student, load_teacher, save_student
 
     cfg.validate()
     rt = resolve_runtime(cfg.device, cfg.precision)
@@ -268,6 +272,11 @@ def run(cfg: TrainConfig, log=print) -> Path:
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     teacher = pipe.unet.requires_grad_(False).eval()
     student = build_student(teacher, cfg.cond_proj_init, generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.init_from:  # warm start, e.g. SPLAM continued from an LCM student
+        init = load_student(cfg.init_from, pipe)
+        if any("lora" in k for k in init.state_dict()):
+            raise TrainError(f"--init-from {cfg.init_from!r} is a LoRA run; it takes a full-UNet student run")
+        student.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
     if cfg.lora_rank > 0:
         from peft import LoraConfig
 

@@ -200,3 +200,16 @@ def test_sample_gamma_modes():
         sample_gamma(3, None, "splam", p_one=1.5)
     with pytest.raises(ValueError, match="method"):
         sample_gamma(3, None, "dmd")
+
+
+def test_gamma_embedding_scale_keeps_gamma_one_at_embedding_zero_and_smooths():
+    """emb(1) = embedding(0) at any scale (stock pipelines at guidance_scale 1); a small scale is smooth in gamma."""
+    from splam_studio.slode import guidance_embedding
+
+    zero = guidance_embedding(torch.zeros(1), 256)
+    for scale in (10.0, 0.005):
+        assert torch.equal(gamma_embedding(torch.ones(1), 256, scale), zero)
+    g = torch.tensor([0.50, 0.51])
+    step = lambda scale: (gamma_embedding(g, 256, scale).diff(dim=0).abs().max().item())  # noqa: E731
+    assert step(0.005) < 0.06  # every frequency moves by less than 1000 * 0.005 * 0.01 = 0.05 rad
+    assert step(10.0) > 1.0  # the authors' scale: some frequency turns by radians for a 0.01 change in gamma
