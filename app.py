@@ -20,6 +20,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), help="port")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
     p.add_argument("--weights-dir", help="folder of runs (default: $SPLAM_WEIGHTS_DIR or <repo>/weights)")
+    p.add_argument("--models", metavar="NAME", help="model set shown first, from splam_studio.model_sets.MODEL_SETS: "
+                   "shapes, dreamshaper7 or sd15 (default: dreamshaper7 on a Hugging Face Space with a GPU, else "
+                   "shapes); --teacher / --splam / --lcm override its members")
     p.add_argument("--teacher", help="teacher: a run name under weights/, a hub id, or a local diffusers folder")
     p.add_argument("--splam", help="SPLAM student: a run name, a hub id (e.g. alimama-creative/slam-sd1.5) or a folder")
     p.add_argument("--lcm", help="LCM student: a run name, a hub id (e.g. SimianLuo/LCM_Dreamshaper_v7) or a folder")
@@ -67,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         data_dirs[name or path.name] = path
     train = args.train if args.train is not None else "SPACE_ID" not in os.environ
+    from splam_studio.model_sets import default_model_set
+
     try:
-        studio = Studio(args.weights_dir, teacher=teacher, splam=splam, lcm=lcm, local=local, data_dirs=data_dirs,
-                        device=args.device, allow_hub=not args.no_hub)
+        studio = Studio.for_model_set(args.models or default_model_set(), args.weights_dir, teacher=teacher,
+                                      splam=splam, lcm=lcm, local=local, data_dirs=data_dirs, device=args.device,
+                                      allow_hub=not args.no_hub)
     except (StudioError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
