@@ -14,15 +14,17 @@ from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from splam_studio.model_sets import MODEL_SETS  # a table only: no torch, no CUDA
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="interface to listen on (0.0.0.0 to serve the network)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), help="port")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
     p.add_argument("--weights-dir", help="folder of runs (default: $SPLAM_WEIGHTS_DIR or <repo>/weights)")
-    p.add_argument("--models", metavar="NAME", help="model set shown first, from splam_studio.model_sets.MODEL_SETS: "
-                   "shapes, dreamshaper7 or sd15 (default: dreamshaper7 on a Hugging Face Space with a GPU, else "
-                   "shapes); --teacher / --splam / --lcm override its members")
+    p.add_argument("--models", choices=sorted(MODEL_SETS), help="model set shown first (splam_studio/model_sets.py; "
+                   "default: dreamshaper7 on a Hugging Face Space with a GPU, else shapes); --teacher / --splam / "
+                   "--lcm replace its members")
     p.add_argument("--teacher", help="teacher: a run name under weights/, a hub id, or a local diffusers folder")
     p.add_argument("--splam", help="SPLAM student: a run name, a hub id (e.g. alimama-creative/slam-sd1.5) or a folder")
     p.add_argument("--lcm", help="LCM student: a run name, a hub id (e.g. SimianLuo/LCM_Dreamshaper_v7) or a folder")

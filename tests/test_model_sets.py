@@ -5,6 +5,8 @@ compares and plots the error bound; the app is driven through gradio_client with
 """
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from splam_studio import model_sets as S
 from splam_studio.models import ModelLoadError, load_hub_student, load_teacher
 from splam_studio.studio import Studio, StudioError
 from tests.fake_hub import FULL_STUDENTS, LORAS, TEACHERS, UNREADABLE, build_fake_hub, repo_folder
-from tests.test_app import IMAGE_PX, PROMPT, launch_app, make_fake_weights, stop_app
+from tests.test_app import IMAGE_PX, PROMPT, REPO, launch_app, make_fake_weights, stop_app
 
 torch.set_num_threads(1)
 HUB_SETS = ("dreamshaper7", "sd15")
@@ -152,6 +154,8 @@ def test_set_compares_and_bounds(studios, name):
 # ---- the app as a Space runs it -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def space_url(hub_cache, tmp_path_factory):
+    if importlib.util.find_spec("spaces"):
+        pytest.skip("the real `spaces` package schedules a GPU when SPACES_ZERO_GPU is set; this test fakes ZeroGPU")
     weights = make_fake_weights(tmp_path_factory.mktemp("space") / "weights")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPACE_ID", "someone/splam-studio")
@@ -183,3 +187,70 @@ def test_space_default_and_switch_through_gradio_client(space_url):
         assert m.lcm.repo in out[4] and m.splam.repo in out[5] and m.teacher in out[3]
     with pytest.raises(AppError, match="unknown model set|not in the list of choices"):
         c.predict("sdxl", api_name="/model_set")
+
+
+# ---- the entry point and the Space's files ------------------------------------------------------------------------
+def test_models_flag():
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    import app
+
+    assert app.parse_args(["--models", "sd15"]).models == "sd15" and app.parse_args([]).models is None
+    r = subprocess.run([sys.executable, str(REPO / "app.py"), "--models", "sdxl"], capture_output=True, text=True,
+                       cwd=str(REPO), timeout=60)
+    assert r.returncode == 2 and "invalid choice: 'sdxl'" in r.stderr and "dreamshaper7" in r.stderr
+
+
+def test_no_cuda_touched_at_import():
+    """Importing the app and the package neither initialises CUDA nor asks for a device (ZeroGPU forbids the first)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "calls = []\n"
+        "def trap(*a, **k):\n    calls.append('lazy_init'); raise RuntimeError('CUDA initialised')\n"
+        "torch.cuda._lazy_init = trap\n"
+        "torch.cuda.is_available = lambda: calls.append('is_available') or False\n"
+        "import diffusers, gradio, transformers\nfrom diffusers import StableDiffusionPipeline\n"
+        "n = len(calls)\nsys.path.insert(0, '.')\n"
+        "import app\napp.parse_args([])\n"
+        "import splam_studio.ui, splam_studio.model_sets, splam_studio.studio, splam_studio.models\n"
+        "print('ours', calls[n:])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ours []" in r.stdout, r.stdout
+
+
+def test_requirements_install_the_right_torch_without_edits():
+    """No index line forcing the CPU build (PyPI's Linux torch is the CUDA build a GPU Space needs; setup.sh puts the
+    CPU build in first elsewhere and the range keeps it); every runtime pin agrees with pyproject; spaces is listed."""
+    import re
+    import tomllib
+
+    lines = [ln.strip() for ln in (REPO / "requirements.txt").read_text().splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    assert not [ln for ln in lines if ln.startswith("-")], lines
+    reqs = {re.split(r"[<>=!~\[ ]", ln, maxsplit=1)[0].lower(): ln for ln in lines}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in project:
+        name = re.split(r"[<>=!~\[ ]", dep, maxsplit=1)[0].lower()
+        assert reqs.get(name) == dep, (name, reqs.get(name), dep)
+    assert "spaces" in reqs
+    setup = (REPO / "setup.sh").read_text()
+    assert "download.pytorch.org/whl/cpu" in setup and 'torch==2.13.0' in setup
+
+
+def test_front_matter_is_a_spaces_config():
+    text = (REPO / "README.md").read_text()
+    assert text.startswith("---\n")
+    meta = dict(ln.split(": ", 1) for ln in text.split("---\n")[1].splitlines() if ": " in ln and not ln.startswith(" "))
+    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and meta["suggested_hardware"] == "zero-a10g"
+    import gradio
+
+    assert meta["sdk_version"].strip('"') == gradio.__version__  # the Space runs the gradio the tests ran
+    models = [ln.strip()[2:] for ln in text.split("---\n")[1].splitlines() if ln.startswith("  - ")]
+    assert set(models) == {r for m in S.MODEL_SETS.values() if m.hub for r in (m.teacher, m.lcm.repo, m.splam.repo)}
+    assert "## Run it as a Space" in text
