@@ -95,8 +95,8 @@ def build_ui(studio: Studio, *, train: bool = True) -> gr.Blocks:
         pipe = studio.teacher(teacher)
         return pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
-    def compare_seconds(prompt, negative_prompt, seed, student_steps, teacher_steps, *args) -> int:
-        teacher = args[-3]
+    def compare_seconds(prompt, negative_prompt, seed, student_steps, teacher_steps, guidance_scale, sampler,
+                        teacher, splam, lcm) -> int:  # spaces.GPU calls it with the task's arguments
         return gpu_seconds(px(teacher), _int(teacher_steps, TEACHER_STEPS) + 2 * _int(student_steps, STUDENT_STEPS) + 3)
 
     def error_bound_seconds(prompt, seed, stride, guidance_scale, teacher, splam, lcm) -> int:

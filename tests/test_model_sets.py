@@ -255,3 +255,37 @@ def test_front_matter_is_a_spaces_config():
     models = [ln.strip()[2:] for ln in text.split("---\n")[1].splitlines() if ln.startswith("  - ")]
     assert set(models) == {r for m in S.MODEL_SETS.values() if m.hub for r in (m.teacher, m.lcm.repo, m.splam.repo)}
     assert "## Run it as a Space" in text
+
+
+def test_gpu_calls_are_sized_and_wrapped(monkeypatch, tmp_path):
+    """With spaces present, both endpoints borrow the GPU through spaces.GPU with a duration from the call's work."""
+    import sys
+    import types
+
+    seen = []
+
+    def GPU(fn=None, *, duration=None, **_):
+        def wrap(f):
+            def call(*args):
+                seen.append((f.__name__, duration(*args)))
+                return f(*args)
+            return call
+        return wrap(fn) if fn is not None else wrap
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=GPU))
+    import importlib
+
+    import splam_studio.ui as ui
+
+    ui = importlib.reload(ui)
+    try:
+        weights = make_fake_weights(tmp_path / "weights")
+        demo = ui.build_ui(Studio.for_model_set("shapes", weights, device="cpu"), train=False)
+        fns = {d.api_name: d.fn for d in demo.fns.values() if d.api_name}
+        fns["compare"](PROMPT, "", 0, 2, 3, 7.5, "ddim", "shapes-teacher", "shapes-splam", "shapes-lcm")
+        fns["error_bound"](PROMPT, 0, 5, 7.5, "shapes-teacher", "shapes-splam", "shapes-lcm")
+    finally:
+        monkeypatch.delitem(sys.modules, "spaces")
+        importlib.reload(ui)
+    assert seen == [("compare_on_gpu", S.gpu_seconds(IMAGE_PX, 3 + 2 * 2 + 3)),
+                    ("error_bound_on_gpu", S.gpu_seconds(IMAGE_PX, 50 + 2 * 11 + 13))]
