@@ -83,8 +83,19 @@ def ema_update(target: torch.nn.Module, online: torch.nn.Module, mu: float = 0.9
 
 
 def clean_fn(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tensor, schedule) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """F(z, t) of a student at gamma = 1 (sampling and the error bound): sigma(t), alpha(t) of the schedule."""
-    F = student_F(unet, encoder_hidden_states)
+    """F(z, t) of a student at gamma = 1 (sampling and the error bound): sigma(t), alpha(t) of the schedule.
+
+    A UNet without time_cond_proj (an LCM-LoRA fused into its teacher) has no gamma input: it runs without
+    timestep_cond, as a stock pipeline runs it at guidance 1.
+    """
+    if getattr(unet, "module", unet).config.time_cond_proj_dim is None:
+        def eps(z: torch.Tensor, t: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+            out = unet(z.to(unet.dtype), t.to(z.device), encoder_hidden_states=encoder_hidden_states.to(unet.dtype))
+            return out.sample.to(z.dtype)
+
+        F = consistency_function(eps)
+    else:
+        F = student_F(unet, encoder_hidden_states)
 
     def F1(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ones = torch.ones(z.shape[0], dtype=torch.float64)
