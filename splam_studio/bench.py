@@ -219,7 +219,8 @@ def run_points(run_dir: Path) -> list[tuple[int, Path | None]]:
     cfg = json.loads((run_dir / "training_config.json").read_text())
     snaps = sorted((run_dir / "snapshots").glob("step-*.safetensors"))
     pts = [(int(p.stem.split("-")[1]), p) for p in snaps]
-    if not pts or pts[-1][0] != cfg["max_steps"]:
+    finished = (run_dir / "unet").is_dir() or (run_dir / "lora").is_dir()
+    if finished and (not pts or pts[-1][0] != cfg["max_steps"]):
         pts.append((cfg["max_steps"], None))
     return pts
 
@@ -236,11 +237,15 @@ def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = Tr
         out["untrained"] = {s: bench.evaluate_unet("lcm", unet, s) for s in steps}
         bench.log(f"untrained {out['untrained']}")
     for run in runs:
-        unet = load_student(str(run), bench.pipe)
+        pts_at = run_points(run)
+        if pts_at and pts_at[-1][1] is None:  # finished: its exported student gives the architecture
+            unet = load_student(str(run), bench.pipe)
+        else:  # still training: its snapshots on the zero-initialised student's architecture
+            unet = untrained_student(bench.pipe)
         final = {k: v.clone() for k, v in unet.state_dict().items()}
         cfg = json.loads((run / "training_config.json").read_text())
         pts = []
-        for it, snap in run_points(run):
+        for it, snap in pts_at:
             unet.load_state_dict({k: v.to(unet.dtype) for k, v in load_file(snap).items()} if snap else final, strict=False)
             pts.append({"iteration": it, **{str(s): bench.evaluate_unet("lcm", unet, s) for s in steps}})
             bench.log(f"{run.name} @{it}: " + "  ".join(f"{s}-step FID {pts[-1][str(s)]['fid']:.1f} mse {pts[-1][str(s)]['teacher_mse']:.4f}" for s in steps))
