@@ -225,14 +225,23 @@ def run_points(run_dir: Path) -> list[tuple[int, Path | None]]:
     return pts
 
 
-def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = True) -> dict:
-    """FID, prompt accuracy and teacher distance at 1/2/4 sampling steps along each run (snapshots of theta^-)."""
+def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = True, done: dict | None = None) -> dict:
+    """FID, prompt accuracy and teacher distance at 1/2/4 sampling steps along each run (snapshots of theta^-).
+
+    `done`: an earlier result of the same bench (same n, guidance); its points are reused, not re-evaluated.
+    """
+    if done and (done.get("n"), done.get("guidance")) != (bench.n, bench.guidance):
+        raise ValueError(f"the earlier curves were measured at n={done.get('n')}, guidance={done.get('guidance')}; "
+                         f"this bench is n={bench.n}, guidance={bench.guidance}")
+    old = {(name, p["iteration"]): p for name, r in (done or {}).get("runs", {}).items() for p in r["points"]}
     from safetensors.torch import load_file
 
     from .models import load_student
 
     out = {"n": bench.n, "guidance": bench.guidance, "teacher": getattr(bench, "teacher_row", None), "runs": {}}
-    if untrained:
+    if untrained and done and done.get("untrained"):
+        out["untrained"] = done["untrained"]
+    elif untrained:
         unet = untrained_student(bench.pipe)
         out["untrained"] = {s: bench.evaluate_unet("lcm", unet, s) for s in steps}
         bench.log(f"untrained {out['untrained']}")
@@ -246,6 +255,9 @@ def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = Tr
         cfg = json.loads((run / "training_config.json").read_text())
         pts = []
         for it, snap in pts_at:
+            if (run.name, it) in old:
+                pts.append(old[(run.name, it)])
+                continue
             unet.load_state_dict({k: v.to(unet.dtype) for k, v in load_file(snap).items()} if snap else final, strict=False)
             pts.append({"iteration": it, **{str(s): bench.evaluate_unet("lcm", unet, s) for s in steps}})
             bench.log(f"{run.name} @{it}: " + "  ".join(f"{s}-step FID {pts[-1][str(s)]['fid']:.1f} mse {pts[-1][str(s)]['teacher_mse']:.4f}" for s in steps))
@@ -380,6 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reference-cache", default=None, help="file caching the teacher's 50-step latents between runs")
     p.add_argument("--no-untrained", action="store_true", help="--curves: skip the untrained-student row")
     p.add_argument("--curves-plot", default=None, help="--curves: also plot them to this PNG")
+    p.add_argument("--resume-curves", action="store_true", help="--curves: reuse the points already in --curves-out")
     a = p.parse_args(argv)
     from .models import weights_dir
 
@@ -395,7 +408,8 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench(weights, a.n, a.batch, guidance, device=a.device)
     if a.curves:
         bench.ensure_reference(Path(a.reference_cache) if a.reference_cache else None)
-        res = curves(bench, [Path(r) for r in a.curves], untrained=not a.no_untrained)
+        done = json.loads(Path(a.curves_out).read_text()) if a.resume_curves and Path(a.curves_out).is_file() else None
+        res = curves(bench, [Path(r) for r in a.curves], untrained=not a.no_untrained, done=done)
         res["wall_s"] = time.time() - t0
         Path(a.curves_out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.curves_out).write_text(json.dumps(res, indent=2, default=float))
