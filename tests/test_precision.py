@@ -9,13 +9,16 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 from splam_studio import device as D
-from tests.test_train import _state, cli, world  # noqa: F401  (world is a fixture)
+from tests import test_train
+from tests.test_train import _state, cli
+
+world = test_train.world  # the tiny teacher and image folder (a module fixture)
 
 
 # ---------------------------------------------------------------- train_cli.py under bf16
 
 @pytest.mark.parametrize("lora", [4, 0])
-def test_bf16_run_end_to_end(world, tmp_path, lora):  # noqa: F811
+def test_bf16_run_end_to_end(world, tmp_path, lora):
     """bf16 teacher/text encoder/VAE beside an fp32 student and EMA target; the crash was in validation."""
     from splam_studio.models import load_student, load_teacher
     from splam_studio.sampler import generate
