@@ -61,8 +61,10 @@ CAPTIONS = ["one large red circle on a black background", "two small blue square
 
 # ---------------------------------------------------------------- 1. model and data, from configs
 
-def build_pipeline(out: Path, size: str = "sd15", seed: int = 0):
-    """A random-weight StableDiffusionPipeline of `size`'s shapes (SD1.5: fp16 on disk, as the hub's), saved to out."""
+def build_pipeline(out: Path, size: str = "sd15", seed: int = 0, device: str = "cpu"):
+    """A random-weight StableDiffusionPipeline of `size`'s shapes (SD1.5: fp16 on disk, as the hub's), saved to out.
+
+    The weights are drawn on `device` (initialising 860M parameters on a GPU takes a second, on a CPU a minute)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -74,17 +76,21 @@ def build_pipeline(out: Path, size: str = "sd15", seed: int = 0):
         raise FileNotFoundError(f"no CLIP tokenizer at {tok_src}: the embedded Shapes teacher is part of the repository")
     tok = CLIPTokenizer.from_pretrained(str(tok_src), model_max_length=sh["max_length"])
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **sh["unet"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32, **sh["vae"])
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=max(len(tok), 49408 if size == "sd15" else 0), max_position_embeddings=sh["max_length"],
+    with torch.device(device):
+        unet = UNet2DConditionModel(in_channels=4, out_channels=4, **sh["unet"])
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32, **sh["vae"])
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=max(len(tok), 49408 if size == "sd15" else 0), max_position_embeddings=sh["max_length"],
                                         hidden_act="quick_gelu", bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                        pad_token_id=tok.pad_token_id, **sh["text"]))
+                                            pad_token_id=tok.pad_token_id, **sh["text"]))
     sch = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                         set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
     dtype = torch.float16 if size == "sd15" else torch.float32
     pipe = StableDiffusionPipeline(vae=vae.to(dtype), text_encoder=text.to(dtype), tokenizer=tok, unet=unet.to(dtype),
                                    scheduler=sch, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(out), safe_serialization=True)
+    del pipe, unet, vae, text
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return out
 
 
@@ -151,7 +157,8 @@ def bench_grid(teacher_dir: Path, device: str, precision: str, batches, loras, c
     from .schedule import NoiseSchedule
     from .trainer_bench import time_steps
 
-    teacher = UNet2DConditionModel.from_pretrained(str(teacher_dir), subfolder="unet", torch_dtype=torch.float32)
+    teacher = UNet2DConditionModel.from_pretrained(str(teacher_dir), subfolder="unet", torch_dtype=torch.float32,
+                                                   use_safetensors=True)
     text = json.loads((teacher_dir / "text_encoder" / "config.json").read_text())
     shape = (text["max_position_embeddings"], text["hidden_size"])
     schedule = NoiseSchedule.from_config()
@@ -252,7 +259,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="train,bench,latency", help="comma-separated parts: train, bench, latency")
     p.add_argument("--runs", default=",".join(TRAIN_RUNS), help=f"train_cli runs to do, of {', '.join(TRAIN_RUNS)}")
     p.add_argument("--teacher", default=None, help="latency: a teacher folder or embedded name instead of the built pipeline")
-    p.add_argument("--repeats", type=int, default=None, help="latency: timed rounds per case (default 10; tiny 2)")
+    p.add_argument("--repeats", type=int, default=None, help="latency: timed rounds per case (default 6; tiny 2)")
     p.add_argument("--teacher-steps", type=int, default=50, help="latency: the teacher's DDIM steps")
     p.add_argument("--workdir", default=None, help="where the pipeline, images and runs go (default: a temp dir, removed)")
     p.add_argument("--out", default="benchmarks/gpu.json", help="the JSON written")
@@ -274,7 +281,7 @@ def main(argv=None) -> int:
     try:
         teacher_dir = work / "teacher"
         if parts & {"train", "bench"} or (parts & {"latency"} and not a.teacher):
-            build_pipeline(teacher_dir, size)
+            build_pipeline(teacher_dir, size, device=str(rt.device))
             log(f"pipeline of {size} shapes in {teacher_dir}")
         if "train" in parts:
             data = write_images(work / "data", sh["images"], sh["resolution"])
@@ -293,10 +300,10 @@ def main(argv=None) -> int:
                 log(f"train {name}: {'ok' if row['ok'] else 'FAILED in ' + row['failed']}")
         if "bench" in parts:
             doc["bench"] = bench_grid(teacher_dir, a.device, "auto", batches=(2,) if a.tiny else (4, 8),
-                                      loras=(4, 0) if a.tiny else (64, 0), checkpointing=(False, True), steps=1 if a.tiny else 5)
+                                      loras=(4, 0) if a.tiny else (64, 0), checkpointing=(False, True), steps=1 if a.tiny else 3)
             log(f"trainer bench: {len(doc['bench'])} rows")
         if "latency" in parts:
-            doc["latency"] = latency_for(a.teacher or str(teacher_dir), a.device, a.repeats or (2 if a.tiny else 10),
+            doc["latency"] = latency_for(a.teacher or str(teacher_dir), a.device, a.repeats or (2 if a.tiny else 6),
                                          2 if a.tiny else a.teacher_steps)
             log(f"latency: {[(r['model'], r['steps'], r['ratio']) for r in doc['latency']['rows']]}")
     finally:

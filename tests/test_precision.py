@@ -193,3 +193,24 @@ def test_resolver_refuses_with_the_options(monkeypatch, hw, device, precision, w
     _fake(monkeypatch, **hw)
     with pytest.raises(ValueError, match=words):
         D.resolve_runtime(device, precision)
+
+
+def test_fp16_loss_scale_survives_a_resume(tmp_path):
+    """fp16 training keeps accelerate's GradScaler state in state.json, so a resume does not restart at 65536."""
+    from splam_studio.train import load_checkpoint, save_checkpoint
+
+    net = torch.nn.Linear(3, 2)
+    target = torch.nn.Linear(3, 2).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    scaler.scale(torch.ones(()))
+    scaler.update(512.0)  # as after an overflowing step
+    ckpt = save_checkpoint(tmp_path, 5, net, target, opt, keep=1, grad_scaler=scaler.state_dict())
+    fresh = torch.amp.GradScaler("cpu")
+    assert fresh.get_scale() == 65536.0
+    assert load_checkpoint(ckpt, net, target, torch.optim.AdamW(net.parameters()), fresh) == 5
+    assert fresh.get_scale() == 512.0 and fresh.state_dict()["growth_interval"] == 7
+    # a bf16 or fp32 run has no scaler: nothing stored, nothing restored
+    ckpt = save_checkpoint(tmp_path, 6, net, target, opt, keep=1)
+    assert json.loads((ckpt / "state.json").read_text())["grad_scaler"] is None
+    assert load_checkpoint(ckpt, net, target, torch.optim.AdamW(net.parameters()), None) == 6
