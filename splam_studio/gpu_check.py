@@ -330,6 +330,12 @@ def _bf16(dev: torch.device) -> bool:
 
 # ---------------------------------------------------------------- BENCHMARKS.md section
 
+def markdown_section(path: str | Path = "benchmarks/gpu.json") -> str | None:
+    """The BENCHMARKS.md section for a gpu.json file, or None when there is none (no GPU check was run)."""
+    path = Path(path)
+    return render_markdown(json.loads(path.read_text())) if path.is_file() else None
+
+
 def render_markdown(doc: dict) -> str:
     """benchmarks/gpu.json as a BENCHMARKS.md section (markdown string)."""
     lines = [f"## GPU check (`{doc['command']}`)", "",

@@ -30,6 +30,7 @@ def test_tiny_gpu_check_end_to_end(tmp_path):
     assert all(r["studio_ms"] > 0 and r["stock_ms"] > 0 for r in lat)
     assert set(doc["summary"]) >= {"splam_over_lcm_step_time_max", "studio_over_stock_latency_max", "train_runs_ok"}
     md = gpu_check.render_markdown(doc)
+    assert gpu_check.markdown_section(out) == md and gpu_check.markdown_section(tmp_path / "none.json") is None
     assert md.startswith("## GPU check") and "| splam-lora64-bf16 | bf16 | 2 | 16 |" in md and "skipped: fp16 needs" in md
 
 
