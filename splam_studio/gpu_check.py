@@ -274,7 +274,10 @@ def main(argv=None) -> int:
     rt = resolve_runtime(a.device, "auto")
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="gpu-check-"))
     t_start = time.perf_counter()
-    doc: dict = {"command": "python -m splam_studio.gpu_check" + (" --tiny" if a.tiny else ""), "size": size,
+    model = (f"teacher {a.teacher} (its own weights)" if parts == {"latency"} and a.teacher
+             else f"{'tiny SD' if a.tiny else 'SD1.5'} shapes, random weights")
+    doc: dict = {"command": " ".join(["python -m splam_studio.gpu_check", *(sys.argv[1:] if argv is None else argv)]),
+                 "size": size, "model": model,
                  "device": str(rt.device), "device_name": torch.cuda.get_device_name() if rt.device.type == "cuda" else platform.processor(),
                  "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     log = lambda msg: print(f"[gpu_check {time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)  # noqa: E731
@@ -339,7 +342,7 @@ def markdown_section(path: str | Path = "benchmarks/gpu.json") -> str | None:
 def render_markdown(doc: dict) -> str:
     """benchmarks/gpu.json as a BENCHMARKS.md section (markdown string)."""
     lines = [f"## GPU check (`{doc['command']}`)", "",
-             f"{doc['size']} shapes, random weights, on {doc['device']} ({doc.get('device_name') or 'unknown'}), torch {doc['torch']}, "
+             f"{doc.get('model', doc['size'])}, on {doc['device']} ({doc.get('device_name') or 'unknown'}), torch {doc['torch']}, "
              f"{doc['time']}, {doc.get('wall_s', '?')} s in all.", ""]
     if doc.get("summary"):
         lines += ["| target | value | goal | met |", "|---|---|---|---|"]
@@ -376,6 +379,7 @@ def render_markdown(doc: dict) -> str:
         for r in lat["rows"]:
             lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['cfg']} | {r['studio_ms']} | {r['stock_ms']} | {r['ratio']} |")
         lines += ["", f"4-step student over the teacher's {lat['rows'][0]['steps']} guided steps: {lat['speedup_4_steps']}x faster.", ""]
+    lines += [f"- {n}" for n in doc.get("notes", [])] + ([""] if doc.get("notes") else [])
     return "\n".join(lines)
 
 
