@@ -69,6 +69,12 @@ class Generation:
     latents: torch.Tensor  # (B, C, h, w) final clean latents, float32 on the CPU
 
 
+def placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of a model's first parameter: diffusers' `.device` / `.dtype` walk every submodule on each call."""
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
 @torch.no_grad()
 def generate(pipe: StableDiffusionPipeline, *, prompt: list[str], sampler: str, steps: int, seed: int,
              unet: UNet2DConditionModel | None = None, guidance_scale: float = 1.0,
@@ -76,6 +82,9 @@ def generate(pipe: StableDiffusionPipeline, *, prompt: list[str], sampler: str, 
     """Generate with the teacher (unet=None) or a student UNet, from the initial noise of `seed`, in a stock pipeline.
 
     Students run with LCMScheduler at guidance_scale = 1 (diffusers then embeds gamma = 1 and skips CFG).
+    The UNet may have another dtype than the text encoder and VAE (an fp32 EMA target beside a bf16 text encoder in
+    training, an fp32 student beside an fp16 teacher in the studio): text embeddings and latents are cast at the
+    UNet's boundary, the VAE's input at its own.
     """
     unet = unet if unet is not None else pipe.unet
     is_student = unet.config.time_cond_proj_dim is not None
@@ -83,22 +92,36 @@ def generate(pipe: StableDiffusionPipeline, *, prompt: list[str], sampler: str, 
         raise ValueError(f"students sample with 'lcm' (multistep consistency), not {sampler!r}")
     if is_student:
         guidance_scale, negative_prompt = 1.0, None  # guidance is baked into the student
-    p = StableDiffusionPipeline(**{**pipe.components, "unet": unet, "scheduler": make_scheduler(sampler, pipe.scheduler.config)})
+    device, dtype = placement(unet)
+    # 1. text embeddings from the pipeline's own encoder, then in the UNet's dtype
+    cfg = guidance_scale > 1 and not is_student
+    cond, uncond = pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt)
+    cond, uncond = cond.to(dtype), (uncond.to(dtype) if uncond is not None else None)
+    # 2. the stock pipeline's loop on those embeddings; it casts them to its text encoder's dtype, so a text encoder
+    #    of another dtype stays out of it (the pipeline then takes the UNet's dtype)
+    te = pipe.text_encoder if placement(pipe.text_encoder)[1] == dtype else None
+    p = StableDiffusionPipeline(**{**pipe.components, "unet": unet, "text_encoder": te,
+                                   "scheduler": make_scheduler(sampler, pipe.scheduler.config)})
     p.set_progress_bar_config(disable=True)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     size = unet.config.sample_size * vae_scale
-    z_T = initial_noise(seed, len(prompt), unet, size, size, vae_scale).to(pipe.device, unet.dtype)
+    z_T = initial_noise(seed, len(prompt), unet, size, size, vae_scale).to(device, dtype)
     g = torch.Generator("cpu").manual_seed(int(seed) + 1)  # re-noising of multistep sampling
-    out = p(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
+    out = p(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps, guidance_scale=guidance_scale,
             latents=z_T, generator=g, output_type="latent", height=size, width=size)
-    latents = out.images.float().cpu()
-    images = decode_latents(pipe, latents) if decode else []
-    return Generation(images=images, latents=latents)
+    # 3. decode on the device; the returned latents are a float32 CPU copy
+    images = decode_latents(pipe, out.images) if decode else []
+    return Generation(images=images, latents=out.images.float().cpu())
 
 
 @torch.no_grad()
 def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> list:
-    """VAE-decode clean latents (B, C, h, w) to PIL images."""
+    """VAE-decode clean latents (B, C, h, w) to PIL images; an fp16 decode that overflows is redone in fp32."""
     vae = pipe.vae
-    x = vae.decode(latents.to(pipe.device, vae.dtype) / vae.config.scaling_factor).sample
+    device, dtype = placement(vae)
+    z = latents.to(device) / vae.config.scaling_factor
+    x = vae.decode(z.to(dtype)).sample
+    if dtype == torch.float16 and not torch.isfinite(x).all():  # the SD1.5 VAE can exceed fp16's range at 512 px
+        x = vae.float().decode(z.float()).sample
+        vae.to(dtype)
     return pipe.image_processor.postprocess(x.float(), output_type="pil")

@@ -29,9 +29,12 @@ def build_student(
         raise ValueError(f"cond_proj_init must be 'fresh' or 'zero', got {cond_proj_init!r}")
     if teacher.config.time_cond_proj_dim is not None:
         raise ValueError("teacher already has a time_cond_proj (is it a distilled student?); distil from the base model")
-    config = dict(teacher.config)
+    # Drop diffusers' private keys: a UNet constructed in code lists the arguments it was not given in
+    # `_use_default_values`, and from_config would reset those (time_cond_proj_dim among them) to their defaults.
+    config = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
     config["time_cond_proj_dim"] = embed_dim
-    student = UNet2DConditionModel.from_config(config)
+    with torch.device(teacher.device):  # draw the (overwritten) initial weights where the teacher lives: fast on a GPU
+        student = UNet2DConditionModel.from_config(config)
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     if unexpected or any(not k.startswith("time_embedding.cond_proj") for k in missing):
         raise ValueError(f"teacher/student mismatch: missing={missing}, unexpected={unexpected}")

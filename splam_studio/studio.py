@@ -360,7 +360,7 @@ class Studio:
 
         def build():
             try:
-                pipe = load_teacher(source, torch_dtype=self.runtime.weight_dtype)
+                pipe = load_teacher(source, torch_dtype=self.runtime.sample_dtype)
             except ModelLoadError as e:
                 raise StudioError(_hub_hint(str(e), source) if kind == "hub" else str(e)) from None
             pipe = pipe.to(self.runtime.device)

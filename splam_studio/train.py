@@ -147,8 +147,8 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().cpu().contiguous() for k, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, step: int, student, target, opt, keep: int) -> Path:
-    """checkpoints/step-N/{student,target,optimizer}.safetensors + state.json, written to a temp dir then renamed."""
+def save_checkpoint(run_dir: Path, step: int, student, target, opt, keep: int, grad_scaler: dict | None = None) -> Path:
+    """checkpoints/step-N/{student,target,optimizer}.safetensors + state.json (with fp16's loss scale), atomic."""
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:07d}"
@@ -162,7 +162,7 @@ def save_checkpoint(run_dir: Path, step: int, student, target, opt, keep: int) -
     opt_t, opt_meta = _optimizer_tensors(opt)
     save_file(opt_t, tmp / "optimizer.safetensors")
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta, indent=2, default=str))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "time": time.time()}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "time": time.time(), "grad_scaler": grad_scaler}))
     fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -193,8 +193,8 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(ckpt: Path, student, target, opt) -> int:
-    """Restore student, target and optimiser; returns the step to continue from."""
+def load_checkpoint(ckpt: Path, student, target, opt, grad_scaler=None) -> int:
+    """Restore student, target, optimiser and fp16's loss scale; returns the step to continue from."""
     s = load_file(ckpt / "student.safetensors")
     missing = [k for k, p in student.named_parameters() if p.requires_grad and k not in s]
     if missing:
@@ -202,7 +202,10 @@ def load_checkpoint(ckpt: Path, student, target, opt) -> int:
     student.load_state_dict(s, strict=False)
     target.load_state_dict(load_file(ckpt / "target.safetensors"), strict=False)
     _load_optimizer(opt, load_file(ckpt / "optimizer.safetensors"), json.loads((ckpt / "optimizer.json").read_text()))
-    return int(json.loads((ckpt / "state.json").read_text())["step"])
+    state = json.loads((ckpt / "state.json").read_text())
+    if grad_scaler is not None and state.get("grad_scaler"):
+        grad_scaler.load_state_dict(state["grad_scaler"])
+    return int(state["step"])
 
 
 # ---------------------------------------------------------------- data order (exactly resumable)
@@ -267,7 +270,7 @@ def run(cfg: TrainConfig, log=print) -> Path:
     set_seed(cfg.seed)
     device = acc.device
 
-    # models: frozen teacher, VAE and text encoder in the weight dtype; trainable student in fp32
+    # models (dtypes: device.py): frozen teacher, text encoder and VAE in the runtime's dtypes; student and theta^- fp32
     pipe = load_teacher(cfg.teacher, torch_dtype=torch.float32, allow_pickle=cfg.allow_pickle, config=cfg.teacher_config)
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     teacher = pipe.unet.requires_grad_(False).eval()
@@ -315,7 +318,7 @@ def run(cfg: TrainConfig, log=print) -> Path:
         if ckpt is None:
             log(f"resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
         else:
-            start = load_checkpoint(ckpt, student, target, opt)
+            start = load_checkpoint(ckpt, student, target, opt, acc.scaler)
             log(f"resume: {ckpt.name}, continuing at step {start}")
     if start >= cfg.max_steps:
         log(f"already at step {start} >= max_steps {cfg.max_steps}; nothing to do")
@@ -341,6 +344,8 @@ def run(cfg: TrainConfig, log=print) -> Path:
                 ("constant 1" if cfg.method != "splam" else "uniform[0,1]" if not cfg.gamma_one_prob
                  else f"1 with p={cfg.gamma_one_prob:g}, else uniform[0,1]"), "k": cfg.m * (schedule.T // cfg.num_ddim_steps),
                 "mixed_precision": rt.mixed_precision, "device": str(device), "processes": acc.num_processes,
+                "dtypes": {k: str(v).removeprefix("torch.") for k, v in (("student", acc.unwrap_model(student).dtype), ("target", target.dtype),
+                           ("teacher", teacher.dtype), ("text_encoder", pipe.text_encoder.dtype), ("vae", pipe.vae.dtype))},
                 "teacher_scheduler": dict(pipe.scheduler.config)}
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -422,7 +427,8 @@ def run(cfg: TrainConfig, log=print) -> Path:
             acc.log({"loss": sum(losses) / len(losses), "bad_steps": bad_total}, step=step)
             losses.clear()
         if acc.is_main_process and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
-            save_checkpoint(run_dir, step, acc.unwrap_model(student), target, opt, cfg.keep_checkpoints)
+            save_checkpoint(run_dir, step, acc.unwrap_model(student), target, opt, cfg.keep_checkpoints,
+                            acc.scaler.state_dict() if acc.scaler is not None else None)
         if acc.is_main_process and cfg.snapshot_every and step % cfg.snapshot_every == 0:
             save_snapshot(run_dir, step, acc.unwrap_model(student), target)
         if acc.is_main_process and cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.max_steps:

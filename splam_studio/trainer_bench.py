@@ -23,17 +23,88 @@ SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
 
 
+def make_student(teacher, lora: int, checkpointing: bool):
+    """The student of a run: build_student, then LoRA of rank `lora` on train.LORA_TARGETS (0 = full fine-tune)."""
+    from .student import build_student
+
+    student = build_student(teacher, "fresh", generator=torch.Generator().manual_seed(0))
+    if lora:
+        from peft import LoraConfig
+
+        from .train import LORA_TARGETS
+
+        student.requires_grad_(False)
+        student.add_adapter(LoraConfig(r=lora, lora_alpha=lora, target_modules=LORA_TARGETS))
+        student.time_embedding.cond_proj.requires_grad_(True)
+    if checkpointing:
+        student.enable_gradient_checkpointing()
+    return student
+
+
+def time_steps(rt, teacher, schedule, text_shape: tuple[int, int], *, methods=("lcm", "splam"), batch: int, lora: int,
+               checkpointing: bool, steps: int) -> list[dict]:
+    """Median time of `steps` SPLAD steps (after one warm-up) per method, and peak memory, on one student.
+
+    The methods alternate step by step on the same student, target and teacher, so they share the machine's state.
+    Mixed precision as in training: autocast in rt's dtype; fp16 adds a GradScaler.
+    """
+    from .splad import SpladConfig, splad_loss
+    from .student import ema_update, make_target
+
+    dev = rt.device
+    teacher = teacher.requires_grad_(False).to(dev, rt.weight_dtype)
+    student = make_student(teacher, lora, checkpointing).to(dev).train()
+    target = make_target(student)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
+    scaler = torch.amp.GradScaler(dev.type) if rt.grad_scaler else None
+    C, S = teacher.config.in_channels, teacher.config.sample_size
+    (L, Dm), g = text_shape, torch.Generator().manual_seed(0)
+    z_0 = torch.randn(batch, C, S, S, generator=g).to(dev)
+    cond, uncond = torch.randn(batch, L, Dm, generator=g).to(dev, rt.weight_dtype), torch.zeros(batch, L, Dm).to(dev, rt.weight_dtype)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (torch.mps.synchronize if dev.type == "mps" else lambda: None)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    peaks: dict[str, float] = {}
+    for i in range(steps + 1):
+        for m in methods:
+            if dev.type == "cuda" and i == 1:
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            t0 = time.perf_counter()
+            with torch.autocast(dev.type, dtype=rt.weight_dtype, enabled=rt.mixed_precision != "no"):
+                loss = splad_loss(SpladConfig(method=m), schedule, student, target, teacher, z_0, cond, uncond, g)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema_update(target, student)
+            sync()
+            if i:
+                times[m].append(time.perf_counter() - t0)
+            if dev.type == "cuda" and i == steps:
+                peaks[m] = torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = [{"method": m, "batch": batch, "lora": lora, "checkpointing": checkpointing,
+            "step_s": statistics.median(times[m]), "steps_per_s": 1 / statistics.median(times[m]),
+            "peak_mib": peaks.get(m, rss), "peak_kind": "CUDA max allocated" if dev.type == "cuda" else "process max RSS",
+            "device": str(dev), "precision": rt.mixed_precision} for m in methods]
+    del student, target, opt
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
 def _one(args) -> dict:
     """Time `steps` SPLAD steps of one configuration in this process."""
     from diffusers import UNet2DConditionModel
 
     from .device import resolve_runtime
     from .schedule import NoiseSchedule
-    from .splad import SpladConfig, splad_loss
-    from .student import build_student, ema_update, make_target
 
     rt = resolve_runtime(args.device, args.precision)
-    dev = rt.device
     if args.sd15:
         teacher = UNet2DConditionModel(**SD15_UNET)
         schedule, L, D = NoiseSchedule.from_config(), 77, 768
@@ -43,47 +114,8 @@ def _one(args) -> dict:
         pipe = load_teacher("shapes")
         teacher, schedule = pipe.unet, NoiseSchedule.from_scheduler(pipe.scheduler)
         L, D = pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size
-    student = build_student(teacher, "fresh", generator=torch.Generator().manual_seed(0))
-    if args.lora:
-        from peft import LoraConfig
-
-        from .train import LORA_TARGETS
-
-        student.requires_grad_(False)
-        student.add_adapter(LoraConfig(r=args.lora, lora_alpha=args.lora, target_modules=LORA_TARGETS))
-        student.time_embedding.cond_proj.requires_grad_(True)
-    if args.checkpointing:
-        student.enable_gradient_checkpointing()
-    target = make_target(student).to(dev)
-    teacher = teacher.requires_grad_(False).to(dev, rt.weight_dtype)
-    student.to(dev).train()
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
-    cfg = SpladConfig(method=args.method)
-    C, S = teacher.config.in_channels, teacher.config.sample_size
-    g = torch.Generator().manual_seed(0)
-    z_0 = torch.randn(args.batch, C, S, S, generator=g).to(dev)
-    cond, uncond = torch.randn(args.batch, L, D, generator=g).to(dev), torch.zeros(args.batch, L, D).to(dev)
-    times = []
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(args.steps + 1):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=rt.weight_dtype, enabled=rt.mixed_precision != "no"):
-            loss = splad_loss(cfg, schedule, student, target, teacher, z_0, cond, uncond, g)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema_update(target, student)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() / 2**20) if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"method": args.method, "batch": args.batch, "lora": args.lora, "checkpointing": args.checkpointing,
-            "step_s": statistics.median(times[1:]), "steps_per_s": 1 / statistics.median(times[1:]), "peak_mib": peak,
-            "peak_kind": "CUDA max allocated" if dev.type == "cuda" else "process max RSS", "device": str(dev),
-            "precision": rt.mixed_precision}
+    return time_steps(rt, teacher, schedule, (L, D), methods=(args.method,), batch=args.batch, lora=args.lora,
+                      checkpointing=args.checkpointing, steps=args.steps)[0]
 
 
 def main(argv=None) -> None:
