@@ -339,9 +339,9 @@ def markdown_section(path: str | Path = "benchmarks/gpu.json") -> str | None:
     return render_markdown(json.loads(path.read_text())) if path.is_file() else None
 
 
-def render_markdown(doc: dict) -> str:
-    """benchmarks/gpu.json as a BENCHMARKS.md section (markdown string)."""
-    lines = [f"## GPU check (`{doc['command']}`)", "",
+def render_markdown(doc: dict, title: str = "GPU check") -> str:
+    """benchmarks/gpu.json (or a latency-only run of this check) as a BENCHMARKS.md section (markdown string)."""
+    lines = [f"## {title} (`{doc['command']}`)", "",
              f"{doc.get('model', doc['size'])}, on {doc['device']} ({doc.get('device_name') or 'unknown'}), torch {doc['torch']}, "
              f"{doc['time']}, {doc.get('wall_s', '?')} s in all.", ""]
     if doc.get("summary"):

@@ -299,6 +299,18 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
             L += ["![curves](benchmarks/curves.png)", ""]
     if (tr := _load(folder, "trainer.json")):
         L += generic_section("Trainer: SPLAM vs LCM step time and memory", tr)
+    if (lat := _load(folder, "latency_cpu.json")):
+        from .gpu_check import render_markdown
+
+        L += [render_markdown(lat, "Studio latency against a stock pipeline, CPU"), ""]
+    if (g := _load(folder, "gpu.json")):
+        from .gpu_check import render_markdown
+
+        L += [render_markdown(g), ""]
+    else:
+        L += ["## GPU check", "", "`python -m splam_studio.gpu_check` (SD1.5-sized pipeline from configs: train_cli runs in "
+              "bf16 and fp16, the trainer bench grid, studio against a stock pipeline) has not run on a GPU yet: no GPU was "
+              "at hand. Its CPU path (`--tiny`) runs in the tests.", ""]
     if (gpu := _load(folder, "trainer_gpu.json")):
         L += generic_section("Trainer on an H200 (SD1.5-sized UNet, random weights)", gpu)
     if (rel := _load(folder, "reliability.json")):
