@@ -2,9 +2,11 @@
 leaves nothing behind, a small data set clamps the batch, stats.jsonl, and --help with each preset's values."""
 import json
 
-from tests.test_train import cli, world  # noqa: F401 - the tiny teacher and 12-image folder fixture
-
 import train_cli
+from tests import test_train
+
+world = test_train.world  # the tiny teacher and 12-image folder (module fixture)
+cli = test_train.cli
 
 
 def _fake_run(path, method="lcm"):
@@ -13,7 +15,7 @@ def _fake_run(path, method="lcm"):
     (path / "keep.txt").write_text("the user's")
 
 
-def test_existing_run_is_refused_without_resume_or_overwrite(world, tmp_path):  # noqa: F811
+def test_existing_run_is_refused_without_resume_or_overwrite(world, tmp_path):
     _fake_run(tmp_path / "mine")
     r = cli(world, tmp_path, "--max-steps", "1", "--run-name", "mine")
     assert r.returncode == 2
@@ -23,7 +25,7 @@ def test_existing_run_is_refused_without_resume_or_overwrite(world, tmp_path):  
     assert r.returncode == 2 and "overwrite" in r.stderr
 
 
-def test_all_corrupt_data_leaves_nothing_and_overwrite_puts_the_old_run_back(world, tmp_path):  # noqa: F811
+def test_all_corrupt_data_leaves_nothing_and_overwrite_puts_the_old_run_back(world, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     for i in range(3):
@@ -38,7 +40,7 @@ def test_all_corrupt_data_leaves_nothing_and_overwrite_puts_the_old_run_back(wor
     assert (out / "mine" / "keep.txt").read_text() == "the user's"  # put back: the new run never got written
 
 
-def test_overwrite_clamped_batch_and_stats(world, tmp_path):  # noqa: F811
+def test_overwrite_clamped_batch_and_stats(world, tmp_path):
     _fake_run(tmp_path / "mine", method="lcm")
     r = cli(world, tmp_path, "--max-steps", "2", "--run-name", "mine", "--overwrite", "--method", "splam",
             "--batch-size", "16")
