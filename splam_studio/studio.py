@@ -306,8 +306,8 @@ class ErrorBoundResult:
             name, t = caption.split(" F(z_t), t=")
             rows.setdefault(name, []).append((int(t), img))
         cols = max(len(r) for r in rows.values())
-        font = _font(max(11, cell // 7))
-        label_w, head_h, gap = int(cell * 0.75), cell // 4, 4
+        font = _font(max(11, cell // 4))  # large: on a phone the whole grid is shown at about a third of its size
+        label_w, head_h, gap = cell, cell // 2, 4
         W = label_w + (cols + 1) * (cell + gap) + gap
         H = head_h + len(rows) * (cell + gap) + gap
         grid = Image.new("RGB", (W, H), (255, 255, 255))
@@ -317,7 +317,7 @@ class ErrorBoundResult:
             draw.text((label_w + c * (cell + gap) + cell // 2, head_h // 2), f"t = {t}", fill=(0, 0, 0), font=font,
                       anchor="mm")
         x_t = label_w + cols * (cell + gap) + gap
-        draw.text((x_t + cell // 2, head_h // 2), "teacher z_0", fill=(0, 0, 0), font=font, anchor="mm")
+        draw.text((x_t + cell // 2, head_h // 2), "teacher", fill=(0, 0, 0), font=font, anchor="mm")
         for r, (name, cells) in enumerate(rows.items()):
             y = head_h + r * (cell + gap)
             draw.text((label_w // 2, y + cell // 2), name, fill=METHOD_COLORS.get(name.lower(), "#000000"), font=font,

@@ -50,10 +50,8 @@ CSS = """
 #title { margin-bottom: 0; }
 #intro p { margin: 0; }
 #compare-notice:empty { display: none; }
-#examples button, #examples .gallery-item { white-space: normal !important; text-align: left; height: auto !important;
-  max-width: 100% !important; overflow: visible !important; }
-#examples button *, #examples .gallery-item * { white-space: normal !important; overflow: visible !important;
-  text-overflow: clip !important; }
+#examples button { white-space: normal; text-align: left; justify-content: flex-start; height: auto; font-weight: normal; }
+.examples-label p { font-size: 0.9em; margin: 0; }
 @media (max-width: 640px) {
   .gradio-container { padding-left: 6px !important; padding-right: 6px !important; }
   #panels { flex-direction: column; }
@@ -225,7 +223,7 @@ def build_ui(studio: Studio, *, train: bool = True) -> gr.Blocks:
                         with gr.Row():
                             seed = gr.Number(label="Seed", value=0, precision=0, min_width=120, elem_id="seed",
                                              info=f"{SEED[0]}-{SEED[1]}; the same noise for all three panels")
-                            dice = gr.Button("🎲 Random seed", size="sm", min_width=100)
+                            dice = gr.Button("Random seed", size="sm", min_width=100)
                         student_steps = gr.Slider(*STUDENT_STEPS, value=2, step=1, label="Student steps (LCM, SPLAM)")
                         teacher_steps = gr.Slider(*TEACHER_STEPS, value=25, step=1, label="Teacher steps")
                         guidance = gr.Slider(*GUIDANCE, value=DEFAULT_GUIDANCE, step=0.5,
@@ -246,10 +244,15 @@ def build_ui(studio: Studio, *, train: bool = True) -> gr.Blocks:
                                             value=False, elem_id="show-diff")
                     summary = gr.Markdown(elem_id="summary")
             history = gr.Gallery(label="History (teacher | LCM | SPLAM, newest first)", columns=4, rows=1,
-                                 height=170, object_fit="contain", elem_id="history", elem_classes="panel")
+                                 height=170, object_fit="contain", allow_preview=False, elem_id="history",
+                                 elem_classes="panel")
             history_state = gr.State([])
             images_state = gr.State({})
-            gr.Examples([[p] for p in EXAMPLES], inputs=[prompt], label=EXAMPLES_LABEL, elem_id="examples")
+            gr.Markdown(EXAMPLES_LABEL, elem_classes="examples-label")
+            with gr.Row(elem_id="examples"):  # buttons, not gr.Examples: those cut a caption at 60 characters
+                for text in EXAMPLES:
+                    gr.Button(text, size="sm", min_width=240).click(
+                        lambda t=text: t, None, prompt, api_visibility="private", queue=False)
             with gr.Accordion("A/B slider", open=False):
                 with gr.Row():
                     left = gr.Dropdown([ROLE_TITLE[r] for r in roles], value="LCM", label="Left", scale=1)
@@ -294,9 +297,10 @@ def build_ui(studio: Studio, *, train: bool = True) -> gr.Blocks:
                                        x_title="t′ (timestep)", y_title="RMS in latent space", height=320,
                                        color_map={k: v for k, v in colors.items() if k.endswith("term")},
                                        min_width=300, elem_id="eb-terms")
-            eb_grid = gr.Image(label="Decoded F(z_t) along the trajectory: one row per student, the same t above each "
-                                     "other; the teacher's z_0 on the right", type="pil", interactive=False,
-                               elem_classes="panel", elem_id="eb-grid")
+            gr.Markdown("**Decoded F(z_t) along the trajectory**: one row per student, the same t above each other; "
+                        "the teacher's final image z_0 on the right.")
+            eb_grid = gr.Image(show_label=False, type="pil", interactive=False, elem_classes="panel",
+                               elem_id="eb-grid")
         eb_go.click(on_error_bound, [eb_prompt, eb_seed, eb_stride, eb_guidance, *model_inputs],
                     [eb_plot, eb_terms, eb_grid, eb_summary], api_name="error_bound", concurrency_id="generate")
 
