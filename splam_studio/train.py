@@ -278,7 +278,11 @@ def claim_run_dir(run_dir: Path, cfg: TrainConfig, log=print) -> Path | None:
                          f"{run_dir.parent / '.trash'}/), or choose another --run-name")
     if not _is_main_process():
         return None
-    aside = run_dir.parent / ".trash" / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = run_dir.parent / ".trash" / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = stem, 1
+    while aside.exists():  # two overwrites within a second
+        n += 1
+        aside = stem.with_name(f"{stem.name}-{n}")
     aside.parent.mkdir(parents=True, exist_ok=True)
     run_dir.rename(aside)
     log(f"--overwrite: the previous run {run_dir.name!r} is kept in {aside} until you delete it")
@@ -286,7 +290,7 @@ def claim_run_dir(run_dir: Path, cfg: TrainConfig, log=print) -> Path | None:
 
 
 class StepLog:
-    """runs' machine-readable trail: <run>/stats.jsonl, appended (a resumed run continues the same file)."""
+    """The run's machine-readable trail: <run>/stats.jsonl, appended (a resumed run continues the same file)."""
 
     def __init__(self, run_dir: Path, cfg: TrainConfig, start: int):
         self.path, self.start, self.total, self.t0 = run_dir / STATS, start, cfg.max_steps, time.time()

@@ -52,9 +52,14 @@ CSS = """
 #compare-notice:empty { display: none; }
 #examples button { white-space: normal; text-align: left; justify-content: flex-start; height: auto; font-weight: normal; }
 .examples-label p { font-size: 0.9em; margin: 0; }
+#history .grid-wrap { padding-top: 30px; }
+#history .grid-container { grid-template-columns: repeat(auto-fill, minmax(210px, 1fr)) !important;
+  grid-auto-rows: auto !important; }
+#history .thumbnail-item { aspect-ratio: 3 / 1 !important; height: auto !important; }
 @media (max-width: 640px) {
   .gradio-container { padding-left: 6px !important; padding-right: 6px !important; }
   #panels { flex-direction: column; }
+  #eb-grid { padding-top: 36px !important; }  /* below the image's buttons */
 }
 """
 TRAIN_POLL_S = 2.0

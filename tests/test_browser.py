@@ -73,6 +73,9 @@ def test_compare_layout(browser, app_url, width):
         page.wait_for_function("() => { const i = document.querySelector('#history img'); "
                                "return i && i.complete && i.naturalWidth > 0; }", timeout=30_000)
         page.locator("#history").screenshot(path=str(ARTIFACTS / f"browser-history-{width}.png"))
+        gallery, strip = _box(page, "#history"), _box(page, "#history img")
+        assert strip["y"] + strip["height"] <= gallery["y"] + gallery["height"], (gallery, strip)  # in view, whole
+        assert strip["width"] > 2.5 * strip["height"] and strip["width"] <= gallery["width"]
         page.evaluate("window.scrollTo(0, 0)")
         page.wait_for_timeout(300)
         page.screenshot(path=str(ARTIFACTS / f"browser-compare-{width}.png"))
