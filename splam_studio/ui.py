@@ -59,7 +59,7 @@ CSS = """
 @media (max-width: 640px) {
   .gradio-container { padding-left: 6px !important; padding-right: 6px !important; }
   #panels { flex-direction: column; }
-  #eb-grid { padding-top: 36px !important; }  /* below the image's buttons */
+  #eb-grid .icon-button-wrapper { display: none; }  /* they would cover the t labels of the small grid */
 }
 """
 TRAIN_POLL_S = 2.0
@@ -339,11 +339,14 @@ def _train_tab(studio: Studio, demo: gr.Blocks, model_inputs: list, menus) -> No
         trainer.stop()
         return view(trainer.status())
 
-    def on_poll(runs_seen, teacher, splam, lcm):
+    def listed():
+        return [studio.menu(role) for role in ("teacher", "splam", "lcm")]
+
+    def on_poll(seen, teacher, splam, lcm):
         s = trainer.status()
-        runs = sorted(r.name for r in studio.runs())
-        lists = menus((teacher, splam, lcm)) if runs != runs_seen else (gr.skip(),) * 3
-        return (*view(s), runs, *lists)
+        now = listed()  # a run enters the menus when its student is exported, at the end
+        lists = menus((teacher, splam, lcm)) if now != seen else (gr.skip(),) * 3
+        return (*view(s), now, *lists)
 
     with gr.Tab("Train"):
         gr.Markdown("Distil your own student. The run is a `train_cli.py` subprocess (one at a time); its checkpoint "
@@ -370,7 +373,7 @@ def _train_tab(studio: Studio, demo: gr.Blocks, model_inputs: list, menus) -> No
             t_val = gr.Gallery(label="Validation samples (rows: 1, 2, 4 steps)", columns=2, height=280,
                                elem_classes="panel", min_width=300)
         t_log = gr.Textbox(label="Log (tail)", lines=8, max_lines=8, autoscroll=True)
-        runs_seen = gr.State(sorted(r.name for r in studio.runs()))
+        runs_seen = gr.State(listed())
         timer = gr.Timer(TRAIN_POLL_S, active=False)
         outputs = [t_status, t_speed, t_loss, t_val, t_log, start, stop, timer]
         start.click(on_start, [t_teacher, t_data, t_method, t_steps, t_batch, t_name], outputs,

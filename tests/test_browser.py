@@ -165,8 +165,9 @@ def test_train_tab_run_and_reload(browser, app_url):
         assert not page.locator("#train-start").is_disabled()
         page.wait_for_timeout(2500)  # one more poll after the end
         page.screenshot(path=str(ARTIFACTS / "browser-train.png"), full_page=True)
-        page.get_by_text("Models").first.click()
-        page.locator("#component-0").count()
+        page.get_by_text("Models", exact=True).first.click()
+        page.get_by_label("SPLAM student").click()  # the finished run is in its role's menu, without Refresh
+        page.get_by_role("option", name="browser-run · SPLAM").wait_for(timeout=10_000)
         page.reload(wait_until="domcontentloaded")
         page.get_by_role("tab", name="Train").click()
         page.locator("#train-status").get_by_text("browser-run").wait_for(timeout=30_000)
