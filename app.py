@@ -13,10 +13,20 @@ import sys
 from pathlib import Path
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Shows a flag's default once, and only when it has one worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: {action.default})"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from splam_studio.model_sets import MODEL_SETS  # a table only: no torch, no CUDA
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="interface to listen on (0.0.0.0 to serve the network)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), help="port")
@@ -54,6 +64,9 @@ def _split_local(value: str | None, role: str, local: dict[str, Path]) -> str | 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from splam_studio.quiet import quiet_libraries
+
+    quiet_libraries()  # only the warnings a user can act on
     if args.threads:
         import torch
 

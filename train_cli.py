@@ -12,7 +12,11 @@ import json
 import sys
 import typing
 
-from splam_studio.train import TrainConfig, TrainError, run
+from splam_studio.quiet import quiet_libraries
+
+quiet_libraries()  # before the libraries are imported: only warnings a user can act on are printed
+
+from splam_studio.train import TrainConfig, TrainError, run  # noqa: E402
 
 HELP = {
     "teacher": "teacher: embedded name (shapes), diffusers folder, single-file SD1.5 .safetensors, or hub id",
@@ -58,7 +62,8 @@ HELP = {
     "snapshot_every": "keep the EMA student every N steps in snapshots/ for convergence curves (0 = off)",
     "log_every": "TensorBoard logging interval in steps",
     "max_bad_steps": "stop after this many non-finite losses in a row",
-    "resume": "'latest' or a checkpoint folder",
+    "resume": "continue the run of --run-name: 'latest' or a checkpoint folder",
+    "overwrite": "replace an existing run of the same name; the old one is moved to <output-dir>/.trash/, not deleted",
     "fault_injection": argparse.SUPPRESS,
 }
 
@@ -91,8 +96,20 @@ def _flag_type(tp):
     return tp
 
 
+def _show(value) -> str:
+    return "unset" if value is None else repr(value) if isinstance(value, str) else str(value)
+
+
+def _default_help(name: str, default) -> str:
+    """'(default X; preset shapes: Y)': the dataclass default and each preset that sets another value."""
+    presets = [f"{p}: {_show(v[name])}" for p, v in sorted(PRESETS.items()) if name in v and v[name] != default]
+    return f" (default {_show(default)}" + (f"; preset {', '.join(presets)}" if presets else "") + ")"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="A preset fills every flag it names; flags given explicitly override it. "
+                                       "--print-config shows the values a command would use.")
     p.add_argument("--preset", choices=sorted(PRESETS), help="named defaults; explicit flags override them")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     hints = typing.get_type_hints(TrainConfig)
@@ -100,12 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         tp = _flag_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = HELP[f.name]
+        if text is not argparse.SUPPRESS and f.name != "validation_prompts":
+            text += _default_help(f.name, default)
         if tp is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{HELP[f.name]} (default {default})")
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif typing.get_origin(tp) is list:
-            p.add_argument(flag, action="append", default=None, help=HELP[f.name])
+            p.add_argument(flag, action="append", default=None, help=text)
         else:
-            p.add_argument(flag, type=tp, default=None, help=f"{HELP[f.name]}" + ("" if HELP[f.name] is argparse.SUPPRESS else f" (default {default})"))
+            p.add_argument(flag, type=tp, default=None, help=text)
     return p
 
 

@@ -69,28 +69,43 @@ class DataError(ValueError):
 
 @dataclass
 class SkipCounter:
-    """Counts skipped entries (and accepted-but-odd ones, `notes`) by reason; logs the first few of each."""
+    """Counts skipped entries (and accepted-but-odd ones, `notes`) by reason, each entry once however often it is
+    read; logs the first few of each reason and names them in `summary()`."""
 
     name: str = "data"
     skipped: Counter = field(default_factory=Counter)
     notes: Counter = field(default_factory=Counter)
+    seen: dict = field(default_factory=dict)  # (kind, reason) -> entries counted, in order
+
+    def _count(self, kind: str, counter: Counter, reason: str, where: str) -> bool:
+        entries = self.seen.setdefault((kind, reason), [])
+        if where and where in entries:
+            return False
+        entries.append(where)
+        counter[reason] += 1
+        return counter[reason] <= MAX_LOGGED_PER_REASON
 
     def skip(self, reason: str, where: str = "") -> None:
-        self.skipped[reason] += 1
-        if self.skipped[reason] <= MAX_LOGGED_PER_REASON:
+        if self._count("skip", self.skipped, reason, where):
             log.warning("%s: skipped %s (%s)", self.name, where, reason)
 
     def note(self, reason: str, where: str = "") -> None:
-        self.notes[reason] += 1
-        if self.notes[reason] <= MAX_LOGGED_PER_REASON:
+        if self._count("note", self.notes, reason, where):
             log.info("%s: %s: %s", self.name, where, reason)
 
     @property
     def total_skipped(self) -> int:
         return sum(self.skipped.values())
 
+    def _part(self, kind: str, reason: str, n: int) -> str:
+        names = [w for w in self.seen.get((kind, reason), []) if w]
+        shown = ", ".join(names[:MAX_LOGGED_PER_REASON]) + (f" and {len(names) - MAX_LOGGED_PER_REASON} more"
+                                                              if len(names) > MAX_LOGGED_PER_REASON else "")
+        return f"{n} x {reason}" + (f" ({shown})" if shown else "")
+
     def summary(self) -> str:
-        parts = [f"{n} x {r}" for r, n in self.skipped.most_common()] + [f"{n} x {r}" for r, n in self.notes.most_common()]
+        parts = ([self._part("skip", r, n) for r, n in self.skipped.most_common()]
+                 + [self._part("note", r, n) for r, n in self.notes.most_common()])
         return f"{self.name}: " + ("; ".join(parts) if parts else "no skips")
 
 
@@ -142,6 +157,25 @@ class _TooLarge(ValueError):
     pass
 
 
+def probe_image(path: Path, counter: SkipCounter, where: str, max_pixels: int = MAX_PIXELS) -> bool:
+    """True when the file's header reads as an image of at most max_pixels (no decoding); else counted, False."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        counter.skip(TOO_LARGE, where)
+        return False
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError):
+        counter.skip(CORRUPT, where)
+        return False
+    if w * h > max_pixels:
+        counter.skip(TOO_LARGE, where)
+        return False
+    return True
+
+
 def load_pixels(src: str | Path | bytes, resolution: int, counter: SkipCounter, where: str,
                 max_pixels: int = MAX_PIXELS) -> torch.Tensor | None:
     """(3, R, R) in [-1, 1], or None (counted) when the image cannot be used."""
@@ -187,25 +221,37 @@ def _is_image(p: Path) -> bool:
 
 
 class CaptionFolderDataset(Dataset):
-    """Images under `root` (recursive), each captioned by the same-name .txt beside it."""
+    """Images under `root` (recursive), each captioned by the same-name .txt beside it.
+
+    Every file's header is read once here: files that are not images, or too large, are skipped (counted) before
+    training, so `len()` is the number of usable items; an image truncated after its header is skipped when read.
+    """
 
     def __init__(self, root: str | Path, resolution: int, max_pixels: int = MAX_PIXELS):
         self.root, self.resolution, self.max_pixels = Path(root), resolution, max_pixels
-        self.files = sorted(p for p in self.root.rglob("*") if _is_image(p))
+        found = sorted(p for p in self.root.rglob("*") if _is_image(p))
         self.counter = SkipCounter(str(self.root))
-        if not self.files:
+        if not found:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}; {VALID_FORMS}")
+        self.files = [p for p in found if probe_image(p, self.counter, self._where(p), max_pixels)]
+        if not self.files:
+            raise DataError(f"none of the {len(found)} images under {self.root} can be read "
+                            f"({self.counter.summary()}); replace or remove those files")
+
+    def _where(self, path: Path) -> str:
+        return str(path.relative_to(self.root))
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict | None:
         path = self.files[i]
-        pixels = load_pixels(path, self.resolution, self.counter, str(path), self.max_pixels)
+        pixels = load_pixels(path, self.resolution, self.counter, self._where(path), self.max_pixels)
         if pixels is None:
             return None
         txt = path.with_suffix(".txt")
-        return make_example(pixels, decode_caption(txt.read_bytes() if txt.is_file() else None, self.counter, str(path)))
+        return make_example(pixels, decode_caption(txt.read_bytes() if txt.is_file() else None, self.counter,
+                                                   self._where(path)))
 
 
 class MetadataFolderDataset(Dataset):
@@ -497,6 +543,17 @@ def _local_folder(path: Path, resolution: int, caption_column: str | None, image
 
 
 # ---- batching ----------------------------------------------------------------------------------------------------
+def fit_batch_size(n: int, batch_size: int, world: int = 1) -> tuple[int, str | None]:
+    """(batch size, note): a batch larger than a small data set shrinks to what one step can draw, with a note."""
+    if n < world:
+        raise DataError(f"the data set has {n} usable item(s), fewer than the {world} processes; add images")
+    if n >= batch_size * world:
+        return batch_size, None
+    fitted = n // world
+    return fitted, (f"batch size {batch_size} x {world} process(es) is more than the {n} usable items; using batch "
+                    f"size {fitted} (set --batch-size to choose)")
+
+
 def collate_drop_none(batch: list[dict | None]) -> dict | None:
     """default_collate over the examples that decoded; None when none did (skip that step)."""
     kept = [b for b in batch if b is not None]

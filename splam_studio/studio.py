@@ -7,7 +7,10 @@ clamped or truncated.
 """
 from __future__ import annotations
 
+import json
 import math
+import socket
+import statistics
 import os
 import re
 import signal
@@ -22,12 +25,15 @@ from typing import Callable
 
 import torch
 
+from .colors import METHOD_COLORS, tint
 from .device import resolve_runtime
 from .error_bound import ErrorBound, error_bound, teacher_trajectory
 from .models import (
     RUN_NAME, ModelLoadError, RunInfo, list_runs, load_student, load_teacher, resolve_run, weights_dir,
 )
+from .quiet import NOISE
 from .sampler import decode_latents, generate, initial_noise
+from .metrics import latent_mse
 from .schedule import NoiseSchedule
 from .solver import guided_eps
 from .student import clean_fn
@@ -43,6 +49,7 @@ STRIDE = (1, 5)  # sub-path length k = stride * k_phi (k_phi = 20 on the 50-poin
 TRAIN_STEPS = (1, 100_000)
 TRAIN_BATCH = (1, 256)
 MAX_PROMPT_CHARS = 500
+LATENCY_RUNS = 3  # each panel is timed this many times; the median is shown, with the range
 TEACHER_SAMPLERS = ("ddim", "dpm++", "unipc")
 METHODS = ("splam", "lcm")
 DEFAULT_GUIDANCE = 7.5  # the Shapes students were distilled at w = 6.5, i.e. CFG 7.5
@@ -141,6 +148,11 @@ class Panel:
     baked_guidance: float | None = None  # students: the CFG they were distilled at, when known
     negative_prompt: str = ""
     speedup: float | None = None  # teacher latency / this latency (students)
+    latency_runs: list[float] = field(default_factory=list)  # every timed run, ms; latency_ms is their median
+    psnr_db: float | None = None  # students: PSNR of the image against the teacher's (same noise)
+    latent_mse: float | None = None  # students: mean squared latent difference to the teacher's final latent
+    heatmap: object = None  # students: |image - teacher image| as a heat map (PIL)
+    latent: object = field(default=None, repr=False)  # (1, C, h, w) final latent
 
     @property
     def title(self) -> str:
@@ -151,14 +163,33 @@ class Panel:
         s = f"{self.title} · {self.steps} step{'s' if self.steps != 1 else ''} · {self.latency_ms:.0f} ms"
         return s + (f" · {self.speedup:.1f}× faster" if self.speedup else "")
 
+    def latency_text(self) -> str:
+        """'95 ms (90-101 ms, 3 runs)': the median and the range of the timed runs."""
+        runs = self.latency_runs or [self.latency_ms]
+        if len(runs) == 1:
+            return f"{self.latency_ms:.0f} ms (1 run)"
+        return f"{self.latency_ms:.0f} ms ({min(runs):.0f}–{max(runs):.0f} ms, {len(runs)} runs)"
+
+    def metrics(self) -> str:
+        """The panel's headline: speed-up, latency, and for students the distance to the teacher's image."""
+        parts = []
+        if self.speedup:
+            parts.append(f"**{self.speedup:.1f}× faster**")
+        parts.append(self.latency_text())
+        if self.psnr_db is not None:
+            parts.append(f"**PSNR {self.psnr_db:.1f} dB** to the teacher")
+        if self.latent_mse is not None:
+            parts.append(f"latent MSE {self.latent_mse:.3g}")
+        return " · ".join(parts)
+
     def caption(self) -> str:
-        """Reproduction line: model, sampler, steps, guidance, seed (the prompt is shared)."""
+        """Metrics, then the reproduction line: model, sampler, steps, guidance, seed (the prompt is shared)."""
         if self.role == "teacher":
             g = f"CFG {self.guidance:g}" + (f", negative prompt {self.negative_prompt!r}" if self.negative_prompt else "")
         else:
             baked = f"CFG {self.baked_guidance:g} baked in" if self.baked_guidance else "guidance baked in"
             g = f"{baked}, run at guidance 1"
-        return f"`{self.model}` · {self.sampler} · {self.steps} steps · {g} · seed {self.seed}"
+        return f"{self.metrics()}  \n`{self.model}` · {self.sampler} · {self.steps} steps · {g} · seed {self.seed}"
 
 
 @dataclass
@@ -175,7 +206,22 @@ class CompareResult:
         parts = [f"**{p.title}** {p.latency_ms:.0f} ms" + (f" ({p.speedup:.1f}× faster)" if p.speedup else "")
                  for p in self.panels]
         return (f"Prompt: “{self.prompt}” · seed {t.seed} · same initial noise for all three. "
-                + " · ".join(parts) + ". Latency = text encoding + sampling + VAE decode, measured on this machine.")
+                + " · ".join(parts) + f". Latency: median of {len(t.latency_runs) or 1} runs of text encoding + "
+                "sampling + VAE decode on this machine. PSNR: the student's image against the teacher's (higher = "
+                "closer; ∞ = identical).")
+
+    def history_item(self) -> tuple[object, str]:
+        """(teacher | LCM | SPLAM side by side, caption) for the history strip."""
+        from PIL import Image
+
+        images = [p.image for p in self.panels]
+        w, h = images[0].size
+        gap = max(1, w // 32)
+        strip = Image.new("RGB", (3 * w + 2 * gap, h), (255, 255, 255))
+        for i, im in enumerate(images):
+            strip.paste(im.convert("RGB"), (i * (w + gap), 0))
+        t, s = self.panel("teacher"), self.panel("splam")
+        return strip, f"seed {t.seed} · {s.steps} student step{'s' if s.steps != 1 else ''} · {self.prompt[:80]}"
 
 
 @dataclass
@@ -209,18 +255,90 @@ class ErrorBoundResult:
                 for name, eb in self.curves.items() for i, t in enumerate(eb.times)]
         return pd.DataFrame(rows, columns=["t", "rms", "series"])
 
+    def color_map(self) -> dict[str, str]:
+        """Series name -> colour: one colour per method (METHOD_COLORS), the real error a lighter shade of it."""
+        out = {}
+        for name in self.curves:
+            c = METHOD_COLORS[name.lower()]
+            out.update({f"{name} bound": c, f"{name} error": tint(c), f"{name} term": c})
+        return out
+
+    def verdict(self) -> str:
+        """What the numbers show for this prompt and seed: SPLAM's bound, error and terms against LCM's."""
+        lcm, splam = self.curves["LCM"], self.curves["SPLAM"]
+        t0 = lcm.times[0]
+
+        def compare(a: float, b: float) -> str:
+            if math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-6):
+                return "equal to"
+            pct = abs(a - b) / max(b, 1e-12) * 100
+            return f"{pct:.0f}% {'below' if a < b else 'above'}"
+
+        b_s, b_l = float(splam.bound[0, 0]), float(lcm.bound[0, 0])
+        e_s, e_l = float(splam.error[0, 0]), float(lcm.error[0, 0])
+        smaller = int((splam.terms[:, 0] < lcm.terms[:, 0]).sum())
+        n = len(lcm.times)
+        holds = b_s < b_l
+        return (f"**For this prompt and seed, SPLAM's bound at t = {t0} is {compare(b_s, b_l)} LCM's** "
+                f"({b_s:.4f} vs {b_l:.4f}); its real error is {compare(e_s, e_l)} LCM's ({e_s:.4f} vs {e_l:.4f}); "
+                f"its per-sub-path term is the smaller one at {smaller} of {n} t′. "
+                + ("This is what SPLAM aims for: smaller sub-path terms, so a smaller bound." if holds else
+                   "SPLAM aims for smaller sub-path terms and so a smaller bound; here that does not hold."))
+
     def summary(self) -> str:
-        lines = [f"Teacher: guided DDIM on the {N_GRID}-step grid, CFG {self.guidance:g}, seed {self.seed}; "
+        lines = [self.verdict(), "",
+                 f"Teacher: guided DDIM on the {N_GRID}-step grid, CFG {self.guidance:g}, seed {self.seed}; "
                  f"sub-paths of k = {self.k}. At the largest t on the sub-path grid, t = "
-                 f"{self.curves[next(iter(self.curves))].times[0]} (one-step generation starts at t = 999):", "", "| student | bound (sum of terms) | real error ‖F(z_t) − z_0‖ |", "|---|---|---|"]
+                 f"{self.curves[next(iter(self.curves))].times[0]} (one-step generation starts at t = 999):", "",
+                 "| student | bound (sum of terms) | real error ‖F(z_t) − z_0‖ |", "|---|---|---|"]
         for name, eb in self.curves.items():
             lines.append(f"| {name} | {float(eb.bound[0, 0]):.4f} | {float(eb.error[0, 0]):.4f} |")
         lines.append("")
-        lines.append("RMS over latent elements; smaller is better. SPLAM's claim: smaller sub-path terms, so a smaller "
-                     "bound and error than LCM, most of all for 1-2 step generation (large t).")
+        lines.append("RMS over latent elements; smaller is better.")
         if self.trajectory_reused:
             lines.append("The teacher trajectory was reused from an earlier run with the same prompt, seed and guidance.")
         return "\n".join(lines)
+
+    def grid_image(self, cell: int = 96):
+        """One image: a row per student (F(z_t) at the same t in the same column), the teacher's z_0 at the end."""
+        from PIL import Image, ImageDraw
+
+        teacher = self.thumbnails[0][0]
+        rows: dict[str, list[tuple[int, object]]] = {}
+        for img, caption in self.thumbnails[1:]:
+            name, t = caption.split(" F(z_t), t=")
+            rows.setdefault(name, []).append((int(t), img))
+        cols = max(len(r) for r in rows.values())
+        font = _font(max(11, cell // 4))  # large: on a phone the whole grid is shown at about a third of its size
+        label_w, head_h, gap = cell, cell // 2, 4
+        W = label_w + (cols + 1) * (cell + gap) + gap
+        H = head_h + len(rows) * (cell + gap) + gap
+        grid = Image.new("RGB", (W, H), (255, 255, 255))
+        draw = ImageDraw.Draw(grid)
+        first = next(iter(rows.values()))
+        for c, (t, _) in enumerate(first):
+            draw.text((label_w + c * (cell + gap) + cell // 2, head_h // 2), f"t = {t}", fill=(0, 0, 0), font=font,
+                      anchor="mm")
+        x_t = label_w + cols * (cell + gap) + gap
+        draw.text((x_t + cell // 2, head_h // 2), "teacher", fill=(0, 0, 0), font=font, anchor="mm")
+        for r, (name, cells) in enumerate(rows.items()):
+            y = head_h + r * (cell + gap)
+            draw.text((label_w // 2, y + cell // 2), name, fill=METHOD_COLORS.get(name.lower(), "#000000"), font=font,
+                      anchor="mm")
+            for c, (_, img) in enumerate(cells):
+                grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w + c * (cell + gap), y))
+        y_t = head_h + (len(rows) - 1) * (cell + gap) // 2
+        grid.paste(teacher.convert("RGB").resize((cell, cell), Image.NEAREST), (x_t, y_t))
+        return grid
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
 
 
 # ---- the studio ---------------------------------------------------------------------------------------------------
@@ -282,12 +400,30 @@ class Studio:
         local = [k for k, p in self.local.items() if (p / "model_index.json").is_file() or p.is_file()]
         return local + [r.name for r in self.runs() if r.kind == "teacher"]
 
+    def _local_students(self) -> dict[str, str | None]:
+        """local:NAME -> its method (training_config.json), for the student folders given on the command line."""
+        out = {}
+        for k, p in self.local.items():
+            if (p / "unet").is_dir() or (p / "lora").is_dir():
+                try:
+                    out[k] = json.loads((p / "training_config.json").read_text()).get("method")
+                except (OSError, ValueError):
+                    out[k] = None
+        return out
+
     def student_choices(self, method: str | None = None) -> list[str]:
-        """Student runs; those trained with `method` first."""
-        local = [k for k, p in self.local.items() if (p / "unet").is_dir() or (p / "lora").is_dir()]
-        runs = [r for r in self.runs() if r.kind == "student"]
-        runs.sort(key=lambda r: (r.method != method, r.name))
-        return local + [r.name for r in runs]
+        """Student runs trained with `method` (all students when None); those whose method is unknown too."""
+        keep = lambda m: method is None or m is None or m == method  # noqa: E731
+        local = [k for k, m in self._local_students().items() if keep(m)]
+        return local + [r.name for r in self.runs() if r.kind == "student" and keep(r.method)]
+
+    def menu(self, role: str) -> list[tuple[str, str]]:
+        """(label, name) pairs of the models for `role` (teacher | splam | lcm), each tagged with its method."""
+        if role == "teacher":
+            return [(f"{n} · teacher", n) for n in self.teacher_choices()]
+        methods = {**{r.name: r.method for r in self.runs()}, **self._local_students()}
+        return [(f"{n} · {ROLE_TITLE.get(methods.get(n) or '', 'method unknown')}", n)
+                for n in self.student_choices(role)]
 
     def default(self, role: str) -> str | None:
         """The model shown first: the CLI's choice, else the embedded Shapes one, else the first that fits."""
@@ -359,6 +495,8 @@ class Studio:
         kind, source = self.resolve(name, "teacher")
 
         def build():
+            if kind == "hub":
+                check_hub(str(source), "teacher")
             try:
                 pipe = load_teacher(source, torch_dtype=self.runtime.sample_dtype)
             except ModelLoadError as e:
@@ -379,6 +517,7 @@ class Studio:
 
         def build():
             if kind == "hub":
+                check_hub(str(source), ROLE_TITLE.get(role, role) + " student")
                 unet = _load_hub_student(str(source), pipe)
             else:
                 try:
@@ -426,8 +565,10 @@ class Studio:
     # -- compare ------------------------------------------------------------------------------------------------
     def compare(self, prompt: str, negative_prompt: str = "", seed=0, student_steps=4, teacher_steps=25,
                 guidance_scale=DEFAULT_GUIDANCE, sampler: str = "ddim", *, teacher: str | None = None,
-                splam: str | None = None, lcm: str | None = None, progress: Progress = _no_progress) -> CompareResult:
-        """Teacher, LCM and SPLAM from the same initial noise of `seed`, each timed."""
+                splam: str | None = None, lcm: str | None = None, progress: Progress = _no_progress,
+                repeats: int = LATENCY_RUNS) -> CompareResult:
+        """Teacher, LCM and SPLAM from the same initial noise of `seed`, each timed `repeats` times (median shown);
+        each student's image is measured against the teacher's (PSNR, latent MSE, a difference heat map)."""
         notices: list[str] = []
         prompt = clean_prompt(prompt, notices)
         negative_prompt = clean_prompt(negative_prompt, notices, what="negative prompt", required=False)
@@ -445,16 +586,23 @@ class Studio:
 
         progress(0.15, f"teacher: {teacher_steps} {sampler} steps")
         panels: list[Panel] = []
-        image, ms = _timed(lambda: generate(pipe, prompt=[prompt], sampler=sampler, steps=teacher_steps, seed=seed,
-                                            guidance_scale=guidance_scale, negative_prompt=[negative_prompt]))
-        panels.append(Panel("teacher", teacher, sampler, teacher_steps, seed, guidance_scale, ms, image,
-                            negative_prompt=negative_prompt))
+        out, runs = _timed(lambda: generate(pipe, prompt=[prompt], sampler=sampler, steps=teacher_steps, seed=seed,
+                                            guidance_scale=guidance_scale, negative_prompt=[negative_prompt]), repeats)
+        ref = Panel("teacher", teacher, sampler, teacher_steps, seed, guidance_scale, statistics.median(runs),
+                    out.images[0], negative_prompt=negative_prompt, latency_runs=runs, latent=out.latents)
+        panels.append(ref)
         for i, (role, (name, unet)) in enumerate(students.items()):
             progress(0.6 + 0.2 * i, f"{ROLE_TITLE[role]}: {student_steps} step{'s' if student_steps > 1 else ''}")
-            image, ms = _timed(lambda: generate(pipe, prompt=[prompt], sampler="lcm", steps=student_steps, seed=seed,
-                                                unet=unet))
-            panels.append(Panel(role, name, "lcm", student_steps, seed, 1.0, ms, image,
-                                baked_guidance=self.baked_guidance(name), speedup=panels[0].latency_ms / max(ms, 1e-6)))
+            out, runs = _timed(lambda: generate(pipe, prompt=[prompt], sampler="lcm", steps=student_steps, seed=seed,
+                                                unet=unet), repeats)
+            ms = statistics.median(runs)
+            panels.append(Panel(role, name, "lcm", student_steps, seed, 1.0, ms, out.images[0],
+                                baked_guidance=self.baked_guidance(name), speedup=ref.latency_ms / max(ms, 1e-6),
+                                latency_runs=runs, psnr_db=image_psnr(out.images[0], ref.image),
+                                latent_mse=float(latent_mse(out.latents, ref.latent)[0]), latent=out.latents))
+        scale = max(float(_abs_diff(p.image, ref.image).max()) for p in panels[1:])  # one scale for both maps
+        for p in panels[1:]:
+            p.heatmap = difference_heatmap(p.image, ref.image, scale)
         progress(1.0, "done")
         return CompareResult(prompt=prompt, panels=panels, notices=notices)
 
@@ -529,13 +677,87 @@ def _warm_up(pipe, unet) -> None:
     generate(pipe, prompt=[""], sampler="lcm" if unet is not None else "ddim", steps=1, seed=0, unet=unet)
 
 
-def _timed(fn: Callable[[], object]) -> tuple[object, float]:
-    """(first image of fn(), wall milliseconds)."""
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out.images[0], (time.perf_counter() - t0) * 1000
+def _timed(fn: Callable[[], object], repeats: int = 1) -> tuple[object, list[float]]:
+    """(the first run's output, wall milliseconds of each of `repeats` runs); runs are identical by seed."""
+    first, runs = None, []
+    for _ in range(max(1, int(repeats))):
+        t0 = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        runs.append((time.perf_counter() - t0) * 1000)
+        first = out if first is None else first
+    return first, runs
+
+
+def _pixels(image):
+    import numpy as np
+
+    return np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0  # (H, W, 3) in [0, 1]
+
+
+def _abs_diff(image, ref):
+    """Per-pixel |image - ref| averaged over RGB, (H, W) in [0, 1]."""
+    return abs(_pixels(image) - _pixels(ref)).mean(axis=2)
+
+
+def image_psnr(image, ref) -> float:
+    """PSNR in dB of two same-size images (data range 1); inf when identical."""
+    mse = float(((_pixels(image) - _pixels(ref)) ** 2).mean())
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def difference_heatmap(image, ref, scale: float | None = None, min_size: int = 256):
+    """|image - ref| as a 'magma' heat map (black = same, yellow = `scale` or more), upscaled to min_size pixels."""
+    import numpy as np
+    from matplotlib import colormaps
+    from PIL import Image
+
+    d = _abs_diff(image, ref)
+    scale = scale if scale and scale > 0 else max(float(d.max()), 1e-6)
+    rgb = (colormaps["magma"](np.clip(d / scale, 0, 1))[..., :3] * 255).astype(np.uint8)
+    heat = Image.fromarray(rgb, "RGB")
+    f = max(1, -(-min_size // heat.width))
+    return heat.resize((heat.width * f, heat.height * f), Image.NEAREST)
+
+
+HUB_HOST = ("huggingface.co", 443)
+_reachable: dict[str, tuple[float, bool]] = {}  # host -> (checked at, reachable), remembered for a minute
+
+
+def hub_reachable(timeout: float = 1.0) -> bool:
+    """False when HF_HUB_OFFLINE is set or huggingface.co does not accept a connection within `timeout` seconds."""
+    from huggingface_hub import constants
+
+    if bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("//")[-1].split("/")[0].split(":")[0]
+    checked = _reachable.get(host)
+    if checked and time.time() - checked[0] < 60:
+        return checked[1]
+    try:
+        with socket.create_connection((host, HUB_HOST[1]), timeout=timeout):
+            ok = True
+    except OSError:
+        ok = False
+    _reachable[host] = (time.time(), ok)
+    return ok
+
+
+def hub_cached(repo: str) -> bool:
+    """Whether any file of model repo `repo` is in the local Hugging Face cache."""
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--")) / "snapshots"
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def check_hub(repo: str, what: str) -> None:
+    """Fail in about a second, in one sentence, for a hub model that is neither cached nor reachable."""
+    if not hub_cached(repo) and not hub_reachable():
+        raise StudioError(f"The {what} {repo!r} is not in this machine's Hugging Face cache and the hub cannot be "
+                          f"reached (offline): run `huggingface-cli download {repo}` where there is network, or start "
+                          "the app with a local folder (--teacher / --splam / --lcm PATH).")
 
 
 def _hub_hint(message: str, repo: str) -> str:
@@ -561,24 +783,67 @@ def _one_line(e: BaseException) -> str:
 
 
 # ---- training runs (subprocesses of train_cli.py) -------------------------------------------------------------
-NOISE = re.compile(r"safety checker|should be kept in float32|requires torchvision")  # library chatter, not news
-TQDM_LOSS = re.compile(r"(\d+)/(\d+)\s*\[[^\]\r\n]*?loss=([-+0-9.eE]+|nan|inf)")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Z0-9]")  # terminal colours and cursor moves
+STATS = "stats.jsonl"  # written by splam_studio.train.StepLog
+
+
+def read_stats(path: Path) -> list[dict]:
+    """The JSON lines of a run's stats.jsonl (a half-written last line is ignored)."""
+    rows = []
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError:
+        return rows
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def clean_log(text: str) -> list[str]:
+    """Log lines as a person reads them: escape codes removed, each progress bar at its last redraw, noise dropped."""
+    lines = []
+    for raw in ANSI.sub("", text).split("\n"):
+        line = raw.split("\r")[-1] if "\r" in raw else raw  # tqdm redraws a line with \r
+        line = line.rstrip()
+        if line.strip() and not NOISE.search(line):
+            lines.append(line)
+    return lines
 
 
 @dataclass
 class TrainStatus:
-    state: str  # idle | running | stopping | done | failed | stopped
+    state: str  # idle | running | stopping | done | failed | stopped | ended
     message: str
     run_name: str | None = None
-    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) as tqdm reported them
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) from stats.jsonl
     validation: list[tuple[Path, str]] = field(default_factory=list)  # (png, caption), oldest first
     log_tail: str = ""
     total_steps: int | None = None
+    it_s: float | None = None
+    eta_s: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state in ("running", "stopping")
 
     def loss_frame(self):
+        """(step, loss) as numbers (int, float), so a plot puts them on numeric axes, even when empty."""
         import pandas as pd
 
-        return pd.DataFrame(self.losses, columns=["step", "loss"])
+        return pd.DataFrame({"step": pd.Series([s for s, _ in self.losses], dtype="int64"),
+                             "loss": pd.Series([v for _, v in self.losses], dtype="float64")})
 
 
 class Trainer:
@@ -643,6 +908,7 @@ class Trainer:
                                              cwd=str(self.repo_root), stdout=log, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, env=env, start_new_session=True)
             self.run_name, self.total_steps, self.stopped = run_name, steps, False
+            threading.Thread(target=self.proc.wait, daemon=True).start()  # reap the child as soon as it exits
         note = f" ({'; '.join(notices)})" if notices else ""
         return f"Started {method} run `{run_name}`: {steps} steps, batch {batch_size}, data {data}{note}."
 
@@ -664,30 +930,53 @@ class Trainer:
         threading.Thread(target=reap, daemon=True).start()
         return f"Stopping `{self.run_name}`…"
 
+    def _last_logged_run(self) -> tuple[str, Path] | None:
+        """(run name, log) of the newest run started from a studio on this weights folder (survives a restart)."""
+        logs = sorted((self.weights / ".studio-logs").glob("*.log"), key=lambda p: p.stat().st_mtime)
+        return (logs[-1].stem, logs[-1]) if logs else None
+
     def status(self) -> TrainStatus:
+        """The current (or last) run: state, loss curve, speed and ETA from its stats.jsonl, validation grids, log."""
         if self.proc is None:
-            return TrainStatus("idle", "No run started from the studio yet.")
-        log = _tail(self.log_path, 200_000) if self.log_path else ""
-        losses = _parse_losses(log)
-        val_dir = self.weights / (self.run_name or "") / "validation"
-        validation = [(p, f"step {int(p.stem.split('-')[-1])}") for p in sorted(val_dir.glob("step-*.png"))]
-        rc = self.proc.poll()
-        last = losses[-1] if losses else None
-        progress = f"step {last[0]}/{self.total_steps}, loss {last[1]:.4g}" if last else "starting…"
-        if rc is None:
-            state, msg = ("stopping" if self.stopped else "running"), f"`{self.run_name}` {progress}"
-        elif self.stopped:
-            state, msg = "stopped", (f"`{self.run_name}` stopped ({progress}). Its last checkpoint is in "
-                                     f"weights/{self.run_name}/checkpoints; continue with train_cli.py --resume latest.")
-        elif rc == 0:
-            state, msg = "done", f"`{self.run_name}` finished ({progress}); it is now in the model lists."
+            last = self._last_logged_run()
+            if last is None:
+                return TrainStatus("idle", "No run started from the studio yet.")
+            run_name, log_path, rc = last[0], last[1], "gone"
         else:
-            err = [ln for ln in log.replace("\r", "\n").splitlines() if ln.strip() and not NOISE.search(ln)][-1:]
-            err = err or ["(no output)"]
-            state, msg = "failed", f"`{self.run_name}` failed (exit {rc}): {err[0][:300]}"
-        lines = [ln for ln in log.replace("\r", "\n").splitlines() if ln.strip() and not NOISE.search(ln)]
-        tail = "\n".join(lines[-15:])
-        return TrainStatus(state, msg, self.run_name, losses, validation, tail, self.total_steps)
+            run_name, log_path, rc = self.run_name, self.log_path, self.proc.poll()
+        rows = read_stats(self.weights / run_name / STATS)
+        steps = [r for r in rows if "event" not in r and "step" in r]
+        losses = [(int(r["step"]), float(r["loss"])) for r in steps if isinstance(r.get("loss"), (int, float))]
+        start = next((r for r in reversed(rows) if r.get("event") == "start"), {})
+        done = any(r.get("event") == "done" for r in rows)
+        total = self.total_steps if self.proc is not None else start.get("max_steps")
+        last = steps[-1] if steps else None
+        it_s, eta = (last.get("it_s"), last.get("eta_s")) if last else (None, None)
+        val_dir = self.weights / run_name / "validation"
+        validation = [(p, f"step {int(p.stem.split('-')[-1])}") for p in sorted(val_dir.glob("step-*.png"))]
+        lines = clean_log(_tail(log_path, 200_000) if log_path else "")
+        if last:
+            progress = f"step {last['step']}/{total}" + (f", loss {last['loss']:.4g}" if last.get("loss") is not None
+                                                         else "")
+        else:
+            progress = "loading the teacher and the data…"
+        if rc is None:
+            speed = f" · {it_s:.2f} it/s · ETA {format_duration(eta)}" if it_s else ""
+            state, msg = ("stopping" if self.stopped else "running"), f"`{run_name}` {progress}{speed}"
+        elif rc == "gone":
+            state = "done" if done else "ended"
+            msg = (f"Last run `{run_name}` finished ({progress}); it is in the model lists." if done else
+                   f"Last run `{run_name}` ended at {progress} (the studio was restarted or the run stopped); "
+                   f"continue it with `train_cli.py --run-name {run_name} --resume latest`.")
+        elif self.stopped:
+            state, msg = "stopped", (f"`{run_name}` stopped ({progress}). Its last checkpoint is in "
+                                     f"weights/{run_name}/checkpoints; continue with train_cli.py --resume latest.")
+        elif rc == 0:
+            state, msg = "done", f"`{run_name}` finished ({progress}); it is now in the model lists."
+        else:
+            err = ([ln for ln in lines if ln.startswith("error:")] or lines or ["(no output)"])[-1]
+            state, msg = "failed", f"`{run_name}` failed (exit {rc}): {err[:300]}"
+        return TrainStatus(state, msg, run_name, losses, validation, "\n".join(lines[-15:]), total, it_s, eta)
 
 
 def _tail(path: Path, n: int) -> str:
@@ -698,11 +987,3 @@ def _tail(path: Path, n: int) -> str:
             return f.read().decode("utf-8", "replace")
     except OSError:
         return ""
-
-
-def _parse_losses(log: str) -> list[tuple[int, float]]:
-    """(step, loss) pairs from tqdm's progress lines (`3/10 [.. loss=0.0123]`), last report of each step kept."""
-    out: dict[int, float] = {}
-    for m in TQDM_LOSS.finditer(log):
-        out[int(m.group(1))] = float(m.group(3))
-    return sorted(out.items())

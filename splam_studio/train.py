@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -84,6 +85,7 @@ class TrainConfig:
     log_every: int = 10
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     resume: str | None = None  # "latest" or a checkpoint folder
+    overwrite: bool = False  # replace an existing run of the same name (the old one is moved to <output_dir>/.trash)
     fault_injection: str | None = None  # tests only: "nan@<step>,<step>..." makes those steps' loss NaN
 
     def validate(self) -> None:
@@ -108,6 +110,7 @@ class TrainConfig:
             "snapshot_every": self.snapshot_every >= 0,
             "resolution": self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
         }
+        checks["overwrite"] = not (self.overwrite and self.resume)  # continue a run or replace it, not both
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise TrainError(f"invalid config values: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
@@ -253,12 +256,94 @@ def _fault_steps(spec: str | None) -> set[int]:
     return {int(x) for x in spec[4:].split(",") if x}
 
 
+# ---------------------------------------------------------------- the run folder and its trail
+
+STATS = "stats.jsonl"  # one JSON object per line: a start line, one per optimiser step, a done line
+
+
+def _is_main_process() -> bool:
+    """Rank 0 (or no launcher): the process that owns the run folder."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _describe_run(run_dir: Path) -> str:
+    try:
+        method = json.loads((run_dir / "training_config.json").read_text()).get("method", "?")
+    except (OSError, ValueError):
+        method = "unknown method"
+    done = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*") if (p / "state.json").is_file())
+    return f"{method}, " + (f"last checkpoint {done[-1]}" if done else "no checkpoint")
+
+
+def claim_run_dir(run_dir: Path, cfg: TrainConfig, log=print) -> Path | None:
+    """Refuse an existing run unless resumed or overwritten; --overwrite moves it to .trash/ (returned), never deletes."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()) or cfg.resume:
+        return None
+    if not cfg.overwrite:
+        raise TrainError(f"a run named {run_dir.name!r} already exists in {run_dir} ({_describe_run(run_dir)}); "
+                         "pass --resume latest to continue it, --overwrite to replace it (the old run is moved to "
+                         f"{run_dir.parent / '.trash'}/), or choose another --run-name")
+    if not _is_main_process():
+        return None
+    stem = run_dir.parent / ".trash" / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = stem, 1
+    while aside.exists():  # two overwrites within a second
+        n += 1
+        aside = stem.with_name(f"{stem.name}-{n}")
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.rename(aside)
+    log(f"--overwrite: the previous run {run_dir.name!r} is kept in {aside} until you delete it")
+    return aside
+
+
+class StepLog:
+    """The run's machine-readable trail: <run>/stats.jsonl, appended (a resumed run continues the same file)."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, start: int):
+        self.path, self.start, self.total, self.t0 = run_dir / STATS, start, cfg.max_steps, time.time()
+        self.write({"event": "start", "step": start, "max_steps": cfg.max_steps, "method": cfg.method,
+                    "batch_size": cfg.batch_size})
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
+
+    def step(self, step: int, loss: float) -> None:
+        elapsed = max(time.time() - self.t0, 1e-9)
+        it_s = (step - self.start) / elapsed
+        eta = (self.total - step) / it_s if it_s > 0 else None
+        self.write({"step": step, "loss": loss if math.isfinite(loss) else None, "it_s": round(it_s, 4),
+                    "eta_s": None if eta is None else round(eta, 1)})
+
+
 def run(cfg: TrainConfig, log=print) -> Path:
-    """Train; returns the run folder under output_dir. Resumable with cfg.resume = 'latest'."""
+    """Train; returns the run folder under output_dir. Resumable with cfg.resume = 'latest'.
+
+    An existing run is refused unless cfg.resume or cfg.overwrite; a run that fails before its first checkpoint leaves
+    no folder behind (and an overwritten run is put back).
+    """
+    cfg.validate()
+    cfg = dataclasses.replace(cfg, run_name=cfg.run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    aside = claim_run_dir(run_dir, cfg, log)
+    fresh = not run_dir.exists()
+    try:
+        return _train(cfg, log)
+    except Exception:
+        if fresh and _is_main_process() and find_checkpoint(run_dir, "latest") is None:
+            shutil.rmtree(run_dir, ignore_errors=True)  # made by this call, holding no checkpoint
+            if aside is not None:
+                aside.rename(run_dir)
+                log(f"the previous run {run_dir.name!r} is back in {run_dir}")
+        raise
+
+
+def _train(cfg: TrainConfig, log=print) -> Path:
+    """The loop of `run` (which owns the run folder's life)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from .data import build_dataset
+    from .data import build_dataset, fit_batch_size
     from .models import load_student, load_teacher, save_student
 
     cfg.validate()
@@ -334,6 +419,10 @@ def run(cfg: TrainConfig, log=print) -> Path:
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, **loader_kw)
         skip = start * cfg.grad_accum  # batches to fast-forward
     else:
+        batch_size, note = fit_batch_size(len(dataset), cfg.batch_size, acc.num_processes)
+        if note:
+            log(note)
+            cfg = dataclasses.replace(cfg, batch_size=batch_size)
         sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start * cfg.grad_accum,
                                    cfg.max_steps * cfg.grad_accum, acc.process_index, acc.num_processes)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_kw)
@@ -354,6 +443,7 @@ def run(cfg: TrainConfig, log=print) -> Path:
         write_json(run_dir / "training_config.json", resolved)
         acc.init_trackers("splad", config={k: v for k, v in resolved.items() if isinstance(v, (int, float, str, bool))})
 
+    stats = StepLog(run_dir, cfg, start) if acc.is_main_process else None
     with torch.no_grad():
         uncond_1 = _encode_text(pipe, [""], device)  # (1, L, D)
     splad = cfg.splad()
@@ -373,7 +463,10 @@ def run(cfg: TrainConfig, log=print) -> Path:
         batch = next(data_iter, end)
         if batch is end:
             if not isinstance(dataset, torch.utils.data.IterableDataset):
-                raise TrainError(f"data order exhausted at step {step}; this is a bug, please report it")
+                from .data import DataError
+
+                raise DataError(f"the data ran out at step {step}: no readable item in the batches left "
+                                f"({counter.summary() if counter is not None else 'no skip counts'})")
             data_iter = iter(loader)  # next pass over a finite iterable source
             batch = next(data_iter, end)
             if batch is end:
@@ -423,6 +516,8 @@ def run(cfg: TrainConfig, log=print) -> Path:
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4g}")
+        if stats is not None:
+            stats.step(step, loss.item())
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             acc.log({"loss": sum(losses) / len(losses), "bad_steps": bad_total}, step=step)
             losses.clear()
@@ -446,6 +541,7 @@ def run(cfg: TrainConfig, log=print) -> Path:
         if start < cfg.max_steps:
             _validate(pipe, target, cfg, run_dir, step)
         skipped = f"; data: {counter.summary()}" if counter is not None else ""
+        stats.write({"event": "done", "step": step, "seconds": round(time.time() - t0, 1)})
         log(f"done: {step} steps in {time.time() - t0:.1f}s, {bad_total} skipped non-finite steps{skipped}; student in {run_dir}")
     acc.end_training()
     return run_dir

@@ -14,9 +14,10 @@ import gradio as gr
 from .model_sets import MODEL_SETS, gpu_seconds
 from .models import ModelLoadError
 from .shapes import spec_from_caption
+from .colors import METHOD_COLORS, tint
 from .studio import (
     DEFAULT_GUIDANCE, GUIDANCE, METHODS, N_GRID, ROLE_TITLE, SEED, STRIDE, STUDENT_STEPS, TEACHER_SAMPLERS,
-    TEACHER_STEPS, TRAIN_BATCH, Studio, StudioError,
+    TEACHER_STEPS, TRAIN_BATCH, Studio, StudioError, format_duration,
 )
 
 log = logging.getLogger("splam_studio.ui")
@@ -30,9 +31,8 @@ except ImportError:
         return fn if fn is not None else (lambda f: f)
 
 TITLE = "SPLAM Studio"
-INTRO = ("**SPLAM** (Sub-Path Linear Approximation Model, ECCV 2024) distils a diffusion teacher into a 1-4 step "
-         "generator by learning along short linear sub-paths of the teacher's ODE; **LCM**, the baseline, is the same "
-         "distillation without them. Same prompt, same initial noise: teacher, LCM and SPLAM side by side.")
+INTRO = ("**SPLAM** (ECCV 2024) and its baseline **LCM** distil a diffusion teacher into a 1-4 step generator. "
+         "Same prompt, same initial noise: teacher, LCM and SPLAM side by side.")
 NEGATIVE_INFO = ("Acts on the teacher only: SPLAM and LCM bake guidance in during distillation and sample without "
                  "classifier-free guidance, so there is no unconditional branch for a negative prompt to steer.")
 EXAMPLES = [
@@ -46,17 +46,38 @@ EXAMPLES = [
 CSS = """
 .panel img { image-rendering: pixelated; }
 .panel .image-frame img, .panel .image-container img { width: 100%; height: 100%; object-fit: contain; }
-.panel-caption { font-size: 0.85em; min-height: 3.2em; }
+.panel-caption { font-size: 0.95em; min-height: 3.2em; }
+.panel-caption strong { font-size: 1.1em; }
 #title { margin-bottom: 0; }
+#intro p { margin: 0; }
+#compare-notice:empty { display: none; }
+#examples button { white-space: normal; text-align: left; justify-content: flex-start; height: auto; font-weight: normal; }
+.examples-label p { font-size: 0.9em; margin: 0; }
+#history .grid-wrap { padding-top: 30px; }
+#history .grid-container { grid-template-columns: repeat(auto-fill, minmax(210px, 1fr)) !important;
+  grid-auto-rows: auto !important; }
+#history .thumbnail-item { aspect-ratio: 3 / 1 !important; height: auto !important; }
+@media (max-width: 640px) {
+  .gradio-container { padding-left: 6px !important; padding-right: 6px !important; }
+  #panels { flex-direction: column; }
+  #eb-grid .icon-button-wrapper { display: none; }  /* they would cover the t labels of the small grid */
+}
 """
+TRAIN_POLL_S = 2.0
 
 
-def _example_label(prompt: str) -> str:
+def _heldout_pair(prompt: str) -> str | None:
+    """'yellow squares' for a caption whose (shape, colour) pair never appeared in training, else None."""
     try:
-        heldout = spec_from_caption(prompt).is_heldout
+        if spec_from_caption(prompt).is_heldout:
+            return " ".join(prompt.split()[2:4])
     except ValueError:
-        heldout = False
-    return prompt + ("  (held-out pair)" if heldout else "")
+        pass
+    return None
+
+
+EXAMPLES_LABEL = ("Shapes prompts, shown whole; held-out pairs, never together in training: "
+                  + ", ".join(filter(None, map(_heldout_pair, EXAMPLES))))
 
 
 def user_errors(fn):
@@ -85,9 +106,19 @@ def _progress(progress: gr.Progress):
     return lambda fraction, desc: progress(fraction, desc=desc)
 
 
+def _user_message(e: Exception) -> str:
+    return str(e) if isinstance(e, (StudioError, ModelLoadError, ValueError)) else \
+        f"internal error ({type(e).__name__}: {str(e)[:200]}); see the server log"
+
+
 def build_ui(studio: Studio, *, train: bool = True) -> gr.Blocks:
     """The Blocks app; launch it with css=CSS (gradio 6 takes css and theme at launch)."""
     roles = ("teacher", "lcm", "splam")
+
+    def compare_outputs(r):
+        images = [gr.Image(value=p.image, label=p.label()) for p in r.panels]
+        captions = [p.caption() for p in r.panels]
+        return images, captions
 
     # ZeroGPU runs each @gpu call in a forked worker: models load (and stay cached) in this process first, with
     # progress shown; only the sampling borrows the GPU, for a duration sized to the call.
@@ -103,42 +134,70 @@ def build_ui(studio: Studio, *, train: bool = True) -> gr.Blocks:
         return gpu_seconds(px(teacher), N_GRID + 2 * (N_GRID // _int(stride, STRIDE) + 1) + 13)
 
     @gpu(duration=compare_seconds)
-    @user_errors
     def compare_on_gpu(prompt, negative_prompt, seed, student_steps, teacher_steps, guidance_scale, sampler,
                        teacher, splam, lcm):
         return studio.compare(prompt, negative_prompt, seed, student_steps, teacher_steps, guidance_scale, sampler,
-                              teacher=teacher, splam=splam, lcm=lcm, progress=_progress(gr.Progress()))
+                              teacher=teacher, splam=splam, lcm=lcm)
 
     @gpu(duration=error_bound_seconds)
-    @user_errors
     def error_bound_on_gpu(prompt, seed, stride, guidance_scale, teacher, splam, lcm):
-        return studio.error_bound_plot(prompt, seed, stride, guidance_scale, teacher=teacher, splam=splam, lcm=lcm,
-                                       progress=_progress(gr.Progress()))
+        return studio.error_bound_plot(prompt, seed, stride, guidance_scale, teacher=teacher, splam=splam, lcm=lcm)
 
     @user_errors
-    def on_compare(prompt, negative_prompt, seed, student_steps, teacher_steps, guidance_scale, sampler,
-                   teacher, splam, lcm, progress=gr.Progress()):
+    def api_compare(prompt, negative_prompt, seed, student_steps, teacher_steps, guidance_scale, sampler,
+                    teacher, splam, lcm, progress=gr.Progress()):
         studio.load_models(teacher, splam, lcm, progress=_progress(progress))
         r = compare_on_gpu(prompt, negative_prompt, seed, student_steps, teacher_steps, guidance_scale, sampler,
                            teacher, splam, lcm)
-        images = [gr.Image(value=p.image, label=p.label()) for p in r.panels]
-        captions = [p.caption() for p in r.panels]
-        return (*images, *captions, r.summary() + _warn(r.notices), {p.role: p.image for p in r.panels})
+        images, captions = compare_outputs(r)
+        return (*images, *captions, r.summary() + _warn(r.notices))
+
+    def on_compare(prompt, negative_prompt, seed, student_steps, teacher_steps, guidance_scale, sampler,
+                   teacher, splam, lcm, show_diff, history, progress=gr.Progress()):
+        """The page's Generate: a bad input names its field and keeps the previous results on screen."""
+        try:
+            studio.load_models(teacher, splam, lcm, progress=_progress(progress))
+            r = compare_on_gpu(prompt, negative_prompt, seed, student_steps, teacher_steps, guidance_scale, sampler,
+                               teacher, splam, lcm)
+        except Exception as e:  # noqa: BLE001 - shown in the notice line; unexpected ones also logged
+            if not isinstance(e, (StudioError, ModelLoadError, ValueError)):
+                log.exception("compare failed")
+            msg = _user_message(e)
+            gr.Warning(msg)
+            return (*(gr.skip(),) * 7, f"⚠️ {msg} (the results below are from the previous run)", gr.skip(),
+                    gr.skip(), gr.skip())
+        images, captions = compare_outputs(r)
+        if show_diff:
+            images[1:] = [gr.Image(value=p.heatmap, label=p.label() + " · difference") for p in r.panels[1:]]
+        state = {p.role: p.image for p in r.panels} | {f"{p.role}-diff": p.heatmap for p in r.panels[1:]}
+        history = [r.history_item(), *(history or [])][:24]
+        notice = "".join(f"⚠️ {n}  \n" for n in r.notices)
+        for n in r.notices:
+            gr.Warning(n)
+        return (*images, *captions, r.summary(), notice, state, history, history)
+
+    def on_show_diff(show, images):
+        images = images or {}
+        out = []
+        for role in ("lcm", "splam"):
+            key = f"{role}-diff" if show else role
+            out.append(images[key] if images.get(key) is not None else gr.skip())
+        return out
 
     @user_errors
     def on_error_bound(prompt, seed, stride, guidance_scale, teacher, splam, lcm, progress=gr.Progress()):
         studio.load_models(teacher, splam, lcm, progress=_progress(progress))
         r = error_bound_on_gpu(prompt, seed, stride, guidance_scale, teacher, splam, lcm)
-        return r.frame(), r.terms_frame(), r.thumbnails, r.summary() + _warn(r.notices)
+        return r.frame(), r.terms_frame(), r.grid_image(), r.summary() + _warn(r.notices)
 
     def on_slider(images, left, right):
         images = images or {}
         a, b = images.get(left.lower()), images.get(right.lower())
         return (a, b) if a is not None and b is not None else None
 
-    def model_updates():
-        return (gr.Dropdown(choices=studio.teacher_choices()), gr.Dropdown(choices=studio.student_choices("splam")),
-                gr.Dropdown(choices=studio.student_choices("lcm")))
+    def menus(values=(None, None, None)):
+        return tuple(gr.Dropdown(choices=_with(studio.menu(role), v), **({"value": v} if v else {}))
+                     for role, v in zip(("teacher", "splam", "lcm"), values))
 
     @user_errors
     def on_load_hub(teacher_id, splam_id, lcm_id, teacher, splam, lcm, progress=gr.Progress()):
@@ -148,15 +207,11 @@ def build_ui(studio: Studio, *, train: bool = True) -> gr.Blocks:
         except (StudioError, ModelLoadError) as e:
             gr.Warning(str(e))
             return gr.skip(), gr.skip(), gr.skip(), f"⚠️ {e}"
-        t_choices, s_choices, l_choices = (studio.teacher_choices(), studio.student_choices("splam"),
-                                           studio.student_choices("lcm"))
-        return (gr.Dropdown(choices=_with(t_choices, teacher), value=teacher),
-                gr.Dropdown(choices=_with(s_choices, splam), value=splam),
-                gr.Dropdown(choices=_with(l_choices, lcm), value=lcm), f"✅ {msg}")
+        return (*menus((teacher, splam, lcm)), f"✅ {msg}")
 
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}", elem_id="title")
-        gr.Markdown(INTRO)
+        gr.Markdown(INTRO, elem_id="intro")
         status = studio.models_status()
         gr.Markdown(f"⚠️ {status}" if status else "", visible=bool(status))
 
@@ -169,14 +224,15 @@ def build_ui(studio: Studio, *, train: bool = True) -> gr.Blocks:
             set_about = gr.Markdown(_set_about(current), elem_id="model-set-about")
         with gr.Accordion("Models", open=False):
             with gr.Row():
-                teacher_dd = gr.Dropdown(studio.teacher_choices(), value=studio.default("teacher"), label="Teacher",
-                                         allow_custom_value=True, scale=3)
-                splam_dd = gr.Dropdown(studio.student_choices("splam"), value=studio.default("splam"),
-                                       label="SPLAM student", allow_custom_value=True, scale=3)
-                lcm_dd = gr.Dropdown(studio.student_choices("lcm"), value=studio.default("lcm"), label="LCM student",
-                                     allow_custom_value=True, scale=3)
-                refresh = gr.Button("↻ Refresh list", scale=1, size="sm")
-            gr.Markdown("Runs under `weights/` are listed here, including the ones you distil in the Train tab.")
+                teacher_dd = gr.Dropdown(studio.menu("teacher"), value=studio.default("teacher"), label="Teacher",
+                                         allow_custom_value=True, scale=3, min_width=220)
+                splam_dd = gr.Dropdown(studio.menu("splam"), value=studio.default("splam"),
+                                       label="SPLAM student", allow_custom_value=True, scale=3, min_width=220)
+                lcm_dd = gr.Dropdown(studio.menu("lcm"), value=studio.default("lcm"), label="LCM student",
+                                     allow_custom_value=True, scale=3, min_width=220)
+                refresh = gr.Button("↻ Refresh list", scale=1, size="sm", min_width=120)
+            gr.Markdown("Each menu lists only models of its role: runs under `weights/`, including the ones you "
+                        "distil in the Train tab, tagged with the method they were trained with.")
             with gr.Accordion("SD1.5 setup (Hugging Face Hub ids)", open=False):
                 gr.Markdown("Hub ids `owner/name`; they need network access (or a local Hugging Face cache). Local "
                             "folders can only be given on the command line: `python app.py --teacher PATH --splam "
@@ -194,47 +250,66 @@ def build_ui(studio: Studio, *, train: bool = True) -> gr.Blocks:
                 raise gr.Error(f"unknown model set {name!r}; choose one of {sorted(MODEL_SETS)}", print_exception=False)
             m = MODEL_SETS[name]
             first = m.prompts[0] if m.prompts else EXAMPLES[0]
-            return (gr.Dropdown(choices=_with(studio.teacher_choices(), m.teacher), value=m.teacher),
-                    gr.Dropdown(choices=_with(studio.student_choices("splam"), m.splam.repo), value=m.splam.repo),
-                    gr.Dropdown(choices=_with(studio.student_choices("lcm"), m.lcm.repo), value=m.lcm.repo),
-                    _set_about(m), first, first)
-        refresh.click(model_updates, None, model_inputs, api_visibility="private")
+            return (*menus((m.teacher, m.splam.repo, m.lcm.repo)), _set_about(m), first, first)
+        refresh.click(lambda t, s, l: menus((t, s, l)), model_inputs, model_inputs, api_visibility="private")
         load_btn.click(on_load_hub, [hub_teacher, hub_splam, hub_lcm, *model_inputs], [*model_inputs, load_status],
                        api_visibility="private")
 
         with gr.Tab("Compare"):
-            with gr.Row():
-                prompt = gr.Textbox(label="Prompt", value=first_prompt, lines=2, scale=3, max_length=2000)
-                negative = gr.Textbox(label="Negative prompt (teacher only)", info=NEGATIVE_INFO, lines=2, scale=2)
-            with gr.Row():
-                with gr.Column(scale=2, min_width=140):
-                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=SEED[0], maximum=SEED[1])
-                    dice = gr.Button("Random seed", size="sm")
-                student_steps = gr.Slider(*STUDENT_STEPS, value=2, step=1, label="Student steps (LCM, SPLAM)", scale=3)
-                teacher_steps = gr.Slider(*TEACHER_STEPS, value=25, step=1, label="Teacher steps", scale=3)
-                guidance = gr.Slider(*GUIDANCE, value=DEFAULT_GUIDANCE, step=0.5, label="Teacher guidance (CFG)", scale=3)
-                sampler = gr.Radio(list(TEACHER_SAMPLERS), value="ddim", label="Teacher sampler", scale=2)
-            go = gr.Button("Generate", variant="primary", elem_id="generate")
-            gr.Examples([[p] for p in EXAMPLES], inputs=[prompt], example_labels=[_example_label(p) for p in EXAMPLES],
-                        label="Shapes prompts (held-out pairs never appeared together in training)")
-            with gr.Row(equal_height=True):
-                panels, captions = [], []
-                for role in roles:
-                    with gr.Column(min_width=200):
-                        panels.append(gr.Image(label=ROLE_TITLE[role], type="pil", height=300, interactive=False,
-                                               elem_classes="panel", elem_id=f"panel-{role}"))
-                        captions.append(gr.Markdown(elem_classes="panel-caption", elem_id=f"caption-{role}"))
-            summary = gr.Markdown()
+            with gr.Row(elem_id="compare-row"):
+                with gr.Column(scale=1, min_width=280, elem_id="controls"):
+                    prompt = gr.Textbox(label="Prompt", value=first_prompt, lines=3, elem_id="prompt")
+                    go = gr.Button("Generate", variant="primary", elem_id="generate")
+                    notice = gr.Markdown(elem_id="compare-notice")
+                    with gr.Accordion("Settings", open=False):
+                        with gr.Row():
+                            seed = gr.Number(label="Seed", value=0, precision=0, min_width=120, elem_id="seed",
+                                             info=f"{SEED[0]}-{SEED[1]}; the same noise for all three panels")
+                            dice = gr.Button("Random seed", size="sm", min_width=100)
+                        student_steps = gr.Slider(*STUDENT_STEPS, value=2, step=1, label="Student steps (LCM, SPLAM)")
+                        teacher_steps = gr.Slider(*TEACHER_STEPS, value=25, step=1, label="Teacher steps")
+                        guidance = gr.Slider(*GUIDANCE, value=DEFAULT_GUIDANCE, step=0.5,
+                                             label="Teacher guidance (CFG)")
+                        sampler = gr.Radio(list(TEACHER_SAMPLERS), value="ddim", label="Teacher sampler")
+                        negative = gr.Textbox(label="Negative prompt (teacher only)", info=NEGATIVE_INFO, lines=1)
+                with gr.Column(scale=3, min_width=300, elem_id="results"):
+                    with gr.Row(equal_height=True, elem_id="panels"):
+                        panels, captions = [], []
+                        for role in roles:
+                            with gr.Column(min_width=160):
+                                panels.append(gr.Image(label=ROLE_TITLE[role], type="pil", height=320,
+                                                       interactive=False, elem_classes="panel",
+                                                       elem_id=f"panel-{role}"))
+                                captions.append(gr.Markdown(elem_classes="panel-caption", elem_id=f"caption-{role}"))
+                    show_diff = gr.Checkbox(label="Show each student's difference to the teacher as a heat map "
+                                                  "(black = same pixel, yellow = the largest difference of the two)",
+                                            value=False, elem_id="show-diff")
+                    summary = gr.Markdown(elem_id="summary")
+            history = gr.Gallery(label="History (teacher | LCM | SPLAM, newest first)", columns=4, rows=1,
+                                 height=170, object_fit="contain", allow_preview=False, elem_id="history",
+                                 elem_classes="panel")
+            history_state = gr.State([])
             images_state = gr.State({})
-            with gr.Accordion("A/B slider", open=True):
+            gr.Markdown(EXAMPLES_LABEL, elem_classes="examples-label")
+            with gr.Row(elem_id="examples"):  # buttons, not gr.Examples: those cut a caption at 60 characters
+                for text in EXAMPLES:
+                    gr.Button(text, size="sm", min_width=240).click(
+                        lambda t=text: t, None, prompt, api_visibility="private", queue=False)
+            with gr.Accordion("A/B slider", open=False):
                 with gr.Row():
                     left = gr.Dropdown([ROLE_TITLE[r] for r in roles], value="LCM", label="Left", scale=1)
                     right = gr.Dropdown([ROLE_TITLE[r] for r in roles], value="SPLAM", label="Right", scale=1)
                 slider = gr.ImageSlider(label="Drag to compare", type="pil", height=360, elem_classes="panel")
+            api_button = gr.Button(visible=False)  # the named endpoint: the same call, errors raised to the client
         dice.click(lambda: random.randint(*SEED), None, seed, api_visibility="private", queue=False)
-        go.click(on_compare, [prompt, negative, seed, student_steps, teacher_steps, guidance, sampler, *model_inputs],
-                 [*panels, *captions, summary, images_state], api_name="compare", concurrency_id="generate",
+        compare_inputs = [prompt, negative, seed, student_steps, teacher_steps, guidance, sampler, *model_inputs]
+        go.click(on_compare, [*compare_inputs, show_diff, history_state],
+                 [*panels, *captions, summary, notice, images_state, history_state, history],
+                 api_visibility="private", concurrency_id="generate",
                  ).then(on_slider, [images_state, left, right], slider, api_visibility="private")
+        api_button.click(api_compare, compare_inputs, [*panels, *captions, summary], api_name="compare",
+                         concurrency_id="generate")
+        show_diff.change(on_show_diff, [show_diff, images_state], panels[1:], api_visibility="private", queue=False)
         for dd in (left, right):
             dd.change(on_slider, [images_state, left, right], slider, api_visibility="private")
 
@@ -242,30 +317,41 @@ def build_ui(studio: Studio, *, train: bool = True) -> gr.Blocks:
             gr.Markdown("Along the teacher's guided DDIM trajectory z_T … z_0 (50-step grid), the error of a student's "
                         "one-jump estimate is bounded by a sum over sub-paths of length k: "
                         "|F(z_t) − z_0| ≤ Σ |F(z_t′) − F(z_t′−k)|. SPLAM aims to shrink each term. "
-                        "Cost: the teacher trajectory is 50 guided steps, computed once per teacher, prompt, seed and "
-                        "guidance and then reused (changing the stride only re-runs the students); at 512 px a larger "
-                        "stride also means fewer student evaluations (50 / stride + 1 per student).")
+                        "Cost: the teacher trajectory (50 guided steps) is computed once per teacher, prompt, seed and "
+                        "guidance and then reused; a larger stride means fewer student evaluations (50 / stride + 1 "
+                        "each), which matters at 512 px. "
+                        "Colours: " + " · ".join(f"<span style='color:{METHOD_COLORS[m]}'>■ {ROLE_TITLE[m]}</span>"
+                                                 for m in ("lcm", "splam")) + " (lighter: real error).")
             with gr.Row(equal_height=True):
-                eb_prompt = gr.Textbox(label="Prompt", value=first_prompt, scale=4)
-                eb_seed = gr.Number(label="Seed", value=0, precision=0, minimum=SEED[0], maximum=SEED[1], scale=1)
-                eb_stride = gr.Slider(*STRIDE, value=1, step=1, label="Sub-path stride (k = 20 × stride)", scale=2)
+                eb_prompt = gr.Textbox(label="Prompt", value=first_prompt, scale=4, min_width=240)
+                eb_seed = gr.Number(label="Seed", value=0, precision=0, scale=1, min_width=100)
+                eb_stride = gr.Slider(*STRIDE, value=1, step=1, label="Sub-path stride (k = 20 × stride)", scale=2,
+                                      min_width=200)
                 eb_guidance = gr.Slider(*GUIDANCE, value=DEFAULT_GUIDANCE, step=0.5, label="Teacher guidance (CFG)",
-                                        scale=2)
-            eb_go = gr.Button("Compute error bound", variant="primary")
+                                        scale=2, min_width=200)
+            eb_go = gr.Button("Compute error bound", variant="primary", elem_id="eb-go")
+            eb_summary = gr.Markdown(elem_id="eb-summary")
+            colors = {f"{n} {kind}": (METHOD_COLORS[n.lower()] if kind != "error" else tint(METHOD_COLORS[n.lower()]))
+                      for n in ("LCM", "SPLAM") for kind in ("bound", "error", "term")}
             with gr.Row():
                 eb_plot = gr.LinePlot(x="t", y="rms", color="series", title="Bound (sum of terms) vs real error",
-                                      x_title="t (timestep)", y_title="RMS in latent space", height=320)
+                                      x_title="t (timestep)", y_title="RMS in latent space", height=320,
+                                      color_map={k: v for k, v in colors.items() if not k.endswith("term")},
+                                      min_width=300, elem_id="eb-plot")
                 eb_terms = gr.LinePlot(x="t", y="rms", color="series", title="Per-sub-path terms |F(z_t′) − F(z_t′−k)|",
-                                       x_title="t′ (timestep)", y_title="RMS in latent space", height=320)
-            eb_summary = gr.Markdown()
-            eb_gallery = gr.Gallery(label="Decoded F(z_t) along the trajectory", columns=7, height="auto",
-                                    elem_classes="panel")
+                                       x_title="t′ (timestep)", y_title="RMS in latent space", height=320,
+                                       color_map={k: v for k, v in colors.items() if k.endswith("term")},
+                                       min_width=300, elem_id="eb-terms")
+            gr.Markdown("**Decoded F(z_t) along the trajectory**: one row per student, the same t above each other; "
+                        "the teacher's final image z_0 on the right.")
+            eb_grid = gr.Image(show_label=False, type="pil", interactive=False, elem_classes="panel",
+                               elem_id="eb-grid")
         eb_go.click(on_error_bound, [eb_prompt, eb_seed, eb_stride, eb_guidance, *model_inputs],
-                    [eb_plot, eb_terms, eb_gallery, eb_summary], api_name="error_bound", concurrency_id="generate")
+                    [eb_plot, eb_terms, eb_grid, eb_summary], api_name="error_bound", concurrency_id="generate")
 
         set_dd.change(on_model_set, set_dd, [*model_inputs, set_about, prompt, eb_prompt], api_name="model_set")
         if train:
-            _train_tab(studio, model_inputs)
+            _train_tab(studio, demo, model_inputs, menus)
     return demo
 
 
@@ -284,56 +370,71 @@ def _int(value, bounds) -> int:
         return bounds[1]
 
 
-def _with(choices: list[str], value: str) -> list[str]:
-    return choices if value in choices else [*choices, value]
+def _with(choices: list, value) -> list:
+    names = [c[1] if isinstance(c, tuple) else c for c in choices]
+    return choices if value is None or value in names else [*choices, value]
 
 
-def _train_tab(studio: Studio, model_inputs: list) -> None:
+def _train_tab(studio: Studio, demo: gr.Blocks, model_inputs: list, menus) -> None:
     trainer = studio.trainer
+
+    def view(s, runs_before=None):
+        """Every Train-tab output for status `s` (also after a page reload): text, chart, grids, log, button."""
+        speed = f"{s.it_s:.2f} it/s · ETA {format_duration(s.eta_s)}" if s.running and s.it_s else ""
+        gallery = [(str(p), c) for p, c in s.validation]
+        return (s.message, speed, s.loss_frame(), gallery, s.log_tail, gr.Button(interactive=not s.running),
+                gr.Button(interactive=s.running), gr.Timer(active=s.running))
 
     @user_errors
     def on_start(teacher, data, method, steps, batch_size, run_name):
         msg = studio.start_training(teacher, data, method, steps, run_name, batch_size)
         gr.Info(msg)
-        return msg, gr.Timer(active=True)
+        return view(trainer.status())
 
     def on_stop():
-        return trainer.stop()
+        trainer.stop()
+        return view(trainer.status())
 
-    def on_poll(last_state):
+    def listed():
+        return [studio.menu(role) for role in ("teacher", "splam", "lcm")]
+
+    def on_poll(seen, teacher, splam, lcm):
         s = trainer.status()
-        finished = s.state not in ("running", "stopping")
-        refresh = finished and last_state in ("running", "stopping")
-        lists = ((gr.Dropdown(choices=studio.teacher_choices()), gr.Dropdown(choices=studio.student_choices("splam")),
-                  gr.Dropdown(choices=studio.student_choices("lcm"))) if refresh else (gr.skip(),) * 3)
-        gallery = [(str(p), c) for p, c in s.validation]
-        return (s.message, s.loss_frame(), gallery, s.log_tail, s.state, gr.Timer(active=not finished), *lists)
+        now = listed()  # a run enters the menus when its student is exported, at the end
+        lists = menus((teacher, splam, lcm)) if now != seen else (gr.skip(),) * 3
+        return (*view(s), now, *lists)
 
     with gr.Tab("Train"):
         gr.Markdown("Distil your own student. The run is a `train_cli.py` subprocess (one at a time); its checkpoint "
-                    "lands in `weights/<run name>/` and then appears in the model lists.")
+                    "lands in `weights/<run name>/` and then appears in the model lists. A batch larger than the data "
+                    "set shrinks to fit.")
         with gr.Row():
-            t_teacher = gr.Dropdown(studio.teacher_choices(), value=studio.default("teacher"), label="Teacher")
-            t_data = gr.Dropdown(trainer.data_choices(), value="shapes", label="Data",
+            t_teacher = gr.Dropdown(studio.menu("teacher"), value=studio.default("teacher"), label="Teacher",
+                                    min_width=200)
+            t_data = gr.Dropdown(trainer.data_choices(), value="shapes", label="Data", min_width=200,
                                  info="'shapes' or a folder allowed on the command line (--data-dir NAME=PATH)")
-            t_method = gr.Radio(list(METHODS), value="splam", label="Method")
+            t_method = gr.Radio(list(METHODS), value="splam", label="Method", min_width=160)
         with gr.Row():
-            t_steps = gr.Number(label="Steps", value=200, precision=0, minimum=1)
-            t_batch = gr.Slider(*TRAIN_BATCH, value=32, step=1, label="Batch size")
-            t_name = gr.Textbox(label="Run name", placeholder="my-splam (default: <method>-<time>)")
+            t_steps = gr.Number(label="Steps", value=200, precision=0, minimum=1, min_width=120)
+            t_batch = gr.Slider(*TRAIN_BATCH, value=32, step=1, label="Batch size", min_width=200)
+            t_name = gr.Textbox(label="Run name", placeholder="my-splam (default: <method>-<time>)", min_width=200)
         with gr.Row():
-            start = gr.Button("Start", variant="primary")
-            stop = gr.Button("Stop", variant="stop")
-        t_status = gr.Markdown(trainer.status().message)
+            start = gr.Button("Start", variant="primary", elem_id="train-start")
+            stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="train-stop")
+        t_status = gr.Markdown(elem_id="train-status")
+        t_speed = gr.Markdown(elem_id="train-speed")
         with gr.Row():
-            t_loss = gr.LinePlot(x="step", y="loss", title="Training loss", height=280)
+            t_loss = gr.LinePlot(x="step", y="loss", title="Training loss", x_title="step", y_title="loss",
+                                 height=280, min_width=300, elem_id="train-loss")
             t_val = gr.Gallery(label="Validation samples (rows: 1, 2, 4 steps)", columns=2, height=280,
-                               elem_classes="panel")
+                               elem_classes="panel", min_width=300)
         t_log = gr.Textbox(label="Log (tail)", lines=8, max_lines=8, autoscroll=True)
-        last_state = gr.State("idle")
-        timer = gr.Timer(2.0, active=False)
-        start.click(on_start, [t_teacher, t_data, t_method, t_steps, t_batch, t_name], [t_status, timer],
+        runs_seen = gr.State(listed())
+        timer = gr.Timer(TRAIN_POLL_S, active=False)
+        outputs = [t_status, t_speed, t_loss, t_val, t_log, start, stop, timer]
+        start.click(on_start, [t_teacher, t_data, t_method, t_steps, t_batch, t_name], outputs,
                     api_visibility="private")
-        stop.click(on_stop, None, t_status, api_visibility="private")
-        timer.tick(on_poll, last_state, [t_status, t_loss, t_val, t_log, last_state, timer, *model_inputs],
+        stop.click(on_stop, None, outputs, api_visibility="private")
+        timer.tick(on_poll, [runs_seen, *model_inputs], [*outputs, runs_seen, *model_inputs],
                    api_visibility="private", show_progress="hidden")
+        demo.load(lambda: view(trainer.status()), None, outputs, api_visibility="private")

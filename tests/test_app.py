@@ -18,8 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from splam_studio import studio as studio_module
+from splam_studio.colors import METHOD_COLORS
 from splam_studio.studio import (
-    MAX_PROMPT_CHARS, Studio, StudioError, Trainer, _parse_losses, clamp_float, clamp_int, clean_prompt,
+    MAX_PROMPT_CHARS, Studio, StudioError, Trainer, clamp_float, clamp_int, clean_log, clean_prompt, image_psnr,
+    read_stats,
 )
 from splam_studio.student import build_student
 from tests.tiny import make_tiny_pipeline
@@ -62,7 +65,11 @@ def offline(monkeypatch):
 # ---- Studio -------------------------------------------------------------------------------------------------------
 def test_model_lists_and_defaults(studio):
     assert studio.teacher_choices() == ["shapes-teacher"]
-    assert studio.student_choices("lcm") == ["shapes-lcm", "shapes-splam"]  # the method's own runs first
+    assert studio.student_choices("lcm") == ["shapes-lcm"]  # one role per menu: the LCM run is no SPLAM student
+    assert studio.student_choices("splam") == ["shapes-splam"] and len(studio.student_choices()) == 2
+    assert studio.menu("splam") == [("shapes-splam · SPLAM", "shapes-splam")]
+    assert studio.menu("lcm") == [("shapes-lcm · LCM", "shapes-lcm")]
+    assert studio.menu("teacher") == [("shapes-teacher · teacher", "shapes-teacher")]
     assert (studio.default("teacher"), studio.default("splam"), studio.default("lcm")) == \
         ("shapes-teacher", "shapes-splam", "shapes-lcm")
     assert studio.models_status() == ""
@@ -76,6 +83,16 @@ def test_compare_three_panels_reproducible(studio):
         assert p.image.size == (IMAGE_PX, IMAGE_PX)
         assert p.latency_ms > 0 and f"{p.latency_ms:.0f} ms" in p.label()
         assert "seed 3" in p.caption() and p.model in p.caption()
+        assert len(p.latency_runs) == 3 and min(p.latency_runs) <= p.latency_ms <= max(p.latency_runs)
+        assert "3 runs" in p.caption()
+    t = r.panel("teacher")
+    for p in r.panels[1:]:  # the distance to the teacher's image from the same noise, and its heat map
+        assert p.psnr_db == pytest.approx(image_psnr(p.image, t.image)) and f"PSNR {p.psnr_db:.1f} dB" in p.caption()
+        assert p.latent_mse == pytest.approx(float((p.latent - t.latent).pow(2).mean()), rel=1e-5)
+        assert p.heatmap.size[0] >= 256 and p.heatmap.mode == "RGB"
+    assert t.psnr_db is None and image_psnr(t.image, t.image) == math.inf
+    strip, caption = r.history_item()
+    assert strip.size[0] > 3 * IMAGE_PX and "seed 3" in caption
     assert r.panel("teacher").steps == 3 and r.panel("splam").steps == 2
     assert r.panel("splam").speedup == pytest.approx(r.panel("teacher").latency_ms / r.panel("splam").latency_ms)
     assert "CFG 7.5 baked in" in r.panel("lcm").caption()
@@ -101,6 +118,13 @@ def test_error_bound_bounds_error(studio, stride):
     assert len(r.terms_frame()) == 2 * len(r.curves["LCM"].times)
     assert len(r.thumbnails) == 1 + 2 * 3 and r.thumbnails[0][0].size == (IMAGE_PX, IMAGE_PX)
     assert "| SPLAM |" in r.summary()
+    grid = r.grid_image(cell=32)  # 2 rows of 3 thumbnails plus the teacher column, under a header of t values
+    assert grid.size[0] > 4 * 32 and 2 * 32 < grid.size[1] < 3 * 32 + 32
+    below = float(r.curves["SPLAM"].bound[0, 0]) < float(r.curves["LCM"].bound[0, 0])
+    verdict = r.verdict()
+    assert ("below LCM's" in verdict) == below and ("here that does not hold" in verdict) == (not below)
+    assert r.color_map()["SPLAM bound"] == r.color_map()["SPLAM term"] == METHOD_COLORS["splam"]
+    assert r.color_map()["LCM error"] != METHOD_COLORS["lcm"]
 
 
 def test_validation_helpers():
@@ -145,13 +169,25 @@ def test_wrong_kind_and_offline_hub(studio):
         studio.compare(PROMPT, teacher="shapes-splam")
     with pytest.raises(StudioError, match="is a teacher, not a SPLAM student"):
         studio.compare(PROMPT, splam="shapes-teacher")
-    with pytest.raises(StudioError, match="huggingface-cli download alimama-creative/slam-sd1.5"):
+    with pytest.raises(StudioError, match="huggingface-cli download alimama-creative/slam-sd1.5") as e:
         studio.compare(PROMPT, splam="alimama-creative/slam-sd1.5")
-    with pytest.raises(StudioError, match="Offline"):
+    assert "OSError" not in str(e.value) and str(e.value).count(". ") == 0  # one sentence, no stack of errors
+    with pytest.raises(StudioError, match="offline"):
         studio.load_models("stable-diffusion-v1-5/stable-diffusion-v1-5", "shapes-splam", "shapes-lcm")
     assert Studio(studio.weights, allow_hub=False).resolve("shapes-splam", "splam")[0] == "path"
     with pytest.raises(StudioError, match="disabled"):
         Studio(studio.weights, allow_hub=False).resolve("owner/name", "splam")
+
+
+def test_unreachable_hub_fails_before_any_download(studio, monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(studio_module, "hub_reachable", lambda timeout=1.0: False)
+    monkeypatch.setattr(studio_module, "_load_hub_student", lambda *a: pytest.fail("tried to download"))
+    monkeypatch.setattr(studio_module, "load_teacher", lambda *a, **k: pytest.fail("tried to download"))
+    with pytest.raises(StudioError, match="not in this machine's Hugging Face cache"):
+        studio.compare(PROMPT, splam="owner/not-cached")
+    with pytest.raises(StudioError, match="The teacher 'owner/other'"):
+        studio.compare(PROMPT, teacher="owner/other")
 
 
 def test_local_models_from_the_cli(weights):
@@ -183,10 +219,25 @@ def test_trainer_rejects_bad_runs(studio, weights):
     assert cmd[cmd.index("--output-dir") + 1] == str(weights) and cmd[cmd.index("--validate-every") + 1] == "2"
 
 
-def test_parse_tqdm_losses():
-    log = ("splam r:  50%|#####     | 1/2 [00:00<00:00,  1.49it/s]\rsplam r:  50%|#####     | 1/2 [00:00<00:00, "
-           "1.49it/s, loss=0.112]\rsplam r: 100%|##########| 2/2 [00:01<00:00,  1.05it/s, loss=1.2e-3]\n")
-    assert _parse_losses(log) == [(1, 0.112), (2, 0.0012)]
+def test_stats_and_log_as_a_person_reads_them(tmp_path):
+    stats = tmp_path / "stats.jsonl"
+    stats.write_text('{"event": "start", "step": 0, "max_steps": 2}\n{"step": 1, "loss": 0.5, "it_s": 2.0, '
+                     '"eta_s": 0.5}\n{"step": 2, "lo')  # the last line is still being written
+    assert read_stats(stats) == [{"event": "start", "step": 0, "max_steps": 2},
+                                 {"step": 1, "loss": 0.5, "it_s": 2.0, "eta_s": 0.5}]
+    log = ("\x1b[32mINFO\x1b[0m ready\nsplam r:  50%|#####     | 1/2\rsplam r: 100%|##########| 2/2\n"
+           "You have disabled the safety checker for <class X>\nerror: bad\n")
+    assert clean_log(log) == ["INFO ready", "splam r: 100%|##########| 2/2", "error: bad"]
+
+
+def test_loss_frame_is_numeric_even_when_empty():
+    import pandas as pd
+
+    from splam_studio.studio import TrainStatus
+
+    for losses in ([], [(1, 0.2415), (2, 0.1803), (3, 0.09623)]):
+        frame = TrainStatus("running", "", losses=losses).loss_frame()
+        assert pd.api.types.is_integer_dtype(frame["step"]) and pd.api.types.is_float_dtype(frame["loss"])
 
 
 @pytest.mark.slow
@@ -200,10 +251,23 @@ def test_train_subprocess_run_appears_in_lists(weights):
         time.sleep(0.5)
     st = s.trainer.status()
     assert st.state == "done", st.log_tail
-    assert st.losses and st.losses[-1][0] == 1 and st.validation
+    assert st.losses and st.losses[-1][0] == 1 and st.validation and st.it_s > 0
+    reloaded = Trainer(weights, {}).status()  # a restarted studio still shows the last run
+    assert reloaded.state == "done" and "my-lcm" in reloaded.message and reloaded.losses == st.losses
     assert "my-lcm" in s.student_choices("lcm")
     r = s.compare(PROMPT, student_steps=1, teacher_steps=1, lcm="my-lcm")
     assert r.panel("lcm").model == "my-lcm"
+
+
+def test_finished_run_is_reaped_without_polling(weights):
+    s = Studio(weights)
+    s.start_training("shapes-teacher", "shapes", "splam", 1, "reaped", 2)
+    pid = s.trainer.proc.pid
+    deadline = time.time() + 240
+    while Path(f"/proc/{pid}").exists() and time.time() < deadline:  # a zombie keeps /proc/<pid> until reaped
+        time.sleep(0.5)
+    assert not Path(f"/proc/{pid}").exists(), "the finished trainer was left a zombie"
+    assert s.trainer.proc.returncode == 0
 
 
 def test_train_stop(weights):
@@ -287,20 +351,20 @@ def test_app_end_to_end(app_url):
         assert Image.open(img["value"]).size == (IMAGE_PX, IMAGE_PX)
     assert "unipc" in captions[0] and "seed 7" in captions[2] and "faster" in summary
 
-    plot, terms, gallery, eb_summary = c.predict(PROMPT, 7, 2, 7.5, *models, api_name="/error_bound")
+    plot, terms, grid, eb_summary = c.predict(PROMPT, 7, 2, 7.5, *models, api_name="/error_bound")
     rows = plot["data"]
     for name in ("LCM", "SPLAM"):
         bound = {t: v for t, v, s in rows if s == f"{name} bound"}
         error = {t: v for t, v, s in rows if s == f"{name} error"}
         assert bound and all(bound[t] >= error[t] - 1e-5 for t in bound)
     assert {s for _, _, s in terms["data"]} == {"LCM term", "SPLAM term"}
-    assert len(gallery) == 1 + 2 * 6 and "k = 40" in eb_summary
+    assert Image.open(grid).size[0] > 7 * 64 and "k = 40" in eb_summary and "For this prompt and seed" in eb_summary
 
     # out-of-range slider values are refused by gradio with a message (Studio clamps what gets past it)
     with pytest.raises(AppError, match="greater than maximum value 8"):
         c.predict(PROMPT, "", 7, 50, 3, 7.5, "ddim", *models, api_name="/compare")
-    with pytest.raises(AppError, match="less than minimum value 0"):
-        c.predict(PROMPT, "", -3, 2, 3, 7.5, "ddim", *models, api_name="/compare")
+    out = c.predict(PROMPT, "", -3, 2, 3, 7.5, "ddim", *models, api_name="/compare")
+    assert "seed -3 is outside 0-2147483647; using 0" in out[6]  # the field is named
     out = c.predict("red " * 300, "", 7, 1, 1, 7.5, "ddim", *models, api_name="/compare")
     assert "truncated to 500" in out[6]
 

@@ -1,6 +1,7 @@
-"""The studio in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright): load, generate, screenshot.
+"""The studio in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright) at a laptop's 1366x900 and a
+phone's 390x844: layout, bad input, the heat map, the history, the Error bound tab and a Train run with a reload.
 
-Skipped when chromium or playwright is missing. The screenshot goes to artifacts/browser-compare.png.
+Skipped when chromium or playwright is missing. Screenshots go to artifacts/browser-*.png (git-ignored).
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from tests.test_app import REPO, launch_app, make_fake_weights, stop_app
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
+VIEWPORTS = {"laptop": {"width": 1366, "height": 900}, "phone": {"width": 390, "height": 844}}
+ARTIFACTS = REPO / "artifacts"
+WAIT = 180_000  # ms: generation on a busy 2-core machine
 
 pytestmark = pytest.mark.browser
 
@@ -28,27 +32,147 @@ def app_url(tmp_path_factory):
     stop_app(proc)
 
 
-def test_compare_in_browser(app_url):
+@pytest.fixture(scope="module")
+def browser(app_url):
     from playwright.sync_api import sync_playwright
 
-    out = REPO / "artifacts" / "browser-compare.png"
-    out.parent.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1300})
-            page.goto(app_url, wait_until="domcontentloaded")
-            page.locator("#generate").wait_for(timeout=60_000)
-            assert page.get_by_text("SPLAM Studio").first.is_visible()
-            page.locator("#generate").click()
-            for role in ("teacher", "lcm", "splam"):
-                page.locator(f"#panel-{role} img").first.wait_for(state="visible", timeout=120_000)
-            page.get_by_text("faster").first.wait_for(timeout=30_000)
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(out), full_page=True)
-            for role, model in (("teacher", "shapes-teacher"), ("lcm", "shapes-lcm"), ("splam", "shapes-splam")):
-                caption = page.locator(f"#caption-{role}").first.inner_text()
-                assert model in caption and "seed 0" in caption
-        finally:
-            browser.close()
-    assert out.stat().st_size > 10_000
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+def _open(browser, url, width):
+    page = browser.new_page(viewport=VIEWPORTS[width])
+    page.goto(url, wait_until="domcontentloaded")
+    page.locator("#generate").wait_for(timeout=60_000)
+    return page
+
+
+def _generate(page):
+    """Click Generate and wait until the SPLAM panel shows a new image and every caption is filled."""
+    src = "document.querySelector('#panel-splam img') ? document.querySelector('#panel-splam img').src : ''"
+    before = page.evaluate(src)
+    page.locator("#generate").click()
+    page.wait_for_function(f"b => ({src}) !== b", arg=before, timeout=WAIT)
+    page.locator("#caption-splam").get_by_text("faster").wait_for(timeout=30_000)
+    page.wait_for_timeout(500)
+
+
+def _box(page, selector):
+    return page.locator(selector).first.bounding_box()
+
+
+@pytest.mark.parametrize("width", ["laptop", "phone"])
+def test_compare_layout(browser, app_url, width):
+    page = _open(browser, app_url, width)
+    try:
+        _generate(page)
+        page.locator("#history").scroll_into_view_if_needed()
+        page.wait_for_function("() => { const i = document.querySelector('#history img'); "
+                               "return i && i.complete && i.naturalWidth > 0; }", timeout=30_000)
+        page.locator("#history").screenshot(path=str(ARTIFACTS / f"browser-history-{width}.png"))
+        gallery, strip = _box(page, "#history"), _box(page, "#history img")
+        assert strip["y"] + strip["height"] <= gallery["y"] + gallery["height"], (gallery, strip)  # in view, whole
+        assert strip["width"] > 2.5 * strip["height"] and strip["width"] <= gallery["width"]
+        page.evaluate("window.scrollTo(0, 0)")
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(ARTIFACTS / f"browser-compare-{width}.png"))
+        page.screenshot(path=str(ARTIFACTS / f"browser-compare-{width}-full.png"), full_page=True)
+        button = _box(page, "#generate")
+        boxes = {r: _box(page, f"#panel-{r} img") for r in ("teacher", "lcm", "splam")}
+        vp = VIEWPORTS[width]
+        if width == "laptop":  # prompt and the three whole results in one view, side by side, large
+            assert _box(page, "#prompt")["y"] >= 0
+            for r, b in boxes.items():
+                assert b["y"] + b["height"] <= vp["height"], (r, b)
+                assert b["width"] >= 250, (r, b)
+            assert boxes["teacher"]["x"] < boxes["lcm"]["x"] < boxes["splam"]["x"]
+        else:  # top to bottom: the first result right under the button, each result full width
+            assert 0 < boxes["teacher"]["y"] - (button["y"] + button["height"]) < 200, (button, boxes)
+            assert boxes["teacher"]["y"] < boxes["lcm"]["y"] < boxes["splam"]["y"]
+            for b in boxes.values():
+                assert b["width"] >= 0.75 * vp["width"] and b["x"] + b["width"] <= vp["width"]
+        for role, model in (("teacher", "shapes-teacher"), ("lcm", "shapes-lcm"), ("splam", "shapes-splam")):
+            caption = page.locator(f"#caption-{role}").inner_text()
+            assert model in caption and "seed 0" in caption and "3 runs" in caption
+            if role != "teacher":
+                assert "PSNR" in caption and "faster" in caption
+        examples = [b.inner_text().strip() for b in page.locator("#examples button").all()]
+        assert len(examples) == 6 and all("..." not in e and e.endswith("background") for e in examples), examples
+    finally:
+        page.close()
+
+
+def test_bad_input_keeps_results_and_names_the_field(browser, app_url):
+    page = _open(browser, app_url, "laptop")
+    try:
+        _generate(page)
+        src = page.locator("#panel-splam img").first.get_attribute("src")
+        page.locator("#prompt textarea").fill("   ")
+        page.locator("#generate").click()
+        page.locator("#compare-notice").get_by_text("enter a prompt").wait_for(timeout=60_000)
+        assert page.locator("#panel-splam img").first.get_attribute("src") == src  # the previous result stays
+        assert page.locator("#panel-splam .error").count() == 0
+        page.screenshot(path=str(ARTIFACTS / "browser-bad-input.png"))
+        page.locator("#prompt textarea").fill("one small green star at the right on a black background")
+        page.locator("#controls").get_by_text("Settings").first.click()
+        page.locator("#seed input").fill("-5")
+        _generate(page)
+        assert "seed -5 is outside" in page.locator("#compare-notice").inner_text()
+        assert page.locator("#panel-splam img").first.get_attribute("src") != src
+        assert page.locator("#history img").count() == 2
+        before = page.locator("#panel-splam img").first.get_attribute("src")
+        page.locator("#show-diff input").check()
+        page.wait_for_function("b => document.querySelector('#panel-splam img').src !== b", arg=before,
+                               timeout=30_000)
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(ARTIFACTS / "browser-heatmap.png"))
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("width", ["laptop", "phone"])
+def test_error_bound_tab(browser, app_url, width):
+    page = _open(browser, app_url, width)
+    try:
+        page.get_by_role("tab", name="Error bound").click()
+        page.locator("#eb-go").click()
+        page.locator("#eb-summary").get_by_text("For this prompt and seed").wait_for(timeout=WAIT)
+        page.locator("#eb-grid img").first.wait_for(timeout=30_000)
+        page.wait_for_timeout(800)
+        page.screenshot(path=str(ARTIFACTS / f"browser-error-bound-{width}.png"), full_page=True)
+        grid = _box(page, "#eb-grid img")
+        assert grid["x"] >= 0 and grid["x"] + grid["width"] <= VIEWPORTS[width]["width"]  # every column in view
+        plots = _box(page, "#eb-plot"), _box(page, "#eb-terms")
+        if width == "phone":
+            assert plots[1]["y"] >= plots[0]["y"] + plots[0]["height"] - 1  # stacked
+    finally:
+        page.close()
+
+
+def test_train_tab_run_and_reload(browser, app_url):
+    page = _open(browser, app_url, "laptop")
+    try:
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#train-start").wait_for()
+        page.get_by_label("Steps").fill("6")
+        page.get_by_label("Run name").fill("browser-run")
+        page.locator("#train-start").click()
+        page.wait_for_function("() => document.querySelector('#train-start').disabled", timeout=30_000)
+        page.locator("#train-status").get_by_text("finished").wait_for(timeout=WAIT)
+        assert not page.locator("#train-start").is_disabled()
+        page.wait_for_timeout(2500)  # one more poll after the end
+        page.screenshot(path=str(ARTIFACTS / "browser-train.png"), full_page=True)
+        page.get_by_text("Models", exact=True).first.click()
+        page.get_by_label("SPLAM student").click()  # the finished run is in its role's menu, without Refresh
+        page.get_by_role("option", name="browser-run · SPLAM").wait_for(timeout=10_000)
+        page.reload(wait_until="domcontentloaded")
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#train-status").get_by_text("browser-run").wait_for(timeout=30_000)
+        assert "finished" in page.locator("#train-status").inner_text()
+        log = page.get_by_label("Log (tail)").input_value()
+        assert "\x1b" not in log and "done:" in log
+    finally:
+        page.close()

@@ -109,8 +109,10 @@ def test_caption_folder_recursive_with_bad_entries(tmp_path):
     (tmp_path / "notes.md").write_text("ignored")
 
     ds = build_dataset(str(tmp_path), R)
-    assert isinstance(ds, D.CaptionFolderDataset) and len(ds) == 11
+    assert isinstance(ds, D.CaptionFolderDataset) and len(ds) == 9  # garbage.png and bomb.png fail their header
+    assert {p.name for p in ds.files}.isdisjoint({"garbage.png", "bomb.png"})
     out = dict(zip((p.name for p in ds.files), items(ds)))
+    items(ds)  # a second pass (a second epoch) counts nothing twice
     for name in ("a.png", "b.jpg", "gray.png", "empty.png", "cmyk.jpg", "rgba.png", "deep.png"):
         check_example(out[name])
     assert out["a.png"]["caption"] == "a red square"
@@ -118,12 +120,46 @@ def test_caption_folder_recursive_with_bad_entries(tmp_path):
     assert out["gray.png"]["caption"] == "" and out["empty.png"]["caption"] == ""
     assert torch.allclose(out["a.png"]["pixel_values"][:, 0, 0], torch.tensor([1.0, -1.0, -1.0]))
     assert torch.allclose(out["rgba.png"]["pixel_values"], torch.ones(3, R, R))  # transparent -> white
-    for name in ("garbage.png", "truncated.jpg", "latin1.png", "bomb.png"):
+    for name in ("truncated.jpg", "latin1.png"):
         assert out[name] is None, name
     c = ds.counter
     assert c.skipped[D.CORRUPT] == 2 and c.skipped[D.NOT_UTF8] == 1 and c.skipped[D.TOO_LARGE] == 1
     assert c.notes[D.MISSING_CAPTION] == 3 and c.notes[D.EMPTY_CAPTION] == 1  # gray, rgba, deep; empty
-    assert "caption not UTF-8" in c.summary()
+    summary = c.summary()
+    assert "2 x corrupt or truncated image (garbage.png, truncated.jpg)" in summary, summary
+    assert "caption not UTF-8 (latin1.png)" in summary and "bomb.png" in summary
+
+
+def test_five_bad_of_24_counted_once_and_named(tmp_path):
+    for i in range(19):
+        solid((i * 10, 0, 0)).save(tmp_path / f"ok{i:02d}.png")
+    for i in range(5):
+        (tmp_path / f"bad{i}.png").write_bytes(b"not an image")
+    ds = build_dataset(str(tmp_path), R)
+    assert len(ds) == 19
+    for _ in range(3):  # three epochs
+        items(ds)
+    assert ds.counter.total_skipped == 5
+    assert all(f"bad{i}.png" in ds.counter.summary() for i in range(5))
+
+
+def test_all_corrupt_folder_is_a_data_error(tmp_path):
+    for i in range(4):
+        (tmp_path / f"bad{i}.jpg").write_bytes(b"\xff\xd8 garbage")
+    with pytest.raises(D.DataError, match=r"none of the 4 images .* can be read .*4 x corrupt"):
+        build_dataset(str(tmp_path), R)
+
+
+@pytest.mark.parametrize("n,batch,world,expect", [(24, 32, 1, 24), (24, 8, 1, 8), (24, 16, 2, 12), (3, 4, 4, None)])
+def test_fit_batch_size(n, batch, world, expect):
+    if expect is None:
+        with pytest.raises(D.DataError, match="fewer than the 4 processes"):
+            D.fit_batch_size(n, batch, world)
+        return
+    fitted, note = D.fit_batch_size(n, batch, world)
+    assert fitted == expect and (note is None) == (expect == batch)
+    if note:
+        assert "--batch-size" in note and str(n) in note
 
 
 def test_max_pixels_limit(tmp_path):
@@ -131,7 +167,7 @@ def test_max_pixels_limit(tmp_path):
     solid(size=(20, 20)).save(tmp_path / "small.png")
     ds = build_dataset(str(tmp_path), R, max_pixels=50 * 50)
     got = {p.name: ex for p, ex in zip(ds.files, items(ds))}
-    assert got["big.png"] is None and got["small.png"] is not None
+    assert "big.png" not in got and got["small.png"] is not None  # refused from its header, before any decoding
     assert ds.counter.skipped[D.TOO_LARGE] == 1
 
 
