@@ -41,6 +41,7 @@ HELP = {
     "batch_size": "images per step and process",
     "grad_accum": "gradient accumulation steps per optimiser step",
     "lr": "learning rate (full fine-tune ~1e-5; LoRA ~1e-4)",
+    "lr_schedule": "constant, or cosine (decays to 0 at --max-steps; a constant lr drifts past the best point)",
     "weight_decay": "AdamW weight decay",
     "max_grad_norm": "gradient clipping norm",
     "lora_rank": "0 = full fine-tune; > 0 = LoRA of this rank (peft), exported in diffusers and kohya formats",

@@ -29,6 +29,18 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
                 "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(step: int, max_steps: int, schedule: str = "constant") -> float:
+    """Multiplier of the base learning rate at optimiser step `step` (0-based): 1, or cosine from 1 to 0."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, max_steps) / max_steps))
+    raise ValueError(f"unknown lr_schedule {schedule!r}; choose one of {LR_SCHEDULES}")
+
+
 class TrainError(RuntimeError):
     """A run that cannot start or must stop; the message says why and what to change."""
 
@@ -60,6 +72,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-5  # full fine-tune; LoRA runs usually want ~1e-4
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at max_steps): consistency training drifts at a constant lr
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     lora_rank: int = 0  # 0 = full fine-tune; > 0 = LoRA of this rank through peft
@@ -97,6 +110,7 @@ class TrainConfig:
             "batch_size": self.batch_size >= 1,
             "grad_accum": self.grad_accum >= 1,
             "lr": 0 < self.lr < 1,
+            "lr_schedule": self.lr_schedule in LR_SCHEDULES,
             "ema_decay": 0 <= self.ema_decay <= 1,
             "gamma_one_prob": 0 <= self.gamma_one_prob <= 1,
             "cond_proj_lr_scale": self.cond_proj_lr_scale > 0,
@@ -395,6 +409,8 @@ def _train(cfg: TrainConfig, log=print) -> Path:
         opt = bnb.optim.AdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for g in opt.param_groups:  # the base lr of each group, scaled by lr_factor at every step
+        g.setdefault("initial_lr", g["lr"])
 
     # resume (before data, so the sampler starts at the right step)
     start = 0
@@ -505,6 +521,8 @@ def _train(cfg: TrainConfig, log=print) -> Path:
             acc.backward(loss)
             if acc.sync_gradients:
                 acc.clip_grad_norm_(params, cfg.max_grad_norm)
+            for g in opt.param_groups:
+                g["lr"] = g["initial_lr"] * lr_factor(step, cfg.max_steps, cfg.lr_schedule)
             opt.step()
             opt.zero_grad(set_to_none=True)
         micro += 1

@@ -120,3 +120,13 @@ def test_two_process_accelerate_launch(world, tmp_path):
     cfg = json.loads((tmp_path / "ddp" / "training_config.json").read_text())
     assert cfg["processes"] == 2
     assert _state(tmp_path / "ddp") == 2
+
+
+def test_lr_factor_schedules():
+    from splam_studio.train import lr_factor
+
+    assert [lr_factor(s, 100) for s in (0, 50, 100)] == [1.0, 1.0, 1.0]
+    assert lr_factor(0, 100, "cosine") == 1.0 and abs(lr_factor(50, 100, "cosine") - 0.5) < 1e-12
+    assert lr_factor(100, 100, "cosine") < 1e-12 and lr_factor(25, 100, "cosine") > lr_factor(75, 100, "cosine")
+    with pytest.raises(ValueError, match="cosine"):
+        lr_factor(1, 10, "linear")
