@@ -72,17 +72,19 @@ class Generation:
 @torch.no_grad()
 def generate(pipe: StableDiffusionPipeline, *, prompt: list[str], sampler: str, steps: int, seed: int,
              unet: UNet2DConditionModel | None = None, guidance_scale: float = 1.0,
-             negative_prompt: list[str] | None = None, decode: bool = True) -> Generation:
+             negative_prompt: list[str] | None = None, decode: bool = True,
+             student_guidance_scale: float = 1.0) -> Generation:
     """Generate with the teacher (unet=None) or a student UNet, from the initial noise of `seed`, in a stock pipeline.
 
-    Students run with LCMScheduler at guidance_scale = 1 (diffusers then embeds gamma = 1 and skips CFG).
+    Students run with LCMScheduler at student_guidance_scale (diffusers embeds it minus 1 and skips CFG): 1 for
+    gamma-conditioned students (gamma = 1), w + 1 for a w-conditioned one (models.sampling_guidance).
     """
     unet = unet if unet is not None else pipe.unet
     is_student = unet.config.time_cond_proj_dim is not None
     if is_student and sampler != "lcm":
         raise ValueError(f"students sample with 'lcm' (multistep consistency), not {sampler!r}")
     if is_student:
-        guidance_scale, negative_prompt = 1.0, None  # guidance is baked into the student
+        guidance_scale, negative_prompt = student_guidance_scale, None  # guidance is baked into the student
     p = StableDiffusionPipeline(**{**pipe.components, "unet": unet, "scheduler": make_scheduler(sampler, pipe.scheduler.config)})
     p.set_progress_bar_config(disable=True)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
