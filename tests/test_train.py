@@ -122,6 +122,22 @@ def test_w_range_lcm_run_records_its_range_and_sampling_guidance(world, tmp_path
     cfg = json.loads((tmp_path / "lcmw" / "training_config.json").read_text())
     assert (cfg["w_min"], cfg["w_max"], cfg["w"]) == (3.0, 10.0, 6.5)
     assert sampling_guidance(tmp_path / "lcmw") == 7.5
+    # bench --curves evaluates it at that guidance
+    from splam_studio.bench import curves
+    from splam_studio.models import load_teacher
+
+    seen = []
+
+    class Bench:  # the part of bench.Bench that curves() uses, without the evaluator
+        n, guidance, pipe, log = 1, 7.5, load_teacher(str(world / "teacher")), staticmethod(lambda *a: None)
+
+        def evaluate_unet(self, method, unet, steps, student_guidance=1.0):
+            seen.append(student_guidance)
+            return {"fid": 0.0, "teacher_mse": 0.0}
+
+    res = curves(Bench(), [tmp_path / "lcmw"], untrained=False)
+    assert seen == [7.5] * 3 and res["runs"]["lcmw"]["sampling_guidance"] == 7.5
+    assert res["runs"]["lcmw"]["config"]["w_min"] == 3.0
 
 
 def test_two_process_accelerate_launch(world, tmp_path):
