@@ -14,12 +14,17 @@ from pathlib import Path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from splam_studio.model_sets import MODEL_SETS  # a table only: no torch, no CUDA
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="interface to listen on (0.0.0.0 to serve the network)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), help="port")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
     p.add_argument("--weights-dir", help="folder of runs (default: $SPLAM_WEIGHTS_DIR or <repo>/weights)")
+    p.add_argument("--models", choices=sorted(MODEL_SETS), help="model set shown first (splam_studio/model_sets.py; "
+                   "default: dreamshaper7 on a Hugging Face Space with a GPU, else shapes); --teacher / --splam / "
+                   "--lcm replace its members")
     p.add_argument("--teacher", help="teacher: a run name under weights/, a hub id, or a local diffusers folder")
     p.add_argument("--splam", help="SPLAM student: a run name, a hub id (e.g. alimama-creative/slam-sd1.5) or a folder")
     p.add_argument("--lcm", help="LCM student: a run name, a hub id (e.g. SimianLuo/LCM_Dreamshaper_v7) or a folder")
@@ -67,9 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         data_dirs[name or path.name] = path
     train = args.train if args.train is not None else "SPACE_ID" not in os.environ
+    from splam_studio.model_sets import default_model_set
+
     try:
-        studio = Studio(args.weights_dir, teacher=teacher, splam=splam, lcm=lcm, local=local, data_dirs=data_dirs,
-                        device=args.device, allow_hub=not args.no_hub)
+        studio = Studio.for_model_set(args.models or default_model_set(), args.weights_dir, teacher=teacher,
+                                      splam=splam, lcm=lcm, local=local, data_dirs=data_dirs, device=args.device,
+                                      allow_hub=not args.no_hub)
     except (StudioError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -59,7 +59,8 @@ def _pixels(images) -> torch.Tensor:
 
 
 class Bench:
-    def __init__(self, weights: Path, n: int, batch: int, guidance: float, seed: int = 1234, split: str = "heldout", log=print):
+    def __init__(self, weights: Path, n: int, batch: int, guidance: float, seed: int = 1234, split: str = "heldout", log=print,
+                 device: str = "cpu"):
         from .evaluator import Evaluator
         from .models import load_student, load_teacher
         from .shapes import render, sample_specs
@@ -68,6 +69,13 @@ class Bench:
         self.pipe = load_teacher(str(weights / "shapes-teacher"))
         self.students = {m: load_student(str(weights / f"shapes-{m}"), self.pipe) for m in ("lcm", "splam")}
         self.evaluator = Evaluator.from_pretrained(weights / "shapes-evaluator")
+        if device != "cpu":  # every model on the chosen device, in fp32; noise is still drawn on the CPU
+            from .device import pick_device
+
+            dev = pick_device(device)
+            self.pipe.to(dev)
+            self.students = {m: u.to(dev) for m, u in self.students.items()}
+            self.evaluator.to(dev)
         self.schedule = NoiseSchedule.from_scheduler(self.pipe.scheduler)
         self.n, self.batch, self.guidance, self.seed, self.split = n, batch, guidance, seed, split
         specs = sample_specs(n, seed, split)
@@ -207,7 +215,7 @@ def untrained_student(pipe):
     """What distillation must beat: the teacher UNet with a zero-initialised gamma projection, no training."""
     from .student import build_student
 
-    return build_student(pipe.unet, "zero").to(pipe.unet.dtype).eval()
+    return build_student(pipe.unet, "zero").to(pipe.unet.device, pipe.unet.dtype).eval()
 
 
 def run_points(run_dir: Path) -> list[tuple[int, Path | None]]:
@@ -215,7 +223,8 @@ def run_points(run_dir: Path) -> list[tuple[int, Path | None]]:
     cfg = json.loads((run_dir / "training_config.json").read_text())
     snaps = sorted((run_dir / "snapshots").glob("step-*.safetensors"))
     pts = [(int(p.stem.split("-")[1]), p) for p in snaps]
-    if not pts or pts[-1][0] != cfg["max_steps"]:
+    finished = (run_dir / "unet").is_dir() or (run_dir / "lora").is_dir()
+    if finished and (not pts or pts[-1][0] != cfg["max_steps"]):
         pts.append((cfg["max_steps"], None))
     return pts
 
@@ -232,12 +241,16 @@ def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = Tr
         out["untrained"] = {s: bench.evaluate_unet("lcm", unet, s) for s in steps}
         bench.log(f"untrained {out['untrained']}")
     for run in runs:
-        unet = load_student(str(run), bench.pipe)
+        pts_at = run_points(run)
+        if pts_at and pts_at[-1][1] is None:  # finished: its exported student gives the architecture
+            unet = load_student(str(run), bench.pipe)
+        else:  # still training: its snapshots on the zero-initialised student's architecture
+            unet = untrained_student(bench.pipe)
         final = {k: v.clone() for k, v in unet.state_dict().items()}
         cfg = json.loads((run / "training_config.json").read_text())
         g = sampling_guidance(cfg)  # w + 1 for a w-conditioned student (diffusers' LCM recipe), else 1
         pts = []
-        for it, snap in run_points(run):
+        for it, snap in pts_at:
             unet.load_state_dict({k: v.to(unet.dtype) for k, v in load_file(snap).items()} if snap else final, strict=False)
             pts.append({"iteration": it, **{str(s): bench.evaluate_unet("lcm", unet, s, g) for s in steps}})
             bench.log(f"{run.name} @{it}: " + "  ".join(f"{s}-step FID {pts[-1][str(s)]['fid']:.1f} mse {pts[-1][str(s)]['teacher_mse']:.4f}" for s in steps))
@@ -319,6 +332,42 @@ def plot(results: dict, out_dir: Path) -> list[str]:
     return files
 
 
+def plot_curves(d: dict, path: Path, title: str) -> Path:
+    """FID and teacher MSE against training iterations, at 1 / 2 / 4 sampling steps, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"lcm": "tab:orange", "splam": "tab:blue"}
+    styles = ["-", "--", ":", "-."]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    seen: dict[str, int] = {}
+    for name, r in d["runs"].items():
+        m = r["config"]["method"]
+        ls = styles[seen.get(m, 0) % len(styles)]
+        seen[m] = seen.get(m, 0) + 1
+        its = [p["iteration"] for p in r["points"]]
+        for col, s in enumerate(("1", "2", "4")):
+            for row, key in enumerate(("fid", "teacher_mse")):
+                axes[row][col].plot(its, [p[s][key] for p in r["points"]], ls, marker="o", ms=3, color=colors.get(m, "gray"), label=name)
+    for col, s in enumerate(("1", "2", "4")):
+        for row, key in enumerate(("fid", "teacher_mse")):
+            ax = axes[row][col]
+            if d.get("untrained"):
+                ax.axhline(d["untrained"][s][key], color="gray", lw=1, ls="--", label="untrained student")
+            if key == "fid" and d.get("teacher"):
+                ax.axhline(d["teacher"]["fid"], color="black", lw=1, ls=":", label="teacher, 50 steps")
+            ax.set_title(f"{'Shapes-FID' if key == 'fid' else 'latent MSE to teacher'}, {s}-step sampling", fontsize=9)
+            ax.set_xlabel("training iteration")
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default=None, help="weights folder (default: the package's weights/)")
@@ -329,12 +378,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=7, help="latency repeats (median)")
     p.add_argument("--error-prompts", type=int, default=32, help="prompts averaged in the error bound")
     p.add_argument("--out", default="benchmarks", help="folder of results.json and plots")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto: where every row runs (fp32)")
     p.add_argument("--no-report", action="store_true", help="do not rewrite BENCHMARKS.md")
     p.add_argument("--curves", nargs="+", default=None, metavar="RUN",
                    help="instead of the full bench: curves of these run folders (snapshots and final) at 1/2/4 steps")
     p.add_argument("--curves-out", default="benchmarks/curves.json", help="where --curves writes its JSON")
     p.add_argument("--reference-cache", default=None, help="file caching the teacher's 50-step latents between runs")
     p.add_argument("--no-untrained", action="store_true", help="--curves: skip the untrained-student row")
+    p.add_argument("--curves-plot", default=None, help="--curves: also plot them to this PNG")
     a = p.parse_args(argv)
     from .models import weights_dir
 
@@ -347,17 +398,19 @@ def main(argv: list[str] | None = None) -> None:
         guidance = float(cfg["w"]) + 1.0
     torch.manual_seed(0)
     t0 = time.time()
-    bench = Bench(weights, a.n, a.batch, guidance)
+    bench = Bench(weights, a.n, a.batch, guidance, device=a.device)
     if a.curves:
         bench.ensure_reference(Path(a.reference_cache) if a.reference_cache else None)
         res = curves(bench, [Path(r) for r in a.curves], untrained=not a.no_untrained)
         res["wall_s"] = time.time() - t0
         Path(a.curves_out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.curves_out).write_text(json.dumps(res, indent=2, default=float))
+        if a.curves_plot:
+            plot_curves(res, Path(a.curves_plot), f"{len(res['runs'])} runs, {a.n} held-out captions per point")
         print(f"wrote {a.curves_out} in {res['wall_s']:.0f}s")
         return
     results = {"n": a.n, "split": bench.split, "guidance": guidance, "real_prompt_acc": bench.real_acc,
-               "threads": torch.get_num_threads(), "device": "cpu"}
+               "threads": torch.get_num_threads(), "device": a.device}
     results["rows"] = [asdict(r) for r in bench.table(a.repeats)]
     results["error_bound"] = bench.error_bound(a.error_prompts)
     small = Bench.__new__(Bench)

@@ -185,6 +185,64 @@ def _finish(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
     return pipe
 
 
+# ---- students from the hub (or a Hugging Face cache; HF_HUB_OFFLINE=1 reads only the cache) ------------------------
+HubStudentKind = Literal["unet", "lora"]
+
+
+def load_hub_student(repo_id: str, teacher_pipe: StableDiffusionPipeline, kind: HubStudentKind | None = None, *,
+                     allow_pickle: bool = False) -> UNet2DConditionModel:
+    """A student UNet from a hub repo, in the teacher's dtype and on its device; nothing else of the repo is read.
+
+    kind "unet": the repo's unet/ only (a full pipeline repo such as SimianLuo/LCM_Dreamshaper_v7 or
+    alimama-creative/slam-sd1.5; its text encoder and VAE stay unread, the teacher's are shared).
+    kind "lora": pytorch_lora_weights.safetensors at the repo root (e.g. latent-consistency/lcm-lora-sdv1-5), fused
+    into a copy of the teacher UNet. None: try "unet", then "lora" (a hub id typed into the page).
+    """
+    kinds = (kind,) if kind is not None else ("unet", "lora")
+    errors = []
+    for k in kinds:
+        try:
+            loader = _hub_unet if k == "unet" else _hub_lora
+            return loader(repo_id, teacher_pipe.unet, allow_pickle).eval()
+        except ModelLoadError as e:
+            errors.append(str(e))
+    offline = " (HF_HUB_OFFLINE is set: only the local Hugging Face cache is read)" if _hub_offline() else ""
+    raise ModelLoadError(f"cannot load student {repo_id!r}{offline}: " + "; ".join(errors))
+
+
+def _hub_unet(repo_id: str, teacher: UNet2DConditionModel, allow_pickle: bool) -> UNet2DConditionModel:
+    """`<repo>/unet` of a full pipeline repo, checked against the teacher's architecture."""
+    try:
+        unet = UNet2DConditionModel.from_pretrained(repo_id, subfolder="unet", torch_dtype=teacher.dtype,
+                                                    use_safetensors=not allow_pickle, local_files_only=_hub_offline())
+    except Exception as e:  # noqa: BLE001 - one readable line instead of a traceback
+        raise ModelLoadError(f"{repo_id}/unet: {_one_line(e)}") from None
+    diff = {k: (unet.config.get(k), teacher.config.get(k)) for k in UNET_MATCH_KEYS
+            if _norm(unet.config.get(k)) != _norm(teacher.config.get(k))}
+    if diff:
+        raise ModelLoadError(f"{repo_id}/unet does not match the teacher: "
+                             + ", ".join(f"{k} student={s} teacher={t}" for k, (s, t) in diff.items()))
+    return unet.to(teacher.device)
+
+
+def _hub_lora(repo_id: str, teacher: UNet2DConditionModel, allow_pickle: bool) -> UNet2DConditionModel:
+    """The teacher UNet with the repo's LoRA fused in (a copy: the teacher itself stays as it was)."""
+    try:
+        state, alphas = StableDiffusionPipeline.lora_state_dict(
+            repo_id, weight_name=None if allow_pickle else LORA_WEIGHTS, use_safetensors=not allow_pickle,
+            local_files_only=_hub_offline())
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"{repo_id} as a LoRA ({LORA_WEIGHTS}): {_one_line(e)}") from None
+    unet = copy.deepcopy(teacher)
+    try:
+        StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=unet, adapter_name="student")
+        unet.fuse_lora()
+        unet.unload_lora()
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"{repo_id} as a LoRA does not fit the teacher: {_one_line(e)}") from None
+    return unet
+
+
 # ---- single-file export (diffusers -> original LDM key names) -----------------------------------------------------
 _UNET_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
                 ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))

@@ -6,6 +6,8 @@ Each section appears only when its JSON exists; every number comes from those fi
     benchmarks/teacher_history.json  earlier embedded teachers' teacher.json, each with its preset and commit
     benchmarks/trainer.json      python -m splam_studio.trainer_bench  (SPLAM vs LCM step time and memory)
     benchmarks/reliability.json  python -m splam_studio.reliability    (faults, bad input, load)
+    benchmarks/sweep.json        python -m splam_studio.bench --curves RUN... (the recipe sweep, curves along training)
+    benchmarks/seeds.json        python -m splam_studio.bench --curves RUN... (SPLAM vs LCM, several training seeds)
 """
 from __future__ import annotations
 
@@ -95,6 +97,128 @@ def goals(r: dict) -> list[str]:
     return out
 
 
+READING_GUIDE = [
+    "How to read the numbers:",
+    "- **Shapes-FID compares with real renders, not with the teacher.** A student can score a better FID than the "
+    "teacher's 50 steps: the teacher's own samples carry its errors (faint VAE ghosts, colours pushed by guidance "
+    "7.5), and a student that lands nearer the real renders scores lower. Distance to the teacher's image from the "
+    "same noise (latent MSE, PSNR) is what measures distillation; it favours blurry means, so read both.",
+    "- **FID depends on the number of images.** With fewer images the covariance estimate is noisier and FID is "
+    "biased upward: the same student reads higher at 250 images than at 1000. Compare FIDs only within one table "
+    "(each names its n).",
+    "- **w and CFG are one setting in two conventions.** The trainer's w is the LCM form eps_c + w (eps_c - eps_u); "
+    "the usual classifier-free guidance scale is uncond + s (cond - uncond) with s = w + 1. The Shapes students are "
+    "distilled at w = 6.5, which is the teacher's CFG 7.5.",
+]
+STEPS = ("1", "2", "4")
+PLATEAU_TOL = 0.05  # a converged curve: its last point within 5% of its best
+
+
+def plateau(points: list[dict], steps: str, key: str) -> tuple[float, float, bool]:
+    """(best, last, last within PLATEAU_TOL of best) of one curve; lower is better for FID and teacher MSE."""
+    vals = [p[steps][key] for p in points]
+    best, last = min(vals), vals[-1]
+    return best, last, last <= best * (1 + PLATEAU_TOL)
+
+
+def _recipe(cfg: dict) -> str:
+    keys = ("lr", "ema_decay", "batch_size", "gamma_one_prob", "gamma_scale", "cond_proj_lr_scale", "huber_c", "w",
+            "init_from")
+    gamma_only = ("gamma_one_prob", "gamma_scale", "cond_proj_lr_scale")  # meaningless at gamma = 1 (LCM)
+    return ", ".join(f"{k} {cfg[k]}" for k in keys if cfg.get(k) is not None
+                     and not (cfg.get("method") == "lcm" and k in gamma_only))
+
+
+def sweep_section(d: dict) -> list[str]:
+    """One row per run: its recipe and, at 1 / 2 / 4 steps, best and last FID and teacher MSE along training."""
+    L = ["### The recipe sweep", "",
+         f"`python -m splam_studio.bench --curves RUN...` over the runs of `scripts/sweep.sh`: {d['n']} held-out captions per "
+         f"point, teacher guidance {d['guidance']:g}, the same noise in every row. Each run's snapshots of theta^- are "
+         f"evaluated along training; 'last / best' is the final point against the best one, and a curve has converged "
+         f"(✓) when its last point is within {PLATEAU_TOL:.0%} of its best.", ""]
+    head = " | ".join(f"FID {s} step last / best" for s in STEPS) + " | " + " | ".join(f"MSE {s} step last / best" for s in STEPS)
+    L += [f"| run | method | recipe | iterations | {head} |", "|---|---|---|---|" + "---|" * 6]
+    if d.get("teacher"):
+        L.append(f"| teacher, DDIM 50 steps | - | CFG {d['guidance']:g} | - | FID {_f(d['teacher']['fid'], 1)} | | | | | |")
+    if d.get("untrained"):
+        u = d["untrained"]
+        L.append("| untrained student | - | teacher UNet, zero gamma projection | 0 | "
+                 + " | ".join(_f(u[s]["fid"], 1) for s in STEPS) + " | " + " | ".join(_f(u[s]["teacher_mse"], 4) for s in STEPS) + " |")
+    for name, r in d["runs"].items():
+        pts, cells = r["points"], []
+        for key, nd in (("fid", 1), ("teacher_mse", 4)):
+            for s in STEPS:
+                best, last, ok = plateau(pts, s, key)
+                cells.append(f"{_f(last, nd)} / {_f(best, nd)}{' ✓' if ok else ''}")
+        L.append(f"| {name} | {r['config']['method']} | {_cell(_recipe(r['config']))} | {pts[-1]['iteration']} | " + " | ".join(cells) + " |")
+    return L + [""]
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def seed_groups(d: dict) -> dict[str, list[dict]]:
+    """Runs that differ only in their seed, grouped by method (final points)."""
+    groups: dict[str, list[dict]] = {}
+    for r in d["runs"].values():
+        groups.setdefault(r["config"]["method"] + (" (w-range)" if r["config"].get("w_min") is not None else ""), []).append(r)
+    return groups
+
+
+def verdict(a: list[float], b: list[float]) -> str:
+    """'a < b' / 'a > b' when the means differ by more than the two seed spreads together, else 'tie'."""
+    (ma, sa), (mb, sb) = _mean_sd(a), _mean_sd(b)
+    if min(len(a), len(b)) < 2:
+        return "lower (one seed, no spread)" if ma < mb else "higher (one seed, no spread)"
+    if abs(ma - mb) <= sa + sb:
+        return "tie (within the seed spread)"
+    return "lower" if ma < mb else "higher"
+
+
+def seeds_section(d: dict) -> list[str]:
+    groups = seed_groups(d)
+    L = ["### SPLAM against LCM over training seeds", "",
+         f"`python -m splam_studio.bench --curves RUN...` over the final students of `scripts/train_students.sh` "
+         f"(identical recipe and budget, seeds differ): {d['n']} held-out captions per cell; mean ± standard deviation "
+         f"over the seeds.", "",
+         "| student | seeds | " + " | ".join(f"FID {s} step" for s in STEPS) + " | " + " | ".join(f"MSE {s} step" for s in STEPS) + " |",
+         "|---|---|" + "---|" * 6]
+    if d.get("untrained"):
+        u = d["untrained"]
+        L.append("| untrained (teacher UNet, zero gamma projection) | - | " + " | ".join(_f(u[s]["fid"], 1) for s in STEPS)
+                 + " | " + " | ".join(_f(u[s]["teacher_mse"], 4) for s in STEPS) + " |")
+    finals = {g: [r["points"][-1] for r in rs] for g, rs in groups.items()}
+    for g, pts in finals.items():
+        cells = []
+        for key, nd in (("fid", 1), ("teacher_mse", 4)):
+            for s in STEPS:
+                m, sd = _mean_sd([p[s][key] for p in pts])
+                cells.append(f"{_f(m, nd)} ± {_f(sd, nd)}")
+        L.append(f"| {g} | {len(pts)} | " + " | ".join(cells) + " |")
+    L.append("")
+    if "splam" in finals and "lcm" in finals:
+        L.append("Verdict, SPLAM against LCM (a difference counts when the means differ by more than the two spreads together):")
+        for s in STEPS:
+            parts = []
+            for key, what in (("fid", "FID"), ("teacher_mse", "teacher MSE")):
+                a, b = [p[s][key] for p in finals["splam"]], [p[s][key] for p in finals["lcm"]]
+                ratio = _mean_sd(a)[0] / _mean_sd(b)[0]
+                parts.append(f"{what} SPLAM / LCM = {ratio:.3f}, SPLAM {verdict(a, b)}")
+            L.append(f"- {s} step(s): " + "; ".join(parts))
+    if d.get("untrained"):
+        L.append("")
+        L.append("Against the untrained student (what distillation must beat), mean over seeds:")
+        u = d["untrained"]
+        for g, pts in finals.items():
+            beats = [f"{s} step FID {'beats' if _mean_sd([p[s]['fid'] for p in pts])[0] < u[s]['fid'] else 'MISSES'}, "
+                     f"MSE {'beats' if _mean_sd([p[s]['teacher_mse'] for p in pts])[0] < u[s]['teacher_mse'] else 'MISSES'}"
+                     for s in ("2", "4")]
+            L.append(f"- {g}: " + "; ".join(beats))
+    return L + [""]
+
+
 def teacher_section(t: dict) -> list[str]:
     attrs = list(next(iter(t["splits"].values())).get("per_attribute", {}))
     L = ["## The Shapes teacher", "", t.get("description", ""), "",
@@ -158,13 +282,21 @@ def generic_section(title: str, d: dict) -> list[str]:
 def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BENCHMARKS.md") -> Path:
     folder, out = Path(folder), Path(out)
     L = ["# Benchmarks", "", "Generated by `python -m splam_studio.report` from the JSON files in `benchmarks/`; "
-         "each section names the command that measures it. Nothing here is typed by hand.", ""]
+         "each section names the command that measures it. Nothing here is typed by hand.", "", *READING_GUIDE, ""]
     if (t := _load(folder, "teacher.json")):
         L += teacher_section(t)
     if (h := _load(folder, "teacher_history.json")):
         L += teacher_history_section(h, t)
     if (r := _load(folder, "results.json")):
         L += comparison_section(r)
+    if (sd := _load(folder, "seeds.json")) or (sw := _load(folder, "sweep.json")):
+        L += ["## Distillation: does the student beat what it replaces?", ""]
+        if sd:
+            L += seeds_section(sd)
+        if (sw := _load(folder, "sweep.json")):
+            L += sweep_section(sw)
+        if (folder / "curves.png").is_file():
+            L += ["![curves](benchmarks/curves.png)", ""]
     if (tr := _load(folder, "trainer.json")):
         L += generic_section("Trainer: SPLAM vs LCM step time and memory", tr)
     if (gpu := _load(folder, "trainer_gpu.json")):

@@ -91,8 +91,20 @@ def clean_fn(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tensor, sc
     """F(z, t) of a student at gamma = 1 (sampling and the error bound): sigma(t), alpha(t) of the schedule.
 
     w_c: the guidance w a w-conditioned (diffusers-recipe LCM) student runs at; None = embedding(0).
+    A UNet without time_cond_proj (an LCM-LoRA fused into its teacher) has no gamma input: it runs without
+    timestep_cond, as a stock pipeline runs it at guidance 1.
     """
-    F = student_F(unet, encoder_hidden_states, w_c=w_c)
+    if getattr(unet, "module", unet).config.time_cond_proj_dim is None:
+        if w_c is not None:
+            raise ValueError("w_c needs a student with time_cond_proj_dim (a w-conditioned UNet); this UNet has none")
+
+        def eps(z: torch.Tensor, t: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+            out = unet(z.to(unet.dtype), t.to(z.device), encoder_hidden_states=encoder_hidden_states.to(unet.dtype))
+            return out.sample.to(z.dtype)
+
+        F = consistency_function(eps)
+    else:
+        F = student_F(unet, encoder_hidden_states, w_c=w_c)
 
     def F1(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ones = torch.ones(z.shape[0], dtype=torch.float64)

@@ -7,7 +7,6 @@ clamped or truncated.
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import re
@@ -48,6 +47,7 @@ TEACHER_SAMPLERS = ("ddim", "dpm++", "unipc")
 METHODS = ("splam", "lcm")
 DEFAULT_GUIDANCE = 7.5  # the Shapes students were distilled at w = 6.5, i.e. CFG 7.5
 N_GRID = 50  # DDIM grid of the error bound; k_phi = 1000 / 50 = 20
+TRAJECTORY_CACHE = 8  # teacher trajectories kept for the error bound (one 512 px SD trajectory: 51 x 64 KB latents)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # owner/name; no '..', no leading dot
 LOCAL_PREFIX = "local:"  # names of models given as paths on the command line
 
@@ -188,6 +188,7 @@ class ErrorBoundResult:
     curves: dict[str, ErrorBound]  # "LCM" / "SPLAM" -> terms, bound, error (batch of 1)
     thumbnails: list[tuple[object, str]]  # (PIL image, caption): decoded F(z_t) along the trajectory
     notices: list[str] = field(default_factory=list)
+    trajectory_reused: bool = False  # the teacher trajectory came from the cache (same teacher, prompt, seed, CFG)
 
     def frame(self):
         """Long-format DataFrame (t, rms, series) of bound and real error, for gr.LinePlot."""
@@ -217,6 +218,8 @@ class ErrorBoundResult:
         lines.append("")
         lines.append("RMS over latent elements; smaller is better. SPLAM's claim: smaller sub-path terms, so a smaller "
                      "bound and error than LCM, most of all for 1-2 step generation (large t).")
+        if self.trajectory_reused:
+            lines.append("The teacher trajectory was reused from an earlier run with the same prompt, seed and guidance.")
         return "\n".join(lines)
 
 
@@ -231,16 +234,41 @@ class Studio:
     def __init__(self, weights: str | Path | None = None, *, teacher: str | None = None, splam: str | None = None,
                  lcm: str | None = None, local: dict[str, str | Path] | None = None,
                  data_dirs: dict[str, str | Path] | None = None, device: str = "auto", allow_hub: bool = True,
-                 cache_size: int = 6):
+                 cache_size: int = 6, precision: str = "auto", warm_up: bool = True, model_set: str | None = None):
         self.weights = Path(weights) if weights is not None else weights_dir()
-        self.runtime = resolve_runtime(device, "auto")
+        self.runtime = resolve_runtime(device, precision)
+        self.warm_up = warm_up  # one 1-step generation per loaded model, so measured latencies carry no start-up cost
+        self.model_set = model_set  # name in model_sets.MODEL_SETS whose models are the defaults, if any
         self.local = {self._local_name(k): Path(v).expanduser().resolve() for k, v in (local or {}).items()}
         self.allow_hub = allow_hub
         self._cache: OrderedDict[tuple, object] = OrderedDict()
         self._cache_size = cache_size
+        self._trajectories: OrderedDict[tuple, tuple] = OrderedDict()  # error-bound teacher trajectories, newest last
         self._lock = threading.RLock()
         self.defaults = {"teacher": teacher, "splam": splam, "lcm": lcm}
         self.trainer = Trainer(self.weights, data_dirs or {})
+
+    @classmethod
+    def for_model_set(cls, name: str, weights: str | Path | None = None, *, device: str = "auto", **kwargs) -> "Studio":
+        """A studio whose defaults are the named model set's teacher, SPLAM and LCM (see model_sets.MODEL_SETS).
+
+        On CUDA the set's models run in its gpu_precision (fp16 for SD); on a ZeroGPU Space there is no GPU outside
+        a call, so models load on the CPU side without the warm-up generation. teacher / splam / lcm given (not
+        None) replace the set's member; other kwargs go to Studio().
+        """
+        from .device import pick_device
+        from .model_sets import get_model_set, zero_gpu
+
+        try:
+            ms = get_model_set(name)
+        except ValueError as e:
+            raise StudioError(str(e)) from None
+        precision = ms.gpu_precision if pick_device(device).type == "cuda" else "auto"
+        kwargs.setdefault("warm_up", not zero_gpu())
+        members = {"teacher": ms.teacher, "splam": ms.splam.repo, "lcm": ms.lcm.repo}
+        members.update({role: kwargs.pop(role) for role in members if kwargs.get(role)})  # the CLI's overrides
+        kwargs = {k: v for k, v in kwargs.items() if k not in members}
+        return cls(weights, **members, device=device, precision=precision, model_set=name, **kwargs)
 
     @staticmethod
     def _local_name(name: str) -> str:
@@ -336,7 +364,8 @@ class Studio:
             except ModelLoadError as e:
                 raise StudioError(_hub_hint(str(e), source) if kind == "hub" else str(e)) from None
             pipe = pipe.to(self.runtime.device)
-            _warm_up(pipe, None)
+            if self.warm_up:
+                _warm_up(pipe, None)
             return pipe
 
         return self._cached(("teacher", str(source)), build)
@@ -356,7 +385,8 @@ class Studio:
                     unet = load_student(source, pipe, weights=self.weights)
                 except ModelLoadError as e:
                     raise StudioError(str(e)) from None
-            _warm_up(pipe, unet)
+            if self.warm_up:
+                _warm_up(pipe, unet)
             return unet
 
         return self._cached(("student", str(source), str(self.resolve(tname, "teacher")[1])), build)
@@ -456,7 +486,17 @@ class Studio:
         vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         size = unet.config.sample_size * vae_scale
         z_T = initial_noise(seed, 1, unet, size, size, vae_scale).to(device)  # same noise as compare()
-        traj, times = teacher_trajectory(guided_eps(unet, cond, uncond, guidance_scale - 1), schedule, z_T, N=N_GRID)
+        key = (str(self.resolve(teacher, "teacher")[1]), prompt, seed, guidance_scale)
+        with self._lock:
+            cached = self._trajectories.get(key)
+        reused = cached is not None
+        if cached is None:  # the costly part at 512 px: 50 guided teacher steps; the stride and students reuse it
+            cached = teacher_trajectory(guided_eps(unet, cond, uncond, guidance_scale - 1), schedule, z_T, N=N_GRID)
+            with self._lock:
+                self._trajectories[key] = cached
+                while len(self._trajectories) > TRAJECTORY_CACHE:
+                    self._trajectories.popitem(last=False)
+        traj, times = cached
         k = stride * (schedule.T // N_GRID)
 
         curves, Fs = {}, {}
@@ -475,7 +515,7 @@ class Studio:
             thumbs += [(images[1 + a * len(show) + b], f"{name} F(z_t), t={times[j]}") for b, j in enumerate(show)]
         progress(1.0, "done")
         return ErrorBoundResult(prompt=prompt, seed=seed, stride=stride, k=k, guidance=guidance_scale,
-                                curves=curves, thumbnails=thumbs, notices=notices)
+                                curves=curves, thumbnails=thumbs, notices=notices, trajectory_reused=reused)
 
 
 def _spread(last: int, n: int) -> list[int]:
@@ -504,33 +544,15 @@ def _hub_hint(message: str, repo: str) -> str:
 
 
 def _load_hub_student(repo: str, pipe):
-    """A student UNet from the hub: a full UNet (repo/unet or repo root, e.g. alimama-creative/slam-sd1.5,
-    SimianLuo/LCM_Dreamshaper_v7) or an LCM-style LoRA fused into a copy of the teacher UNet."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from huggingface_hub import constants
+    """A student UNet from the hub, stored as model_sets.MODEL_SETS says (unet/ of a full pipeline, or a LoRA fused
+    into a copy of the teacher UNet); a repo no set lists is tried as each."""
+    from .model_sets import student_kind
+    from .models import load_hub_student
 
-    offline = bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-    teacher = pipe.unet
-    errors = []
-    for sub in ("unet", None):
-        try:
-            unet = UNet2DConditionModel.from_pretrained(repo, subfolder=sub, torch_dtype=teacher.dtype,
-                                                        local_files_only=offline, use_safetensors=True)
-            return unet.to(teacher.device).eval()
-        except Exception as e:  # noqa: BLE001 - collected into one readable message below
-            errors.append(f"{repo}{'/' + sub if sub else ''}: {_one_line(e)}")
     try:
-        state, alphas = StableDiffusionPipeline.lora_state_dict(repo, local_files_only=offline)
-        state = {k: v for k, v in state.items() if k.startswith("unet.") or not k.startswith("text_encoder")}
-        unet = copy.deepcopy(teacher)
-        StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=unet, adapter_name="student")
-        unet.fuse_lora()
-        unet.unload_lora()
-        return unet.eval()
-    except Exception as e:  # noqa: BLE001
-        errors.append(f"{repo} as LoRA: {_one_line(e)}")
-    where = "not in the local cache (offline)" if offline else "could not be downloaded or is not a student"
-    raise StudioError(_hub_hint(f"cannot load student {repo!r} ({where}); tried " + "; ".join(errors), repo))
+        return load_hub_student(repo, pipe, student_kind(repo))
+    except ModelLoadError as e:
+        raise StudioError(_hub_hint(str(e), repo)) from None
 
 
 def _one_line(e: BaseException) -> str:

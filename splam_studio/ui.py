@@ -11,11 +11,12 @@ import random
 
 import gradio as gr
 
+from .model_sets import MODEL_SETS, gpu_seconds
 from .models import ModelLoadError
 from .shapes import spec_from_caption
 from .studio import (
-    DEFAULT_GUIDANCE, GUIDANCE, METHODS, ROLE_TITLE, SEED, STRIDE, STUDENT_STEPS, TEACHER_SAMPLERS, TEACHER_STEPS,
-    TRAIN_BATCH, Studio, StudioError,
+    DEFAULT_GUIDANCE, GUIDANCE, METHODS, N_GRID, ROLE_TITLE, SEED, STRIDE, STUDENT_STEPS, TEACHER_SAMPLERS,
+    TEACHER_STEPS, TRAIN_BATCH, Studio, StudioError,
 )
 
 log = logging.getLogger("splam_studio.ui")
@@ -88,21 +89,46 @@ def build_ui(studio: Studio, *, train: bool = True) -> gr.Blocks:
     """The Blocks app; launch it with css=CSS (gradio 6 takes css and theme at launch)."""
     roles = ("teacher", "lcm", "splam")
 
-    @gpu
+    # ZeroGPU runs each @gpu call in a forked worker: models load (and stay cached) in this process first, with
+    # progress shown; only the sampling borrows the GPU, for a duration sized to the call.
+    def px(teacher) -> int:
+        pipe = studio.teacher(teacher)
+        return pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+    def compare_seconds(prompt, negative_prompt, seed, student_steps, teacher_steps, guidance_scale, sampler,
+                        teacher, splam, lcm) -> int:  # spaces.GPU calls it with the task's arguments
+        return gpu_seconds(px(teacher), _int(teacher_steps, TEACHER_STEPS) + 2 * _int(student_steps, STUDENT_STEPS) + 3)
+
+    def error_bound_seconds(prompt, seed, stride, guidance_scale, teacher, splam, lcm) -> int:
+        return gpu_seconds(px(teacher), N_GRID + 2 * (N_GRID // _int(stride, STRIDE) + 1) + 13)
+
+    @gpu(duration=compare_seconds)
+    @user_errors
+    def compare_on_gpu(prompt, negative_prompt, seed, student_steps, teacher_steps, guidance_scale, sampler,
+                       teacher, splam, lcm):
+        return studio.compare(prompt, negative_prompt, seed, student_steps, teacher_steps, guidance_scale, sampler,
+                              teacher=teacher, splam=splam, lcm=lcm, progress=_progress(gr.Progress()))
+
+    @gpu(duration=error_bound_seconds)
+    @user_errors
+    def error_bound_on_gpu(prompt, seed, stride, guidance_scale, teacher, splam, lcm):
+        return studio.error_bound_plot(prompt, seed, stride, guidance_scale, teacher=teacher, splam=splam, lcm=lcm,
+                                       progress=_progress(gr.Progress()))
+
     @user_errors
     def on_compare(prompt, negative_prompt, seed, student_steps, teacher_steps, guidance_scale, sampler,
                    teacher, splam, lcm, progress=gr.Progress()):
-        r = studio.compare(prompt, negative_prompt, seed, student_steps, teacher_steps, guidance_scale, sampler,
-                           teacher=teacher, splam=splam, lcm=lcm, progress=_progress(progress))
+        studio.load_models(teacher, splam, lcm, progress=_progress(progress))
+        r = compare_on_gpu(prompt, negative_prompt, seed, student_steps, teacher_steps, guidance_scale, sampler,
+                           teacher, splam, lcm)
         images = [gr.Image(value=p.image, label=p.label()) for p in r.panels]
         captions = [p.caption() for p in r.panels]
         return (*images, *captions, r.summary() + _warn(r.notices), {p.role: p.image for p in r.panels})
 
-    @gpu
     @user_errors
     def on_error_bound(prompt, seed, stride, guidance_scale, teacher, splam, lcm, progress=gr.Progress()):
-        r = studio.error_bound_plot(prompt, seed, stride, guidance_scale, teacher=teacher, splam=splam, lcm=lcm,
-                                    progress=_progress(progress))
+        studio.load_models(teacher, splam, lcm, progress=_progress(progress))
+        r = error_bound_on_gpu(prompt, seed, stride, guidance_scale, teacher, splam, lcm)
         return r.frame(), r.terms_frame(), r.thumbnails, r.summary() + _warn(r.notices)
 
     def on_slider(images, left, right):
@@ -134,6 +160,13 @@ def build_ui(studio: Studio, *, train: bool = True) -> gr.Blocks:
         status = studio.models_status()
         gr.Markdown(f"⚠️ {status}" if status else "", visible=bool(status))
 
+        current = MODEL_SETS.get(studio.model_set)
+        first_prompt = current.prompts[0] if current and current.prompts else EXAMPLES[0]
+        with gr.Row():
+            set_dd = gr.Dropdown([(m.title, m.name) for m in MODEL_SETS.values()], value=studio.model_set,
+                                 label="Model set", info="a teacher with its LCM and SPLAM students; loaded on first "
+                                 "use, then kept in memory", scale=2)
+            set_about = gr.Markdown(_set_about(current), elem_id="model-set-about")
         with gr.Accordion("Models", open=False):
             with gr.Row():
                 teacher_dd = gr.Dropdown(studio.teacher_choices(), value=studio.default("teacher"), label="Teacher",
@@ -155,13 +188,23 @@ def build_ui(studio: Studio, *, train: bool = True) -> gr.Blocks:
                 load_btn = gr.Button("Load")
                 load_status = gr.Markdown()
         model_inputs = [teacher_dd, splam_dd, lcm_dd]
+
+        def on_model_set(name):
+            if name not in MODEL_SETS:
+                raise gr.Error(f"unknown model set {name!r}; choose one of {sorted(MODEL_SETS)}", print_exception=False)
+            m = MODEL_SETS[name]
+            first = m.prompts[0] if m.prompts else EXAMPLES[0]
+            return (gr.Dropdown(choices=_with(studio.teacher_choices(), m.teacher), value=m.teacher),
+                    gr.Dropdown(choices=_with(studio.student_choices("splam"), m.splam.repo), value=m.splam.repo),
+                    gr.Dropdown(choices=_with(studio.student_choices("lcm"), m.lcm.repo), value=m.lcm.repo),
+                    _set_about(m), first, first)
         refresh.click(model_updates, None, model_inputs, api_visibility="private")
         load_btn.click(on_load_hub, [hub_teacher, hub_splam, hub_lcm, *model_inputs], [*model_inputs, load_status],
                        api_visibility="private")
 
         with gr.Tab("Compare"):
             with gr.Row():
-                prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=2, scale=3, max_length=2000)
+                prompt = gr.Textbox(label="Prompt", value=first_prompt, lines=2, scale=3, max_length=2000)
                 negative = gr.Textbox(label="Negative prompt (teacher only)", info=NEGATIVE_INFO, lines=2, scale=2)
             with gr.Row():
                 with gr.Column(scale=2, min_width=140):
@@ -198,9 +241,12 @@ def build_ui(studio: Studio, *, train: bool = True) -> gr.Blocks:
         with gr.Tab("Error bound"):
             gr.Markdown("Along the teacher's guided DDIM trajectory z_T … z_0 (50-step grid), the error of a student's "
                         "one-jump estimate is bounded by a sum over sub-paths of length k: "
-                        "|F(z_t) − z_0| ≤ Σ |F(z_t′) − F(z_t′−k)|. SPLAM aims to shrink each term.")
+                        "|F(z_t) − z_0| ≤ Σ |F(z_t′) − F(z_t′−k)|. SPLAM aims to shrink each term. "
+                        "Cost: the teacher trajectory is 50 guided steps, computed once per teacher, prompt, seed and "
+                        "guidance and then reused (changing the stride only re-runs the students); at 512 px a larger "
+                        "stride also means fewer student evaluations (50 / stride + 1 per student).")
             with gr.Row(equal_height=True):
-                eb_prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], scale=4)
+                eb_prompt = gr.Textbox(label="Prompt", value=first_prompt, scale=4)
                 eb_seed = gr.Number(label="Seed", value=0, precision=0, minimum=SEED[0], maximum=SEED[1], scale=1)
                 eb_stride = gr.Slider(*STRIDE, value=1, step=1, label="Sub-path stride (k = 20 × stride)", scale=2)
                 eb_guidance = gr.Slider(*GUIDANCE, value=DEFAULT_GUIDANCE, step=0.5, label="Teacher guidance (CFG)",
@@ -217,9 +263,25 @@ def build_ui(studio: Studio, *, train: bool = True) -> gr.Blocks:
         eb_go.click(on_error_bound, [eb_prompt, eb_seed, eb_stride, eb_guidance, *model_inputs],
                     [eb_plot, eb_terms, eb_gallery, eb_summary], api_name="error_bound", concurrency_id="generate")
 
+        set_dd.change(on_model_set, set_dd, [*model_inputs, set_about, prompt, eb_prompt], api_name="model_set")
         if train:
             _train_tab(studio, model_inputs)
     return demo
+
+
+def _set_about(m) -> str:
+    if m is None:
+        return ""
+    where = "from the Hugging Face Hub (downloaded on first use)" if m.hub else "embedded in this repository"
+    return f"**{m.title}**: {m.about} Models {where}: teacher `{m.teacher}`, LCM `{m.lcm.repo}`, SPLAM `{m.splam.repo}`."
+
+
+def _int(value, bounds) -> int:
+    """A slider value as an int within bounds, for sizing a GPU call (the Studio validates and reports)."""
+    try:
+        return min(max(int(round(float(value))), bounds[0]), bounds[1])
+    except (TypeError, ValueError):
+        return bounds[1]
 
 
 def _with(choices: list[str], value: str) -> list[str]:

@@ -276,7 +276,8 @@ def test_app_end_to_end(app_url):
 
     c = Client(app_url, verbose=False)
     api = c.view_api(print_info=False, return_format="dict")
-    assert set(api["named_endpoints"]) == {"/compare", "/error_bound"}
+    assert set(api["named_endpoints"]) == {"/compare", "/error_bound", "/model_set"}
+    assert api["named_endpoints"]["/model_set"]["parameters"][0]["parameter_default"] == "shapes"  # off Spaces
 
     models = ("shapes-teacher", "shapes-splam", "shapes-lcm")
     out = c.predict(PROMPT, "", 7, 2, 3, 7.5, "unipc", *models, api_name="/compare")

@@ -28,3 +28,31 @@ def test_teacher_and_history_sections_follow_the_json(tmp_path):
     assert rows[0].endswith("| 0.175 | 0.168 | 0.836 | - | 12.5 |") and "first \\| try (commit abc1234)" in rows[0]
     assert rows[2].startswith("| full | the embedded teacher (above) | 0.931 | 0.917 | 0.924 |")
     assert not list(tmp_path.glob(".B.md*"))  # written atomically, no temp file left
+
+
+def _run(method: str, seed: int, curve: list[float]) -> dict:
+    pts = [{"iteration": 100 * (i + 1), **{s: {"fid": v * k, "teacher_mse": v / 100 * k} for s, k in (("1", 4), ("2", 1), ("4", 1.1))}}
+           for i, v in enumerate(curve)]
+    return {"config": {"method": method, "lr": 1e-5, "seed": seed, "gamma_scale": 0.005, "gamma_one_prob": 0.5}, "points": pts}
+
+
+def test_plateau_and_seed_verdicts_are_computed_from_the_curves(tmp_path):
+    from splam_studio.report import plateau, verdict
+
+    pts = _run("lcm", 0, [90, 60, 50, 52])["points"]
+    assert plateau(pts, "2", "fid") == (50, 52, True)  # 52 <= 50 * 1.05
+    assert plateau(pts, "4", "fid")[2] and not plateau(_run("lcm", 0, [90, 50, 60])["points"], "2", "fid")[2]
+    assert verdict([40, 41, 42], [50, 51, 52]) == "lower"
+    assert verdict([40, 48, 56], [50, 51, 52]).startswith("tie")  # spread 8 + 1 > difference 3
+    assert verdict([60], [50]).startswith("higher (one seed")
+
+    folder = tmp_path / "benchmarks"
+    folder.mkdir()
+    seeds = {"n": 500, "guidance": 7.5, "teacher": {"fid": 49.0}, "untrained": {s: {"fid": 80.0, "teacher_mse": 0.45} for s in ("1", "2", "4")},
+             "runs": {f"{m}-s{i}": _run(m, i, [70, base + i]) for m, base in (("lcm", 50), ("splam", 40)) for i in range(3)}}
+    (folder / "seeds.json").write_text(json.dumps(seeds))
+    text = write_benchmarks_md(folder, tmp_path / "B.md").read_text()
+    assert "| lcm | 3 | 204.0 ± 4.0 | 51.0 ± 1.0 |" in text  # final points 50, 51, 52 (x4 at 1 step)
+    assert "| splam | 3 | 164.0 ± 4.0 | 41.0 ± 1.0 |" in text
+    assert "- 2 step(s): FID SPLAM / LCM = 0.804, SPLAM lower" in text
+    assert "- splam: 2 step FID beats, MSE beats; 4 step FID beats, MSE MISSES" in text  # 0.41 < 0.45 < 0.451
