@@ -35,6 +35,8 @@ HELP = {
     "cond_proj_lr_scale": "learning rate of the gamma projection (cond_proj) relative to --lr",
     "gamma_one_prob": "SPLAM: probability of gamma = 1, the point the sampler uses (0 = the paper's U[0,1])",
     "gamma_scale": "gamma embedding = guidance embedding of gamma_scale * (1 - gamma); 10 = the authors' (gamma = 1 -> 0 at any scale)",
+    "w_min": "lcm only, diffusers' LCM recipe: draw w ~ U[w_min, w_max] per sample for the teacher and embed it for the student (with --w-max; default: fixed --w, not embedded)",
+    "w_max": "upper end of the w range (with --w-min); the student then samples at CFG w + 1 (w from --w, inside the range)",
     "init_from": "start the student from a finished full-UNet student run (folder or name), e.g. SPLAM after an LCM warm start",
     "cond_proj_init": "initialisation of the gamma projection: fresh (authors) or zero (student starts as the teacher)",
     "max_steps": "optimiser steps",

@@ -90,12 +90,16 @@ class Bench:
         for b, i in enumerate(range(0, self.n, self.batch)):
             yield self.seed * 1000 + b, self.captions[i: i + self.batch]
 
-    def sample(self, method: str, steps: int, unet=None) -> torch.Tensor:
-        """Clean latents (n, C, h, w) of one row, batch by batch from the seeded noise."""
+    def sample(self, method: str, steps: int, unet=None, student_guidance: float = 1.0) -> torch.Tensor:
+        """Clean latents (n, C, h, w) of one row, batch by batch from the seeded noise.
+
+        student_guidance: the guidance_scale a student samples at (models.sampling_guidance; 1 unless w-conditioned).
+        """
         unet = unet if unet is not None else self.students.get(method)
         g = self.guidance if method in ("teacher-ddim", "ddim", "dpm++", "unipc") else 1.0
         out = [generate(self.pipe, prompt=caps, sampler=SAMPLER[method], steps=steps, seed=s, unet=unet,
-                        guidance_scale=g, decode=False).latents for s, caps in self._batches()]
+                        guidance_scale=g, decode=False, student_guidance_scale=student_guidance).latents
+               for s, caps in self._batches()]
         return torch.cat(out)
 
     def score(self, latents: torch.Tensor) -> dict:
@@ -179,8 +183,8 @@ class Bench:
         self.log(f"teacher 50 steps: FID {res['fid']:.2f} acc {res['prompt_acc']:.3f}")
         self.teacher_row = {"fid": res["fid"], "prompt_acc": res["prompt_acc"]}
 
-    def evaluate_unet(self, method: str, unet, steps: int) -> dict:
-        res, _ = self.score(self.sample(method, steps, unet))
+    def evaluate_unet(self, method: str, unet, steps: int, student_guidance: float = 1.0) -> dict:
+        res, _ = self.score(self.sample(method, steps, unet, student_guidance))
         res.pop("per_attribute")
         return res
 
@@ -236,7 +240,7 @@ def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = Tr
     old = {(name, p["iteration"]): p for name, r in (done or {}).get("runs", {}).items() for p in r["points"]}
     from safetensors.torch import load_file
 
-    from .models import load_student
+    from .models import load_student, sampling_guidance
 
     out = {"n": bench.n, "guidance": bench.guidance, "teacher": getattr(bench, "teacher_row", None), "runs": {}}
     if untrained and done and done.get("untrained"):
@@ -253,17 +257,19 @@ def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = Tr
             unet = untrained_student(bench.pipe)
         final = {k: v.clone() for k, v in unet.state_dict().items()}
         cfg = json.loads((run / "training_config.json").read_text())
+        g = sampling_guidance(cfg)  # w + 1 for a w-conditioned student (diffusers' LCM recipe), else 1
         pts = []
         for it, snap in pts_at:
             if (run.name, it) in old:
                 pts.append(old[(run.name, it)])
                 continue
             unet.load_state_dict({k: v.to(unet.dtype) for k, v in load_file(snap).items()} if snap else final, strict=False)
-            pts.append({"iteration": it, **{str(s): bench.evaluate_unet("lcm", unet, s) for s in steps}})
+            pts.append({"iteration": it, **{str(s): bench.evaluate_unet("lcm", unet, s, g) for s in steps}})
             bench.log(f"{run.name} @{it}: " + "  ".join(f"{s}-step FID {pts[-1][str(s)]['fid']:.1f} mse {pts[-1][str(s)]['teacher_mse']:.4f}" for s in steps))
         out["runs"][run.name] = {"config": {k: cfg.get(k) for k in ("method", "lr", "ema_decay", "batch_size", "seed", "w",
                                                                     "gamma_one_prob", "gamma_scale", "cond_proj_lr_scale",
-                                                                    "huber_c", "max_steps", "init_from")}, "points": pts}
+                                                                    "huber_c", "max_steps", "init_from", "w_min", "w_max")},
+                                 "sampling_guidance": g, "points": pts}
     return out
 
 

@@ -588,6 +588,16 @@ def run_info(path: Path) -> RunInfo:
     return RunInfo(path.name, path, "unknown", None, method, cfg)
 
 
+def sampling_guidance(run: str | Path | dict) -> float:
+    """guidance_scale a student must be sampled at, from its run folder or training_config.json dict.
+
+    gamma-conditioned students (SPLAM, LCM at fixed w): 1.0, i.e. embedding(0). A w-conditioned student (diffusers'
+    LCM recipe, w_min/w_max set) samples at CFG w + 1, w = the run's `w` (a stock pipeline embeds guidance_scale - 1).
+    """
+    cfg = run if isinstance(run, dict) else json.loads((Path(run) / TRAINING_CONFIG).read_text())
+    return float(cfg["w"]) + 1.0 if cfg.get("w_min") is not None else 1.0
+
+
 def list_runs(weights: str | Path | None = None) -> list[RunInfo]:
     """Every run folder under weights/ (hidden and temp folders skipped), sorted by name."""
     root = Path(weights) if weights is not None else weights_dir()

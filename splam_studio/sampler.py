@@ -78,10 +78,12 @@ def placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
 @torch.no_grad()
 def generate(pipe: StableDiffusionPipeline, *, prompt: list[str], sampler: str, steps: int, seed: int,
              unet: UNet2DConditionModel | None = None, guidance_scale: float = 1.0,
-             negative_prompt: list[str] | None = None, decode: bool = True) -> Generation:
+             negative_prompt: list[str] | None = None, decode: bool = True,
+             student_guidance_scale: float = 1.0) -> Generation:
     """Generate with the teacher (unet=None) or a student UNet, from the initial noise of `seed`, in a stock pipeline.
 
-    Students run with LCMScheduler at guidance_scale = 1 (diffusers then embeds gamma = 1 and skips CFG).
+    Students run with LCMScheduler at student_guidance_scale (diffusers embeds it minus 1 and skips CFG): 1 for
+    gamma-conditioned students (gamma = 1), w + 1 for a w-conditioned one (models.sampling_guidance).
     The UNet may have another dtype than the text encoder and VAE (an fp32 EMA target beside a bf16 text encoder in
     training, an fp32 student beside an fp16 teacher in the studio): text embeddings and latents are cast at the
     UNet's boundary, the VAE's input at its own.
@@ -91,7 +93,7 @@ def generate(pipe: StableDiffusionPipeline, *, prompt: list[str], sampler: str, 
     if is_student and sampler != "lcm":
         raise ValueError(f"students sample with 'lcm' (multistep consistency), not {sampler!r}")
     if is_student:
-        guidance_scale, negative_prompt = 1.0, None  # guidance is baked into the student
+        guidance_scale, negative_prompt = student_guidance_scale, None  # guidance is baked into the student
     device, dtype = placement(unet)
     # 1. text embeddings from the pipeline's own encoder, then in the UNet's dtype
     cfg = guidance_scale > 1 and not is_student

@@ -34,9 +34,14 @@ def sigma_gamma(gamma: torch.Tensor, r: torch.Tensor, sigma_s: torch.Tensor) -> 
     return (r**2 * sigma_s**2 + g**2 * (1 - r**2)).sqrt()
 
 
-def gamma_to_omega(gamma: torch.Tensor, scale: float = GAMMA_SCALE_PAPER) -> torch.Tensor:
-    """omega = scale (1 - gamma): the value a stock pipeline embeds as `guidance_scale - 1`; gamma = 1 -> omega = 0."""
-    return scale * (1.0 - torch.as_tensor(gamma, dtype=torch.float32).reshape(-1))  # (B,)
+def gamma_to_omega(gamma: torch.Tensor, scale: float = GAMMA_SCALE_PAPER, w_c: torch.Tensor | float | None = None) -> torch.Tensor:
+    """omega = scale (1 - gamma) + w_c: the value a stock pipeline embeds as `guidance_scale - 1`.
+
+    gamma = 1 and no w_c -> omega = 0. w_c (B,) or scalar is the guidance w of diffusers' LCM recipe, which the
+    student sees at gamma = 1 as omega = w (a stock pipeline at guidance_scale = w + 1).
+    """
+    omega = scale * (1.0 - torch.as_tensor(gamma, dtype=torch.float32).reshape(-1))  # (B,)
+    return omega if w_c is None else omega + torch.as_tensor(w_c, dtype=torch.float32).reshape(-1)
 
 
 def guidance_embedding(omega: torch.Tensor, dim: int = GAMMA_EMBED_DIM) -> torch.Tensor:
@@ -49,15 +54,16 @@ def guidance_embedding(omega: torch.Tensor, dim: int = GAMMA_EMBED_DIM) -> torch
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 == 1 else emb  # (B, dim)
 
 
-def gamma_embedding(gamma: torch.Tensor, dim: int = GAMMA_EMBED_DIM, scale: float = GAMMA_SCALE_PAPER) -> torch.Tensor:
-    """emb(gamma) = guidance_embedding(scale (1 - gamma)); gamma = 1 -> embedding(0) at every scale.
+def gamma_embedding(gamma: torch.Tensor, dim: int = GAMMA_EMBED_DIM, scale: float = GAMMA_SCALE_PAPER,
+                    w_c: torch.Tensor | float | None = None) -> torch.Tensor:
+    """emb(gamma) = guidance_embedding(scale (1 - gamma) + w_c); gamma = 1 -> embedding(w_c), embedding(0) without.
 
     scale = 10 is the authors' choice: 1000 * 10 (1 - gamma) turns most of the 128 frequencies many times over
     gamma in [0, 1], so nearby gammas get unrelated codes. A small scale (e.g. 0.005, arguments <= 5 rad) is smooth
     in every frequency. Since emb(1) is embedding(0) either way, a stock pipeline at guidance_scale = 1 and the
     released SPLAM checkpoints keep sampling at gamma = 1.
     """
-    return guidance_embedding(gamma_to_omega(gamma, scale), dim)
+    return guidance_embedding(gamma_to_omega(gamma, scale, w_c), dim)
 
 
 def distance(pred: torch.Tensor, target: torch.Tensor, kind: Distance = "l2", c: float = HUBER_C) -> torch.Tensor:
@@ -87,6 +93,11 @@ def sample_gamma(batch: int, generator: torch.Generator | None = None, method: s
             gamma = torch.where(torch.rand(batch, generator=generator, dtype=torch.float64) < p_one, 1.0, gamma)
         return gamma
     raise ValueError(f"unknown method {method!r}; use 'splam' or 'lcm'")
+
+
+def sample_w(batch: int, w_min: float, w_max: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """w ~ U[w_min, w_max] per sample, as diffusers' LCM script: (w_max - w_min) rand + w_min. (B,), float64, CPU."""
+    return (w_max - w_min) * torch.rand(batch, generator=generator, dtype=torch.float64) + w_min
 
 
 def splam_loss(

@@ -17,8 +17,8 @@ from .schedule import NoiseSchedule, coef
 TeacherEps = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def guided_eps(unet: torch.nn.Module, cond: torch.Tensor, uncond: torch.Tensor, w: float) -> TeacherEps:
-    """eps_c + w (eps_c - eps_u) from ONE batched UNet call over [cond; uncond]."""
+def guided_eps(unet: torch.nn.Module, cond: torch.Tensor, uncond: torch.Tensor, w: float | torch.Tensor) -> TeacherEps:
+    """eps_c + w (eps_c - eps_u) from ONE batched UNet call over [cond; uncond]; w a float or per sample (B,)."""
     dtype = unet.dtype
 
     def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,8 @@ def guided_eps(unet: torch.nn.Module, cond: torch.Tensor, uncond: torch.Tensor, 
         tt = torch.cat([t, t])
         ehs = torch.cat([cond, uncond]).to(dtype)  # (2B, L, D)
         eps_c, eps_u = unet(zz, tt, encoder_hidden_states=ehs).sample.to(z.dtype).chunk(2)
-        return eps_c + w * (eps_c - eps_u)
+        w_ = coef(w, eps_c) if torch.is_tensor(w) else w  # (B, 1, 1, 1) in eps's dtype: no float64 in the model
+        return eps_c + w_ * (eps_c - eps_u)
 
     return eps_fn
 

@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from .schedule import NoiseSchedule, coef, ddim_grid
-from .slode import GAMMA_SCALE_PAPER, Distance, sample_gamma, splam_loss
+from .slode import GAMMA_SCALE_PAPER, Distance, sample_gamma, sample_w, splam_loss
 from .solver import guided_eps, solve
 from .student import student_F
 
@@ -25,6 +25,10 @@ class SpladConfig:
     huber_c: float = 1e-3
     gamma_one_prob: float = 0.0  # SPLAM: probability of gamma = 1 (the sampling point); 0 = the paper's U[0, 1]
     gamma_scale: float = GAMMA_SCALE_PAPER  # emb(gamma) = guidance_embedding(gamma_scale (1 - gamma)); paper: 10
+    # diffusers' LCM recipe (LCM only): w ~ U[w_min, w_max] per sample, used by the teacher and embedded for student
+    # and target (omega = w at gamma = 1). None = the fixed w above, unembedded (= SPLAM at gamma = 1)
+    w_min: float | None = None
+    w_max: float | None = None
 
     def __post_init__(self):
         if self.method not in ("splam", "lcm"):
@@ -35,6 +39,18 @@ class SpladConfig:
             raise ValueError(f"gamma_scale must be > 0, got {self.gamma_scale}")
         if self.distance not in ("l2", "huber"):
             raise ValueError(f"distance must be 'l2' or 'huber', got {self.distance!r}")
+        if (self.w_min is None) != (self.w_max is None):
+            raise ValueError(f"set both w_min and w_max (a w range) or neither, got w_min={self.w_min}, w_max={self.w_max}")
+        if self.w_min is not None:
+            if self.method != "lcm":
+                raise ValueError(f"a w range (w_min, w_max) is diffusers' LCM recipe: it needs method 'lcm', got {self.method!r}")
+            if not 0 <= self.w_min <= self.w_max:
+                raise ValueError(f"need 0 <= w_min <= w_max, got w_min={self.w_min}, w_max={self.w_max}")
+
+    @property
+    def w_conditioned(self) -> bool:
+        """True when w is drawn per sample and embedded (diffusers' LCM recipe)."""
+        return self.w_min is not None
 
 
 def splad_loss(
@@ -57,12 +73,13 @@ def splad_loss(
     eps = torch.randn(z_0.shape, generator=generator, dtype=z_0.dtype).to(z_0.device)
     z_t = coef(schedule.alpha(t), z_0) * z_0 + coef(schedule.sigma(t), z_0) * eps
     t_dev = t.to(z_0.device)
-    # 2. teacher, no grad: zhat_s = m chained guided DDIM steps of size k_phi
+    # 2. teacher, no grad: zhat_s = m chained guided DDIM steps of size k_phi, at fixed w or w ~ U[w_min, w_max]
+    w = sample_w(B, cfg.w_min, cfg.w_max, generator) if cfg.w_conditioned else cfg.w  # (B,) float64 or float
     with torch.no_grad():
-        zhat_s, s = solve(guided_eps(teacher, cond, uncond, cfg.w), schedule, z_t, t_dev, cfg.m, k_phi)
+        zhat_s, s = solve(guided_eps(teacher, cond, uncond, w), schedule, z_t, t_dev, cfg.m, k_phi)
     # 3. gamma ~ U[0, 1] (SPLAM) or gamma = 1 (LCM)
     gamma = sample_gamma(B, generator, cfg.method, cfg.gamma_one_prob)
-    # 4-6. student on the SL-ODE point, EMA target at (zhat_s, s, gamma = 1), distance
-    return splam_loss(
-        student_F(student, cond, cfg.gamma_scale), student_F(target, cond, cfg.gamma_scale), schedule, z_t, zhat_s, t, s.cpu(), gamma, cfg.distance, cfg.huber_c
-    )
+    # 4-6. student on the SL-ODE point, EMA target at (zhat_s, s, gamma = 1), distance; a drawn w is embedded in both
+    w_c = w if cfg.w_conditioned else None
+    F_student, F_target = student_F(student, cond, cfg.gamma_scale, w_c), student_F(target, cond, cfg.gamma_scale, w_c)
+    return splam_loss(F_student, F_target, schedule, z_t, zhat_s, t, s.cpu(), gamma, cfg.distance, cfg.huber_c)

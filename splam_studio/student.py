@@ -49,15 +49,19 @@ def build_student(
 
 
 def unet_eps_model(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tensor,
-                   gamma_scale: float = GAMMA_SCALE_PAPER) -> EpsModel:
-    """eps_theta(z, t, gamma) of a student UNet (or its DDP wrapper); casts to the UNet dtype at the boundary and back."""
+                   gamma_scale: float = GAMMA_SCALE_PAPER, w_c: torch.Tensor | float | None = None) -> EpsModel:
+    """eps_theta(z, t, gamma) of a student UNet (or its DDP wrapper); casts to the UNet dtype at the boundary and back.
+
+    w_c: per-sample (B,) or scalar guidance offset, omega = gamma_scale (1 - gamma) + w_c (diffusers' LCM recipe
+    embeds its w this way); None for gamma-conditioned students.
+    """
     base = getattr(unet, "module", unet)
     dim, dtype = base.config.time_cond_proj_dim, base.dtype
     if dim is None:
         raise ValueError("UNet has no time_cond_proj_dim: build the student with build_student()")
 
     def eps(z: torch.Tensor, t: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        cond = gamma_embedding(gamma, dim, gamma_scale).to(dtype).to(z.device)
+        cond = gamma_embedding(gamma, dim, gamma_scale, w_c).to(dtype).to(z.device)
         out = unet(z.to(dtype), t.to(z.device), encoder_hidden_states=encoder_hidden_states.to(dtype), timestep_cond=cond)
         return out.sample.to(z.dtype)
 
@@ -65,9 +69,9 @@ def unet_eps_model(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tens
 
 
 def student_F(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tensor,
-              gamma_scale: float = GAMMA_SCALE_PAPER) -> ConsistencyFn:
-    """F_theta(z, t, gamma; sigma, alpha) for a student UNet and text condition c."""
-    return consistency_function(unet_eps_model(unet, encoder_hidden_states, gamma_scale))
+              gamma_scale: float = GAMMA_SCALE_PAPER, w_c: torch.Tensor | float | None = None) -> ConsistencyFn:
+    """F_theta(z, t, gamma; sigma, alpha) for a student UNet and text condition c (guidance offset w_c, if any)."""
+    return consistency_function(unet_eps_model(unet, encoder_hidden_states, gamma_scale, w_c))
 
 
 def make_target(student: torch.nn.Module) -> torch.nn.Module:
@@ -85,20 +89,25 @@ def ema_update(target: torch.nn.Module, online: torch.nn.Module, mu: float = 0.9
         p_t.lerp_(p.detach().to(p_t.dtype), 1.0 - mu)
 
 
-def clean_fn(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tensor, schedule) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def clean_fn(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tensor, schedule,
+             w_c: torch.Tensor | float | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """F(z, t) of a student at gamma = 1 (sampling and the error bound): sigma(t), alpha(t) of the schedule.
 
+    w_c: the guidance w a w-conditioned (diffusers-recipe LCM) student runs at; None = embedding(0).
     A UNet without time_cond_proj (an LCM-LoRA fused into its teacher) has no gamma input: it runs without
     timestep_cond, as a stock pipeline runs it at guidance 1.
     """
     if getattr(unet, "module", unet).config.time_cond_proj_dim is None:
+        if w_c is not None:
+            raise ValueError("w_c needs a student with time_cond_proj_dim (a w-conditioned UNet); this UNet has none")
+
         def eps(z: torch.Tensor, t: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
             out = unet(z.to(unet.dtype), t.to(z.device), encoder_hidden_states=encoder_hidden_states.to(unet.dtype))
             return out.sample.to(z.dtype)
 
         F = consistency_function(eps)
     else:
-        F = student_F(unet, encoder_hidden_states)
+        F = student_F(unet, encoder_hidden_states, w_c=w_c)
 
     def F1(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ones = torch.ones(z.shape[0], dtype=torch.float64)

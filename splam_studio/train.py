@@ -65,6 +65,8 @@ class TrainConfig:
     gamma_one_prob: float = 0.0  # SPLAM: share of samples at gamma = 1, the sampling point; 0 = the paper's U[0, 1]
     cond_proj_lr_scale: float = 1.0  # learning rate of the gamma projection relative to lr
     gamma_scale: float = 10.0  # emb(gamma) = guidance embedding of gamma_scale (1 - gamma); 10 = the authors'
+    w_min: float | None = None  # LCM only: w ~ U[w_min, w_max] per sample, embedded for the student (diffusers' recipe);
+    w_max: float | None = None  # None = fixed w, not embedded. A w-conditioned student samples at CFG w + 1
     init_from: str | None = None  # start the student from a finished full-UNet run (e.g. an LCM warm start)
     save_fp16: bool = False  # store the exported student in fp16 (half the size; loads in the teacher's dtype)
     # optimisation
@@ -128,13 +130,21 @@ class TrainConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise TrainError(f"invalid config values: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+        if (self.w_min is None) != (self.w_max is None):
+            raise TrainError(f"set both w_min and w_max or neither, got w_min={self.w_min}, w_max={self.w_max}")
+        if self.w_min is not None:
+            if self.method != "lcm":
+                raise TrainError(f"w_min/w_max (diffusers' LCM recipe, w embedded) need method 'lcm', got {self.method!r}")
+            if not 0 <= self.w_min <= self.w <= self.w_max:
+                raise TrainError(f"need 0 <= w_min <= w <= w_max (w is the guidance the student samples at, CFG w + 1), "
+                                 f"got w_min={self.w_min}, w={self.w}, w_max={self.w_max}")
         if self.run_name is not None and (not self.run_name or any(c in self.run_name for c in "/\\") or self.run_name.startswith(".")):
             raise TrainError(f"run_name must be a plain folder name, got {self.run_name!r}")
 
     def splad(self) -> SpladConfig:
         return SpladConfig(method=self.method, w=self.w, num_ddim_steps=self.num_ddim_steps, m=self.m,
                            distance=self.distance, huber_c=self.huber_c, gamma_one_prob=self.gamma_one_prob,
-                           gamma_scale=self.gamma_scale)
+                           gamma_scale=self.gamma_scale, w_min=self.w_min, w_max=self.w_max)
 
 
 # ---------------------------------------------------------------- checkpoints (safetensors + JSON, atomic)
@@ -568,6 +578,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
 @torch.no_grad()
 def _validate(pipe, student, cfg: TrainConfig, run_dir: Path, step: int) -> Path | None:
     """A grid of 1/2/4-step samples of the validation prompts, saved as validation/step-N.png."""
+    from .models import sampling_guidance
     from .sampler import generate
 
     prompts = cfg.validation_prompts
@@ -577,7 +588,8 @@ def _validate(pipe, student, cfg: TrainConfig, run_dir: Path, step: int) -> Path
 
     rows = []
     for steps in (1, 2, 4):
-        rows.append(generate(pipe, prompt=prompts, sampler="lcm", steps=steps, seed=cfg.seed, unet=student).images)
+        rows.append(generate(pipe, prompt=prompts, sampler="lcm", steps=steps, seed=cfg.seed, unet=student,
+                             student_guidance_scale=sampling_guidance(dataclasses.asdict(cfg))).images)
     w, h = rows[0][0].size
     grid = Image.new("RGB", (w * len(prompts), h * len(rows)))
     for r, imgs in enumerate(rows):

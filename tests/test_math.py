@@ -213,3 +213,26 @@ def test_gamma_embedding_scale_keeps_gamma_one_at_embedding_zero_and_smooths():
     step = lambda scale: (gamma_embedding(g, 256, scale).diff(dim=0).abs().max().item())  # noqa: E731
     assert step(0.005) < 0.06  # every frequency moves by less than 1000 * 0.005 * 0.01 = 0.05 rad
     assert step(10.0) > 1.0  # the authors' scale: some frequency turns by radians for a 0.01 change in gamma
+
+
+def test_w_offset_embedding_matches_diffusers_guidance_embedding():
+    """diffusers' LCM recipe: at gamma = 1 and w_c = w the student sees get_guidance_scale_embedding(w) at any scale."""
+    from diffusers import StableDiffusionPipeline
+
+    w = torch.tensor([0.0, 3.0, 6.5, 10.0], dtype=torch.float64)
+    ref = StableDiffusionPipeline.get_guidance_scale_embedding(None, w.float(), embedding_dim=256)
+    for scale in (10.0, 0.005):
+        ours = gamma_embedding(torch.ones(4, dtype=torch.float64), 256, scale, w_c=w)
+        assert torch.allclose(ours, ref, atol=1e-5)
+    # the offset adds to omega = scale (1 - gamma): gamma = 0.7 at scale 10 with w_c = 1 is omega = 4
+    both = gamma_embedding(torch.tensor([0.7]), 256, 10.0, w_c=1.0)
+    assert torch.allclose(both, StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.tensor([4.0]), 256), atol=1e-4)
+
+
+def test_sample_w_is_uniform_on_the_range():
+    from splam_studio.slode import sample_w
+
+    w = sample_w(4000, 3.0, 10.0, torch.Generator().manual_seed(0))
+    assert w.shape == (4000,) and w.dtype == torch.float64
+    assert 3.0 <= w.min() and w.max() <= 10.0 and abs(w.mean().item() - 6.5) < 0.1
+    assert torch.equal(sample_w(3, 2.0, 2.0), torch.full((3,), 2.0, dtype=torch.float64))

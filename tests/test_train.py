@@ -110,6 +110,36 @@ def test_bad_arguments_are_clear_errors(world, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "nope" in r.stderr
 
 
+def test_w_range_lcm_run_records_its_range_and_sampling_guidance(world, tmp_path):
+    """diffusers' LCM recipe from the CLI: the run records w_min/w_max; its student samples at CFG w + 1."""
+    from splam_studio.models import sampling_guidance
+
+    r = cli(world, tmp_path, "--method", "splam", "--w-min", "3", "--w-max", "10", "--max-steps", "1")
+    assert r.returncode == 2 and "method 'lcm'" in r.stderr and "Traceback" not in r.stderr
+    r = cli(world, tmp_path, "--method", "lcm", "--w", "6.5", "--w-min", "3", "--w-max", "10", "--max-steps", "1",
+            "--run-name", "lcmw")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = json.loads((tmp_path / "lcmw" / "training_config.json").read_text())
+    assert (cfg["w_min"], cfg["w_max"], cfg["w"]) == (3.0, 10.0, 6.5)
+    assert sampling_guidance(tmp_path / "lcmw") == 7.5
+    # bench --curves evaluates it at that guidance
+    from splam_studio.bench import curves
+    from splam_studio.models import load_teacher
+
+    seen = []
+
+    class Bench:  # the part of bench.Bench that curves() uses, without the evaluator
+        n, guidance, pipe, log = 1, 7.5, load_teacher(str(world / "teacher")), staticmethod(lambda *a: None)
+
+        def evaluate_unet(self, method, unet, steps, student_guidance=1.0):
+            seen.append(student_guidance)
+            return {"fid": 0.0, "teacher_mse": 0.0}
+
+    res = curves(Bench(), [tmp_path / "lcmw"], untrained=False)
+    assert seen == [7.5] * 3 and res["runs"]["lcmw"]["sampling_guidance"] == 7.5
+    assert res["runs"]["lcmw"]["config"]["w_min"] == 3.0
+
+
 def test_two_process_accelerate_launch(world, tmp_path):
     # accelerate's --cpu launcher needs MPI for several processes; --multi_gpu runs torchrun, and --device cpu
     # then gives a gloo process group on the CPU (accelerate's MULTI_CPU)
