@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# The embedded Shapes students and the ablation runs, on 2 CPU cores (two runs at a time, one thread each).
-#   bash scripts/train_students.sh            # about 14 minutes (13.5 measured)
-# Every run uses the `shapes` preset of train_cli.py; the ablations change one thing each at a 200-step budget
-# (the main runs' snapshots at step 200 are their baseline and gamma = 1 arms).
+# The embedded Shapes students and their seed replicas, on 2 CPU cores (two runs at a time, one thread each).
+#   bash scripts/train_students.sh            # about 25 minutes on an idle machine
+# Every run is the `shapes` preset of train_cli.py (600 steps, lr 1e-5, batch 32); SPLAM and LCM differ only in
+# --method. Seed 0 is the embedded pair (weights/shapes-{splam,lcm}, replacing the old ones: they go to
+# weights/.trash/); seeds 1 and 2 go to runs/seeds/. Then the seed table of BENCHMARKS.md is measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 export OMP_NUM_THREADS=1
-mkdir -p weights/logs
-run() { "$PY" train_cli.py --preset shapes "$@" > "weights/logs/$(echo "$*" | sed 's/.*--run-name \([^ ]*\).*/\1/').log" 2>&1; }
-run --method splam --run-name shapes-splam & run --method lcm --run-name shapes-lcm & wait
-run --method splam --run-name ablate-uniform --max-steps 200 --gamma-one-prob 0 --snapshot-every 0 --validate-every 0 &
-run --method splam --run-name ablate-k40m2 --max-steps 200 --m 2 --snapshot-every 0 --validate-every 0 & wait
-run --method splam --run-name ablate-freshinit --max-steps 200 --cond-proj-init fresh --snapshot-every 0 --validate-every 0
+mkdir -p weights/logs runs/seeds
+run() { local name=$1; shift; "$PY" train_cli.py --preset shapes --run-name "$name" "$@" > "runs/$name.log" 2>&1; }
+run shapes-splam --method splam --overwrite & run shapes-lcm --method lcm --overwrite & wait
+for s in 1 2; do
+  run "seed$s-splam" --method splam --seed $s --output-dir runs/seeds --overwrite &
+  run "seed$s-lcm" --method lcm --seed $s --output-dir runs/seeds --overwrite & wait
+done
+"$PY" -m splam_studio.bench --n 500 --curves weights/shapes-lcm weights/shapes-splam runs/seeds/seed{1,2}-{lcm,splam} \
+  --curves-out benchmarks/seeds.json --reference-cache runs/reference.safetensors
+"$PY" -m splam_studio.report
