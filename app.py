@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """SPLAM Studio: `python app.py` serves the comparison studio on http://127.0.0.1:7860 with the embedded Shapes models.
 
-Thin front end: parse flags, build `splam_studio.studio.Studio` and its Gradio UI (`splam_studio.ui`), launch.
+Thin front end: parse flags, build `splam_studio.studio.logic.Studio` and its Gradio UI (`splam_studio.studio.ui`), launch.
 Local folders (teacher, students, training data) are accepted here only, never from the web page.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from splam_studio.model_sets import MODEL_SETS  # a table only: no torch, no CUDA
+    from splam_studio.models.model_sets import MODEL_SETS  # a table only: no torch, no CUDA
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), help="port")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
     p.add_argument("--weights-dir", help="folder of runs (default: $SPLAM_WEIGHTS_DIR or <repo>/weights)")
-    p.add_argument("--models", choices=sorted(MODEL_SETS), help="model set shown first (splam_studio/model_sets.py; "
+    p.add_argument("--models", choices=sorted(MODEL_SETS), help="model set shown first (splam_studio/models/model_sets.py; "
                    "default: dreamshaper7 on a Hugging Face Space with a GPU, else shapes); --teacher / --splam / "
                    "--lcm replace its members")
     p.add_argument("--teacher", help="teacher: a run name under weights/, a hub id, or a local diffusers folder")
@@ -64,15 +64,15 @@ def _split_local(value: str | None, role: str, local: dict[str, Path]) -> str | 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from splam_studio.quiet import quiet_libraries
+    from splam_studio.training.quiet import quiet_libraries
 
     quiet_libraries()  # only the warnings a user can act on
     if args.threads:
         import torch
 
         torch.set_num_threads(max(1, args.threads))
-    from splam_studio.studio import Studio, StudioError
-    from splam_studio.ui import CSS, build_ui
+    from splam_studio.studio.logic import Studio, StudioError
+    from splam_studio.studio.ui import CSS, build_ui
 
     local: dict[str, Path] = {}
     teacher, splam, lcm = (_split_local(getattr(args, r), r, local) for r in ("teacher", "splam", "lcm"))
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         data_dirs[name or path.name] = path
     train = args.train if args.train is not None else "SPACE_ID" not in os.environ
-    from splam_studio.model_sets import default_model_set
+    from splam_studio.models.model_sets import default_model_set
 
     try:
         studio = Studio.for_model_set(args.models or default_model_set(), args.weights_dir, teacher=teacher,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """SPLAD distillation from the command line: `python train_cli.py --preset shapes --method splam`.
 
-Thin front end: flags map one-to-one onto `splam_studio.train.TrainConfig`; presets fill defaults.
+Thin front end: flags map one-to-one onto `splam_studio.training.loop.TrainConfig`; presets fill defaults.
 Multi-GPU: `accelerate launch train_cli.py ...` works unchanged.
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ import json
 import sys
 import typing
 
-from splam_studio.quiet import quiet_libraries
+from splam_studio.training.quiet import quiet_libraries
 
 quiet_libraries()  # before the libraries are imported: only warnings a user can act on are printed
 
-from splam_studio.train import TrainConfig, TrainError, run  # noqa: E402
+from splam_studio.training.loop import TrainConfig, TrainError, run  # noqa: E402
 
 HELP = {
     "teacher": "teacher: embedded name (shapes), diffusers folder, single-file SD1.5 .safetensors, or hub id",

@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from splam_studio.shapes import VOCAB
+from splam_studio.shapes.grammar import VOCAB
 
 EXTRA_WORDS = ("photo", "of", "cat", "dog", "grey", "colour", "and")
 WORDS = tuple(sorted(set(VOCAB) | set(EXTRA_WORDS)))

@@ -1,7 +1,7 @@
 """The studio's logic, testable without a browser: models with a cache, side-by-side comparison, the error-bound
 plot, input validation with messages, and hobbyist training runs as subprocesses of `train_cli.py`.
 
-`splam_studio.ui` lays this out in Gradio; `app.py` parses flags and launches. Nothing here imports gradio.
+`splam_studio.studio.ui` lays this out in Gradio; `app.py` parses flags and launches. Nothing here imports gradio.
 User mistakes raise `StudioError` (a ValueError) whose message is meant for the user; `notices` lists what was
 clamped or truncated.
 """
@@ -26,19 +26,19 @@ from typing import Callable
 import torch
 
 from .colors import METHOD_COLORS, tint
-from .device import resolve_runtime
-from .error_bound import ErrorBound, error_bound, teacher_trajectory
-from .models import (
+from ..training.device import resolve_runtime
+from ..core.error_bound import ErrorBound, error_bound, teacher_trajectory
+from ..models.loading import (
     RUN_NAME, ModelLoadError, RunInfo, list_runs, load_student, load_teacher, resolve_run, weights_dir,
 )
-from .quiet import NOISE
-from .sampler import decode_latents, generate, initial_noise
-from .metrics import latent_mse
-from .schedule import NoiseSchedule
-from .solver import guided_eps
-from .student import clean_fn
+from ..training.quiet import NOISE
+from ..core.sampler import decode_latents, generate, initial_noise
+from ..core.metrics import latent_mse
+from ..core.schedule import NoiseSchedule
+from ..core.solver import guided_eps
+from ..core.student import clean_fn
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # ---- limits of the inputs (the UI's sliders use the same numbers) ---------------------------------------------
 STUDENT_STEPS = (1, 8)  # consistency sampling: SPLAM/LCM are meant for 1-4 steps
@@ -374,8 +374,8 @@ class Studio:
         a call, so models load on the CPU side without the warm-up generation. teacher / splam / lcm given (not
         None) replace the set's member; other kwargs go to Studio().
         """
-        from .device import pick_device
-        from .model_sets import get_model_set, zero_gpu
+        from ..training.device import pick_device
+        from ..models.model_sets import get_model_set, zero_gpu
 
         try:
             ms = get_model_set(name)
@@ -768,8 +768,8 @@ def _hub_hint(message: str, repo: str) -> str:
 def _load_hub_student(repo: str, pipe):
     """A student UNet from the hub, stored as model_sets.MODEL_SETS says (unet/ of a full pipeline, or a LoRA fused
     into a copy of the teacher UNet); a repo no set lists is tried as each."""
-    from .model_sets import student_kind
-    from .models import load_hub_student
+    from ..models.model_sets import student_kind
+    from ..models.loading import load_hub_student
 
     try:
         return load_hub_student(repo, pipe, student_kind(repo))
@@ -784,7 +784,7 @@ def _one_line(e: BaseException) -> str:
 
 # ---- training runs (subprocesses of train_cli.py) -------------------------------------------------------------
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Z0-9]")  # terminal colours and cursor moves
-STATS = "stats.jsonl"  # written by splam_studio.train.StepLog
+STATS = "stats.jsonl"  # written by splam_studio.training.loop.StepLog
 
 
 def read_stats(path: Path) -> list[dict]:

@@ -23,7 +23,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write, fsync_tree, replace_dir
+from ..training.atomic import atomic_write, fsync_tree, replace_dir
 
 EMBEDDED = {
     "shapes": "shapes-teacher",
@@ -55,7 +55,7 @@ class ModelLoadError(ValueError):
 def weights_dir() -> Path:
     """`$SPLAM_WEIGHTS_DIR`, else <repo>/weights next to the package."""
     env = os.environ.get(WEIGHTS_ENV)
-    return Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "weights"
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "weights"
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,8 +1,8 @@
 """The Shapes teacher: a tiny Stable-Diffusion-shaped pipeline (diffusers format) and its recipe.
 
-    python -m splam_studio.world build --out weights --preset full   # 48 min on 2 CPU cores
-    python -m splam_studio.world build --out /tmp/w --preset tiny     # seconds, for tests
-    python -m splam_studio.world bench                                # it/s of each stage
+    python -m splam_studio.tools.world build --out weights --preset full   # 48 min on 2 CPU cores
+    python -m splam_studio.tools.world build --out /tmp/w --preset tiny     # seconds, for tests
+    python -m splam_studio.tools.world bench                                # it/s of each stage
 
 Recipe (all seeds fixed):
   1. render a fixed training set of Shapes pairs (train split: held-out (shape, colour) pairs excluded);
@@ -18,7 +18,6 @@ Recipe (all seeds fixed):
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .shapes import VOCAB, ShapesDataset, render, sample_specs
+from .grammar import VOCAB, ShapesDataset, render, sample_specs
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 16  # bos + 11 caption words + eos fits; StableDiffusionPipeline pads to this length
@@ -283,7 +282,7 @@ def fit_scaling_factor(mean: torch.Tensor, std: torch.Tensor, seed: int) -> floa
 
 @torch.no_grad()
 def vae_report(vae, images_u8: torch.Tensor) -> dict:
-    from .metrics import psnr
+    from ..core.metrics import psnr
 
     x = _to_pm1(images_u8)
     rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
@@ -607,9 +606,9 @@ def evaluate(weights: str | Path = "weights", n: int = 1000, steps: int = 50, gu
              out: str | Path = "benchmarks/teacher.json", seed: int = 4321, log=print) -> dict:
     """Teacher quality per split: prompt accuracy and Shapes-FID of `steps`-step DDIM, next to the real-vs-real floor."""
     from .evaluator import Evaluator
-    from .metrics import feature_statistics, frechet_distance
-    from .models import load_teacher
-    from .sampler import generate
+    from ..core.metrics import feature_statistics, frechet_distance
+    from ..models.loading import load_teacher
+    from ..core.sampler import generate
 
     weights = Path(weights)
     pipe = load_teacher(str(weights / "shapes-teacher"))
@@ -635,7 +634,7 @@ def evaluate(weights: str | Path = "weights", n: int = 1000, steps: int = 50, gu
     log(f"position probe: {probe}")
     probe["text_separation"] = text_separation(pipe)
     log(f"text separation: {probe['text_separation']}")
-    doc = {"description": f"`python -m splam_studio.world evaluate`: the embedded teacher, {steps}-step DDIM at guidance {guidance}, "
+    doc = {"description": f"`python -m splam_studio.tools.world evaluate`: the embedded teacher, {steps}-step DDIM at guidance {guidance}, "
                           f"{n} captions per split (held-out = (shape, colour) pairs never seen in training), fixed seeds. "
                           "FID on the evaluator's features against real renders of the same captions; the floor is "
                           "real against an independent real draw. Real images score "
@@ -654,8 +653,8 @@ def text_separation(pipe, n: int = 64, seed: int = 0) -> dict:
     (last hidden state) summed over the tokens from the changed word on. Near 0: the encoder hands the UNet
     (almost) the same conditioning whatever the word, so the teacher cannot follow that attribute.
     """
-    from .shapes import ATTRIBUTE_VALUES as VALUES
-    from .shapes import ATTRIBUTES
+    from .grammar import ATTRIBUTE_VALUES as VALUES
+    from .grammar import ATTRIBUTES
 
     tok, te = pipe.tokenizer, pipe.text_encoder
 
@@ -687,8 +686,8 @@ def position_probe(pipe, ev, n: int, steps: int, guidance: float, seed: int) -> 
     generated once per position word (all else equal, same noise): `follows_prompt` is the position accuracy over
     all n x 5 images; `same_place_for_all_words` the share of draws whose predicted position is the same under all
     five words (1/125 if position were uniformly random per image, 1.0 if the noise alone decided it)."""
-    from .sampler import generate
-    from .shapes import ATTRIBUTES, POSITIONS
+    from ..core.sampler import generate
+    from .grammar import ATTRIBUTES, POSITIONS
 
     specs = sample_specs(n, seed + 5, "train")
     j = ATTRIBUTES.index("position")
@@ -708,8 +707,8 @@ def sample_grid(weights: str | Path = "weights", out: str | Path = "docs/teacher
     """A captioned grid of teacher samples: train captions on the top row, held-out captions below."""
     from PIL import Image, ImageDraw
 
-    from .models import load_teacher
-    from .sampler import generate
+    from ..models.loading import load_teacher
+    from ..core.sampler import generate
 
     pipe = load_teacher(str(Path(weights) / "shapes-teacher"))
     guidance = PRESETS["full"].guidance_scale if guidance is None else guidance
@@ -728,64 +727,3 @@ def sample_grid(weights: str | Path = "weights", out: str | Path = "docs/teacher
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m splam_studio.world", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="run the whole recipe")
-    b.add_argument("--out", default="weights", help="folder for shapes-teacher/, shapes-evaluator/, recipe.json")
-    b.add_argument("--preset", default="full", choices=sorted(PRESETS), help="full: the shipped weights; tiny: a smoke run")
-    b.add_argument("--threads", type=int, default=2, help="torch CPU threads (the build machine has 2 cores)")
-    b.add_argument("--print-config", action="store_true", help="print the resolved preset and exit")
-    b.add_argument("--reuse-from", default=None,
-                   help="a finished build folder: reuse its VAE and evaluator, train only text encoder + UNet")
-    be = sub.add_parser("bench", help="time a few training steps of each stage")
-    be.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    be.add_argument("--steps", type=int, default=6, help="timed steps per stage")
-    ev = sub.add_parser("evaluate", help="teacher quality per split -> benchmarks/teacher.json")
-    ev.add_argument("--weights", default="weights")
-    ev.add_argument("--n", type=int, default=1000, help="captions per split")
-    ev.add_argument("--steps", type=int, default=50)
-    ev.add_argument("--guidance", type=float, default=None, help="default: the recipe's guidance scale")
-    ev.add_argument("--threads", type=int, default=2)
-    ev.add_argument("--out", default="benchmarks/teacher.json")
-    dg = sub.add_parser("diagnose", help="text-encoder separation per attribute -> printed, and into teacher.json")
-    dg.add_argument("--weights", default="weights")
-    dg.add_argument("--out", default="benchmarks/teacher.json", help="updated in place if it exists")
-    dg.add_argument("--threads", type=int, default=2)
-    gr = sub.add_parser("grid", help="a captioned grid of teacher samples (train and held-out captions)")
-    gr.add_argument("--weights", default="weights")
-    gr.add_argument("--out", default="docs/teacher_grid.png")
-    gr.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.cmd == "diagnose":
-        from .models import load_teacher
-
-        sep = text_separation(load_teacher(str(Path(args.weights) / "shapes-teacher")))
-        print(json.dumps(sep, indent=2))
-        out = Path(args.out)
-        if out.is_file():
-            doc = json.loads(out.read_text())
-            doc.setdefault("position_probe", {})["text_separation"] = sep
-            out.write_text(json.dumps(doc, indent=2))
-        return
-    if args.cmd == "grid":
-        print(sample_grid(args.weights, args.out))
-        return
-    if args.cmd == "evaluate":
-        evaluate(args.weights, args.n, args.steps, args.guidance, args.out)
-        return
-    if args.cmd == "bench":
-        bench(args.steps)
-        return
-    if args.print_config:
-        print(json.dumps(asdict(PRESETS[args.preset]), indent=2))
-        return
-    build(args.out, args.preset, log=lambda s: print(s, flush=True), reuse_from=args.reuse_from)
-
-
-if __name__ == "__main__":
-    main()

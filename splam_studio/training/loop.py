@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write, fsync_path, fsync_tree, write_json
 from .device import resolve_runtime
-from .schedule import NoiseSchedule
-from .splad import SpladConfig, splad_loss
-from .student import build_student, ema_update, make_target
+from ..core.schedule import NoiseSchedule
+from ..core.splad import SpladConfig, splad_loss
+from ..core.student import build_student, ema_update, make_target
 
 # LoRA targets of diffusers' LCM-LoRA script: attention, feed-forward, resnet convs and time projections.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -368,7 +368,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     from accelerate.utils import set_seed
 
     from .data import build_dataset, fit_batch_size
-    from .models import load_student, load_teacher, save_student
+    from ..models.loading import load_student, load_teacher, save_student
 
     cfg.validate()
     rt = resolve_runtime(cfg.device, cfg.precision)
@@ -563,7 +563,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
         save_student(run_dir, export, lora=cfg.lora_rank > 0, config=resolved,
                      dtype=torch.float16 if cfg.save_fp16 else None)
         if cfg.lora_rank > 0:
-            from .models import export_kohya_lora
+            from ..models.loading import export_kohya_lora
 
             export_kohya_lora(export, run_dir / "lora_kohya.safetensors")
         if start < cfg.max_steps:
@@ -578,8 +578,8 @@ def _train(cfg: TrainConfig, log=print) -> Path:
 @torch.no_grad()
 def _validate(pipe, student, cfg: TrainConfig, run_dir: Path, step: int) -> Path | None:
     """A grid of 1/2/4-step samples of the validation prompts, saved as validation/step-N.png."""
-    from .models import sampling_guidance
-    from .sampler import generate
+    from ..models.loading import sampling_guidance
+    from ..core.sampler import generate
 
     prompts = cfg.validation_prompts
     if not prompts:
