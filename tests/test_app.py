@@ -215,7 +215,7 @@ def test_trainer_rejects_bad_runs(studio, weights):
     allowed = Trainer(weights, {"mine": weights})
     assert allowed.data_choices() == ["shapes", "mine"]
     cmd = allowed.command("T", str(weights), "lcm", 8, "r", 4)
-    assert cmd[2].endswith("train_cli.py") and "--preset" not in cmd
+    assert cmd[1:4] == ["-u", "-m", "splam_studio.training"] and "--preset" not in cmd
     assert cmd[cmd.index("--output-dir") + 1] == str(weights) and cmd[cmd.index("--validate-every") + 1] == "2"
 
 

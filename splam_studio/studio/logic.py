@@ -1,7 +1,7 @@
 """The studio's logic, testable without a browser: models with a cache, side-by-side comparison, the error-bound
-plot, input validation with messages, and hobbyist training runs as subprocesses of `train_cli.py`.
+plot, input validation with messages, and hobbyist training runs as subprocesses (`python -m splam_studio.training`).
 
-`splam_studio.studio.ui` lays this out in Gradio; `app.py` parses flags and launches. Nothing here imports gradio.
+`splam_studio.studio.ui` lays this out in Gradio; `app.py` (`python -m splam_studio.studio`) parses flags and launches. Nothing here imports gradio.
 User mistakes raise `StudioError` (a ValueError) whose message is meant for the user; `notices` lists what was
 clamped or truncated.
 """
@@ -847,7 +847,7 @@ class TrainStatus:
 
 
 class Trainer:
-    """One distillation run at a time, as a `train_cli.py` subprocess (a crash cannot take the server down)."""
+    """One distillation run at a time, as a `python -m splam_studio.training` subprocess (a crash cannot take the server down)."""
 
     def __init__(self, weights: Path, data_dirs: dict[str, str | Path], repo_root: Path = REPO_ROOT):
         self.weights = Path(weights)
@@ -867,8 +867,8 @@ class Trainer:
         return self.proc is not None and self.proc.poll() is None
 
     def command(self, teacher: str | Path, data: str, method: str, steps: int, run_name: str, batch_size: int) -> list[str]:
-        """The train_cli.py command line for a run (teacher and data already resolved by the caller)."""
-        cmd = [sys.executable, "-u", str(self.repo_root / "train_cli.py")]
+        """The trainer's command line (`python -m splam_studio.training`) for a run (teacher and data already resolved by the caller)."""
+        cmd = [sys.executable, "-u", "-m", "splam_studio.training"]
         if data == "shapes":
             cmd += ["--preset", "shapes", "--shapes-size", str(min(20000, max(256, steps * batch_size)))]
         cmd += ["--teacher", str(teacher), "--data", data, "--method", method, "--max-steps", str(steps),
@@ -913,7 +913,7 @@ class Trainer:
         return f"Started {method} run `{run_name}`: {steps} steps, batch {batch_size}, data {data}{note}."
 
     def stop(self, grace_s: float = 20.0) -> str:
-        """Interrupt the run (SIGINT: train_cli exits cleanly, the last checkpoint intact), kill after grace_s."""
+        """Interrupt the run (SIGINT: the trainer exits cleanly, the last checkpoint intact), kill after grace_s."""
         with self._lock:
             if not self.running():
                 return "No run is going."
@@ -967,10 +967,10 @@ class Trainer:
             state = "done" if done else "ended"
             msg = (f"Last run `{run_name}` finished ({progress}); it is in the model lists." if done else
                    f"Last run `{run_name}` ended at {progress} (the studio was restarted or the run stopped); "
-                   f"continue it with `train_cli.py --run-name {run_name} --resume latest`.")
+                   f"continue it with `python -m splam_studio.training --run-name {run_name} --resume latest`.")
         elif self.stopped:
             state, msg = "stopped", (f"`{run_name}` stopped ({progress}). Its last checkpoint is in "
-                                     f"weights/{run_name}/checkpoints; continue with train_cli.py --resume latest.")
+                                     f"weights/{run_name}/checkpoints; continue with `python -m splam_studio.training --resume latest`.")
         elif rc == 0:
             state, msg = "done", f"`{run_name}` finished ({progress}); it is now in the model lists."
         else:

@@ -405,7 +405,7 @@ def _train_tab(studio: Studio, demo: gr.Blocks, model_inputs: list, menus) -> No
         return (*view(s), now, *lists)
 
     with gr.Tab("Train"):
-        gr.Markdown("Distil your own student. The run is a `train_cli.py` subprocess (one at a time); its checkpoint "
+        gr.Markdown("Distil your own student. The run is a `python -m splam_studio.training` subprocess (one at a time); its checkpoint "
                     "lands in `weights/<run name>/` and then appears in the model lists. A batch larger than the data "
                     "set shrinks to fit.")
         with gr.Row():

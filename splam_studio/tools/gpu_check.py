@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]  # train_cli.py lives beside the package
+ROOT = Path(__file__).resolve().parents[2]  # the folder holding the package (PYTHONPATH of the runs)
 
 # model shapes: SD v1.5 and a tiny stand-in with the same block types (CPU tests)
 SHAPES = {
@@ -124,7 +124,7 @@ def train_run(name: str, method: str, lora: int, precision: str, teacher: Path, 
     row: dict = {"run": name, "method": method, "lora": lora, "precision": precision, "batch": batch, "resolution": resolution}
     for phase, extra in (("train", ["--max-steps", str(steps)]), ("resume", ["--max-steps", str(steps + 1), "--resume", "latest"])):
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, str(ROOT / "train_cli.py"), *common, *extra], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-m", "splam_studio.training", *common, *extra], capture_output=True, text=True,
                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         row[f"{phase}_s"] = round(time.perf_counter() - t0, 1)
         if r.returncode != 0:

@@ -1,7 +1,7 @@
 """SPLAD distillation (Algorithm 1) on accelerate: one CUDA / MPS GPU, the CPU, or `accelerate launch` on several.
 
 The loop orchestrates only: data -> latents and text embeddings -> `splad_loss` (steps 1-6) -> optimiser step ->
-EMA update (step 7) -> logging, validation and atomic checkpoints. `train_cli.py` is a thin front end.
+EMA update (step 7) -> logging, validation and atomic checkpoints. `python -m splam_studio.training` (cli.py) is its command line.
 """
 from __future__ import annotations
 
