@@ -93,10 +93,11 @@ def test_resume_is_exact(world, tmp_path, extra):
 
 
 def test_nan_losses_are_skipped_then_stop_the_run(world, tmp_path):
-    r = cli(world, tmp_path, "--max-steps", "3", "--run-name", "nan1", "--fault-injection", "nan@1")
+    r = cli(world, tmp_path, "--max-steps", "3", "--run-name", "nan1", env={"SPLAM_FAULT_INJECTION": "nan@1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "non-finite loss, step skipped (1 in a row, 1 total)" in r.stdout + r.stderr
-    r = cli(world, tmp_path, "--max-steps", "8", "--run-name", "nan2", "--max-bad-steps", "2", "--fault-injection", "nan@2,3,4")
+    r = cli(world, tmp_path, "--max-steps", "8", "--run-name", "nan2", "--max-bad-steps", "2",
+            env={"SPLAM_FAULT_INJECTION": "nan@2,3,4"})
     assert r.returncode == 2
     assert "non-finite losses in a row" in r.stderr and "Traceback" not in r.stderr
     assert _state(tmp_path / "nan2") == 2  # the last good checkpoint is intact

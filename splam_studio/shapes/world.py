@@ -31,14 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from .grammar import VOCAB, ShapesDataset, render, sample_specs
+from ..core.schedule import SD15_SCHEDULER_CONFIG
+from ..core.student import ema_update
+from ..core.teacher import tokenize
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 16  # bos + 11 caption words + eos fits; StableDiffusionPipeline pads to this length
 
-# Stable Diffusion v1.5's noise schedule (scheduler_config.json of runwayml/stable-diffusion-v1-5).
-SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      prediction_type="epsilon", steps_offset=1, set_alpha_to_one=False, clip_sample=False,
-                      trained_betas=None)
 
 # ---- device and precision: decided once ------------------------------------------------------------
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,12 +88,6 @@ def build_tokenizer(out_dir: str | Path, words: list[str] = VOCAB, model_max_len
                         unk_token=EOS)
     tok.save_pretrained(str(out))
     return CLIPTokenizer.from_pretrained(str(out))
-
-
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """Token ids (B, model_max_length), padded and truncated exactly as StableDiffusionPipeline does."""
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
 
 
 # ---- model configs ---------------------------------------------------------------------------------
@@ -333,12 +326,6 @@ def train_evaluator(p: WorldPreset, clock: _Clock, reserve_s: float, log):
     return model, {"steps_done": step + 1, "final_loss": loss.item(), "wall_s": time.time() - t0}
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for e, q in zip(ema.parameters(), model.parameters()):
-            e.lerp_(q, 1.0 - decay)
-
-
 def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor,
                p: WorldPreset, clock: _Clock, reserve_s: float, log, probe=None) -> tuple:
     """Epsilon loss on cached latents; the text encoder trained jointly or kept frozen; EMA of both returned.
@@ -349,7 +336,7 @@ def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, emp
     """
     from diffusers import DDPMScheduler
 
-    noise_scheduler = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER.items() if k != "set_alpha_to_one"})
+    noise_scheduler = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
     g = torch.Generator().manual_seed(p.seed + 3)
     unet.train().to(DEVICE)
     text_encoder.train(p.train_text_encoder).to(DEVICE).requires_grad_(p.train_text_encoder)
@@ -388,9 +375,9 @@ def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, emp
         sched.step()
         # 4. EMA, with the usual warm-up of the decay
         decay = min(p.ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema_unet, unet, decay)
+        ema_update(ema_unet, unet, decay)
         if p.train_text_encoder:
-            _ema_update(ema_text, text_encoder, decay)
+            ema_update(ema_text, text_encoder, decay)
         ema_loss = loss.item() if ema_loss is None else 0.99 * ema_loss + 0.01 * loss.item()
         if step % p.log_every == 0 or step == p.unet_steps - 1:
             log(f"[unet] step {step}/{p.unet_steps} loss {loss.item():.4f} (ema {ema_loss:.4f}) "
@@ -423,7 +410,7 @@ def make_pipeline(vae, text_encoder, tokenizer, unet):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**SD15_SCHEDULER), safety_checker=None,
+                                   scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
 
 

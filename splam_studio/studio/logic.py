@@ -7,7 +7,6 @@ clamped or truncated.
 """
 from __future__ import annotations
 
-import json
 import math
 import socket
 import statistics
@@ -29,7 +28,7 @@ from .colors import METHOD_COLORS, tint
 from ..training.device import resolve_runtime
 from ..core.error_bound import ErrorBound, error_bound, teacher_trajectory
 from ..models.loading import (
-    RUN_NAME, ModelLoadError, RunInfo, list_runs, load_student, load_teacher, resolve_run, weights_dir,
+    ModelLoadError, RunInfo, list_runs, load_student, load_teacher, resolve_run, weights_dir,
 )
 from ..training.quiet import NOISE
 from ..core.sampler import decode_latents, generate, initial_noise
@@ -37,6 +36,8 @@ from ..core.metrics import latent_mse
 from ..core.schedule import NoiseSchedule
 from ..core.solver import guided_eps
 from ..core.student import clean_fn
+from ..core.teacher import cfg_scale, lcm_w, vae_scale_factor
+from ..training.runs import STATS, default_run_name, read_stats, read_training_config, valid_run_name
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -406,7 +407,7 @@ class Studio:
         for k, p in self.local.items():
             if (p / "unet").is_dir() or (p / "lora").is_dir():
                 try:
-                    out[k] = json.loads((p / "training_config.json").read_text()).get("method")
+                    out[k] = read_training_config(p).get("method")
                 except (OSError, ValueError):
                     out[k] = None
         return out
@@ -457,7 +458,7 @@ class Studio:
         name = name.strip()
         if name in self.local:
             return "path", self.local[name]
-        if RUN_NAME.match(name):
+        if valid_run_name(name):
             try:
                 path = resolve_run(name, self.weights)
             except ModelLoadError:
@@ -538,14 +539,11 @@ class Studio:
             return None
         if kind != "path":
             return None
-        import json
-
-        cfg = Path(source) / "training_config.json"
         try:
-            w = json.loads(cfg.read_text()).get("w")
+            w = read_training_config(source).get("w")
         except (OSError, ValueError):
             return None
-        return float(w) + 1 if isinstance(w, (int, float)) else None
+        return cfg_scale(float(w)) if isinstance(w, (int, float)) else None
 
     def load_models(self, teacher: str, splam: str, lcm: str, progress: Progress = _no_progress) -> str:
         """Load (and cache) a teacher and two students; a one-line status, or StudioError saying what failed."""
@@ -631,7 +629,7 @@ class Studio:
 
         progress(0.1, f"teacher trajectory ({N_GRID} guided DDIM steps)")
         unet = pipe.unet
-        vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        vae_scale = vae_scale_factor(pipe.vae)
         size = unet.config.sample_size * vae_scale
         z_T = initial_noise(seed, 1, unet, size, size, vae_scale).to(device)  # same noise as compare()
         key = (str(self.resolve(teacher, "teacher")[1]), prompt, seed, guidance_scale)
@@ -639,7 +637,7 @@ class Studio:
             cached = self._trajectories.get(key)
         reused = cached is not None
         if cached is None:  # the costly part at 512 px: 50 guided teacher steps; the stride and students reuse it
-            cached = teacher_trajectory(guided_eps(unet, cond, uncond, guidance_scale - 1), schedule, z_T, N=N_GRID)
+            cached = teacher_trajectory(guided_eps(unet, cond, uncond, lcm_w(guidance_scale)), schedule, z_T, N=N_GRID)
             with self._lock:
                 self._trajectories[key] = cached
                 while len(self._trajectories) > TRAJECTORY_CACHE:
@@ -784,22 +782,6 @@ def _one_line(e: BaseException) -> str:
 
 # ---- training runs (subprocesses of train_cli.py) -------------------------------------------------------------
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Z0-9]")  # terminal colours and cursor moves
-STATS = "stats.jsonl"  # written by splam_studio.training.loop.StepLog
-
-
-def read_stats(path: Path) -> list[dict]:
-    """The JSON lines of a run's stats.jsonl (a half-written last line is ignored)."""
-    rows = []
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError:
-        return rows
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
 
 
 def format_duration(seconds: float | None) -> str:
@@ -887,8 +869,8 @@ class Trainer:
                               "only from the command line: --data-dir NAME=PATH)")
         steps = clamp_int("training steps", steps, TRAIN_STEPS, notices)
         batch_size = clamp_int("batch size", batch_size, TRAIN_BATCH, notices)
-        run_name = (run_name or "").strip() or f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if not RUN_NAME.match(run_name) or run_name in (".", ".."):
+        run_name = (run_name or "").strip() or default_run_name(method)
+        if not valid_run_name(run_name):
             raise StudioError(f"invalid run name {run_name!r}: letters, digits, '.', '_' and '-' only, no paths")
         if run_name.startswith("shapes-"):
             raise StudioError("run names starting with 'shapes-' are reserved for the embedded models; pick another")

@@ -23,6 +23,7 @@ from ..core.sampler import decode_latents, generate, initial_noise
 from ..core.schedule import NoiseSchedule
 from ..core.solver import guided_eps
 from ..core.student import clean_fn
+from ..core.teacher import cfg_scale, encode_text, lcm_w
 
 ROWS = [("teacher-ddim", 50), ("ddim", 4), ("ddim", 8), ("dpm++", 4), ("unipc", 4),
         ("lcm", 1), ("lcm", 2), ("lcm", 4), ("splam", 1), ("splam", 2), ("splam", 4)]
@@ -147,13 +148,11 @@ class Bench:
     def error_bound(self, n_prompts: int, strides=(1, 2)) -> dict:
         """Per-sub-path terms, bound and real error averaged over prompts, for LCM and SPLAM."""
         caps = self.captions[:n_prompts]
-        tok = self.pipe.tokenizer
-        ids = lambda c: tok(c, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids  # noqa: E731
         with torch.no_grad():
-            cond, uncond = self.pipe.text_encoder(ids(caps))[0], self.pipe.text_encoder(ids([""] * len(caps)))[0]
+            cond, uncond = encode_text(self.pipe, caps), encode_text(self.pipe, [""] * len(caps))
             size = self.pipe.unet.config.sample_size
             z_T = initial_noise(self.seed, len(caps), self.pipe.unet, size, size, 1)
-            traj, times = teacher_trajectory(guided_eps(self.pipe.unet, cond, uncond, self.guidance - 1.0), self.schedule, z_T)
+            traj, times = teacher_trajectory(guided_eps(self.pipe.unet, cond, uncond, lcm_w(self.guidance)), self.schedule, z_T)
             out = {}
             for m, unet in self.students.items():
                 F = clean_fn(unet, cond, self.schedule)
@@ -408,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     guidance = a.guidance
     if guidance is None:
         cfg = json.loads((weights / "shapes-splam" / "training_config.json").read_text())
-        guidance = float(cfg["w"]) + 1.0
+        guidance = cfg_scale(float(cfg["w"]))
     torch.manual_seed(0)
     t0 = time.time()
     bench = Bench(weights, a.n, a.batch, guidance, device=a.device)

@@ -68,6 +68,7 @@ def build_pipeline(out: Path, size: str = "sd15", seed: int = 0, device: str = "
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from ..core.schedule import SD15_SCHEDULER_CONFIG
     from ..models.loading import weights_dir
 
     sh = SHAPES[size]
@@ -82,8 +83,7 @@ def build_pipeline(out: Path, size: str = "sd15", seed: int = 0, device: str = "
         text = CLIPTextModel(CLIPTextConfig(vocab_size=max(len(tok), 49408 if size == "sd15" else 0), max_position_embeddings=sh["max_length"],
                                         hidden_act="quick_gelu", bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                             pad_token_id=tok.pad_token_id, **sh["text"]))
-    sch = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                        set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+    sch = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
     dtype = torch.float16 if size == "sd15" else torch.float32
     pipe = StableDiffusionPipeline(vae=vae.to(dtype), text_encoder=text.to(dtype), tokenizer=tok, unet=unet.to(dtype),
                                    scheduler=sch, safety_checker=None, feature_extractor=None, requires_safety_checker=False)

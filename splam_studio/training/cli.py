@@ -1,7 +1,7 @@
 """SPLAD distillation from the command line: `python -m splam_studio.training --preset shapes --method splam`
 (the same as `python train_cli.py ...` in a checkout, or the `splam-train` console script).
 
-Flags flags map one-to-one onto `splam_studio.training.loop.TrainConfig`; presets fill defaults.
+Flags map one-to-one onto `splam_studio.training.loop.TrainConfig`; presets fill defaults.
 Multi-GPU: `accelerate launch -m splam_studio.training ...` (or `accelerate launch train_cli.py ...`).
 """
 from __future__ import annotations
@@ -67,7 +67,6 @@ HELP = {
     "max_bad_steps": "stop after this many non-finite losses in a row",
     "resume": "continue the run of --run-name: 'latest' or a checkpoint folder",
     "overwrite": "replace an existing run of the same name; the old one is moved to <output-dir>/.trash/, not deleted",
-    "fault_injection": argparse.SUPPRESS,
 }
 
 PRESETS: dict[str, dict] = {
