@@ -25,6 +25,6 @@ for spec in "${RUNS[@]}"; do
   while [ "$(jobs -rp | wc -l)" -ge "$PAR" ]; do sleep 5; done
 done
 wait
-"$PY" -m splam_studio.bench --n 500 --curves $(for spec in "${RUNS[@]}"; do echo "$OUT/${spec%% *}"; done) \
+"$PY" -m splam_studio.tools.bench --n 500 --curves $(for spec in "${RUNS[@]}"; do echo "$OUT/${spec%% *}"; done) \
   --curves-out benchmarks/sweep.json --curves-plot benchmarks/sweep.png --reference-cache "$OUT/reference.safetensors"
-"$PY" -m splam_studio.report
+"$PY" -m splam_studio.tools.report

@@ -15,6 +15,6 @@ for s in 1 2; do
   run "seed$s-splam" --method splam --seed $s --output-dir runs/seeds --overwrite &
   run "seed$s-lcm" --method lcm --seed $s --output-dir runs/seeds --overwrite & wait
 done
-"$PY" -m splam_studio.bench --n 500 --curves weights/shapes-lcm weights/shapes-splam runs/seeds/seed{1,2}-{lcm,splam} \
+"$PY" -m splam_studio.tools.bench --n 500 --curves weights/shapes-lcm weights/shapes-splam runs/seeds/seed{1,2}-{lcm,splam} \
   --curves-out benchmarks/seeds.json --reference-cache runs/reference.safetensors
-"$PY" -m splam_studio.report
+"$PY" -m splam_studio.tools.report

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from splam_studio.models import export_kohya_lora
-from splam_studio.student import build_student
+from splam_studio.models.loading import export_kohya_lora
+from splam_studio.core.student import build_student
 from tests.tiny import make_tiny_pipeline
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as refs/main holds

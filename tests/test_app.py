@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from splam_studio import studio as studio_module
-from splam_studio.colors import METHOD_COLORS
-from splam_studio.studio import (
+from splam_studio.studio import logic as studio_module
+from splam_studio.studio.colors import METHOD_COLORS
+from splam_studio.studio.logic import (
     MAX_PROMPT_CHARS, Studio, StudioError, Trainer, clamp_float, clamp_int, clean_log, clean_prompt, image_psnr,
     read_stats,
 )
-from splam_studio.student import build_student
+from splam_studio.core.student import build_student
 from tests.tiny import make_tiny_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -215,7 +215,7 @@ def test_trainer_rejects_bad_runs(studio, weights):
     allowed = Trainer(weights, {"mine": weights})
     assert allowed.data_choices() == ["shapes", "mine"]
     cmd = allowed.command("T", str(weights), "lcm", 8, "r", 4)
-    assert cmd[2].endswith("train_cli.py") and "--preset" not in cmd
+    assert cmd[1:4] == ["-u", "-m", "splam_studio.training"] and "--preset" not in cmd
     assert cmd[cmd.index("--output-dir") + 1] == str(weights) and cmd[cmd.index("--validate-every") + 1] == "2"
 
 
@@ -233,7 +233,7 @@ def test_stats_and_log_as_a_person_reads_them(tmp_path):
 def test_loss_frame_is_numeric_even_when_empty():
     import pandas as pd
 
-    from splam_studio.studio import TrainStatus
+    from splam_studio.studio.logic import TrainStatus
 
     for losses in ([], [(1, 0.2415), (2, 0.1803), (3, 0.09623)]):
         frame = TrainStatus("running", "", losses=losses).loss_frame()
@@ -387,7 +387,7 @@ def test_app_end_to_end(app_url):
 
 
 @pytest.mark.parametrize("route", ["/gradio_api/file=", "/file=", "/gradio_api/file=../../", "/gradio_api/upload/"])
-@pytest.mark.parametrize("target", ["/etc/passwd", str(REPO / "splam_studio" / "models.py"), str(REPO / "app.py")])
+@pytest.mark.parametrize("target", ["/etc/passwd", str(REPO / "splam_studio" / "models" / "loading.py"), str(REPO / "app.py")])
 def test_no_file_outside_weights_is_served(app_url, route, target):
     """Gradio's file routes must not hand out server files: system files nor the app's own source."""
     import urllib.error

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from splam_studio.coco import evaluate, load_captions, load_real
-from splam_studio.evaluator import Evaluator
-from splam_studio.student import build_student
+from splam_studio.tools.coco import evaluate, load_captions, load_real
+from splam_studio.shapes.evaluator import Evaluator
+from splam_studio.core.student import build_student
 from tests.tiny import make_tiny_pipeline
 
 

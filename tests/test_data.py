@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from splam_studio import data as D
-from splam_studio.data import DataError, build_dataset, collate_drop_none, make_dataloader, steps_per_epoch
+from splam_studio.training import data as D
+from splam_studio.training.data import DataError, build_dataset, collate_drop_none, make_dataloader, steps_per_epoch
 
 R = 16
 

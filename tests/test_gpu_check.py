@@ -2,7 +2,7 @@
 export, resume), the trainer bench grid, studio latency against a stock pipeline, gpu.json and its markdown."""
 import json
 
-from splam_studio import gpu_check
+from splam_studio.tools import gpu_check
 
 
 def test_tiny_gpu_check_end_to_end(tmp_path):

@@ -5,10 +5,10 @@ import pytest
 import torch
 from diffusers import LCMScheduler
 
-from splam_studio.consistency import boundary, c_out, c_skip, x0_from_eps
-from splam_studio.schedule import NoiseSchedule, ddim_grid, lcm_timesteps
-from splam_studio.slode import distance, gamma_embedding, sample_gamma, sigma_gamma, splam_loss, z_gamma
-from splam_studio.solver import solve
+from splam_studio.core.consistency import boundary, c_out, c_skip, x0_from_eps
+from splam_studio.core.schedule import NoiseSchedule, ddim_grid, lcm_timesteps
+from splam_studio.core.slode import distance, gamma_embedding, sample_gamma, sigma_gamma, splam_loss, z_gamma
+from splam_studio.core.solver import solve
 
 SCHED = NoiseSchedule.from_config()
 
@@ -173,7 +173,7 @@ def test_gamma_one_is_exactly_the_lcm_loss():
     def eps_model(z, t_, gamma):  # any model of z, t and gamma
         return torch.einsum("ij,bjhw->bihw", W, z) * (1 + 1e-3 * t_.view(-1, 1, 1, 1)) + gamma.float().view(-1, 1, 1, 1)
 
-    from splam_studio.consistency import consistency_function
+    from splam_studio.core.consistency import consistency_function
 
     F = consistency_function(eps_model)
     ones = torch.ones(B, dtype=torch.float64)
@@ -204,7 +204,7 @@ def test_sample_gamma_modes():
 
 def test_gamma_embedding_scale_keeps_gamma_one_at_embedding_zero_and_smooths():
     """emb(1) = embedding(0) at any scale (stock pipelines at guidance_scale 1); a small scale is smooth in gamma."""
-    from splam_studio.slode import guidance_embedding
+    from splam_studio.core.slode import guidance_embedding
 
     zero = guidance_embedding(torch.zeros(1), 256)
     for scale in (10.0, 0.005):
@@ -230,7 +230,7 @@ def test_w_offset_embedding_matches_diffusers_guidance_embedding():
 
 
 def test_sample_w_is_uniform_on_the_range():
-    from splam_studio.slode import sample_w
+    from splam_studio.core.slode import sample_w
 
     w = sample_w(4000, 3.0, 10.0, torch.Generator().manual_seed(0))
     assert w.shape == (4000,) and w.dtype == torch.float64

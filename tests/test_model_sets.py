@@ -10,9 +10,9 @@ import importlib.util
 import pytest
 import torch
 
-from splam_studio import model_sets as S
-from splam_studio.models import ModelLoadError, load_hub_student, load_teacher
-from splam_studio.studio import Studio, StudioError
+from splam_studio.models import model_sets as S
+from splam_studio.models.loading import ModelLoadError, load_hub_student, load_teacher
+from splam_studio.studio.logic import Studio, StudioError
 from tests.fake_hub import FULL_STUDENTS, LORAS, TEACHERS, UNREADABLE, build_fake_hub, repo_folder
 from tests.test_app import IMAGE_PX, PROMPT, REPO, launch_app, make_fake_weights, stop_app
 
@@ -73,7 +73,7 @@ def test_default_follows_the_environment(env, gpu, expected):
 
 def test_gpu_precision_decided_once(monkeypatch):
     """On CUDA an SD set runs in fp16 (no CUDA touched here: models load lazily); on the CPU in fp32."""
-    import splam_studio.device as D
+    import splam_studio.training.device as D
 
     assert Studio.for_model_set("dreamshaper7", device="cpu").runtime.weight_dtype == torch.float32
     monkeypatch.setattr(D, "pick_device", lambda name="auto": torch.device("cuda"))
@@ -217,7 +217,7 @@ def test_no_cuda_touched_at_import():
         "import diffusers, gradio, transformers\nfrom diffusers import StableDiffusionPipeline\n"
         "n = len(calls)\nsys.path.insert(0, '.')\n"
         "import app\napp.parse_args([])\n"
-        "import splam_studio.ui, splam_studio.model_sets, splam_studio.studio, splam_studio.models\n"
+        "import splam_studio.studio.ui, splam_studio.models.model_sets, splam_studio.studio.logic, splam_studio.models.loading\n"
         "print('ours', calls[n:])\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -275,7 +275,7 @@ def test_gpu_calls_are_sized_and_wrapped(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=GPU))
     import importlib
 
-    import splam_studio.ui as ui
+    import splam_studio.studio.ui as ui
 
     ui = importlib.reload(ui)
     try:

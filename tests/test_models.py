@@ -11,8 +11,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from splam_studio import models as M
-from splam_studio.models import ModelLoadError, export_kohya_lora, load_student, load_teacher, save_student
+from splam_studio.models import loading as M
+from splam_studio.models.loading import ModelLoadError, export_kohya_lora, load_student, load_teacher, save_student
 from tests.tiny import make_tiny_pipeline, tiny_unet
 
 COND_DIM = 32
@@ -337,7 +337,7 @@ def test_only_safetensors_by_default_anywhere():
     import ast
 
     root = Path(__file__).resolve().parents[1]
-    files = sorted((root / "splam_studio").glob("*.py")) + [root / "app.py", root / "train_cli.py"]
+    files = sorted((root / "splam_studio").rglob("*.py")) + [root / "app.py", root / "train_cli.py"]
     weight_classes = {"StableDiffusionPipeline", "UNet2DConditionModel", "AutoencoderKL", "CLIPTextModel", "CLIPModel"}
     checked, bad = 0, []
     for f in files:

@@ -8,7 +8,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
-from splam_studio import device as D
+from splam_studio.training import device as D
 from tests import test_train
 from tests.test_train import _state, cli
 
@@ -20,8 +20,8 @@ world = test_train.world  # the tiny teacher and image folder (a module fixture)
 @pytest.mark.parametrize("lora", [4, 0])
 def test_bf16_run_end_to_end(world, tmp_path, lora):
     """bf16 teacher/text encoder/VAE beside an fp32 student and EMA target; the crash was in validation."""
-    from splam_studio.models import load_student, load_teacher
-    from splam_studio.sampler import generate
+    from splam_studio.models.loading import load_student, load_teacher
+    from splam_studio.core.sampler import generate
 
     name = f"bf16-{lora}"
     common = ("--precision", "bf16", "--lora-rank", str(lora), "--run-name", name, "--validate-every", "1",
@@ -65,7 +65,7 @@ def tiny_pipe(tmp_path_factory):
 
 
 def _student(pipe):
-    from splam_studio.student import build_student
+    from splam_studio.core.student import build_student
 
     return build_student(pipe.unet, "zero").eval()
 
@@ -75,7 +75,7 @@ def test_fp32_student_beside_low_precision_teacher(tiny_pipe):
     to bf16 rounding of the text embeddings."""
     import copy
 
-    from splam_studio.sampler import generate
+    from splam_studio.core.sampler import generate
 
     student = _student(tiny_pipe)
     ref = generate(tiny_pipe, prompt=["one red circle"], sampler="lcm", steps=2, seed=1, unet=student)
@@ -98,7 +98,7 @@ def test_generate_matches_a_stock_pipeline(tiny_pipe):
     """Same numbers as StableDiffusionPipeline + the sampler's scheduler on the same components and noise."""
     from diffusers import StableDiffusionPipeline
 
-    from splam_studio.sampler import generate, initial_noise, make_scheduler
+    from splam_studio.core.sampler import generate, initial_noise, make_scheduler
 
     ours = generate(tiny_pipe, prompt=["one red circle"], sampler="ddim", steps=3, seed=4, guidance_scale=3.0)
     stock = StableDiffusionPipeline(**{**tiny_pipe.components, "scheduler": make_scheduler("ddim", tiny_pipe.scheduler.config)})
@@ -111,7 +111,7 @@ def test_generate_matches_a_stock_pipeline(tiny_pipe):
 def test_fp16_decode_that_overflows_is_redone_in_fp32(tiny_pipe, monkeypatch):
     import copy
 
-    from splam_studio.sampler import decode_latents
+    from splam_studio.core.sampler import decode_latents
 
     pipe = copy.deepcopy(tiny_pipe)
     pipe.vae.to(torch.float16)
@@ -136,7 +136,7 @@ def test_fp16_decode_that_overflows_is_redone_in_fp32(tiny_pipe, monkeypatch):
 def test_build_student_on_a_unet_constructed_in_code():
     """A UNet built in code keeps `_use_default_values` in its config (a loaded one does not); from_config honours
     it, so without care time_cond_proj_dim fell back to None and cond_proj was missing."""
-    from splam_studio.student import build_student
+    from splam_studio.core.student import build_student
 
     torch.manual_seed(0)
     teacher = UNet2DConditionModel(  # time_cond_proj_dim not given: it is one of the default values
@@ -197,7 +197,7 @@ def test_resolver_refuses_with_the_options(monkeypatch, hw, device, precision, w
 
 def test_fp16_loss_scale_survives_a_resume(tmp_path):
     """fp16 training keeps accelerate's GradScaler state in state.json, so a resume does not restart at 65536."""
-    from splam_studio.train import load_checkpoint, save_checkpoint
+    from splam_studio.training.loop import load_checkpoint, save_checkpoint
 
     net = torch.nn.Linear(3, 2)
     target = torch.nn.Linear(3, 2).requires_grad_(False)

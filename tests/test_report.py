@@ -1,7 +1,7 @@
 """BENCHMARKS.md is rendered from the JSON files only: sections appear with their files, numbers come from them."""
 import json
 
-from splam_studio.report import write_benchmarks_md
+from splam_studio.tools.report import write_benchmarks_md
 
 
 def _teacher(train_acc: float, heldout_acc: float, shape: float) -> dict:
@@ -37,7 +37,7 @@ def _run(method: str, seed: int, curve: list[float]) -> dict:
 
 
 def test_plateau_and_seed_verdicts_are_computed_from_the_curves(tmp_path):
-    from splam_studio.report import plateau, verdict
+    from splam_studio.tools.report import plateau, verdict
 
     pts = _run("lcm", 0, [90, 60, 50, 52])["points"]
     assert plateau(pts, "2", "fid") == (50, 52, True)  # 52 <= 50 * 1.05

@@ -66,5 +66,5 @@ def test_help_shows_each_default_once_with_the_presets():
     assert "(default: None)" not in text
     flat = " ".join(text.split())
     assert "(default 8; preset shapes: 32)" in flat  # --batch-size
-    assert "(default 1e-05; preset sd15: 0.0001, shapes: 0.0001)" in flat  # --lr
+    assert "(default 1e-05; preset sd15: 0.0001)" in flat  # --lr (shapes uses the default)
     assert "--overwrite" in flat and ".trash" in flat

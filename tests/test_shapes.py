@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from splam_studio.shapes import (ATTRIBUTES, BACKGROUND_RGB, BACKGROUNDS, COLOUR_RGB, COLOURS, HELDOUT_PAIRS,
+from splam_studio.shapes.grammar import (ATTRIBUTES, BACKGROUND_RGB, BACKGROUNDS, COLOUR_RGB, COLOURS, HELDOUT_PAIRS,
                                  SHAPES, VOCAB, ShapesDataset, ShapeSpec, centers, parse_caption, render,
                                  sample_specs, spec_from_caption)
 
@@ -38,7 +38,7 @@ def test_heldout_pairs_never_in_train_split():
 
 
 def test_tokenizer_one_id_per_grammar_word(tmp_path):
-    from splam_studio.world import MAX_LENGTH, build_tokenizer, tokenize
+    from splam_studio.shapes.world import MAX_LENGTH, build_tokenizer, tokenize
 
     tok = build_tokenizer(tmp_path)
     ids = [tok(w, add_special_tokens=False).input_ids for w in VOCAB]

@@ -3,12 +3,12 @@ import pytest
 import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline
 
-from splam_studio.error_bound import error_bound, teacher_trajectory
-from splam_studio.sampler import consistency_sample
-from splam_studio.schedule import NoiseSchedule
-from splam_studio.solver import guided_eps
-from splam_studio.splad import SpladConfig, splad_loss
-from splam_studio.student import build_student, clean_fn, ema_update, make_target, unet_eps_model
+from splam_studio.core.error_bound import error_bound, teacher_trajectory
+from splam_studio.core.sampler import consistency_sample
+from splam_studio.core.schedule import NoiseSchedule
+from splam_studio.core.solver import guided_eps
+from splam_studio.core.splad import SpladConfig, splad_loss
+from splam_studio.core.student import build_student, clean_fn, ema_update, make_target, unet_eps_model
 from tests.tiny import make_tiny_pipeline
 
 
@@ -123,7 +123,7 @@ def test_per_sample_w_in_guided_eps_equals_the_scalar_result_row_by_row(pipe):
 
 def test_w_range_draws_reach_the_teacher_and_the_student_embedding(pipe, monkeypatch):
     """diffusers' LCM recipe: w ~ U[w_min, w_max] per sample goes to the teacher's CFG and to student and target."""
-    import splam_studio.splad as splad
+    import splam_studio.core.splad as splad
 
     seen = {}
     real_guided, real_F = splad.guided_eps, splad.student_F
@@ -148,7 +148,7 @@ def test_w_range_draws_reach_the_teacher_and_the_student_embedding(pipe, monkeyp
 
 
 def test_w_range_config_errors():
-    from splam_studio.train import TrainConfig, TrainError
+    from splam_studio.training.loop import TrainConfig, TrainError
 
     with pytest.raises(ValueError, match="method 'lcm'"):
         SpladConfig(method="splam", w_min=3.0, w_max=10.0)
@@ -170,8 +170,8 @@ def test_w_range_config_errors():
 def test_w_conditioned_student_in_a_stock_pipeline_at_w_plus_one_like_our_sampler(pipe, steps):
     """A w-conditioned student: StableDiffusionPipeline + LCMScheduler at guidance_scale = w + 1 equals our sampler
     with w_c = w, and generate(student_guidance_scale = w + 1) is that stock pipeline."""
-    from splam_studio.models import sampling_guidance
-    from splam_studio.sampler import generate, initial_noise
+    from splam_studio.models.loading import sampling_guidance
+    from splam_studio.core.sampler import generate, initial_noise
 
     w = 6.5
     assert sampling_guidance({"w": w, "w_min": 3.0, "w_max": 10.0}) == w + 1

@@ -46,7 +46,7 @@ def _state(run: Path) -> int:
 
 @pytest.mark.parametrize("method,lora", [("splam", 0), ("lcm", 0), ("splam", 4)])
 def test_two_steps_checkpoint_and_resume(world, tmp_path, method, lora):
-    from splam_studio.models import load_student, load_teacher
+    from splam_studio.models.loading import load_student, load_teacher
 
     name = f"{method}-{lora}"
     r = cli(world, tmp_path, "--method", method, "--lora-rank", str(lora), "--max-steps", "2", "--run-name", name)
@@ -64,7 +64,7 @@ def test_two_steps_checkpoint_and_resume(world, tmp_path, method, lora):
     assert "continuing at step 2" in r.stdout + r.stderr
     assert _state(run) == 4
     # the student loads on its teacher and runs in a stock pipeline with LCMScheduler at guidance 1
-    from splam_studio.sampler import generate
+    from splam_studio.core.sampler import generate
 
     pipe = load_teacher(str(world / "teacher"))
     unet = load_student(str(run), pipe)
@@ -93,10 +93,11 @@ def test_resume_is_exact(world, tmp_path, extra):
 
 
 def test_nan_losses_are_skipped_then_stop_the_run(world, tmp_path):
-    r = cli(world, tmp_path, "--max-steps", "3", "--run-name", "nan1", "--fault-injection", "nan@1")
+    r = cli(world, tmp_path, "--max-steps", "3", "--run-name", "nan1", env={"SPLAM_FAULT_INJECTION": "nan@1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "non-finite loss, step skipped (1 in a row, 1 total)" in r.stdout + r.stderr
-    r = cli(world, tmp_path, "--max-steps", "8", "--run-name", "nan2", "--max-bad-steps", "2", "--fault-injection", "nan@2,3,4")
+    r = cli(world, tmp_path, "--max-steps", "8", "--run-name", "nan2", "--max-bad-steps", "2",
+            env={"SPLAM_FAULT_INJECTION": "nan@2,3,4"})
     assert r.returncode == 2
     assert "non-finite losses in a row" in r.stderr and "Traceback" not in r.stderr
     assert _state(tmp_path / "nan2") == 2  # the last good checkpoint is intact
@@ -112,7 +113,7 @@ def test_bad_arguments_are_clear_errors(world, tmp_path):
 
 def test_w_range_lcm_run_records_its_range_and_sampling_guidance(world, tmp_path):
     """diffusers' LCM recipe from the CLI: the run records w_min/w_max; its student samples at CFG w + 1."""
-    from splam_studio.models import sampling_guidance
+    from splam_studio.models.loading import sampling_guidance
 
     r = cli(world, tmp_path, "--method", "splam", "--w-min", "3", "--w-max", "10", "--max-steps", "1")
     assert r.returncode == 2 and "method 'lcm'" in r.stderr and "Traceback" not in r.stderr
@@ -123,8 +124,8 @@ def test_w_range_lcm_run_records_its_range_and_sampling_guidance(world, tmp_path
     assert (cfg["w_min"], cfg["w_max"], cfg["w"]) == (3.0, 10.0, 6.5)
     assert sampling_guidance(tmp_path / "lcmw") == 7.5
     # bench --curves evaluates it at that guidance
-    from splam_studio.bench import curves
-    from splam_studio.models import load_teacher
+    from splam_studio.tools.bench import curves
+    from splam_studio.models.loading import load_teacher
 
     seen = []
 
@@ -153,7 +154,7 @@ def test_two_process_accelerate_launch(world, tmp_path):
 
 
 def test_lr_factor_schedules():
-    from splam_studio.train import lr_factor
+    from splam_studio.training.loop import lr_factor
 
     assert [lr_factor(s, 100) for s in (0, 50, 100)] == [1.0, 1.0, 1.0]
     assert lr_factor(0, 100, "cosine") == 1.0 and abs(lr_factor(50, 100, "cosine") - 0.5) < 1e-12

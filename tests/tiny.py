@@ -13,7 +13,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from splam_studio.shapes import VOCAB
+from splam_studio.shapes.grammar import VOCAB
+from splam_studio.core.schedule import SD15_SCHEDULER_CONFIG
 
 EXTRA_WORDS = ("photo", "of", "cat", "dog", "grey", "colour", "and")
 WORDS = tuple(sorted(set(VOCAB) | set(EXTRA_WORDS)))
@@ -80,8 +81,7 @@ def tiny_text_encoder(vocab_size: int, seed: int = 2) -> CLIPTextModel:
 
 
 def sd15_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+    return DDIMScheduler(**SD15_SCHEDULER_CONFIG)
 
 
 def make_tiny_pipeline(tmp_path: Path | str | None = None, time_cond_proj_dim: int | None = None) -> StableDiffusionPipeline:

@@ -1,4 +1,4 @@
-"""The studio under load: N concurrent gradio_client users on /compare against a launched app.py.
+"""The studio under load: N concurrent gradio_client users on /compare against a launched studio (`python -m splam_studio.studio`).
 
 Each request must be answered or told that the queue is full; none may fail otherwise; the server's memory is
 read before and after (RSS from /proc) to show it stays flat.
@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -30,25 +30,25 @@ def rss_mib(pid: int) -> float:
 
 
 def launch_app(port: int, weights: str | None = None, extra=(), timeout: float = 180) -> subprocess.Popen:
-    """app.py on 127.0.0.1:port; returns once it answers HTTP."""
+    """The studio on 127.0.0.1:port; returns once it answers HTTP."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     if weights:
         env["SPLAM_WEIGHTS_DIR"] = str(weights)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *extra], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "splam_studio.studio", "--port", str(port), *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     import urllib.request
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"app.py exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
+            raise RuntimeError(f"the studio exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
             return proc
         except OSError:
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("app.py did not come up in time")
+    raise RuntimeError("the studio did not come up in time")
 
 
 BAD_INPUTS = {

@@ -1,8 +1,8 @@
 """The Shapes teacher: a tiny Stable-Diffusion-shaped pipeline (diffusers format) and its recipe.
 
-    python -m splam_studio.world build --out weights --preset full   # 48 min on 2 CPU cores
-    python -m splam_studio.world build --out /tmp/w --preset tiny     # seconds, for tests
-    python -m splam_studio.world bench                                # it/s of each stage
+    python -m splam_studio.tools.world build --out weights --preset full   # 48 min on 2 CPU cores
+    python -m splam_studio.tools.world build --out /tmp/w --preset tiny     # seconds, for tests
+    python -m splam_studio.tools.world bench                                # it/s of each stage
 
 Recipe (all seeds fixed):
   1. render a fixed training set of Shapes pairs (train split: held-out (shape, colour) pairs excluded);
@@ -18,7 +18,6 @@ Recipe (all seeds fixed):
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -31,15 +30,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .shapes import VOCAB, ShapesDataset, render, sample_specs
+from .grammar import VOCAB, ShapesDataset, render, sample_specs
+from ..core.schedule import SD15_SCHEDULER_CONFIG
+from ..core.student import ema_update
+from ..core.teacher import tokenize
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 16  # bos + 11 caption words + eos fits; StableDiffusionPipeline pads to this length
 
-# Stable Diffusion v1.5's noise schedule (scheduler_config.json of runwayml/stable-diffusion-v1-5).
-SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      prediction_type="epsilon", steps_offset=1, set_alpha_to_one=False, clip_sample=False,
-                      trained_betas=None)
 
 # ---- device and precision: decided once ------------------------------------------------------------
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,12 +88,6 @@ def build_tokenizer(out_dir: str | Path, words: list[str] = VOCAB, model_max_len
                         unk_token=EOS)
     tok.save_pretrained(str(out))
     return CLIPTokenizer.from_pretrained(str(out))
-
-
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """Token ids (B, model_max_length), padded and truncated exactly as StableDiffusionPipeline does."""
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
 
 
 # ---- model configs ---------------------------------------------------------------------------------
@@ -283,7 +275,7 @@ def fit_scaling_factor(mean: torch.Tensor, std: torch.Tensor, seed: int) -> floa
 
 @torch.no_grad()
 def vae_report(vae, images_u8: torch.Tensor) -> dict:
-    from .metrics import psnr
+    from ..core.metrics import psnr
 
     x = _to_pm1(images_u8)
     rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
@@ -334,12 +326,6 @@ def train_evaluator(p: WorldPreset, clock: _Clock, reserve_s: float, log):
     return model, {"steps_done": step + 1, "final_loss": loss.item(), "wall_s": time.time() - t0}
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for e, q in zip(ema.parameters(), model.parameters()):
-            e.lerp_(q, 1.0 - decay)
-
-
 def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor,
                p: WorldPreset, clock: _Clock, reserve_s: float, log, probe=None) -> tuple:
     """Epsilon loss on cached latents; the text encoder trained jointly or kept frozen; EMA of both returned.
@@ -350,7 +336,7 @@ def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, emp
     """
     from diffusers import DDPMScheduler
 
-    noise_scheduler = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER.items() if k != "set_alpha_to_one"})
+    noise_scheduler = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
     g = torch.Generator().manual_seed(p.seed + 3)
     unet.train().to(DEVICE)
     text_encoder.train(p.train_text_encoder).to(DEVICE).requires_grad_(p.train_text_encoder)
@@ -389,9 +375,9 @@ def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, emp
         sched.step()
         # 4. EMA, with the usual warm-up of the decay
         decay = min(p.ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema_unet, unet, decay)
+        ema_update(ema_unet, unet, decay)
         if p.train_text_encoder:
-            _ema_update(ema_text, text_encoder, decay)
+            ema_update(ema_text, text_encoder, decay)
         ema_loss = loss.item() if ema_loss is None else 0.99 * ema_loss + 0.01 * loss.item()
         if step % p.log_every == 0 or step == p.unet_steps - 1:
             log(f"[unet] step {step}/{p.unet_steps} loss {loss.item():.4f} (ema {ema_loss:.4f}) "
@@ -424,7 +410,7 @@ def make_pipeline(vae, text_encoder, tokenizer, unet):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**SD15_SCHEDULER), safety_checker=None,
+                                   scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
 
 
@@ -607,9 +593,9 @@ def evaluate(weights: str | Path = "weights", n: int = 1000, steps: int = 50, gu
              out: str | Path = "benchmarks/teacher.json", seed: int = 4321, log=print) -> dict:
     """Teacher quality per split: prompt accuracy and Shapes-FID of `steps`-step DDIM, next to the real-vs-real floor."""
     from .evaluator import Evaluator
-    from .metrics import feature_statistics, frechet_distance
-    from .models import load_teacher
-    from .sampler import generate
+    from ..core.metrics import feature_statistics, frechet_distance
+    from ..models.loading import load_teacher
+    from ..core.sampler import generate
 
     weights = Path(weights)
     pipe = load_teacher(str(weights / "shapes-teacher"))
@@ -635,7 +621,7 @@ def evaluate(weights: str | Path = "weights", n: int = 1000, steps: int = 50, gu
     log(f"position probe: {probe}")
     probe["text_separation"] = text_separation(pipe)
     log(f"text separation: {probe['text_separation']}")
-    doc = {"description": f"`python -m splam_studio.world evaluate`: the embedded teacher, {steps}-step DDIM at guidance {guidance}, "
+    doc = {"description": f"`python -m splam_studio.tools.world evaluate`: the embedded teacher, {steps}-step DDIM at guidance {guidance}, "
                           f"{n} captions per split (held-out = (shape, colour) pairs never seen in training), fixed seeds. "
                           "FID on the evaluator's features against real renders of the same captions; the floor is "
                           "real against an independent real draw. Real images score "
@@ -654,8 +640,8 @@ def text_separation(pipe, n: int = 64, seed: int = 0) -> dict:
     (last hidden state) summed over the tokens from the changed word on. Near 0: the encoder hands the UNet
     (almost) the same conditioning whatever the word, so the teacher cannot follow that attribute.
     """
-    from .shapes import ATTRIBUTE_VALUES as VALUES
-    from .shapes import ATTRIBUTES
+    from .grammar import ATTRIBUTE_VALUES as VALUES
+    from .grammar import ATTRIBUTES
 
     tok, te = pipe.tokenizer, pipe.text_encoder
 
@@ -687,8 +673,8 @@ def position_probe(pipe, ev, n: int, steps: int, guidance: float, seed: int) -> 
     generated once per position word (all else equal, same noise): `follows_prompt` is the position accuracy over
     all n x 5 images; `same_place_for_all_words` the share of draws whose predicted position is the same under all
     five words (1/125 if position were uniformly random per image, 1.0 if the noise alone decided it)."""
-    from .sampler import generate
-    from .shapes import ATTRIBUTES, POSITIONS
+    from ..core.sampler import generate
+    from .grammar import ATTRIBUTES, POSITIONS
 
     specs = sample_specs(n, seed + 5, "train")
     j = ATTRIBUTES.index("position")
@@ -708,8 +694,8 @@ def sample_grid(weights: str | Path = "weights", out: str | Path = "docs/teacher
     """A captioned grid of teacher samples: train captions on the top row, held-out captions below."""
     from PIL import Image, ImageDraw
 
-    from .models import load_teacher
-    from .sampler import generate
+    from ..models.loading import load_teacher
+    from ..core.sampler import generate
 
     pipe = load_teacher(str(Path(weights) / "shapes-teacher"))
     guidance = PRESETS["full"].guidance_scale if guidance is None else guidance
@@ -728,64 +714,3 @@ def sample_grid(weights: str | Path = "weights", out: str | Path = "docs/teacher
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m splam_studio.world", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="run the whole recipe")
-    b.add_argument("--out", default="weights", help="folder for shapes-teacher/, shapes-evaluator/, recipe.json")
-    b.add_argument("--preset", default="full", choices=sorted(PRESETS), help="full: the shipped weights; tiny: a smoke run")
-    b.add_argument("--threads", type=int, default=2, help="torch CPU threads (the build machine has 2 cores)")
-    b.add_argument("--print-config", action="store_true", help="print the resolved preset and exit")
-    b.add_argument("--reuse-from", default=None,
-                   help="a finished build folder: reuse its VAE and evaluator, train only text encoder + UNet")
-    be = sub.add_parser("bench", help="time a few training steps of each stage")
-    be.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    be.add_argument("--steps", type=int, default=6, help="timed steps per stage")
-    ev = sub.add_parser("evaluate", help="teacher quality per split -> benchmarks/teacher.json")
-    ev.add_argument("--weights", default="weights")
-    ev.add_argument("--n", type=int, default=1000, help="captions per split")
-    ev.add_argument("--steps", type=int, default=50)
-    ev.add_argument("--guidance", type=float, default=None, help="default: the recipe's guidance scale")
-    ev.add_argument("--threads", type=int, default=2)
-    ev.add_argument("--out", default="benchmarks/teacher.json")
-    dg = sub.add_parser("diagnose", help="text-encoder separation per attribute -> printed, and into teacher.json")
-    dg.add_argument("--weights", default="weights")
-    dg.add_argument("--out", default="benchmarks/teacher.json", help="updated in place if it exists")
-    dg.add_argument("--threads", type=int, default=2)
-    gr = sub.add_parser("grid", help="a captioned grid of teacher samples (train and held-out captions)")
-    gr.add_argument("--weights", default="weights")
-    gr.add_argument("--out", default="docs/teacher_grid.png")
-    gr.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.cmd == "diagnose":
-        from .models import load_teacher
-
-        sep = text_separation(load_teacher(str(Path(args.weights) / "shapes-teacher")))
-        print(json.dumps(sep, indent=2))
-        out = Path(args.out)
-        if out.is_file():
-            doc = json.loads(out.read_text())
-            doc.setdefault("position_probe", {})["text_separation"] = sep
-            out.write_text(json.dumps(doc, indent=2))
-        return
-    if args.cmd == "grid":
-        print(sample_grid(args.weights, args.out))
-        return
-    if args.cmd == "evaluate":
-        evaluate(args.weights, args.n, args.steps, args.guidance, args.out)
-        return
-    if args.cmd == "bench":
-        bench(args.steps)
-        return
-    if args.print_config:
-        print(json.dumps(asdict(PRESETS[args.preset]), indent=2))
-        return
-    build(args.out, args.preset, log=lambda s: print(s, flush=True), reuse_from=args.reuse_from)
-
-
-if __name__ == "__main__":
-    main()

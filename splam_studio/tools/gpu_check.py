@@ -1,4 +1,4 @@
-"""The GPU path end to end, offline: `python -m splam_studio.gpu_check` (one GPU, about 6 minutes, nothing downloaded).
+"""The GPU path end to end, offline: `python -m splam_studio.tools.gpu_check` (one GPU, about 6 minutes, nothing downloaded).
 
 1. builds a pipeline of Stable Diffusion v1.5's shapes (UNet 860M, CLIP ViT-L-sized text encoder, SD VAE) with
    random weights from configs, and a folder of captioned 512 px images;
@@ -10,8 +10,8 @@
    at CFG 7.5, student 1/2/4 LCM steps), batch 1, median of interleaved runs;
 and writes benchmarks/gpu.json (`render_markdown` turns it into a BENCHMARKS.md section).
 
-    python -m splam_studio.gpu_check --tiny                   # the same code path at tiny size (CPU, CI)
-    python -m splam_studio.gpu_check --only latency --teacher shapes --device cpu --out benchmarks/latency_cpu.json
+    python -m splam_studio.tools.gpu_check --tiny                   # the same code path at tiny size (CPU, CI)
+    python -m splam_studio.tools.gpu_check --only latency --teacher shapes --device cpu --out benchmarks/latency_cpu.json
 
 Random weights make no sensible pictures, but every shape, dtype, time and memory figure is the real one.
 """
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]  # train_cli.py lives beside the package
+ROOT = Path(__file__).resolve().parents[2]  # the folder holding the package (PYTHONPATH of the runs)
 
 # model shapes: SD v1.5 and a tiny stand-in with the same block types (CPU tests)
 SHAPES = {
@@ -68,7 +68,8 @@ def build_pipeline(out: Path, size: str = "sd15", seed: int = 0, device: str = "
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from .models import weights_dir
+    from ..core.schedule import SD15_SCHEDULER_CONFIG
+    from ..models.loading import weights_dir
 
     sh = SHAPES[size]
     tok_src = weights_dir() / "shapes-teacher" / "tokenizer"  # any CLIP tokenizer folder; this one ships with the repo
@@ -82,8 +83,7 @@ def build_pipeline(out: Path, size: str = "sd15", seed: int = 0, device: str = "
         text = CLIPTextModel(CLIPTextConfig(vocab_size=max(len(tok), 49408 if size == "sd15" else 0), max_position_embeddings=sh["max_length"],
                                         hidden_act="quick_gelu", bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                             pad_token_id=tok.pad_token_id, **sh["text"]))
-    sch = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                        set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+    sch = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
     dtype = torch.float16 if size == "sd15" else torch.float32
     pipe = StableDiffusionPipeline(vae=vae.to(dtype), text_encoder=text.to(dtype), tokenizer=tok, unet=unet.to(dtype),
                                    scheduler=sch, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -124,7 +124,7 @@ def train_run(name: str, method: str, lora: int, precision: str, teacher: Path, 
     row: dict = {"run": name, "method": method, "lora": lora, "precision": precision, "batch": batch, "resolution": resolution}
     for phase, extra in (("train", ["--max-steps", str(steps)]), ("resume", ["--max-steps", str(steps + 1), "--resume", "latest"])):
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, str(ROOT / "train_cli.py"), *common, *extra], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-m", "splam_studio.training", *common, *extra], capture_output=True, text=True,
                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         row[f"{phase}_s"] = round(time.perf_counter() - t0, 1)
         if r.returncode != 0:
@@ -153,8 +153,8 @@ def bench_grid(teacher_dir: Path, device: str, precision: str, batches, loras, c
     """trainer_bench.time_steps over the grid in this process (peak memory reset per configuration)."""
     from diffusers import UNet2DConditionModel
 
-    from .device import resolve_runtime
-    from .schedule import NoiseSchedule
+    from ..training.device import resolve_runtime
+    from ..core.schedule import NoiseSchedule
     from .trainer_bench import time_steps
 
     teacher = UNet2DConditionModel.from_pretrained(str(teacher_dir), subfolder="unet", torch_dtype=torch.float32,
@@ -177,7 +177,7 @@ def latency(pipe, student, repeats: int, teacher_steps: int = 50, student_steps=
     """Median ms of `sampler.generate` and of a stock StableDiffusionPipeline on the same components, interleaved."""
     from diffusers import StableDiffusionPipeline
 
-    from .sampler import generate, make_scheduler
+    from ..core.sampler import generate, make_scheduler
 
     dev = next(pipe.unet.parameters()).device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (torch.mps.synchronize if dev.type == "mps" else lambda: None)
@@ -208,9 +208,9 @@ def latency(pipe, student, repeats: int, teacher_steps: int = 50, student_steps=
 
 def latency_for(teacher: str, device: str, repeats: int, teacher_steps: int = 50) -> dict:
     """Latency of a teacher (folder or embedded name) loaded as the studio loads it, with a zero-init student."""
-    from .device import resolve_runtime
-    from .models import load_teacher
-    from .student import build_student
+    from ..training.device import resolve_runtime
+    from ..models.loading import load_teacher
+    from ..core.student import build_student
 
     rt = resolve_runtime(device, "auto")
     pipe = load_teacher(teacher, torch_dtype=rt.sample_dtype).to(rt.device)
@@ -269,14 +269,14 @@ def main(argv=None) -> int:
         p.error(f"--only takes train, bench, latency; got {a.only!r}")
     size = "tiny" if a.tiny else "sd15"
     sh = SHAPES[size]
-    from .device import resolve_runtime
+    from ..training.device import resolve_runtime
 
     rt = resolve_runtime(a.device, "auto")
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="gpu-check-"))
     t_start = time.perf_counter()
     model = (f"teacher {a.teacher} (its own weights)" if parts == {"latency"} and a.teacher
              else f"{'tiny SD' if a.tiny else 'SD1.5'} shapes, random weights")
-    doc: dict = {"command": " ".join(["python -m splam_studio.gpu_check", *(sys.argv[1:] if argv is None else argv)]),
+    doc: dict = {"command": " ".join(["python -m splam_studio.tools.gpu_check", *(sys.argv[1:] if argv is None else argv)]),
                  "size": size, "model": model,
                  "device": str(rt.device), "device_name": torch.cuda.get_device_name() if rt.device.type == "cuda" else platform.processor(),
                  "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -326,7 +326,7 @@ def main(argv=None) -> int:
 
 
 def _bf16(dev: torch.device) -> bool:
-    from .device import bf16_supported
+    from ..training.device import bf16_supported
 
     return bf16_supported(dev)
 

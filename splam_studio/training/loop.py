@@ -1,7 +1,8 @@
 """SPLAD distillation (Algorithm 1) on accelerate: one CUDA / MPS GPU, the CPU, or `accelerate launch` on several.
 
 The loop orchestrates only: data -> latents and text embeddings -> `splad_loss` (steps 1-6) -> optimiser step ->
-EMA update (step 7) -> logging, validation and atomic checkpoints. `train_cli.py` is a thin front end.
+EMA update (step 7) -> logging, validation and atomic checkpoints, in numbered sections.
+`python -m splam_studio.training` (cli.py) is its command line.
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write, fsync_path, fsync_tree, write_json
 from .device import resolve_runtime
-from .schedule import NoiseSchedule
-from .splad import SpladConfig, splad_loss
-from .student import build_student, ema_update, make_target
+from ..core.schedule import NoiseSchedule
+from ..core.splad import SpladConfig, splad_loss
+from ..core.student import build_student, ema_update, make_target
+from ..core.teacher import encode_text, vae_scale_factor
+from .runs import TRAINING_CONFIG, StepLog, default_run_name, read_training_config, valid_run_name
 
 # LoRA targets of diffusers' LCM-LoRA script: attention, feed-forward, resnet convs and time projections.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -101,7 +104,6 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     resume: str | None = None  # "latest" or a checkpoint folder
     overwrite: bool = False  # replace an existing run of the same name (the old one is moved to <output_dir>/.trash)
-    fault_injection: str | None = None  # tests only: "nan@<step>,<step>..." makes those steps' loss NaN
 
     def validate(self) -> None:
         checks = {
@@ -138,8 +140,8 @@ class TrainConfig:
             if not 0 <= self.w_min <= self.w <= self.w_max:
                 raise TrainError(f"need 0 <= w_min <= w <= w_max (w is the guidance the student samples at, CFG w + 1), "
                                  f"got w_min={self.w_min}, w={self.w}, w_max={self.w_max}")
-        if self.run_name is not None and (not self.run_name or any(c in self.run_name for c in "/\\") or self.run_name.startswith(".")):
-            raise TrainError(f"run_name must be a plain folder name, got {self.run_name!r}")
+        if self.run_name is not None and not valid_run_name(self.run_name):
+            raise TrainError(f"run_name must be a plain folder name (letters, digits, . _ -), got {self.run_name!r}")
 
     def splad(self) -> SpladConfig:
         return SpladConfig(method=self.method, w=self.w, num_ddim_steps=self.num_ddim_steps, m=self.m,
@@ -266,24 +268,19 @@ def _collate(items):
 
 # ---------------------------------------------------------------- the run
 
-def _encode_text(pipe, captions: list[str], device) -> torch.Tensor:
-    ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(device)
-    return pipe.text_encoder(ids)[0]  # (B, L, D)
+FAULT_ENV = "SPLAM_FAULT_INJECTION"  # tests only: "nan@<step>,<step>..." makes those steps' loss NaN
 
 
 def _fault_steps(spec: str | None) -> set[int]:
+    """The steps whose loss a test forces to NaN ($SPLAM_FAULT_INJECTION); none in a user's run."""
     if not spec:
         return set()
     if not spec.startswith("nan@"):
-        raise TrainError(f"fault_injection must look like 'nan@3,4', got {spec!r}")
+        raise TrainError(f"{FAULT_ENV} must look like 'nan@3,4', got {spec!r}")
     return {int(x) for x in spec[4:].split(",") if x}
 
 
 # ---------------------------------------------------------------- the run folder and its trail
-
-STATS = "stats.jsonl"  # one JSON object per line: a start line, one per optimiser step, a done line
-
 
 def _is_main_process() -> bool:
     """Rank 0 (or no launcher): the process that owns the run folder."""
@@ -292,7 +289,7 @@ def _is_main_process() -> bool:
 
 def _describe_run(run_dir: Path) -> str:
     try:
-        method = json.loads((run_dir / "training_config.json").read_text()).get("method", "?")
+        method = read_training_config(run_dir).get("method", "?")
     except (OSError, ValueError):
         method = "unknown method"
     done = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*") if (p / "state.json").is_file())
@@ -320,26 +317,6 @@ def claim_run_dir(run_dir: Path, cfg: TrainConfig, log=print) -> Path | None:
     return aside
 
 
-class StepLog:
-    """The run's machine-readable trail: <run>/stats.jsonl, appended (a resumed run continues the same file)."""
-
-    def __init__(self, run_dir: Path, cfg: TrainConfig, start: int):
-        self.path, self.start, self.total, self.t0 = run_dir / STATS, start, cfg.max_steps, time.time()
-        self.write({"event": "start", "step": start, "max_steps": cfg.max_steps, "method": cfg.method,
-                    "batch_size": cfg.batch_size})
-
-    def write(self, row: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
-
-    def step(self, step: int, loss: float) -> None:
-        elapsed = max(time.time() - self.t0, 1e-9)
-        it_s = (step - self.start) / elapsed
-        eta = (self.total - step) / it_s if it_s > 0 else None
-        self.write({"step": step, "loss": loss if math.isfinite(loss) else None, "it_s": round(it_s, 4),
-                    "eta_s": None if eta is None else round(eta, 1)})
-
-
 def run(cfg: TrainConfig, log=print) -> Path:
     """Train; returns the run folder under output_dir. Resumable with cfg.resume = 'latest'.
 
@@ -347,7 +324,7 @@ def run(cfg: TrainConfig, log=print) -> Path:
     no folder behind (and an overwritten run is put back).
     """
     cfg.validate()
-    cfg = dataclasses.replace(cfg, run_name=cfg.run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = dataclasses.replace(cfg, run_name=cfg.run_name or default_run_name(cfg.method))
     run_dir = Path(cfg.output_dir) / cfg.run_name
     aside = claim_run_dir(run_dir, cfg, log)
     fresh = not run_dir.exists()
@@ -368,18 +345,18 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     from accelerate.utils import set_seed
 
     from .data import build_dataset, fit_batch_size
-    from .models import load_student, load_teacher, save_student
+    from ..models.loading import load_student, load_teacher, save_student
 
     cfg.validate()
     rt = resolve_runtime(cfg.device, cfg.precision)
-    run_name = cfg.run_name or f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_name = cfg.run_name or default_run_name(cfg.method)
     run_dir = Path(cfg.output_dir) / run_name
     acc = Accelerator(mixed_precision=rt.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                       cpu=rt.device.type == "cpu", log_with="tensorboard", project_dir=str(run_dir / "logs"))
     set_seed(cfg.seed)
     device = acc.device
 
-    # models (dtypes: device.py): frozen teacher, text encoder and VAE in the runtime's dtypes; student and theta^- fp32
+    # ---- 1. models and optimiser (dtypes: device.py): frozen teacher, text encoder and VAE in the runtime's dtypes; student and theta^- fp32
     pipe = load_teacher(cfg.teacher, torch_dtype=torch.float32, allow_pickle=cfg.allow_pickle, config=cfg.teacher_config)
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     teacher = pipe.unet.requires_grad_(False).eval()
@@ -422,7 +399,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     for g in opt.param_groups:  # the base lr of each group, scaled by lr_factor at every step
         g.setdefault("initial_lr", g["lr"])
 
-    # resume (before data, so the sampler starts at the right step)
+    # ---- 2. resume (before data, so the sampler starts at the right step)
     start = 0
     if cfg.resume:
         ckpt = find_checkpoint(run_dir, cfg.resume)
@@ -434,8 +411,8 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     if start >= cfg.max_steps:
         log(f"already at step {start} >= max_steps {cfg.max_steps}; nothing to do")
 
-    # data
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    # ---- 3. data
+    vae_scale = vae_scale_factor(pipe.vae)
     resolution = cfg.resolution or teacher.config.sample_size * vae_scale
     dataset = build_dataset(cfg.data, resolution, caption_column=cfg.caption_column, image_column=cfg.image_column,
                             seed=cfg.seed, num_examples=cfg.shapes_size)
@@ -455,6 +432,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
         skip = 0
 
     student, opt = acc.prepare(student, opt)
+    # ---- 4. bookkeeping: the resolved config, trackers, stats.jsonl, fault hook (tests only)
     resolved = {**dataclasses.asdict(cfg), "run_name": run_name, "resolution": resolution, "gamma_sampling":
                 ("constant 1" if cfg.method != "splam" else "uniform[0,1]" if not cfg.gamma_one_prob
                  else f"1 with p={cfg.gamma_one_prob:g}, else uniform[0,1]"), "k": cfg.m * (schedule.T // cfg.num_ddim_steps),
@@ -466,14 +444,14 @@ def _train(cfg: TrainConfig, log=print) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in (run_dir / "checkpoints").glob(".tmp-*"):  # a write interrupted by a crash or kill -9
             shutil.rmtree(stale, ignore_errors=True)
-        write_json(run_dir / "training_config.json", resolved)
+        write_json(run_dir / TRAINING_CONFIG, resolved)
         acc.init_trackers("splad", config={k: v for k, v in resolved.items() if isinstance(v, (int, float, str, bool))})
 
     stats = StepLog(run_dir, cfg, start) if acc.is_main_process else None
     with torch.no_grad():
-        uncond_1 = _encode_text(pipe, [""], device)  # (1, L, D)
+        uncond_1 = encode_text(pipe, [""], device)  # (1, L, D)
     splad = cfg.splad()
-    faults = _fault_steps(cfg.fault_injection)
+    faults = _fault_steps(os.environ.get(FAULT_ENV))
     bad_in_row = bad_total = 0
     step = start
     t0, losses = time.time(), []
@@ -485,6 +463,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     for _ in range(skip):  # iterable data: fast-forward to the resumed position
         next(data_iter, None)
     micro, end = 0, object()
+    # ---- 5. the step (Algorithm 1 in core/splad.py), logging, validation and checkpoints
     while step < cfg.max_steps:
         batch = next(data_iter, end)
         if batch is end:
@@ -506,7 +485,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
                 px = batch["pixel_values"].to(device, rt.vae_dtype)
                 z_0 = pipe.vae.encode(px).latent_dist.sample(generator=gen) * pipe.vae.config.scaling_factor
                 z_0 = z_0.float()
-                cond = _encode_text(pipe, batch["caption"], device)
+                cond = encode_text(pipe, batch["caption"], device)
                 uncond = uncond_1.expand(len(batch["caption"]), -1, -1)
             with acc.autocast():
                 loss = splad_loss(splad, schedule, student, target, teacher, z_0, cond, uncond, gen)
@@ -556,6 +535,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
             save_snapshot(run_dir, step, acc.unwrap_model(student), target)
         if acc.is_main_process and cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.max_steps:
             _validate(pipe, target, cfg, run_dir, step)
+    # ---- 6. the end: final checkpoint and export
     bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -563,7 +543,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
         save_student(run_dir, export, lora=cfg.lora_rank > 0, config=resolved,
                      dtype=torch.float16 if cfg.save_fp16 else None)
         if cfg.lora_rank > 0:
-            from .models import export_kohya_lora
+            from ..models.loading import export_kohya_lora
 
             export_kohya_lora(export, run_dir / "lora_kohya.safetensors")
         if start < cfg.max_steps:
@@ -578,8 +558,8 @@ def _train(cfg: TrainConfig, log=print) -> Path:
 @torch.no_grad()
 def _validate(pipe, student, cfg: TrainConfig, run_dir: Path, step: int) -> Path | None:
     """A grid of 1/2/4-step samples of the validation prompts, saved as validation/step-N.png."""
-    from .models import sampling_guidance
-    from .sampler import generate
+    from ..models.loading import sampling_guidance
+    from ..core.sampler import generate
 
     prompts = cfg.validation_prompts
     if not prompts:

@@ -1,4 +1,4 @@
-"""Library chatter a user cannot act on, filtered out of the command-line tools (train_cli.py, app.py).
+"""Library chatter a user cannot act on, filtered out of the command-line tools (the trainer and the studio).
 
 Only messages matched by NOISE are dropped; every other warning of diffusers, transformers, torch and accelerate
 still prints. `quiet_libraries()` is called once by each entry point, before the libraries are imported.

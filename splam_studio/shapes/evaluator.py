@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .shapes import ATTRIBUTES, NUM_CLASSES, parse_caption, to_tensor
+from .grammar import ATTRIBUTES, NUM_CLASSES, parse_caption, to_tensor
 
 
 @dataclass

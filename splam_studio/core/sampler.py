@@ -19,6 +19,7 @@ from diffusers import (
 )
 
 from .schedule import NoiseSchedule, coef, lcm_timesteps
+from .teacher import vae_scale_factor
 
 # F(z, t) -> estimate of the clean end, for integer timesteps t of shape (B,) (a student at gamma = 1).
 CleanFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -105,7 +106,7 @@ def generate(pipe: StableDiffusionPipeline, *, prompt: list[str], sampler: str, 
     p = StableDiffusionPipeline(**{**pipe.components, "unet": unet, "text_encoder": te,
                                    "scheduler": make_scheduler(sampler, pipe.scheduler.config)})
     p.set_progress_bar_config(disable=True)
-    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    vae_scale = vae_scale_factor(pipe.vae)
     size = unet.config.sample_size * vae_scale
     z_T = initial_noise(seed, len(prompt), unet, size, size, vae_scale).to(device, dtype)
     g = torch.Generator("cpu").manual_seed(int(seed) + 1)  # re-noising of multistep sampling

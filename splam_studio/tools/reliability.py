@@ -1,9 +1,9 @@
 """Reliability figures for BENCHMARKS.md: training under kill -9, bad data, bad models, NaN faults, the app under load.
 
-    python -m splam_studio.reliability            # all sections, writes benchmarks/reliability.json
-    python -m splam_studio.reliability --only kill
+    python -m splam_studio.tools.reliability            # all sections, writes benchmarks/reliability.json
+    python -m splam_studio.tools.reliability --only kill
 
-Training faults use the real train_cli.py in subprocesses; the app section launches app.py and drives it with
+Training faults use the real trainer (`-m splam_studio.training`) in subprocesses; the app section launches the studio and drives it with
 gradio_client from 32 threads.
 """
 from __future__ import annotations
@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _train_cmd(teacher: str, data: str, out: Path, run: str, steps: int, extra=()) -> list[str]:
-    return [sys.executable, str(ROOT / "train_cli.py"), "--teacher", teacher, "--data", data, "--output-dir", str(out),
+    return [sys.executable, "-m", "splam_studio.training", "--teacher", teacher, "--data", data, "--output-dir", str(out),
             "--run-name", run, "--max-steps", str(steps), "--batch-size", "4", "--checkpoint-every", "2",
             "--keep-checkpoints", "2", "--shapes-size", "256", "--device", "cpu", "--seed", "11", "--log-every", "1", *extra]
 
@@ -170,7 +170,7 @@ def render(raw: dict) -> dict:
                            "columns": ["input", "outcome"],
                            "rows": [[k, v] for k, v in a["bad_input"]["rows"].items()]})
         notes += a.get("notes", [])
-    return {"description": "`python -m splam_studio.reliability`: faults injected into real runs; every figure measured.",
+    return {"description": "`python -m splam_studio.tools.reliability`: faults injected into real runs; every figure measured.",
             "tables": tables, "notes": notes}
 
 

@@ -1,6 +1,6 @@
 """The MSCOCO protocol of the paper for real SD1.5 runs: FID on 5k (2017 val) or 30k (2014 val) captions, CLIP score.
 
-    python -m splam_studio.coco --teacher PATH_OR_ID --student weights/my-run --annotations captions_val2014.json \
+    python -m splam_studio.tools.coco --teacher PATH_OR_ID --student weights/my-run --annotations captions_val2014.json \
         --images val2014/ --n 30000 --steps 2 4 --inception-weights pt_inception-2015-12-05.pth --clip PATH
 
 Standard practice (as the paper): one random caption per image, images resized to 512 and centre-cropped, FID on
@@ -20,8 +20,8 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image
 
-from .metrics import feature_statistics, frechet_distance
-from .sampler import generate
+from ..core.metrics import feature_statistics, frechet_distance
+from ..core.sampler import generate
 
 # images (N, 3, H, W) in [-1, 1] -> features (N, D)
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
@@ -52,7 +52,7 @@ def load_captions(annotations: str | Path, n: int, seed: int = 2024) -> list[Coc
 
 def load_real(folder: str | Path, prompts: Sequence[CocoPrompt], resolution: int) -> torch.Tensor:
     """The reference images, resized (shorter side) and centre-cropped, in [-1, 1]: (N, 3, R, R)."""
-    from .data import image_to_tensor, resize_center_crop, to_rgb
+    from ..training.data import image_to_tensor, resize_center_crop, to_rgb
 
     return torch.stack([image_to_tensor(resize_center_crop(to_rgb(Image.open(Path(folder) / p.file_name)), resolution))
                         for p in prompts])
@@ -97,7 +97,7 @@ def clip_score_fn(clip_path: str | Path) -> Callable[[torch.Tensor, list[str]], 
 def evaluate(pipe, prompts: Sequence[CocoPrompt], real: torch.Tensor, features: FeatureFn, *, sampler: str, steps: int,
              unet=None, guidance_scale: float = 1.0, batch: int = 16, seed: int = 0, clip_score=None) -> dict:
     """FID (and CLIP score) of one model/sampler/steps on the prompts, against the real images' features."""
-    from .shapes import to_tensor
+    from ..shapes.grammar import to_tensor
 
     fake, scores = [], []
     caps = [p.caption for p in prompts]
@@ -133,7 +133,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--out", default="benchmarks/coco.json")
     a = p.parse_args(argv)
-    from .models import load_student, load_teacher
+    from ..models.loading import load_student, load_teacher
 
     pipe = load_teacher(a.teacher, torch_dtype=torch.float16 if torch.cuda.is_available() else torch.float32)
     if torch.cuda.is_available():

@@ -1,7 +1,7 @@
 """Trainer benchmark: SPLAD step time and peak memory, SPLAM against LCM, in one run of this command.
 
-    python -m splam_studio.trainer_bench                 # the embedded Shapes teacher on this machine
-    python -m splam_studio.trainer_bench --sd15 --batches 1 2 4   # an SD1.5-sized UNet, random weights (GPU)
+    python -m splam_studio.tools.trainer_bench                 # the embedded Shapes teacher on this machine
+    python -m splam_studio.tools.trainer_bench --sd15 --batches 1 2 4   # an SD1.5-sized UNet, random weights (GPU)
 
 Each configuration runs in its own subprocess (so peak memory is its own); SPLAM and LCM alternate.
 """
@@ -25,13 +25,13 @@ SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block
 
 def make_student(teacher, lora: int, checkpointing: bool):
     """The student of a run: build_student, then LoRA of rank `lora` on train.LORA_TARGETS (0 = full fine-tune)."""
-    from .student import build_student
+    from ..core.student import build_student
 
     student = build_student(teacher, "fresh", generator=torch.Generator().manual_seed(0))
     if lora:
         from peft import LoraConfig
 
-        from .train import LORA_TARGETS
+        from ..training.loop import LORA_TARGETS
 
         student.requires_grad_(False)
         student.add_adapter(LoraConfig(r=lora, lora_alpha=lora, target_modules=LORA_TARGETS))
@@ -48,8 +48,8 @@ def time_steps(rt, teacher, schedule, text_shape: tuple[int, int], *, methods=("
     The methods alternate step by step on the same student, target and teacher, so they share the machine's state.
     Mixed precision as in training: autocast in rt's dtype; fp16 adds a GradScaler.
     """
-    from .splad import SpladConfig, splad_loss
-    from .student import ema_update, make_target
+    from ..core.splad import SpladConfig, splad_loss
+    from ..core.student import ema_update, make_target
 
     dev = rt.device
     teacher = teacher.requires_grad_(False).to(dev, rt.weight_dtype)
@@ -101,15 +101,15 @@ def _one(args) -> dict:
     """Time `steps` SPLAD steps of one configuration in this process."""
     from diffusers import UNet2DConditionModel
 
-    from .device import resolve_runtime
-    from .schedule import NoiseSchedule
+    from ..training.device import resolve_runtime
+    from ..core.schedule import NoiseSchedule
 
     rt = resolve_runtime(args.device, args.precision)
     if args.sd15:
         teacher = UNet2DConditionModel(**SD15_UNET)
         schedule, L, D = NoiseSchedule.from_config(), 77, 768
     else:
-        from .models import load_teacher
+        from ..models.loading import load_teacher
 
         pipe = load_teacher("shapes")
         teacher, schedule = pipe.unet, NoiseSchedule.from_scheduler(pipe.scheduler)
@@ -143,7 +143,7 @@ def main(argv=None) -> None:
         for lora in a.lora_ranks:
             for cp in ckpt:
                 for method in ("lcm", "splam"):
-                    cmd = [sys.executable, "-m", "splam_studio.trainer_bench", "--_one", "--method", method, "--batch", str(batch),
+                    cmd = [sys.executable, "-m", "splam_studio.tools.trainer_bench", "--_one", "--method", method, "--batch", str(batch),
                            "--lora", str(lora), "--steps", str(a.steps), "--checkpointing", "on" if cp else "off",
                            "--device", a.device, "--precision", a.precision] + (["--sd15"] if a.sd15 else [])
                     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -160,7 +160,7 @@ def main(argv=None) -> None:
             rows.append([r["batch"], r["lora"] or "full", "on" if r["checkpointing"] else "off", round(base["step_s"], 4),
                          round(r["step_s"], 4), round(r["step_s"] / base["step_s"], 3), round(base["peak_mib"]), round(r["peak_mib"])])
     model = "SD1.5-sized UNet (random weights, 64x64 latents)" if a.sd15 else "embedded Shapes teacher"
-    doc = {"description": f"`python -m splam_studio.trainer_bench{' --sd15' if a.sd15 else ''}`: {model}, device {results[0]['device']}, "
+    doc = {"description": f"`python -m splam_studio.tools.trainer_bench{' --sd15' if a.sd15 else ''}`: {model}, device {results[0]['device']}, "
                           f"precision {results[0]['precision']}, median of {a.steps} steps after a warm-up; each configuration in its own "
                           f"process, LCM and SPLAM alternating. Peak memory: {results[0]['peak_kind']}.",
            "tables": [{"title": "step time (s) and peak memory (MiB)",

@@ -23,7 +23,9 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write, fsync_tree, replace_dir
+from ..training.atomic import atomic_write, fsync_tree, replace_dir
+from ..core.teacher import cfg_scale
+from ..training.runs import RUN_NAME, TRAINING_CONFIG, WEIGHTS_ENV, valid_run_name, weights_dir  # noqa: F401  (re-exported)
 
 EMBEDDED = {
     "shapes": "shapes-teacher",
@@ -32,7 +34,6 @@ EMBEDDED = {
     "shapes-lcm": "shapes-lcm",
     "shapes-evaluator": "shapes-evaluator",
 }
-WEIGHTS_ENV = "SPLAM_WEIGHTS_DIR"
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 LDM_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.transformer."}
@@ -42,8 +43,6 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 COND_PROJ_FILE = "cond_proj.safetensors"
 COND_PROJ_KEY = "time_embedding.cond_proj.weight"
 STUDENT_UNET_CONFIG = "student_unet_config.json"
-TRAINING_CONFIG = "training_config.json"
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PICKLE_REASON = ("pickle files can run arbitrary code when loaded; convert to .safetensors, or pass "
                  "allow_pickle=True (CLI: --allow-pickle) if you trust the source")
 
@@ -51,11 +50,6 @@ PICKLE_REASON = ("pickle files can run arbitrary code when loaded; convert to .s
 class ModelLoadError(ValueError):
     """A model that cannot be loaded; the message says why and what would work."""
 
-
-def weights_dir() -> Path:
-    """`$SPLAM_WEIGHTS_DIR`, else <repo>/weights next to the package."""
-    env = os.environ.get(WEIGHTS_ENV)
-    return Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "weights"
 
 
 def _one_line(e: BaseException) -> str:
@@ -595,7 +589,7 @@ def sampling_guidance(run: str | Path | dict) -> float:
     LCM recipe, w_min/w_max set) samples at CFG w + 1, w = the run's `w` (a stock pipeline embeds guidance_scale - 1).
     """
     cfg = run if isinstance(run, dict) else json.loads((Path(run) / TRAINING_CONFIG).read_text())
-    return float(cfg["w"]) + 1.0 if cfg.get("w_min") is not None else 1.0
+    return cfg_scale(float(cfg["w"])) if cfg.get("w_min") is not None else 1.0
 
 
 def list_runs(weights: str | Path | None = None) -> list[RunInfo]:
@@ -613,7 +607,7 @@ def resolve_run(name: str, weights: str | Path | None = None) -> Path:
     """
     root = (Path(weights) if weights is not None else weights_dir()).resolve()
     name = EMBEDDED.get(name, name) if isinstance(name, str) else name
-    if not isinstance(name, str) or not RUN_NAME.match(name) or name in (".", ".."):
+    if not valid_run_name(name):
         raise ModelLoadError(f"invalid run name {name!r}: use a plain name (letters, digits, . _ -), no paths")
     path = root / name  # the name has no separator, so this is a direct child; a symlink placed there is allowed
     if not path.is_dir():

@@ -10,12 +10,17 @@ from typing import Any, Mapping
 
 import torch
 
+# Stable Diffusion v1.5's noise schedule (scheduler_config.json of runwayml/stable-diffusion-v1-5); the one copy.
 SD15_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
     "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "trained_betas": None,
 }
 
 

@@ -1,13 +1,13 @@
 """Renders BENCHMARKS.md from the JSON files that the benchmark commands write into benchmarks/.
 
 Each section appears only when its JSON exists; every number comes from those files.
-    benchmarks/results.json      python -m splam_studio.bench          (comparison, convergence, ablations, error bound)
-    benchmarks/teacher.json      python -m splam_studio.world evaluate (teacher quality on the Shapes world)
+    benchmarks/results.json      python -m splam_studio.tools.bench          (comparison, convergence, ablations, error bound)
+    benchmarks/teacher.json      python -m splam_studio.tools.world evaluate (teacher quality on the Shapes world)
     benchmarks/teacher_history.json  earlier embedded teachers' teacher.json, each with its preset and commit
-    benchmarks/trainer.json      python -m splam_studio.trainer_bench  (SPLAM vs LCM step time and memory)
-    benchmarks/reliability.json  python -m splam_studio.reliability    (faults, bad input, load)
-    benchmarks/sweep.json        python -m splam_studio.bench --curves RUN... (the recipe sweep, curves along training)
-    benchmarks/seeds.json        python -m splam_studio.bench --curves RUN... (SPLAM vs LCM, several training seeds)
+    benchmarks/trainer.json      python -m splam_studio.tools.trainer_bench  (SPLAM vs LCM step time and memory)
+    benchmarks/reliability.json  python -m splam_studio.tools.reliability    (faults, bad input, load)
+    benchmarks/sweep.json        python -m splam_studio.tools.bench --curves RUN... (the recipe sweep, curves along training)
+    benchmarks/seeds.json        python -m splam_studio.tools.bench --curves RUN... (SPLAM vs LCM, several training seeds)
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _load(folder: Path, name: str) -> dict | None:
 
 def comparison_section(r: dict) -> list[str]:
     L = ["## Comparison on the Shapes world (the paper's table, reproduced)", "",
-         f"`python -m splam_studio.bench`: {r['n']} {r['split']} captions per row (held-out (shape, colour) pairs never seen in "
+         f"`python -m splam_studio.tools.bench`: {r['n']} {r['split']} captions per row (held-out (shape, colour) pairs never seen in "
          f"training), fixed seeds, the same initial noise per caption in every row. Teacher guidance {r['guidance']} "
          f"(CFG form); students run at guidance 1 (distilled at w = {r['guidance'] - 1:g}). Shapes-FID uses the evaluator's "
          f"features against real renders of the same captions (real images score {r['real_prompt_acc']:.3f} prompt accuracy). "
@@ -132,7 +132,7 @@ def _recipe(cfg: dict) -> str:
 def sweep_section(d: dict) -> list[str]:
     """One row per run: its recipe and, at 1 / 2 / 4 steps, best and last FID and teacher MSE along training."""
     L = ["### The recipe sweep", "",
-         f"`python -m splam_studio.bench --curves RUN...` over the runs of `scripts/sweep.sh`: {d['n']} held-out captions per "
+         f"`python -m splam_studio.tools.bench --curves RUN...` over the runs of `scripts/sweep.sh`: {d['n']} held-out captions per "
          f"point, teacher guidance {d['guidance']:g}, the same noise in every row. Each run's snapshots of theta^- are "
          f"evaluated along training; 'last / best' is the final point against the best one, and a curve has converged "
          f"(✓) when its last point is within {PLATEAU_TOL:.0%} of its best.", ""]
@@ -180,7 +180,7 @@ def verdict(a: list[float], b: list[float]) -> str:
 def seeds_section(d: dict) -> list[str]:
     groups = seed_groups(d)
     L = ["### SPLAM against LCM over training seeds", "",
-         f"`python -m splam_studio.bench --curves RUN...` over the final students of `scripts/train_students.sh` "
+         f"`python -m splam_studio.tools.bench --curves RUN...` over the final students of `scripts/train_students.sh` "
          f"(identical recipe and budget, seeds differ): {d['n']} held-out captions per cell; mean ± standard deviation "
          f"over the seeds.", "",
          "| student | seeds | " + " | ".join(f"FID {s} step" for s in STEPS) + " | " + " | ".join(f"MSE {s} step" for s in STEPS) + " |",
@@ -236,7 +236,7 @@ def teacher_section(t: dict) -> list[str]:
               + (" The teacher reads the layout out of the initial noise, not the prompt."
                  if p["same_place_for_all_words"] > 0.5 and p["follows_prompt"] < 0.5 else "")]
         if (sep := p.get("text_separation")):
-            L += ["", "**Text-encoder separation** (`python -m splam_studio.world diagnose`): relative change of the "
+            L += ["", "**Text-encoder separation** (`python -m splam_studio.tools.world diagnose`): relative change of the "
                   "text encoder's output when only one attribute's word changes: "
                   + ", ".join(f"{a} {_f(v)}" for a, v in sep.items())
                   + ". A value near 0 means the UNet gets (almost) the same conditioning whatever that word says."]
@@ -281,7 +281,7 @@ def generic_section(title: str, d: dict) -> list[str]:
 
 def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BENCHMARKS.md") -> Path:
     folder, out = Path(folder), Path(out)
-    L = ["# Benchmarks", "", "Generated by `python -m splam_studio.report` from the JSON files in `benchmarks/`; "
+    L = ["# Benchmarks", "", "Generated by `python -m splam_studio.tools.report` from the JSON files in `benchmarks/`; "
          "each section names the command that measures it. Nothing here is typed by hand.", "", *READING_GUIDE, ""]
     if (t := _load(folder, "teacher.json")):
         L += teacher_section(t)
@@ -308,7 +308,7 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
 
         L += [render_markdown(g), ""]
     else:
-        L += ["## GPU check", "", "`python -m splam_studio.gpu_check` (SD1.5-sized pipeline from configs: train_cli runs in "
+        L += ["## GPU check", "", "`python -m splam_studio.tools.gpu_check` (SD1.5-sized pipeline from configs: train_cli runs in "
               "bf16 and fp16, the trainer bench grid, studio against a stock pipeline) has not run on a GPU yet: no GPU was "
               "at hand. Its CPU path (`--tiny`) runs in the tests.", ""]
     if (gpu := _load(folder, "trainer_gpu.json")):

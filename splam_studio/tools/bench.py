@@ -1,8 +1,8 @@
 """The Shapes-world benchmark: the paper's comparison table, convergence curve, ablations and error bound.
 
-    python -m splam_studio.bench            # full: >= 1000 held-out captions per row; writes
+    python -m splam_studio.tools.bench            # full: >= 1000 held-out captions per row; writes
                                             # benchmarks/results.json, benchmarks/*.png and BENCHMARKS.md
-    python -m splam_studio.bench --n 64     # a quick look
+    python -m splam_studio.tools.bench --n 64     # a quick look
 
 Every row starts from the same initial noise per caption (seeded batches), so teacher distance is paired.
 """
@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .error_bound import error_bound, teacher_trajectory
-from .metrics import feature_statistics, frechet_distance, latent_mse, psnr
-from .sampler import decode_latents, generate, initial_noise
-from .schedule import NoiseSchedule
-from .solver import guided_eps
-from .student import clean_fn
+from ..core.error_bound import error_bound, teacher_trajectory
+from ..core.metrics import feature_statistics, frechet_distance, latent_mse, psnr
+from ..core.sampler import decode_latents, generate, initial_noise
+from ..core.schedule import NoiseSchedule
+from ..core.solver import guided_eps
+from ..core.student import clean_fn
+from ..core.teacher import cfg_scale, encode_text, lcm_w
 
 ROWS = [("teacher-ddim", 50), ("ddim", 4), ("ddim", 8), ("dpm++", 4), ("unipc", 4),
         ("lcm", 1), ("lcm", 2), ("lcm", 4), ("splam", 1), ("splam", 2), ("splam", 4)]
@@ -53,7 +54,7 @@ class Row:
 
 
 def _pixels(images) -> torch.Tensor:
-    from .shapes import to_tensor
+    from ..shapes.grammar import to_tensor
 
     return to_tensor(images)  # (B, 3, H, W) in [-1, 1]
 
@@ -61,16 +62,16 @@ def _pixels(images) -> torch.Tensor:
 class Bench:
     def __init__(self, weights: Path, n: int, batch: int, guidance: float, seed: int = 1234, split: str = "heldout", log=print,
                  device: str = "cpu"):
-        from .evaluator import Evaluator
-        from .models import load_student, load_teacher
-        from .shapes import render, sample_specs
+        from ..shapes.evaluator import Evaluator
+        from ..models.loading import load_student, load_teacher
+        from ..shapes.grammar import render, sample_specs
 
         self.log = log
         self.pipe = load_teacher(str(weights / "shapes-teacher"))
         self.students = {m: load_student(str(weights / f"shapes-{m}"), self.pipe) for m in ("lcm", "splam")}
         self.evaluator = Evaluator.from_pretrained(weights / "shapes-evaluator")
         if device != "cpu":  # every model on the chosen device, in fp32; noise is still drawn on the CPU
-            from .device import pick_device
+            from ..training.device import pick_device
 
             dev = pick_device(device)
             self.pipe.to(dev)
@@ -147,13 +148,11 @@ class Bench:
     def error_bound(self, n_prompts: int, strides=(1, 2)) -> dict:
         """Per-sub-path terms, bound and real error averaged over prompts, for LCM and SPLAM."""
         caps = self.captions[:n_prompts]
-        tok = self.pipe.tokenizer
-        ids = lambda c: tok(c, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids  # noqa: E731
         with torch.no_grad():
-            cond, uncond = self.pipe.text_encoder(ids(caps))[0], self.pipe.text_encoder(ids([""] * len(caps)))[0]
+            cond, uncond = encode_text(self.pipe, caps), encode_text(self.pipe, [""] * len(caps))
             size = self.pipe.unet.config.sample_size
             z_T = initial_noise(self.seed, len(caps), self.pipe.unet, size, size, 1)
-            traj, times = teacher_trajectory(guided_eps(self.pipe.unet, cond, uncond, self.guidance - 1.0), self.schedule, z_T)
+            traj, times = teacher_trajectory(guided_eps(self.pipe.unet, cond, uncond, lcm_w(self.guidance)), self.schedule, z_T)
             out = {}
             for m, unet in self.students.items():
                 F = clean_fn(unet, cond, self.schedule)
@@ -213,7 +212,7 @@ def convergence(bench: Bench, weights: Path, steps: int = 2) -> dict:
 
 def untrained_student(pipe):
     """What distillation must beat: the teacher UNet with a zero-initialised gamma projection, no training."""
-    from .student import build_student
+    from ..core.student import build_student
 
     return build_student(pipe.unet, "zero").to(pipe.unet.device, pipe.unet.dtype).eval()
 
@@ -240,7 +239,7 @@ def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = Tr
     old = {(name, p["iteration"]): p for name, r in (done or {}).get("runs", {}).items() for p in r["points"]}
     from safetensors.torch import load_file
 
-    from .models import load_student, sampling_guidance
+    from ..models.loading import load_student, sampling_guidance
 
     out = {"n": bench.n, "guidance": bench.guidance, "teacher": getattr(bench, "teacher_row", None), "runs": {}}
     if untrained and done and done.get("untrained"):
@@ -277,7 +276,7 @@ def ablations(bench: Bench, weights: Path, steps=(1, 2, 4)) -> dict:
     """Every arm evaluated at the budget of the dedicated ablation runs (their max_steps)."""
     from safetensors.torch import load_file
 
-    from .models import load_student
+    from ..models.loading import load_student
 
     budgets = [json.loads((weights / run / "training_config.json").read_text())["max_steps"]
                for run, _ in ABLATIONS.values() if run.startswith("ablate-") and (weights / run).is_dir()]
@@ -400,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--curves-plot", default=None, help="--curves: also plot them to this PNG")
     p.add_argument("--resume-curves", action="store_true", help="--curves: reuse the points already in --curves-out")
     a = p.parse_args(argv)
-    from .models import weights_dir
+    from ..models.loading import weights_dir
 
     weights = Path(a.weights) if a.weights else weights_dir()
     out = Path(a.out)
@@ -408,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     guidance = a.guidance
     if guidance is None:
         cfg = json.loads((weights / "shapes-splam" / "training_config.json").read_text())
-        guidance = float(cfg["w"]) + 1.0
+        guidance = cfg_scale(float(cfg["w"]))
     torch.manual_seed(0)
     t0 = time.time()
     bench = Bench(weights, a.n, a.batch, guidance, device=a.device)

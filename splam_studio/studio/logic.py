@@ -1,13 +1,12 @@
 """The studio's logic, testable without a browser: models with a cache, side-by-side comparison, the error-bound
-plot, input validation with messages, and hobbyist training runs as subprocesses of `train_cli.py`.
+plot, input validation with messages, and hobbyist training runs as subprocesses (`python -m splam_studio.training`).
 
-`splam_studio.ui` lays this out in Gradio; `app.py` parses flags and launches. Nothing here imports gradio.
+`splam_studio.studio.ui` lays this out in Gradio; `app.py` (`python -m splam_studio.studio`) parses flags and launches. Nothing here imports gradio.
 User mistakes raise `StudioError` (a ValueError) whose message is meant for the user; `notices` lists what was
 clamped or truncated.
 """
 from __future__ import annotations
 
-import json
 import math
 import socket
 import statistics
@@ -26,19 +25,21 @@ from typing import Callable
 import torch
 
 from .colors import METHOD_COLORS, tint
-from .device import resolve_runtime
-from .error_bound import ErrorBound, error_bound, teacher_trajectory
-from .models import (
-    RUN_NAME, ModelLoadError, RunInfo, list_runs, load_student, load_teacher, resolve_run, weights_dir,
+from ..training.device import resolve_runtime
+from ..core.error_bound import ErrorBound, error_bound, teacher_trajectory
+from ..models.loading import (
+    ModelLoadError, RunInfo, list_runs, load_student, load_teacher, resolve_run, weights_dir,
 )
-from .quiet import NOISE
-from .sampler import decode_latents, generate, initial_noise
-from .metrics import latent_mse
-from .schedule import NoiseSchedule
-from .solver import guided_eps
-from .student import clean_fn
+from ..training.quiet import NOISE
+from ..core.sampler import decode_latents, generate, initial_noise
+from ..core.metrics import latent_mse
+from ..core.schedule import NoiseSchedule
+from ..core.solver import guided_eps
+from ..core.student import clean_fn
+from ..core.teacher import cfg_scale, lcm_w, vae_scale_factor
+from ..training.runs import STATS, default_run_name, read_stats, read_training_config, valid_run_name
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # ---- limits of the inputs (the UI's sliders use the same numbers) ---------------------------------------------
 STUDENT_STEPS = (1, 8)  # consistency sampling: SPLAM/LCM are meant for 1-4 steps
@@ -374,8 +375,8 @@ class Studio:
         a call, so models load on the CPU side without the warm-up generation. teacher / splam / lcm given (not
         None) replace the set's member; other kwargs go to Studio().
         """
-        from .device import pick_device
-        from .model_sets import get_model_set, zero_gpu
+        from ..training.device import pick_device
+        from ..models.model_sets import get_model_set, zero_gpu
 
         try:
             ms = get_model_set(name)
@@ -406,7 +407,7 @@ class Studio:
         for k, p in self.local.items():
             if (p / "unet").is_dir() or (p / "lora").is_dir():
                 try:
-                    out[k] = json.loads((p / "training_config.json").read_text()).get("method")
+                    out[k] = read_training_config(p).get("method")
                 except (OSError, ValueError):
                     out[k] = None
         return out
@@ -457,7 +458,7 @@ class Studio:
         name = name.strip()
         if name in self.local:
             return "path", self.local[name]
-        if RUN_NAME.match(name):
+        if valid_run_name(name):
             try:
                 path = resolve_run(name, self.weights)
             except ModelLoadError:
@@ -538,14 +539,11 @@ class Studio:
             return None
         if kind != "path":
             return None
-        import json
-
-        cfg = Path(source) / "training_config.json"
         try:
-            w = json.loads(cfg.read_text()).get("w")
+            w = read_training_config(source).get("w")
         except (OSError, ValueError):
             return None
-        return float(w) + 1 if isinstance(w, (int, float)) else None
+        return cfg_scale(float(w)) if isinstance(w, (int, float)) else None
 
     def load_models(self, teacher: str, splam: str, lcm: str, progress: Progress = _no_progress) -> str:
         """Load (and cache) a teacher and two students; a one-line status, or StudioError saying what failed."""
@@ -631,7 +629,7 @@ class Studio:
 
         progress(0.1, f"teacher trajectory ({N_GRID} guided DDIM steps)")
         unet = pipe.unet
-        vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        vae_scale = vae_scale_factor(pipe.vae)
         size = unet.config.sample_size * vae_scale
         z_T = initial_noise(seed, 1, unet, size, size, vae_scale).to(device)  # same noise as compare()
         key = (str(self.resolve(teacher, "teacher")[1]), prompt, seed, guidance_scale)
@@ -639,7 +637,7 @@ class Studio:
             cached = self._trajectories.get(key)
         reused = cached is not None
         if cached is None:  # the costly part at 512 px: 50 guided teacher steps; the stride and students reuse it
-            cached = teacher_trajectory(guided_eps(unet, cond, uncond, guidance_scale - 1), schedule, z_T, N=N_GRID)
+            cached = teacher_trajectory(guided_eps(unet, cond, uncond, lcm_w(guidance_scale)), schedule, z_T, N=N_GRID)
             with self._lock:
                 self._trajectories[key] = cached
                 while len(self._trajectories) > TRAJECTORY_CACHE:
@@ -768,8 +766,8 @@ def _hub_hint(message: str, repo: str) -> str:
 def _load_hub_student(repo: str, pipe):
     """A student UNet from the hub, stored as model_sets.MODEL_SETS says (unet/ of a full pipeline, or a LoRA fused
     into a copy of the teacher UNet); a repo no set lists is tried as each."""
-    from .model_sets import student_kind
-    from .models import load_hub_student
+    from ..models.model_sets import student_kind
+    from ..models.loading import load_hub_student
 
     try:
         return load_hub_student(repo, pipe, student_kind(repo))
@@ -784,22 +782,6 @@ def _one_line(e: BaseException) -> str:
 
 # ---- training runs (subprocesses of train_cli.py) -------------------------------------------------------------
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Z0-9]")  # terminal colours and cursor moves
-STATS = "stats.jsonl"  # written by splam_studio.train.StepLog
-
-
-def read_stats(path: Path) -> list[dict]:
-    """The JSON lines of a run's stats.jsonl (a half-written last line is ignored)."""
-    rows = []
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError:
-        return rows
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
 
 
 def format_duration(seconds: float | None) -> str:
@@ -847,7 +829,7 @@ class TrainStatus:
 
 
 class Trainer:
-    """One distillation run at a time, as a `train_cli.py` subprocess (a crash cannot take the server down)."""
+    """One distillation run at a time, as a `python -m splam_studio.training` subprocess (a crash cannot take the server down)."""
 
     def __init__(self, weights: Path, data_dirs: dict[str, str | Path], repo_root: Path = REPO_ROOT):
         self.weights = Path(weights)
@@ -867,8 +849,8 @@ class Trainer:
         return self.proc is not None and self.proc.poll() is None
 
     def command(self, teacher: str | Path, data: str, method: str, steps: int, run_name: str, batch_size: int) -> list[str]:
-        """The train_cli.py command line for a run (teacher and data already resolved by the caller)."""
-        cmd = [sys.executable, "-u", str(self.repo_root / "train_cli.py")]
+        """The trainer's command line (`python -m splam_studio.training`) for a run (teacher and data already resolved by the caller)."""
+        cmd = [sys.executable, "-u", "-m", "splam_studio.training"]
         if data == "shapes":
             cmd += ["--preset", "shapes", "--shapes-size", str(min(20000, max(256, steps * batch_size)))]
         cmd += ["--teacher", str(teacher), "--data", data, "--method", method, "--max-steps", str(steps),
@@ -887,8 +869,8 @@ class Trainer:
                               "only from the command line: --data-dir NAME=PATH)")
         steps = clamp_int("training steps", steps, TRAIN_STEPS, notices)
         batch_size = clamp_int("batch size", batch_size, TRAIN_BATCH, notices)
-        run_name = (run_name or "").strip() or f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if not RUN_NAME.match(run_name) or run_name in (".", ".."):
+        run_name = (run_name or "").strip() or default_run_name(method)
+        if not valid_run_name(run_name):
             raise StudioError(f"invalid run name {run_name!r}: letters, digits, '.', '_' and '-' only, no paths")
         if run_name.startswith("shapes-"):
             raise StudioError("run names starting with 'shapes-' are reserved for the embedded models; pick another")
@@ -913,7 +895,7 @@ class Trainer:
         return f"Started {method} run `{run_name}`: {steps} steps, batch {batch_size}, data {data}{note}."
 
     def stop(self, grace_s: float = 20.0) -> str:
-        """Interrupt the run (SIGINT: train_cli exits cleanly, the last checkpoint intact), kill after grace_s."""
+        """Interrupt the run (SIGINT: the trainer exits cleanly, the last checkpoint intact), kill after grace_s."""
         with self._lock:
             if not self.running():
                 return "No run is going."
@@ -967,10 +949,10 @@ class Trainer:
             state = "done" if done else "ended"
             msg = (f"Last run `{run_name}` finished ({progress}); it is in the model lists." if done else
                    f"Last run `{run_name}` ended at {progress} (the studio was restarted or the run stopped); "
-                   f"continue it with `train_cli.py --run-name {run_name} --resume latest`.")
+                   f"continue it with `python -m splam_studio.training --run-name {run_name} --resume latest`.")
         elif self.stopped:
             state, msg = "stopped", (f"`{run_name}` stopped ({progress}). Its last checkpoint is in "
-                                     f"weights/{run_name}/checkpoints; continue with train_cli.py --resume latest.")
+                                     f"weights/{run_name}/checkpoints; continue with `python -m splam_studio.training --resume latest`.")
         elif rc == 0:
             state, msg = "done", f"`{run_name}` finished ({progress}); it is now in the model lists."
         else:

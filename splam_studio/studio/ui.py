@@ -11,16 +11,16 @@ import random
 
 import gradio as gr
 
-from .model_sets import MODEL_SETS, gpu_seconds
-from .models import ModelLoadError
-from .shapes import spec_from_caption
+from ..models.model_sets import MODEL_SETS, gpu_seconds
+from ..models.loading import ModelLoadError
+from ..shapes.grammar import spec_from_caption
 from .colors import METHOD_COLORS, tint
-from .studio import (
+from .logic import (
     DEFAULT_GUIDANCE, GUIDANCE, METHODS, N_GRID, ROLE_TITLE, SEED, STRIDE, STUDENT_STEPS, TEACHER_SAMPLERS,
     TEACHER_STEPS, TRAIN_BATCH, Studio, StudioError, format_duration,
 )
 
-log = logging.getLogger("splam_studio.ui")
+log = logging.getLogger("splam_studio.studio.ui")
 
 try:  # Hugging Face ZeroGPU: borrow a GPU for the duration of a call; a no-op everywhere else
     import spaces
@@ -405,7 +405,7 @@ def _train_tab(studio: Studio, demo: gr.Blocks, model_inputs: list, menus) -> No
         return (*view(s), now, *lists)
 
     with gr.Tab("Train"):
-        gr.Markdown("Distil your own student. The run is a `train_cli.py` subprocess (one at a time); its checkpoint "
+        gr.Markdown("Distil your own student. The run is a `python -m splam_studio.training` subprocess (one at a time); its checkpoint "
                     "lands in `weights/<run name>/` and then appears in the model lists. A batch larger than the data "
                     "set shrinks to fit.")
         with gr.Row():

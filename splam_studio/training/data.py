@@ -1,7 +1,7 @@
 """Training data: every source yields {"pixel_values": float32 (3, R, R) in [-1, 1], "caption": str}.
 
 Sources, dispatched by `build_dataset(source, resolution)`:
-  shapes | shapes:N                  the procedural Shapes world (splam_studio.shapes)
+  shapes | shapes:N                  the procedural Shapes world (splam_studio.shapes.grammar)
   DIR with metadata.jsonl            imagefolder style: {"file_name": ..., "text" | "caption": ...} per line
   DIR saved by datasets              `datasets.Dataset.save_to_disk` output (load_from_disk)
   DIR of images (+ same-name .txt)   recursive; a missing .txt gives the empty caption (counted)
@@ -517,7 +517,7 @@ def build_dataset(source: str, resolution: int, *, caption_column: str | None = 
 
 
 def _shapes(source: str, resolution: int, seed: int, split: str, num_examples: int | None) -> Dataset:
-    from .shapes import ShapesDataset  # written alongside; imported lazily
+    from ..shapes.grammar import ShapesDataset  # written alongside; imported lazily
 
     n = num_examples or DEFAULT_SHAPES_N
     if ":" in source:

@@ -1,0 +1,1 @@
+"""Loading teachers and students, LDM and kohya export, named model sets."""

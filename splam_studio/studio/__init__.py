@@ -1,0 +1,1 @@
+"""The studio: logic (no gradio), the Gradio layout, method colours."""

@@ -1,0 +1,1 @@
+"""The distillation trainer: the loop (Algorithm 1), data, device and precision, atomic files, quiet logs."""

@@ -1,0 +1,160 @@
+"""SPLAD distillation from the command line: `python -m splam_studio.training --preset shapes --method splam`
+(the same as `python train_cli.py ...` in a checkout, or the `splam-train` console script).
+
+Flags map one-to-one onto `splam_studio.training.loop.TrainConfig`; presets fill defaults.
+Multi-GPU: `accelerate launch -m splam_studio.training ...` (or `accelerate launch train_cli.py ...`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+from splam_studio.training.quiet import quiet_libraries
+
+quiet_libraries()  # before the libraries are imported: only warnings a user can act on are printed
+
+from splam_studio.training.loop import TrainConfig, TrainError, run  # noqa: E402
+
+HELP = {
+    "teacher": "teacher: embedded name (shapes), diffusers folder, single-file SD1.5 .safetensors, or hub id",
+    "teacher_config": "local diffusers folder holding the model configs for a single-file teacher (needed offline)",
+    "data": "data: image folder with .txt captions, folder with metadata.jsonl, datasets name/path, .tar shards (path/glob/URL), or 'shapes'",
+    "method": "splam (gamma ~ U[0,1] on the SL-ODE) or lcm (gamma = 1; everything else identical)",
+    "run_name": "checkpoints go to <output-dir>/<run-name> (default: <method>-<timestamp>)",
+    "output_dir": "where runs are written",
+    "w": "teacher guidance w in the LCM form eps_c + w (eps_c - eps_u); 8 = CFG 9 (authors)",
+    "num_ddim_steps": "N of the DDIM grid; k_phi = 1000 / N",
+    "m": "multiple estimation: m chained teacher DDIM steps, k = m * k_phi",
+    "distance": "loss distance: huber (pseudo-Huber, c = 0.001) or l2",
+    "huber_c": "pseudo-Huber c, in latent units",
+    "ema_decay": "mu of the EMA target theta^- (authors: 0.95)",
+    "save_fp16": "store the exported student in fp16 (half the size; it loads in the teacher's dtype)",
+    "cond_proj_lr_scale": "learning rate of the gamma projection (cond_proj) relative to --lr",
+    "gamma_one_prob": "SPLAM: probability of gamma = 1, the point the sampler uses (0 = the paper's U[0,1])",
+    "gamma_scale": "gamma embedding = guidance embedding of gamma_scale * (1 - gamma); 10 = the authors' (gamma = 1 -> 0 at any scale)",
+    "w_min": "lcm only, diffusers' LCM recipe: draw w ~ U[w_min, w_max] per sample for the teacher and embed it for the student (with --w-max; default: fixed --w, not embedded)",
+    "w_max": "upper end of the w range (with --w-min); the student then samples at CFG w + 1 (w from --w, inside the range)",
+    "init_from": "start the student from a finished full-UNet student run (folder or name), e.g. SPLAM after an LCM warm start",
+    "cond_proj_init": "initialisation of the gamma projection: fresh (authors) or zero (student starts as the teacher)",
+    "max_steps": "optimiser steps",
+    "batch_size": "images per step and process",
+    "grad_accum": "gradient accumulation steps per optimiser step",
+    "lr": "learning rate (full fine-tune ~1e-5; LoRA ~1e-4)",
+    "lr_schedule": "constant, or cosine (decays to 0 at --max-steps; a constant lr drifts past the best point)",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping norm",
+    "lora_rank": "0 = full fine-tune; > 0 = LoRA of this rank (peft), exported in diffusers and kohya formats",
+    "use_8bit_adam": "8-bit AdamW from bitsandbytes (CUDA)",
+    "gradient_checkpointing": "trade compute for memory in the student UNet",
+    "resolution": "training resolution in pixels (default: the teacher's native size)",
+    "caption_column": "caption column of a datasets source",
+    "image_column": "image column of a datasets source",
+    "num_workers": "DataLoader worker processes",
+    "shapes_size": "number of images drawn from the Shapes generator when --data shapes",
+    "device": "auto (CUDA, then MPS, then CPU), cuda, mps or cpu",
+    "precision": "auto (CUDA: bf16 if supported else fp16; otherwise fp32), no, fp16 or bf16",
+    "seed": "seed of everything (data order, noise, gamma): two runs with the same seed are identical",
+    "allow_pickle": "allow loading pickle checkpoints (.ckpt/.bin/.pt): they can run arbitrary code; off by default",
+    "checkpoint_every": "save a resumable checkpoint every N steps (atomic)",
+    "keep_checkpoints": "how many resumable checkpoints to keep",
+    "validate_every": "save a validation grid every N steps (0 = at the end only)",
+    "validation_prompts": "prompts of the validation grid (repeat the flag)",
+    "snapshot_every": "keep the EMA student every N steps in snapshots/ for convergence curves (0 = off)",
+    "log_every": "TensorBoard logging interval in steps",
+    "max_bad_steps": "stop after this many non-finite losses in a row",
+    "resume": "continue the run of --run-name: 'latest' or a checkpoint folder",
+    "overwrite": "replace an existing run of the same name; the old one is moved to <output-dir>/.trash/, not deleted",
+}
+
+PRESETS: dict[str, dict] = {
+    # the embedded Shapes students: CPU-sized, same budget for both methods (benchmarks/sweep.json measures why):
+    # - lr 1e-5, 600 steps: at a constant lr both methods drift past their best point (at 1e-4 from ~400 steps, at
+    #   1e-5 from ~600: 2-step FID 45 at 600, 61 at 1200 for LCM); 600 is where the 1e-5 curves plateau.
+    # - w = 6.5 is the teacher's default CFG 7.5; constant lr, so snapshots double as shorter-budget runs.
+    # - cond_proj_init zero: in a budget of minutes the student must start as the teacher (the authors' fresh init
+    #   drifted far from it here); gamma_one_prob 0.5 and the gamma projection at 30x lr: the paper's U[0, 1]
+    #   never trains the sampler's gamma = 1 and collapsed (ablation in BENCHMARKS.md).
+    "shapes": dict(teacher="shapes", data="shapes", max_steps=600, batch_size=32, lr=1e-5, w=6.5, cond_proj_init="zero",
+                   gamma_one_prob=0.5, cond_proj_lr_scale=30.0, save_fp16=True,
+                   checkpoint_every=200, validate_every=200, snapshot_every=200, shapes_size=20000,
+                   validation_prompts=["one large red circle at the left on a black background",
+                                       "two small yellow squares at the top on a gray background",
+                                       "one large blue circle at the center on a white background"]),
+    # an SD1.5 fine-tune on one consumer GPU: the authors' hyper-parameters, LoRA to fit 12-16 GB
+    "sd15": dict(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", max_steps=4000, batch_size=8, grad_accum=1,
+                 lr=1e-4, lora_rank=64, w=8.0, gradient_checkpointing=True, resolution=512, checkpoint_every=500,
+                 validate_every=500, validation_prompts=["a photo of a cat", "a watercolor painting of a lighthouse"]),
+}
+
+
+def _flag_type(tp):
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        return _flag_type(args[0])
+    return tp
+
+
+def _show(value) -> str:
+    return "unset" if value is None else repr(value) if isinstance(value, str) else str(value)
+
+
+def _default_help(name: str, default) -> str:
+    """'(default X; preset shapes: Y)': the dataclass default and each preset that sets another value."""
+    presets = [f"{p}: {_show(v[name])}" for p, v in sorted(PRESETS.items()) if name in v and v[name] != default]
+    return f" (default {_show(default)}" + (f"; preset {', '.join(presets)}" if presets else "") + ")"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="A preset fills every flag it names; flags given explicitly override it. "
+                                       "--print-config shows the values a command would use.")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named defaults; explicit flags override them")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp = _flag_type(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = HELP[f.name]
+        if text is not argparse.SUPPRESS and f.name != "validation_prompts":
+            text += _default_help(f.name, default)
+        if tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif typing.get_origin(tp) is list:
+            p.add_argument(flag, action="append", default=None, help=text)
+        else:
+            p.add_argument(flag, type=tp, default=None, help=text)
+    return p
+
+
+def resolve(args: argparse.Namespace) -> TrainConfig:
+    values = dict(PRESETS.get(args.preset or "", {}))
+    values.update({k: v for k, v in vars(args).items() if k not in ("preset", "print_config") and v is not None})
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve(args)
+        if args.print_config:
+            print(json.dumps(dataclasses.asdict(cfg), indent=2))
+            return 0
+        run(cfg)
+    except (TrainError, ValueError, FileNotFoundError) as e:  # ModelLoadError and DataError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last complete checkpoint is intact; continue with --resume latest", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
