@@ -33,7 +33,7 @@ def test_teacher_and_history_sections_follow_the_json(tmp_path):
 def _run(method: str, seed: int, curve: list[float]) -> dict:
     pts = [{"iteration": 100 * (i + 1), **{s: {"fid": v * k, "teacher_mse": v / 100 * k} for s, k in (("1", 4), ("2", 1), ("4", 1.1))}}
            for i, v in enumerate(curve)]
-    return {"config": {"method": method, "lr": 1e-5, "seed": seed, "gamma_scale": 0.005, "gamma_one_prob": 0.5}, "points": pts}
+    return {"config": {"method": method, "lr": 1e-5, "seed": seed, "gamma_scale": 10.0, "gamma_one_prob": 0.5}, "points": pts}
 
 
 def test_plateau_and_seed_verdicts_are_computed_from_the_curves(tmp_path):

@@ -228,10 +228,16 @@ def run_points(run_dir: Path) -> list[tuple[int, Path | None]]:
     return pts
 
 
-def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = True, done: dict | None = None) -> dict:
+CURVE_CONFIG_KEYS = ("method", "lr", "lr_schedule", "ema_decay", "batch_size", "seed", "w", "gamma_one_prob",
+                     "gamma_scale", "cond_proj_lr_scale", "huber_c", "max_steps", "init_from", "w_min", "w_max")
+
+
+def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = True, done: dict | None = None,
+           save=None) -> dict:
     """FID, prompt accuracy and teacher distance at 1/2/4 sampling steps along each run (snapshots of theta^-).
 
     `done`: an earlier result of the same bench (same n, guidance); its points are reused, not re-evaluated.
+    `save(partial)`: called after every measured point, so an interrupted evaluation loses nothing.
     """
     if done and (done.get("n"), done.get("guidance")) != (bench.n, bench.guidance):
         raise ValueError(f"the earlier curves were measured at n={done.get('n')}, guidance={done.get('guidance')}; "
@@ -256,6 +262,7 @@ def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = Tr
             unet = untrained_student(bench.pipe)
         final = {k: v.clone() for k, v in unet.state_dict().items()}
         cfg = json.loads((run / "training_config.json").read_text())
+        conf = {k: cfg.get(k) for k in CURVE_CONFIG_KEYS}
         g = sampling_guidance(cfg)  # w + 1 for a w-conditioned student (diffusers' LCM recipe), else 1
         pts = []
         for it, snap in pts_at:
@@ -264,11 +271,10 @@ def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = Tr
                 continue
             unet.load_state_dict({k: v.to(unet.dtype) for k, v in load_file(snap).items()} if snap else final, strict=False)
             pts.append({"iteration": it, **{str(s): bench.evaluate_unet("lcm", unet, s, g) for s in steps}})
+            if save is not None:
+                save({**out, "runs": {**out["runs"], run.name: {"config": conf, "sampling_guidance": g, "points": pts}}})
             bench.log(f"{run.name} @{it}: " + "  ".join(f"{s}-step FID {pts[-1][str(s)]['fid']:.1f} mse {pts[-1][str(s)]['teacher_mse']:.4f}" for s in steps))
-        out["runs"][run.name] = {"config": {k: cfg.get(k) for k in ("method", "lr", "ema_decay", "batch_size", "seed", "w",
-                                                                    "gamma_one_prob", "gamma_scale", "cond_proj_lr_scale",
-                                                                    "huber_c", "max_steps", "init_from", "w_min", "w_max")},
-                                 "sampling_guidance": g, "points": pts}
+        out["runs"][run.name] = {"config": conf, "sampling_guidance": g, "points": pts}
     return out
 
 
@@ -414,9 +420,14 @@ def main(argv: list[str] | None = None) -> None:
     if a.curves:
         bench.ensure_reference(Path(a.reference_cache) if a.reference_cache else None)
         done = json.loads(Path(a.curves_out).read_text()) if a.resume_curves and Path(a.curves_out).is_file() else None
-        res = curves(bench, [Path(r) for r in a.curves], untrained=not a.no_untrained, done=done)
-        res["wall_s"] = time.time() - t0
         Path(a.curves_out).parent.mkdir(parents=True, exist_ok=True)
+
+        def save(partial: dict) -> None:  # earlier points and this run's so far, merged
+            merged = {**(done or {}), **partial, "runs": {**(done or {}).get("runs", {}), **partial["runs"]}}
+            Path(a.curves_out).write_text(json.dumps(merged, indent=2, default=float))
+
+        res = curves(bench, [Path(r) for r in a.curves], untrained=not a.no_untrained, done=done, save=save)
+        res["wall_s"] = time.time() - t0
         Path(a.curves_out).write_text(json.dumps(res, indent=2, default=float))
         if a.curves_plot:
             plot_curves(res, Path(a.curves_plot), f"{len(res['runs'])} runs, {a.n} held-out captions per point")

@@ -122,8 +122,8 @@ def plateau(points: list[dict], steps: str, key: str) -> tuple[float, float, boo
 
 
 def _recipe(cfg: dict) -> str:
-    keys = ("lr", "ema_decay", "batch_size", "gamma_one_prob", "gamma_scale", "cond_proj_lr_scale", "huber_c", "w",
-            "init_from")
+    keys = ("lr", "lr_schedule", "ema_decay", "batch_size", "seed", "gamma_one_prob", "gamma_scale", "cond_proj_lr_scale",
+            "huber_c", "w", "w_min", "w_max", "init_from")
     gamma_only = ("gamma_one_prob", "gamma_scale", "cond_proj_lr_scale")  # meaningless at gamma = 1 (LCM)
     return ", ".join(f"{k} {cfg[k]}" for k in keys if cfg.get(k) is not None
                      and not (cfg.get("method") == "lcm" and k in gamma_only))
@@ -151,7 +151,7 @@ def sweep_section(d: dict) -> list[str]:
                 best, last, ok = plateau(pts, s, key)
                 cells.append(f"{_f(last, nd)} / {_f(best, nd)}{' ✓' if ok else ''}")
         L.append(f"| {name} | {r['config']['method']} | {_cell(_recipe(r['config']))} | {pts[-1]['iteration']} | " + " | ".join(cells) + " |")
-    return L + [""]
+    return L + ([""] + [f"- {d['note']}"] if d.get("note") else []) + [""]
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -160,10 +160,16 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
 
 
 def seed_groups(d: dict) -> dict[str, list[dict]]:
-    """Runs that differ only in their seed, grouped by method (final points)."""
+    """Runs that differ only in their seed, grouped by method and recipe variant (final points)."""
     groups: dict[str, list[dict]] = {}
     for r in d["runs"].values():
-        groups.setdefault(r["config"]["method"] + (" (w-range)" if r["config"].get("w_min") is not None else ""), []).append(r)
+        c = r["config"]
+        label = c["method"]
+        if c["method"] == "splam" and (c.get("gamma_scale") or 10.0) != 10.0:
+            label += f" (gamma scale {c['gamma_scale']:g})"
+        if c.get("w_min") is not None:
+            label += f" (w ~ U[{c['w_min']:g}, {c['w_max']:g}])"
+        groups.setdefault(label, []).append(r)
     return groups
 
 
@@ -216,6 +222,8 @@ def seeds_section(d: dict) -> list[str]:
                      f"MSE {'beats' if _mean_sd([p[s]['teacher_mse'] for p in pts])[0] < u[s]['teacher_mse'] else 'MISSES'}"
                      for s in ("2", "4")]
             L.append(f"- {g}: " + "; ".join(beats))
+    if d.get("note"):
+        L += ["", f"- {d['note']}"]
     return L + [""]
 
 
@@ -295,8 +303,8 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
             L += seeds_section(sd)
         if (sw := _load(folder, "sweep.json")):
             L += sweep_section(sw)
-        if (folder / "curves.png").is_file():
-            L += ["![curves](benchmarks/curves.png)", ""]
+        if (folder / "sweep.png").is_file():
+            L += ["![sweep](benchmarks/sweep.png)", ""]
     if (tr := _load(folder, "trainer.json")):
         L += generic_section("Trainer: SPLAM vs LCM step time and memory", tr)
     if (lat := _load(folder, "latency_cpu.json")):
