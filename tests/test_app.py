@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -401,3 +402,20 @@ def test_no_file_outside_weights_is_served(app_url, route, target):
         assert e.code in (400, 403, 404, 405, 422), (url, e.code)
         return
     assert "root:" not in body and "def load_teacher" not in body and "argparse" not in body, url
+
+
+def test_w_conditioned_student_is_sampled_at_its_guidance(weights):
+    """A run trained as diffusers' LCM (w ~ U[w_min, w_max], embedded) samples at CFG w + 1; gamma students at 1."""
+    run = weights / "lcm-wrange"
+    shutil.copytree(weights / "shapes-lcm", run)
+    (run / "training_config.json").write_text(json.dumps({"method": "lcm", "w": 6.5, "w_min": 3.0, "w_max": 10.0}))
+    try:
+        s = Studio(weights)
+        assert s.sampling_guidance("lcm-wrange", "lcm") == 7.5
+        assert s.sampling_guidance("shapes-lcm", "lcm") == 1.0
+        r = s.compare("one red circle", seed=3, student_steps=1, teacher_steps=2, lcm="lcm-wrange", repeats=1)
+        gamma = s.compare("one red circle", seed=3, student_steps=1, teacher_steps=2, repeats=1)
+        assert r.panel("lcm").guidance == 7.5 and gamma.panel("lcm").guidance == 1.0
+        assert float(r.panel("lcm").latent_mse) != float(gamma.panel("lcm").latent_mse)  # the embedded w is used
+    finally:
+        shutil.rmtree(run)

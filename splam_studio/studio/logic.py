@@ -28,7 +28,7 @@ from .colors import METHOD_COLORS, tint
 from ..training.device import resolve_runtime
 from ..core.error_bound import ErrorBound, error_bound, teacher_trajectory
 from ..models.loading import (
-    ModelLoadError, RunInfo, list_runs, load_student, load_teacher, resolve_run, weights_dir,
+    ModelLoadError, RunInfo, list_runs, load_student, load_teacher, resolve_run, sampling_guidance, weights_dir,
 )
 from ..training.quiet import NOISE
 from ..core.sampler import decode_latents, generate, initial_noise
@@ -143,7 +143,7 @@ class Panel:
     sampler: str
     steps: int
     seed: int
-    guidance: float  # CFG at run time (students: 1, guidance baked in)
+    guidance: float  # CFG at run time (students: 1, guidance baked in; w + 1 for a w-conditioned student)
     latency_ms: float
     image: object  # PIL image
     baked_guidance: float | None = None  # students: the CFG they were distilled at, when known
@@ -545,6 +545,14 @@ class Studio:
             return None
         return cfg_scale(float(w)) if isinstance(w, (int, float)) else None
 
+    def sampling_guidance(self, name: str | None, role: str) -> float:
+        """guidance_scale a student samples at: 1 (gamma = 1), or w + 1 for a w-conditioned run (diffusers' LCM)."""
+        try:
+            kind, source = self.resolve(name, role)
+            return sampling_guidance(source) if kind == "path" else 1.0
+        except (StudioError, OSError, ValueError, KeyError):
+            return 1.0
+
     def load_models(self, teacher: str, splam: str, lcm: str, progress: Progress = _no_progress) -> str:
         """Load (and cache) a teacher and two students; a one-line status, or StudioError saying what failed."""
         progress(0.1, f"loading teacher {teacher}")
@@ -591,10 +599,11 @@ class Studio:
         panels.append(ref)
         for i, (role, (name, unet)) in enumerate(students.items()):
             progress(0.6 + 0.2 * i, f"{ROLE_TITLE[role]}: {student_steps} step{'s' if student_steps > 1 else ''}")
+            g = self.sampling_guidance(name, role)
             out, runs = _timed(lambda: generate(pipe, prompt=[prompt], sampler="lcm", steps=student_steps, seed=seed,
-                                                unet=unet), repeats)
+                                                unet=unet, student_guidance_scale=g), repeats)
             ms = statistics.median(runs)
-            panels.append(Panel(role, name, "lcm", student_steps, seed, 1.0, ms, out.images[0],
+            panels.append(Panel(role, name, "lcm", student_steps, seed, g, ms, out.images[0],
                                 baked_guidance=self.baked_guidance(name), speedup=ref.latency_ms / max(ms, 1e-6),
                                 latency_runs=runs, psnr_db=image_psnr(out.images[0], ref.image),
                                 latent_mse=float(latent_mse(out.latents, ref.latent)[0]), latent=out.latents))
