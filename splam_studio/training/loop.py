@@ -132,14 +132,13 @@ class TrainConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise TrainError(f"invalid config values: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
-        if (self.w_min is None) != (self.w_max is None):
-            raise TrainError(f"set both w_min and w_max or neither, got w_min={self.w_min}, w_max={self.w_max}")
-        if self.w_min is not None:
-            if self.method != "lcm":
-                raise TrainError(f"w_min/w_max (diffusers' LCM recipe, w embedded) need method 'lcm', got {self.method!r}")
-            if not 0 <= self.w_min <= self.w <= self.w_max:
-                raise TrainError(f"need 0 <= w_min <= w <= w_max (w is the guidance the student samples at, CFG w + 1), "
-                                 f"got w_min={self.w_min}, w={self.w}, w_max={self.w_max}")
+        try:  # the objective's own checks (the w range among them) have one owner: SpladConfig
+            self.splad()
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        if self.w_min is not None and not self.w_min <= self.w <= self.w_max:
+            raise TrainError(f"need 0 <= w_min <= w <= w_max (w is the guidance the student samples at, CFG w + 1), "
+                             f"got w_min={self.w_min}, w={self.w}, w_max={self.w_max}")
         if self.run_name is not None and not valid_run_name(self.run_name):
             raise TrainError(f"run_name must be a plain folder name (letters, digits, . _ -), got {self.run_name!r}")
 
