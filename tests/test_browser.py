@@ -118,8 +118,14 @@ def test_bad_input_keeps_results_and_names_the_field(browser, app_url):
         page.screenshot(path=str(ARTIFACTS / "browser-bad-input.png"))
         page.locator("#prompt textarea").fill("one small green star at the right on a black background")
         page.locator("#controls").get_by_text("Settings").first.click()
-        page.locator("#seed input").fill("-5")
-        page.locator("#seed input").press("Tab")  # commit the value before Generate reads it
+        seed = page.locator("#seed input")
+        seed.wait_for(state="visible")
+        page.wait_for_timeout(500)  # the accordion has opened and the field holds its server value
+        seed.click()
+        seed.press("Control+A")
+        seed.press_sequentially("-5")  # typed as a person types, so the page's state follows each key
+        seed.press("Tab")  # commit the value before Generate reads it
+        assert seed.input_value() == "-5"
         _generate(page)
         page.locator("#compare-notice").get_by_text("seed -5 is outside").wait_for(timeout=30_000)
         assert page.locator("#panel-splam img").first.get_attribute("src") != src
