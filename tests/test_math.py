@@ -7,7 +7,8 @@ from diffusers import LCMScheduler
 
 from splam_studio.core.consistency import boundary, c_out, c_skip, x0_from_eps
 from splam_studio.core.schedule import NoiseSchedule, ddim_grid, lcm_timesteps
-from splam_studio.core.slode import distance, gamma_embedding, sample_gamma, sigma_gamma, splam_loss, z_gamma
+from splam_studio.core.slode import (distance, gamma_embedding, matched_input, sample_gamma, sigma_gamma, splam_loss,
+                                     z_gamma)
 from splam_studio.core.solver import solve
 
 SCHED = NoiseSchedule.from_config()
@@ -185,6 +186,55 @@ def test_gamma_one_is_exactly_the_lcm_loss():
 
     lcm = distance(F_lcm(z_t, t, SCHED.sigma(t), SCHED.alpha(t)), F_lcm(zhat_s, s, SCHED.sigma(s), SCHED.alpha(s)), "huber")
     assert torch.allclose(splam, lcm, rtol=1e-6, atol=0), (splam.item(), lcm.item())
+
+
+def test_timestep_of_inverts_the_alpha_bar_table():
+    t = torch.tensor([0, 1, 19, 499, 998, 999])
+    assert torch.equal(SCHED.timestep_of(SCHED.alphas_cumprod[t]), t.double())
+    mid = 0.5 * (SCHED.alphas_cumprod[499] + SCHED.alphas_cumprod[500])  # alpha_bar is close to linear over one step
+    assert abs(SCHED.timestep_of(mid).item() - 499.5) < 1e-3
+    assert SCHED.timestep_of(torch.tensor([1.0, 0.0])).tolist() == [0.0, 999.0]  # clamped to the table's ends
+
+
+def test_matched_input_lies_on_the_marginal_and_keeps_x0():
+    g = torch.Generator().manual_seed(3)
+    t, s = torch.tensor([999, 519, 39]), torch.tensor([979, 499, 19])
+    r = SCHED.alpha(t) / SCHED.alpha(s)
+    gamma = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    sg = sigma_gamma(gamma, r, SCHED.sigma(s))
+    z, eps = torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64), torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64)
+    z_m, t_m, a_m, s_m = matched_input(z, SCHED.alpha(t), sg, SCHED)
+    assert torch.allclose(a_m**2 + s_m**2, torch.ones(3, dtype=torch.float64))
+    # same signal-to-noise ratio, so the same x0 estimate for any eps
+    x0 = (z - sg.view(-1, 1, 1, 1) * eps) / SCHED.alpha(t).view(-1, 1, 1, 1)
+    assert torch.allclose((z_m - s_m.view(-1, 1, 1, 1) * eps) / a_m.view(-1, 1, 1, 1), x0, rtol=1e-10)
+    # gamma = 0 sits at s (the drifted end r zhat_s is zhat_s moved to t's scale), gamma = 1 at t, gamma = 0.5 between
+    assert abs(t_m[0].item() - 979) < 1e-6 and abs(t_m[2].item() - 39) < 1e-9
+    assert 499 < t_m[1].item() < 519
+    assert torch.allclose(z_m[2], z[2])
+
+
+def test_matched_gamma_time_is_the_lcm_loss_at_gamma_one_and_differs_below():
+    g = torch.Generator().manual_seed(4)
+    B = 8
+    t = ddim_grid()[torch.randint(1, 50, (B,), generator=g)]
+    s = t - 20
+    z_t, zhat_s = torch.randn(B, 4, 2, 2, generator=g), torch.randn(B, 4, 2, 2, generator=g)
+    W = torch.randn(4, 4, generator=g)
+
+    def eps_model(z, t_, gamma):
+        return torch.einsum("ij,bjhw->bihw", W, z) * (1 + 1e-3 * t_.float().view(-1, 1, 1, 1))
+
+    from splam_studio.core.consistency import consistency_function
+
+    F = consistency_function(eps_model)
+    ones, half = torch.ones(B, dtype=torch.float64), torch.full((B,), 0.5, dtype=torch.float64)
+    assert torch.allclose(splam_loss(F, F, SCHED, z_t, zhat_s, t, s, ones, "huber", gamma_time="matched"),
+                          splam_loss(F, F, SCHED, z_t, zhat_s, t, s, ones, "huber"), rtol=1e-6, atol=0)
+    assert not torch.allclose(splam_loss(F, F, SCHED, z_t, zhat_s, t, s, half, "huber", gamma_time="matched"),
+                              splam_loss(F, F, SCHED, z_t, zhat_s, t, s, half, "huber"), rtol=1e-3)
+    with pytest.raises(ValueError, match="gamma_time"):
+        splam_loss(F, F, SCHED, z_t, zhat_s, t, s, ones, "huber", gamma_time="sigma")
 
 
 def test_sample_gamma_modes():

@@ -91,6 +91,19 @@ class NoiseSchedule:
         """sigma(t) = sqrt(1 - alpha_bar_t), float64."""
         return (1.0 - self._table(t)).sqrt()
 
+    def timestep_of(self, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """The continuous timestep whose alpha_bar is the given one (linear between grid points), float64 (B,).
+
+        alpha_bar_t decreases in t; values above alpha_bar_0 clamp to 0, below alpha_bar_{T-1} to T - 1.
+        """
+        a = torch.as_tensor(alpha_bar, dtype=torch.float64).cpu().reshape(-1)
+        table = self.alphas_cumprod.flip(0)  # increasing: alpha_bar_{T-1}, ..., alpha_bar_0
+        a = a.clamp(table[0], table[-1])
+        j = torch.searchsorted(table, a).clamp(1, self.T - 1)  # table[j-1] < a <= table[j]
+        lo, hi = table[j - 1], table[j]
+        frac = (a - lo) / (hi - lo)  # 0 at table[j-1] (timestep T - j), 1 at table[j] (timestep T - 1 - j)
+        return (self.T - j).to(torch.float64) - frac
+
 
 def ddim_grid(T: int = 1000, N: int = 50) -> torch.Tensor:
     """DDIM grid t_i = (T // N)(i + 1) - 1, i = 0..N-1 (19, 39, ..., 999 for SD1.5); skip k_phi = T // N."""

@@ -16,6 +16,7 @@ from .consistency import ConsistencyFn
 from .schedule import NoiseSchedule, coef
 
 Distance = Literal["l2", "huber"]
+GammaTime = Literal["t", "matched"]
 HUBER_C = 1e-3  # pseudo-Huber c in latent space (authors' / diffusers LCM script default)
 GAMMA_EMBED_DIM = 256  # time_cond_proj_dim of the authors' student UNet
 GAMMA_SCALE_PAPER = 10.0  # authors: gamma enters as the guidance value w = 10 - 10 gamma
@@ -66,6 +67,19 @@ def gamma_embedding(gamma: torch.Tensor, dim: int = GAMMA_EMBED_DIM, scale: floa
     return guidance_embedding(gamma_to_omega(gamma, scale, w_c), dim)
 
 
+def matched_input(z: torch.Tensor, alpha_t: torch.Tensor, sigma: torch.Tensor, schedule: NoiseSchedule):
+    """The SL-ODE point z = alpha(t) x0 + sigma noise moved onto the model's marginal: (a z, t', alpha(t'), sigma(t')).
+
+    t' is the continuous timestep of the same signal-to-noise ratio, alpha_bar(t') = alpha_t^2 / (alpha_t^2 + sigma^2),
+    and a = alpha(t') / alpha(t), so a z = alpha(t') x0 + sigma(t') noise. The x0 estimate is unchanged:
+    (a z - sigma(t') eps) / alpha(t') = (z - sigma eps) / alpha(t). gamma = 1 gives back (z_t, t).
+    """
+    alpha_t, sigma = torch.as_tensor(alpha_t, dtype=torch.float64), torch.as_tensor(sigma, dtype=torch.float64)
+    alpha_bar = alpha_t**2 / (alpha_t**2 + sigma**2)
+    alpha_m, sigma_m = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    return coef(alpha_m / alpha_t, z) * z, schedule.timestep_of(alpha_bar), alpha_m, sigma_m
+
+
 def distance(pred: torch.Tensor, target: torch.Tensor, kind: Distance = "l2", c: float = HUBER_C) -> torch.Tensor:
     """d(pred, target): mean squared error, or pseudo-Huber mean(sqrt(d^2 + c^2) - c), computed in float32."""
     d = pred.float() - target.float()
@@ -111,11 +125,23 @@ def splam_loss(
     gamma: torch.Tensor,
     kind: Distance = "l2",
     huber_c: float = HUBER_C,
+    gamma_time: GammaTime = "t",
 ) -> torch.Tensor:
-    """SPLAM loss d(F_theta(z_gamma, t, gamma), F_theta^-(zhat_s, s, 1)); with gamma = 1 it is the LCM loss."""
+    """SPLAM loss d(F_theta(z_gamma, t, gamma), F_theta^-(zhat_s, s, 1)); with gamma = 1 it is the LCM loss.
+
+    gamma_time "t": the student sees z_gamma at timestep t for every gamma (the paper). "matched": it sees z_gamma
+    moved onto the marginal at the timestep of sigma_gamma's signal-to-noise ratio (`matched_input`); same x0 estimate.
+    """
     alpha_t, alpha_s, sigma_s = schedule.alpha(t), schedule.alpha(s), schedule.sigma(s)
     r = alpha_t / alpha_s  # (B,) float64
-    pred = F_student(z_gamma(z_t, zhat_s, gamma, r), t, gamma, sigma_gamma(gamma, r, sigma_s), alpha_t)
+    z_g, sigma_g = z_gamma(z_t, zhat_s, gamma, r), sigma_gamma(gamma, r, sigma_s)
+    if gamma_time == "t":
+        pred = F_student(z_g, t, gamma, sigma_g, alpha_t)
+    elif gamma_time == "matched":
+        z_m, t_m, alpha_m, sigma_m = matched_input(z_g, alpha_t, sigma_g, schedule)
+        pred = F_student(z_m, t_m, gamma, sigma_m, alpha_m)
+    else:
+        raise ValueError(f"gamma_time must be 't' or 'matched', got {gamma_time!r}")
     with torch.no_grad():
         target = F_target(zhat_s, s, torch.ones_like(gamma), sigma_s, alpha_s)
     return distance(pred, target, kind, huber_c)

@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from .schedule import NoiseSchedule, coef, ddim_grid
-from .slode import GAMMA_SCALE_PAPER, Distance, sample_gamma, sample_w, splam_loss
+from .slode import GAMMA_SCALE_PAPER, Distance, GammaTime, sample_gamma, sample_w, splam_loss
 from .solver import guided_eps, solve
 from .student import student_F
 
@@ -25,6 +25,7 @@ class SpladConfig:
     huber_c: float = 1e-3
     gamma_one_prob: float = 0.0  # SPLAM: probability of gamma = 1 (the sampling point); 0 = the paper's U[0, 1]
     gamma_scale: float = GAMMA_SCALE_PAPER  # emb(gamma) = guidance_embedding(gamma_scale (1 - gamma)); paper: 10
+    gamma_time: GammaTime = "t"  # student timestep at z_gamma: t for every gamma (paper) or "matched" to sigma_gamma
     # diffusers' LCM recipe (LCM only): w ~ U[w_min, w_max] per sample, used by the teacher and embedded for student
     # and target (omega = w at gamma = 1). None = the fixed w above, unembedded (= SPLAM at gamma = 1)
     w_min: float | None = None
@@ -37,6 +38,8 @@ class SpladConfig:
             raise ValueError(f"need m >= 1 and num_ddim_steps >= 1, got m={self.m}, N={self.num_ddim_steps}")
         if not self.gamma_scale > 0:
             raise ValueError(f"gamma_scale must be > 0, got {self.gamma_scale}")
+        if self.gamma_time not in ("t", "matched"):
+            raise ValueError(f"gamma_time must be 't' or 'matched', got {self.gamma_time!r}")
         if self.distance not in ("l2", "huber"):
             raise ValueError(f"distance must be 'l2' or 'huber', got {self.distance!r}")
         if (self.w_min is None) != (self.w_max is None):
@@ -82,4 +85,5 @@ def splad_loss(
     # 4-6. student on the SL-ODE point, EMA target at (zhat_s, s, gamma = 1), distance; a drawn w is embedded in both
     w_c = w if cfg.w_conditioned else None
     F_student, F_target = student_F(student, cond, cfg.gamma_scale, w_c), student_F(target, cond, cfg.gamma_scale, w_c)
-    return splam_loss(F_student, F_target, schedule, z_t, zhat_s, t, s.cpu(), gamma, cfg.distance, cfg.huber_c)
+    return splam_loss(F_student, F_target, schedule, z_t, zhat_s, t, s.cpu(), gamma, cfg.distance, cfg.huber_c,
+                      cfg.gamma_time)

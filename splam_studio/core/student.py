@@ -62,7 +62,8 @@ def unet_eps_model(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tens
 
     def eps(z: torch.Tensor, t: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         cond = gamma_embedding(gamma, dim, gamma_scale, w_c).to(dtype).to(z.device)
-        out = unet(z.to(dtype), t.to(z.device), encoder_hidden_states=encoder_hidden_states.to(dtype), timestep_cond=cond)
+        t_in = t.float() if t.is_floating_point() else t  # a continuous t (gamma_time "matched"); MPS has no float64
+        out = unet(z.to(dtype), t_in.to(z.device), encoder_hidden_states=encoder_hidden_states.to(dtype), timestep_cond=cond)
         return out.sample.to(z.dtype)
 
     return eps

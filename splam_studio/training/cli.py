@@ -37,6 +37,7 @@ HELP = {
     "gamma_scale": "gamma embedding = guidance embedding of gamma_scale * (1 - gamma); 10 = the authors' (gamma = 1 -> 0 at any scale)",
     "w_min": "lcm only, diffusers' LCM recipe: draw w ~ U[w_min, w_max] per sample for the teacher and embed it for the student (with --w-max; default: fixed --w, not embedded)",
     "w_max": "upper end of the w range (with --w-min); the student then samples at CFG w + 1 (w from --w, inside the range)",
+    "gamma_time": "SPLAM: timestep the student sees at z_gamma: t (the paper, every gamma) or matched (the timestep of z_gamma's own noise level, input rescaled onto the marginal)",
     "init_from": "start the student from a finished full-UNet student run (folder or name), e.g. SPLAM after an LCM warm start",
     "cond_proj_init": "initialisation of the gamma projection: fresh (authors) or zero (student starts as the teacher)",
     "max_steps": "optimiser steps",

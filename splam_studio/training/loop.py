@@ -68,6 +68,7 @@ class TrainConfig:
     gamma_one_prob: float = 0.0  # SPLAM: share of samples at gamma = 1, the sampling point; 0 = the paper's U[0, 1]
     cond_proj_lr_scale: float = 1.0  # learning rate of the gamma projection relative to lr
     gamma_scale: float = 10.0  # emb(gamma) = guidance embedding of gamma_scale (1 - gamma); 10 = the authors'
+    gamma_time: str = "t"  # timestep the student sees at z_gamma: t (the paper) | matched (sigma_gamma's own timestep)
     w_min: float | None = None  # LCM only: w ~ U[w_min, w_max] per sample, embedded for the student (diffusers' recipe);
     w_max: float | None = None  # None = fixed w, not embedded. A w-conditioned student samples at CFG w + 1
     init_from: str | None = None  # start the student from a finished full-UNet run (e.g. an LCM warm start)
@@ -119,6 +120,7 @@ class TrainConfig:
             "gamma_one_prob": 0 <= self.gamma_one_prob <= 1,
             "cond_proj_lr_scale": self.cond_proj_lr_scale > 0,
             "gamma_scale": self.gamma_scale > 0,
+            "gamma_time": self.gamma_time in ("t", "matched"),
             "m": self.m >= 1,
             "num_ddim_steps": 1 <= self.num_ddim_steps <= 1000,
             "lora_rank": self.lora_rank >= 0,
@@ -145,7 +147,7 @@ class TrainConfig:
     def splad(self) -> SpladConfig:
         return SpladConfig(method=self.method, w=self.w, num_ddim_steps=self.num_ddim_steps, m=self.m,
                            distance=self.distance, huber_c=self.huber_c, gamma_one_prob=self.gamma_one_prob,
-                           gamma_scale=self.gamma_scale, w_min=self.w_min, w_max=self.w_max)
+                           gamma_scale=self.gamma_scale, gamma_time=self.gamma_time, w_min=self.w_min, w_max=self.w_max)
 
 
 # ---------------------------------------------------------------- checkpoints (safetensors + JSON, atomic)
