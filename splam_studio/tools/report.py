@@ -122,17 +122,17 @@ def plateau(points: list[dict], steps: str, key: str) -> tuple[float, float, boo
 
 
 def _recipe(cfg: dict) -> str:
-    keys = ("lr", "lr_schedule", "ema_decay", "batch_size", "seed", "gamma_one_prob", "gamma_scale", "cond_proj_lr_scale",
-            "huber_c", "w", "w_min", "w_max", "init_from")
-    gamma_only = ("gamma_one_prob", "gamma_scale", "cond_proj_lr_scale")  # meaningless at gamma = 1 (LCM)
+    keys = ("lr", "lr_schedule", "ema_decay", "batch_size", "seed", "m", "gamma_one_prob", "gamma_scale", "gamma_time",
+            "cond_proj_lr_scale", "huber_c", "w", "w_min", "w_max", "init_from")
+    gamma_only = ("gamma_one_prob", "gamma_scale", "gamma_time", "cond_proj_lr_scale")  # meaningless at gamma = 1 (LCM)
     return ", ".join(f"{k} {cfg[k]}" for k in keys if cfg.get(k) is not None
                      and not (cfg.get("method") == "lcm" and k in gamma_only))
 
 
-def sweep_section(d: dict) -> list[str]:
+def sweep_section(d: dict, title: str = "The recipe sweep", source: str = "`scripts/sweep.sh`") -> list[str]:
     """One row per run: its recipe and, at 1 / 2 / 4 steps, best and last FID and teacher MSE along training."""
-    L = ["### The recipe sweep", "",
-         f"`python -m splam_studio.tools.bench --curves RUN...` over the runs of `scripts/sweep.sh`: {d['n']} held-out captions per "
+    L = [f"### {title}", "",
+         f"`python -m splam_studio.tools.bench --curves RUN...` over the runs of {source}: {d['n']} held-out captions per "
          f"point, teacher guidance {d['guidance']:g}, the same noise in every row. Each run's snapshots of theta^- are "
          f"evaluated along training; 'last / best' is the final point against the best one, and a curve has converged "
          f"(✓) when its last point is within {PLATEAU_TOL:.0%} of its best.", ""]
@@ -165,12 +165,25 @@ def seed_groups(d: dict) -> dict[str, list[dict]]:
     for r in d["runs"].values():
         c = r["config"]
         label = c["method"]
+        if (c.get("m") or 1) != 1:
+            label += f" (m {c['m']})"
         if c["method"] == "splam" and (c.get("gamma_scale") or 10.0) != 10.0:
             label += f" (gamma scale {c['gamma_scale']:g})"
+        if c["method"] == "splam" and (c.get("gamma_time") or "t") != "t":
+            label += f" (gamma time {c['gamma_time']})"
+        if c["method"] == "splam" and c.get("gamma_one_prob") not in (None, 0.5):
+            label += f" (p(gamma = 1) {c['gamma_one_prob']:g})"
         if c.get("w_min") is not None:
             label += f" (w ~ U[{c['w_min']:g}, {c['w_max']:g}])"
         groups.setdefault(label, []).append(r)
     return groups
+
+
+def _lcm_group_for(label: str, groups: dict[str, list[dict]]) -> str | None:
+    """The LCM group a SPLAM group is judged against: LCM at the same m (the same sub-path length k)."""
+    m = groups[label][0]["config"].get("m") or 1
+    base = "lcm" if m == 1 else f"lcm (m {m})"
+    return base if base in groups else None
 
 
 def verdict(a: list[float], b: list[float]) -> str:
@@ -204,17 +217,21 @@ def seeds_section(d: dict) -> list[str]:
                 cells.append(f"{_f(m, nd)} ± {_f(sd, nd)}")
         L.append(f"| {g} | {len(pts)} | " + " | ".join(cells) + " |")
     L.append("")
-    if "splam" in finals and "lcm" in finals:
-        L.append("Verdict, SPLAM against LCM (a difference counts when the means differ by more than the two spreads together):")
+    for g in finals:
+        base = _lcm_group_for(g, groups)
+        if base is None or g == base or len(finals[g]) < 2:
+            continue
+        L.append(f"Verdict, {g} against {base} (a difference counts when the means differ by more than the two spreads "
+                 f"together):")
         for s in STEPS:
             parts = []
             for key, what in (("fid", "FID"), ("teacher_mse", "teacher MSE")):
-                a, b = [p[s][key] for p in finals["splam"]], [p[s][key] for p in finals["lcm"]]
+                a, b = [p[s][key] for p in finals[g]], [p[s][key] for p in finals[base]]
                 ratio = _mean_sd(a)[0] / _mean_sd(b)[0]
-                parts.append(f"{what} SPLAM / LCM = {ratio:.3f}, SPLAM {verdict(a, b)}")
+                parts.append(f"{what} ratio {ratio:.3f}, {verdict(a, b)}")
             L.append(f"- {s} step(s): " + "; ".join(parts))
-    if d.get("untrained"):
         L.append("")
+    if d.get("untrained"):
         L.append("Against the untrained student (what distillation must beat), mean over seeds:")
         u = d["untrained"]
         for g, pts in finals.items():
@@ -297,7 +314,7 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
         L += teacher_history_section(h, t)
     if (r := _load(folder, "results.json")):
         L += comparison_section(r)
-    if (sd := _load(folder, "seeds.json")) or (sw := _load(folder, "sweep.json")):
+    if (sd := _load(folder, "seeds.json")) or _load(folder, "sweep.json") or _load(folder, "variants.json"):
         L += ["## Distillation: does the student beat what it replaces?", ""]
         if sd:
             L += seeds_section(sd)
@@ -305,6 +322,8 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
             L += sweep_section(sw)
         if (folder / "sweep.png").is_file():
             L += ["![sweep](benchmarks/sweep.png)", ""]
+        if (va := _load(folder, "variants.json")):
+            L += sweep_section(va, "SL-ODE variants past the paper", "`scripts/variants.sh`")
     if (tr := _load(folder, "trainer.json")):
         L += generic_section("Trainer: SPLAM vs LCM step time and memory", tr)
     if (lat := _load(folder, "latency_cpu.json")):
