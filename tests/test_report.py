@@ -50,9 +50,14 @@ def test_plateau_and_seed_verdicts_are_computed_from_the_curves(tmp_path):
     folder.mkdir()
     seeds = {"n": 500, "guidance": 7.5, "teacher": {"fid": 49.0}, "untrained": {s: {"fid": 80.0, "teacher_mse": 0.45} for s in ("1", "2", "4")},
              "runs": {f"{m}-s{i}": _run(m, i, [70, base + i]) for m, base in (("lcm", 50), ("splam", 40)) for i in range(3)}}
+    for m, base in (("lcm", 60), ("splam", 30)):  # a longer sub-path (k = 2 k_phi): judged against LCM at the same m
+        for i in range(2):
+            seeds["runs"][f"{m}-m2-s{i}"] = r = _run(m, i, [70, base + i])
+            r["config"]["m"] = 2
     (folder / "seeds.json").write_text(json.dumps(seeds))
     text = write_benchmarks_md(folder, tmp_path / "B.md").read_text()
     assert "| lcm | 3 | 204.0 ± 4.0 | 51.0 ± 1.0 |" in text  # final points 50, 51, 52 (x4 at 1 step)
     assert "| splam | 3 | 164.0 ± 4.0 | 41.0 ± 1.0 |" in text
-    assert "- 2 step(s): FID SPLAM / LCM = 0.804, SPLAM lower" in text
+    assert "Verdict, splam against lcm (" in text and "- 2 step(s): FID ratio 0.804, lower" in text
+    assert "Verdict, splam (m 2) against lcm (m 2) (" in text and "- 2 step(s): FID ratio 0.508, lower" in text
     assert "- splam: 2 step FID beats, MSE beats; 4 step FID beats, MSE MISSES" in text  # 0.41 < 0.45 < 0.451
