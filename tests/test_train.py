@@ -161,3 +161,43 @@ def test_lr_factor_schedules():
     assert lr_factor(100, 100, "cosine") < 1e-12 and lr_factor(25, 100, "cosine") > lr_factor(75, 100, "cosine")
     with pytest.raises(ValueError, match="cosine"):
         lr_factor(1, 10, "linear")
+
+
+def test_checkpoints_round_trip_prune_and_refuse_incomplete(tmp_path):
+    """save_checkpoint / load_checkpoint restore student, target and AdamW state exactly; only `keep` survive; a
+    folder without state.json (a write cut short) is never resumed from."""
+    from splam_studio.training.checkpoints import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+
+    def model(seed):
+        torch.manual_seed(seed)
+        m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+        m[0].requires_grad_(False)  # frozen tensors are not checkpointed
+        return m
+
+    student, target = model(0), model(1)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    for step in (1, 2, 3):
+        student(torch.ones(5, 3)).square().sum().backward()
+        opt.step()
+        save_checkpoint(tmp_path, step, student, target, opt, keep=2, grad_scaler={"scale": 1024.0})
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-0000002", "step-0000003"]
+    (tmp_path / "checkpoints" / "step-0000009").mkdir()  # no state.json: incomplete
+    ckpt = find_checkpoint(tmp_path, "latest")
+    assert ckpt.name == "step-0000003"
+    with pytest.raises(CheckpointError, match="no state.json"):
+        find_checkpoint(tmp_path, str(tmp_path / "checkpoints" / "step-0000009"))
+
+    student2, target2 = model(5), model(6)
+    opt2 = torch.optim.AdamW([p for p in student2.parameters() if p.requires_grad], lr=1e-2)
+
+    class Scaler:
+        def load_state_dict(self, sd):
+            self.sd = sd
+
+    scaler = Scaler()
+    assert load_checkpoint(ckpt, student2, target2, opt2, scaler) == 3
+    assert scaler.sd == {"scale": 1024.0}
+    assert torch.equal(student2[1].weight, student[1].weight) and torch.equal(target2[1].bias, target[1].bias)
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert opt2.state_dict()["state"][0]["step"] == 3
+    assert not torch.equal(student2[0].weight, student[0].weight)  # the frozen layer stayed as built
