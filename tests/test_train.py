@@ -201,3 +201,35 @@ def test_checkpoints_round_trip_prune_and_refuse_incomplete(tmp_path):
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert opt2.state_dict()["state"][0]["step"] == 3
     assert not torch.equal(student2[0].weight, student[0].weight)  # the frozen layer stayed as built
+
+
+def test_bench_error_bound_uses_the_shared_runner(world):
+    """bench's error-bound table averages core.error_bound's runner over prompts: same numbers as the runner."""
+    from splam_studio.core.error_bound import guided_trajectory, student_error_bounds
+    from splam_studio.core.sampler import initial_noise
+    from splam_studio.core.schedule import NoiseSchedule
+    from splam_studio.core.student import build_student
+    from splam_studio.core.teacher import encode_text
+    from splam_studio.models.loading import load_teacher
+    from splam_studio.tools.bench import Bench
+
+    class Tiny:  # the part of bench.Bench that error_bound() reads
+        pipe = load_teacher(str(world / "teacher"))
+        schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+        captions, seed, guidance = ["one red circle", "two small blue squares", "x"], 1, 3.0
+        students = {"lcm": build_student(pipe.unet, "zero").eval(), "splam": build_student(pipe.unet, "fresh").eval()}
+
+    res = Bench.error_bound(Tiny(), 2, strides=(1, 2))
+    assert set(res) == {"lcm", "splam"} and set(res["lcm"]) == {"k=20", "k=40"}
+    for by_k in res.values():
+        for d in by_k.values():
+            assert len(d["t"]) == len(d["term"]) == len(d["bound"]) == len(d["error"])
+            assert all(b >= e - 1e-5 for b, e in zip(d["bound"], d["error"]))
+            assert abs(d["bound"][-1] - d["term"][-1]) < 1e-6
+    t = Tiny()
+    cond, uncond = encode_text(t.pipe, t.captions[:2]), encode_text(t.pipe, ["", ""])
+    z_T = initial_noise(1, 2, t.pipe.unet, 8, 8, 1)
+    traj, times = guided_trajectory(t.pipe.unet, cond, uncond, 2.0, t.schedule, z_T)  # w = CFG 3 - 1
+    direct = student_error_bounds(t.students, cond, t.schedule, traj, times, (2,))
+    assert res["splam"]["k=40"]["bound"] == direct["splam"][2].bound.mean(1).tolist()
+    assert res["lcm"]["k=40"]["bound"] != res["splam"]["k=40"]["bound"]  # two different students, two curves

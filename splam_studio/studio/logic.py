@@ -26,7 +26,7 @@ import torch
 
 from .colors import METHOD_COLORS, tint
 from ..training.device import resolve_runtime
-from ..core.error_bound import ErrorBound, error_bound, teacher_trajectory
+from ..core.error_bound import ErrorBound, guided_trajectory, student_error_bounds
 from ..models.loading import (
     ModelLoadError, RunInfo, list_runs, load_student, load_teacher, resolve_run, sampling_guidance, weights_dir,
 )
@@ -34,7 +34,6 @@ from ..training.quiet import NOISE
 from ..core.sampler import decode_latents, generate, initial_noise
 from ..core.metrics import latent_mse
 from ..core.schedule import NoiseSchedule
-from ..core.solver import guided_eps
 from ..core.student import clean_fn
 from ..core.teacher import cfg_scale, lcm_w, vae_scale_factor
 from ..training.runs import STATS, default_run_name, read_stats, read_training_config, valid_run_name
@@ -646,7 +645,7 @@ class Studio:
             cached = self._trajectories.get(key)
         reused = cached is not None
         if cached is None:  # the costly part at 512 px: 50 guided teacher steps; the stride and students reuse it
-            cached = teacher_trajectory(guided_eps(unet, cond, uncond, lcm_w(guidance_scale)), schedule, z_T, N=N_GRID)
+            cached = guided_trajectory(unet, cond, uncond, lcm_w(guidance_scale), schedule, z_T, N=N_GRID)
             with self._lock:
                 self._trajectories[key] = cached
                 while len(self._trajectories) > TRAJECTORY_CACHE:
@@ -654,12 +653,13 @@ class Studio:
         traj, times = cached
         k = stride * (schedule.T // N_GRID)
 
-        curves, Fs = {}, {}
+        progress(0.5, "LCM and SPLAM: F along the trajectory")
+        curves = {name: by_stride[stride] for name, by_stride in
+                  student_error_bounds(students, cond, schedule, traj, times, (stride,)).items()}
         show = _spread(len(times) - 1, n_thumbnails)  # trajectory indices to decode
-        for i, (name, s_unet) in enumerate(students.items()):
-            progress(0.5 + 0.2 * i, f"{name}: F along the trajectory")
+        Fs = {}
+        for name, s_unet in students.items():
             F = clean_fn(s_unet, cond, schedule)
-            curves[name] = error_bound(F, traj, times, stride)
             Fs[name] = torch.cat([F(traj[j], torch.tensor([times[j]], dtype=torch.long)).float() for j in show])
 
         progress(0.9, "decoding thumbnails")
