@@ -255,7 +255,8 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     from accelerate.utils import set_seed
 
     from .data import build_dataset, fit_batch_size
-    from ..models.loading import load_student, load_teacher, save_student
+    from ..models.export import save_student
+    from ..models.loading import load_student, load_teacher
 
     cfg.validate()
     rt = resolve_runtime(cfg.device, cfg.precision)
@@ -453,7 +454,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
         save_student(run_dir, export, lora=cfg.lora_rank > 0, config=resolved,
                      dtype=torch.float16 if cfg.save_fp16 else None)
         if cfg.lora_rank > 0:
-            from ..models.loading import export_kohya_lora
+            from ..models.export import export_kohya_lora
 
             export_kohya_lora(export, run_dir / "lora_kohya.safetensors")
         if start < cfg.max_steps:
