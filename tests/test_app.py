@@ -21,10 +21,9 @@ import torch
 
 from splam_studio.studio import logic as studio_module
 from splam_studio.studio.colors import METHOD_COLORS
-from splam_studio.studio.logic import (
-    MAX_PROMPT_CHARS, Studio, StudioError, Trainer, clamp_float, clamp_int, clean_log, clean_prompt, image_psnr,
-    read_stats,
-)
+from splam_studio.studio.launcher import Trainer, TrainStatus, clean_log
+from splam_studio.studio.logic import MAX_PROMPT_CHARS, Studio, StudioError, clamp_float, clamp_int, clean_prompt, image_psnr
+from splam_studio.training.runs import read_stats
 from splam_studio.core.student import build_student
 from tests.tiny import make_tiny_pipeline
 
@@ -233,8 +232,6 @@ def test_stats_and_log_as_a_person_reads_them(tmp_path):
 
 def test_loss_frame_is_numeric_even_when_empty():
     import pandas as pd
-
-    from splam_studio.studio.logic import TrainStatus
 
     for losses in ([], [(1, 0.2415), (2, 0.1803), (3, 0.09623)]):
         frame = TrainStatus("running", "", losses=losses).loss_frame()
