@@ -1,6 +1,7 @@
 """A run as a user meets it through train_cli.py: existing names refused, --overwrite keeps the old run aside, bad data
 leaves nothing behind, a small data set clamps the batch, stats.jsonl, and --help with each preset's values."""
 import json
+from pathlib import Path
 
 import train_cli
 from tests import test_train
@@ -68,3 +69,18 @@ def test_help_shows_each_default_once_with_the_presets():
     assert "(default 8; preset shapes: 32)" in flat  # --batch-size
     assert "(default 1e-05; preset sd15: 0.0001)" in flat  # --lr (shapes uses the default)
     assert "--overwrite" in flat and ".trash" in flat
+
+
+def test_weights_root_has_one_rule(tmp_path, monkeypatch):
+    """$SPLAM_WEIGHTS_DIR, else the checkout's weights/ from any working directory, else ./weights (installed)."""
+    from splam_studio.studio.logic import Studio
+    from splam_studio.training import runs
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(runs.WEIGHTS_ENV, raising=False)
+    assert runs.weights_dir() == Path(train_cli.__file__).resolve().parent / "weights"
+    monkeypatch.setattr(runs, "CHECKOUT", tmp_path / "site-packages")  # no pyproject.toml beside the package
+    assert runs.weights_dir() == tmp_path / "weights"
+    monkeypatch.setenv(runs.WEIGHTS_ENV, str(tmp_path / "mine"))
+    assert runs.weights_dir() == tmp_path / "mine"
+    assert Studio(warm_up=False).weights == tmp_path / "mine"  # the studio asks the same function

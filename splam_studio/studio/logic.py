@@ -27,14 +27,14 @@ from .validation import StudioError, clamp_float, clamp_int
 from ..training.device import resolve_runtime
 from ..core.error_bound import ErrorBound, guided_trajectory, student_error_bounds
 from ..models.loading import (
-    ModelLoadError, RunInfo, list_runs, load_student, load_teacher, resolve_run, sampling_guidance, weights_dir,
+    ModelLoadError, RunInfo, list_runs, load_student, load_teacher, resolve_run, sampling_guidance,
 )
 from ..core.sampler import decode_latents, generate, initial_noise
 from ..core.metrics import latent_mse
 from ..core.schedule import NoiseSchedule
 from ..core.student import clean_fn
 from ..core.teacher import cfg_scale, lcm_w, vae_scale_factor
-from ..training.runs import read_training_config, valid_run_name
+from ..training.runs import read_training_config, valid_run_name, weights_dir
 
 # ---- limits of the inputs (the UI's sliders use the same numbers) ---------------------------------------------
 STUDENT_STEPS = (1, 8)  # consistency sampling: SPLAM/LCM are meant for 1-4 steps
