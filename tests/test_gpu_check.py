@@ -18,7 +18,7 @@ def test_tiny_gpu_check_end_to_end(tmp_path):
     assert run["dtypes"] == {"student": "float32", "target": "float32", "teacher": "bfloat16", "text_encoder": "bfloat16",
                              "vae": "bfloat16"}
     assert fp16 == {"run": "splam-lora64-fp16", "skipped": "fp16 needs CUDA or MPS"}
-    # the teacher was built from configs with the UNet's defaults left to diffusers (the trainer-bench crash)
+    # the teacher is built from configs that leave the UNet's other settings to diffusers' defaults
     unet_cfg = json.loads((tmp_path / "work" / "teacher" / "unet" / "config.json").read_text())
     assert unet_cfg["block_out_channels"] == [32, 64] and unet_cfg["time_cond_proj_dim"] is None
     # bench: LoRA and full, checkpointing off and on, both methods

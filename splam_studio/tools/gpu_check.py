@@ -227,7 +227,8 @@ def latency_for(teacher: str, device: str, repeats: int, teacher_steps: int = 50
 # ---------------------------------------------------------------- the check
 
 def _summary(doc: dict) -> dict:
-    """The targets of issue #13, each with its figure and whether it is met."""
+    """The targets the check reports (SPLAM vs LCM step time, peak memory, studio vs stock latency, runs ok), each with
+    its figure and whether it is met."""
     out = {}
     bench = doc.get("bench") or []
     ratios = [r["step_s"] / b["step_s"] for r in bench if r["method"] == "splam" for b in bench
