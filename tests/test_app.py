@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -21,10 +22,9 @@ import torch
 
 from splam_studio.studio import logic as studio_module
 from splam_studio.studio.colors import METHOD_COLORS
-from splam_studio.studio.logic import (
-    MAX_PROMPT_CHARS, Studio, StudioError, Trainer, clamp_float, clamp_int, clean_log, clean_prompt, image_psnr,
-    read_stats,
-)
+from splam_studio.studio.launcher import Trainer, TrainStatus, clean_log
+from splam_studio.studio.logic import MAX_PROMPT_CHARS, Studio, StudioError, clamp_float, clamp_int, clean_prompt, image_psnr
+from splam_studio.training.runs import read_stats
 from splam_studio.core.student import build_student
 from tests.tiny import make_tiny_pipeline
 
@@ -84,7 +84,7 @@ def test_compare_three_panels_reproducible(studio):
         assert p.image.size == (IMAGE_PX, IMAGE_PX)
         assert p.latency_ms > 0 and f"{p.latency_ms:.0f} ms" in p.label()
         assert "seed 3" in p.caption() and p.model in p.caption()
-        assert len(p.latency_runs) == 3 and min(p.latency_runs) <= p.latency_ms <= max(p.latency_runs)
+        assert len(p.latency_runs) == 3 and p.latency_ms == statistics.median(p.latency_runs)
         assert "3 runs" in p.caption()
     t = r.panel("teacher")
     for p in r.panels[1:]:  # the distance to the teacher's image from the same noise, and its heat map
@@ -233,8 +233,6 @@ def test_stats_and_log_as_a_person_reads_them(tmp_path):
 
 def test_loss_frame_is_numeric_even_when_empty():
     import pandas as pd
-
-    from splam_studio.studio.logic import TrainStatus
 
     for losses in ([], [(1, 0.2415), (2, 0.1803), (3, 0.09623)]):
         frame = TrainStatus("running", "", losses=losses).loss_frame()

@@ -1,7 +1,8 @@
 """The studio in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright) at a laptop's 1366x900 and a
 phone's 390x844: layout, bad input, the heat map, the history, the Error bound tab and a Train run with a reload.
 
-Skipped when chromium or playwright is missing. Screenshots go to artifacts/browser-*.png (git-ignored).
+Skipped when chromium or playwright is missing. Screenshots go to artifacts/browser-*.png (git-ignored); each is
+checked to be the viewport's size and not one flat colour.
 """
 from __future__ import annotations
 
@@ -64,6 +65,29 @@ def _box(page, selector):
     return page.locator(selector).first.bounding_box()
 
 
+def _screenshot(page, name: str, *, full_page: bool = False, selector: str | None = None):
+    """Save artifacts/<name>.png and check it shows a page: the viewport's (or element's) size, and more than a few
+    colours (a blank or crashed page is one colour)."""
+    import io
+
+    from PIL import Image
+
+    target = page.locator(selector).first if selector else page
+    data = target.screenshot(path=str(ARTIFACTS / f"{name}.png"), **({} if selector else {"full_page": full_page}))
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    vp = page.viewport_size
+    if selector:
+        box = _box(page, selector)
+        assert abs(image.width - box["width"]) <= 1 and abs(image.height - box["height"]) <= 1, (name, image.size, box)
+    elif full_page:
+        assert image.width == vp["width"] and image.height >= vp["height"], (name, image.size, vp)
+    else:
+        assert image.size == (vp["width"], vp["height"]), (name, image.size, vp)
+    colours = image.getcolors(maxcolors=1 << 16)
+    assert colours is None or len(colours) > 16, f"{name}: {len(colours)} colours, a blank page"
+    return image
+
+
 @pytest.mark.parametrize("width", ["laptop", "phone"])
 def test_compare_layout(browser, app_url, width):
     page = _open(browser, app_url, width)
@@ -72,14 +96,14 @@ def test_compare_layout(browser, app_url, width):
         page.locator("#history").scroll_into_view_if_needed()
         page.wait_for_function("() => { const i = document.querySelector('#history img'); "
                                "return i && i.complete && i.naturalWidth > 0; }", timeout=30_000)
-        page.locator("#history").screenshot(path=str(ARTIFACTS / f"browser-history-{width}.png"))
+        _screenshot(page, f"browser-history-{width}", selector="#history")
         gallery, strip = _box(page, "#history"), _box(page, "#history img")
         assert strip["y"] + strip["height"] <= gallery["y"] + gallery["height"], (gallery, strip)  # in view, whole
         assert strip["width"] > 2.5 * strip["height"] and strip["width"] <= gallery["width"]
         page.evaluate("window.scrollTo(0, 0)")
         page.wait_for_timeout(300)
-        page.screenshot(path=str(ARTIFACTS / f"browser-compare-{width}.png"))
-        page.screenshot(path=str(ARTIFACTS / f"browser-compare-{width}-full.png"), full_page=True)
+        _screenshot(page, f"browser-compare-{width}")
+        _screenshot(page, f"browser-compare-{width}-full", full_page=True)
         button = _box(page, "#generate")
         boxes = {r: _box(page, f"#panel-{r} img") for r in ("teacher", "lcm", "splam")}
         vp = VIEWPORTS[width]
@@ -115,7 +139,7 @@ def test_bad_input_keeps_results_and_names_the_field(browser, app_url):
         page.locator("#compare-notice").get_by_text("enter a prompt").wait_for(timeout=60_000)
         assert page.locator("#panel-splam img").first.get_attribute("src") == src  # the previous result stays
         assert page.locator("#panel-splam .error").count() == 0
-        page.screenshot(path=str(ARTIFACTS / "browser-bad-input.png"))
+        _screenshot(page, "browser-bad-input")
         page.locator("#prompt textarea").fill("one small green star at the right on a black background")
         page.locator("#controls").get_by_text("Settings").first.click()
         seed = page.locator("#seed input")
@@ -135,7 +159,7 @@ def test_bad_input_keeps_results_and_names_the_field(browser, app_url):
         page.wait_for_function("b => document.querySelector('#panel-splam img').src !== b", arg=before,
                                timeout=30_000)
         page.wait_for_timeout(300)
-        page.screenshot(path=str(ARTIFACTS / "browser-heatmap.png"))
+        _screenshot(page, "browser-heatmap")
     finally:
         page.close()
 
@@ -149,7 +173,7 @@ def test_error_bound_tab(browser, app_url, width):
         page.locator("#eb-summary").get_by_text("For this prompt and seed").wait_for(timeout=WAIT)
         page.locator("#eb-grid img").first.wait_for(timeout=30_000)
         page.wait_for_timeout(800)
-        page.screenshot(path=str(ARTIFACTS / f"browser-error-bound-{width}.png"), full_page=True)
+        _screenshot(page, f"browser-error-bound-{width}", full_page=True)
         grid = _box(page, "#eb-grid img")
         assert grid["x"] >= 0 and grid["x"] + grid["width"] <= VIEWPORTS[width]["width"]  # every column in view
         plots = _box(page, "#eb-plot"), _box(page, "#eb-terms")
@@ -171,7 +195,7 @@ def test_train_tab_run_and_reload(browser, app_url):
         page.locator("#train-status").get_by_text("finished").wait_for(timeout=WAIT)
         assert not page.locator("#train-start").is_disabled()
         page.wait_for_timeout(2500)  # one more poll after the end
-        page.screenshot(path=str(ARTIFACTS / "browser-train.png"), full_page=True)
+        _screenshot(page, "browser-train", full_page=True)
         page.get_by_text("Models", exact=True).first.click()
         page.get_by_label("SPLAM student").click()  # the finished run is in its role's menu, without Refresh
         page.get_by_role("option", name="browser-run · SPLAM").wait_for(timeout=10_000)

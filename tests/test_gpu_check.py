@@ -18,7 +18,7 @@ def test_tiny_gpu_check_end_to_end(tmp_path):
     assert run["dtypes"] == {"student": "float32", "target": "float32", "teacher": "bfloat16", "text_encoder": "bfloat16",
                              "vae": "bfloat16"}
     assert fp16 == {"run": "splam-lora64-fp16", "skipped": "fp16 needs CUDA or MPS"}
-    # the teacher was built from configs with the UNet's defaults left to diffusers (the trainer-bench crash)
+    # the teacher is built from configs that leave the UNet's other settings to diffusers' defaults
     unet_cfg = json.loads((tmp_path / "work" / "teacher" / "unet" / "config.json").read_text())
     assert unet_cfg["block_out_channels"] == [32, 64] and unet_cfg["time_cond_proj_dim"] is None
     # bench: LoRA and full, checkpointing off and on, both methods
@@ -29,6 +29,13 @@ def test_tiny_gpu_check_end_to_end(tmp_path):
     assert [(r["model"], r["steps"]) for r in lat] == [("teacher", 2), ("student", 1), ("student", 2), ("student", 4)]
     assert all(r["studio_ms"] > 0 and r["stock_ms"] > 0 for r in lat)
     assert set(doc["summary"]) >= {"splam_over_lcm_step_time_max", "studio_over_stock_latency_max", "train_runs_ok"}
+    # the summary's figures are the rows' own: the worst studio / stock ratio, the worst SPLAM / LCM step time
+    assert doc["summary"]["studio_over_stock_latency_max"]["value"] == max(r["ratio"] for r in lat)
+    pairs = [(r, b) for r in doc["bench"] for b in doc["bench"] if (r["method"], b["method"]) == ("splam", "lcm")
+             and (r["lora"], r["checkpointing"]) == (b["lora"], b["checkpointing"])]
+    assert len(pairs) == 4
+    assert doc["summary"]["splam_over_lcm_step_time_max"]["value"] == round(max(r["step_s"] / b["step_s"] for r, b in pairs), 3)
+    assert doc["summary"]["train_runs_ok"]["value"] == "1/1" and doc["summary"]["train_runs_ok"]["met"] is True
     md = gpu_check.render_markdown(doc)
     assert gpu_check.markdown_section(out) == md and gpu_check.markdown_section(tmp_path / "none.json") is None
     assert md.startswith("## GPU check") and "| splam-lora64-bf16 | bf16 | 2 | 16 |" in md and "skipped: fp16 needs" in md

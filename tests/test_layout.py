@@ -1,6 +1,7 @@
 """The package's import contracts, read from the source (AST), so the listing keeps reading like the method:
-core is the maths and imports no app, trainer or tool; nothing in the library imports the tools; no module starts
-a script by path (subprocesses run `sys.executable -m splam_studio.training` / `-m splam_studio.studio`)."""
+core is the maths and imports no app, trainer or tool; nothing in the library imports the tools; only the studio
+imports gradio, and only its launcher starts a process; no module starts a script by path (subprocesses run
+`sys.executable -m splam_studio.training` / `-m splam_studio.studio`)."""
 from __future__ import annotations
 
 import ast
@@ -72,6 +73,16 @@ def test_nothing_outside_tools_imports_tools():
     bad = [f"{f.relative_to(PKG)}: {mod}" for f in _files() if _layer(f) != "tools"
            for mod in _imports(f) if mod.startswith("splam_studio.tools")]
     assert not bad, bad
+
+
+def test_only_the_studio_imports_gradio_and_only_its_launcher_starts_processes():
+    """The library below the app (core, training, models, shapes) runs without a UI; outside the tools, a subprocess
+    is started in one place, the studio's run launcher."""
+    ui = [f"{f.relative_to(PKG)}: {mod}" for f in _files() if _layer(f) not in ("studio", "tools")
+          for mod in _imports(f) if mod.split(".")[0] == "gradio"]
+    assert not ui, ui
+    spawns = sorted(str(f.relative_to(PKG)) for f in _files() if _layer(f) != "tools" and "subprocess" in _imports(f))
+    assert spawns == ["studio/launcher.py"], spawns
 
 
 def test_the_checks_see_relative_imports():

@@ -11,8 +11,10 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from splam_studio.models import export as X
 from splam_studio.models import loading as M
-from splam_studio.models.loading import ModelLoadError, export_kohya_lora, load_student, load_teacher, save_student
+from splam_studio.models.export import export_kohya_lora, save_student
+from splam_studio.models.loading import ModelLoadError, load_student, load_teacher
 from tests.tiny import make_tiny_pipeline, tiny_unet
 
 COND_DIM = 32
@@ -32,7 +34,7 @@ def make_student(teacher_unet, seed: int = 5) -> torch.nn.Module:
     """Teacher weights + a random cond_proj (what the trainer builds)."""
     student = tiny_unet(time_cond_proj_dim=COND_DIM)
     missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
-    assert missing == [M.COND_PROJ_KEY] and not unexpected
+    assert missing == [X.COND_PROJ_KEY] and not unexpected
     with torch.no_grad():
         student.time_embedding.cond_proj.weight.copy_(torch.randn(student.time_embedding.cond_proj.weight.shape,
                                                                   generator=torch.Generator().manual_seed(seed)))
@@ -93,7 +95,7 @@ def test_embedded_name_uses_weights_dir(tiny, tmp_path, monkeypatch):
 
 def test_single_file_round_trip(tiny, tmp_path):
     pipe, folder = tiny
-    path = M.save_single_file(pipe, tmp_path / "tiny-sd15.safetensors")
+    path = X.save_single_file(pipe, tmp_path / "tiny-sd15.safetensors")
     keys = load_file(str(path)).keys()
     assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight" in keys
     assert "first_stage_model.encoder.mid.attn_1.q.weight" in keys
@@ -108,7 +110,7 @@ def test_single_file_without_config_offline_names_the_option(tiny, tmp_path, mon
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    path = M.save_single_file(tiny[0], tmp_path / "m.safetensors")
+    path = X.save_single_file(tiny[0], tmp_path / "m.safetensors")
     with pytest.raises(ModelLoadError, match=r"config=.*--teacher-config"):
         load_teacher(str(path))
 
@@ -182,7 +184,7 @@ def test_lora_student_round_trip(tiny, tmp_path):
     student = make_student(pipe.unet)
     add_random_lora(student, r=4, alpha=8.0)  # alpha != r: the scale must travel too
     run = save_student(tmp_path / "run-lora", student, lora=True, config={"method": "lcm"})
-    assert {p.name for p in (run / "lora").iterdir()} == {M.LORA_WEIGHTS, M.COND_PROJ_FILE, M.STUDENT_UNET_CONFIG}
+    assert {p.name for p in (run / "lora").iterdir()} == {X.LORA_WEIGHTS, X.COND_PROJ_FILE, X.STUDENT_UNET_CONFIG}
     loaded = load_student(run, pipe)
     assert same_state(get_peft_model_state_dict(loaded, adapter_name="student"), get_peft_model_state_dict(student))
     assert torch.equal(loaded.time_embedding.cond_proj.weight, student.time_embedding.cond_proj.weight)
@@ -190,7 +192,7 @@ def test_lora_student_round_trip(tiny, tmp_path):
     torch.testing.assert_close(unet_out(loaded), unet_out(student), rtol=0, atol=1e-6)
     assert not torch.allclose(unet_out(loaded), unet_out(make_student(pipe.unet)), atol=1e-3)  # the LoRA matters
     fused = load_student(run, pipe, fuse=True)
-    assert not M._has_lora(fused)
+    assert not X.has_lora(fused)
     torch.testing.assert_close(unet_out(fused), unet_out(student), rtol=1e-4, atol=1e-5)
     assert same_state(pipe.unet.state_dict(), load_teacher(str(tiny[1])).unet.state_dict())  # teacher untouched
 
@@ -201,7 +203,7 @@ def test_lora_file_loads_in_a_stock_pipeline(tiny, tmp_path):
     add_random_lora(student)
     run = save_student(tmp_path / "run", student, lora=True, config={})
     stock = load_teacher(str(folder))
-    stock.load_lora_weights(str(run / "lora"), weight_name=M.LORA_WEIGHTS)
+    stock.load_lora_weights(str(run / "lora"), weight_name=X.LORA_WEIGHTS)
     names = {k.split(".lora_")[0] for k in get_peft_model_state_dict(stock.unet, adapter_name="default_0")}
     assert names == {k.split(".lora_")[0] for k in get_peft_model_state_dict(student)}
 
@@ -241,8 +243,8 @@ def test_mismatched_student_is_refused(tiny, tmp_path):
     lora_student = make_student(pipe.unet)
     add_random_lora(lora_student)
     run = save_student(tmp_path / "lora", lora_student, lora=True, config={})
-    cfg = json.loads((run / "lora" / M.STUDENT_UNET_CONFIG).read_text())
-    (run / "lora" / M.STUDENT_UNET_CONFIG).write_text(json.dumps({**cfg, "cross_attention_dim": 768}))
+    cfg = json.loads((run / "lora" / X.STUDENT_UNET_CONFIG).read_text())
+    (run / "lora" / X.STUDENT_UNET_CONFIG).write_text(json.dumps({**cfg, "cross_attention_dim": 768}))
     with pytest.raises(ModelLoadError, match="cross_attention_dim student=768 teacher=32"):
         load_student(run, pipe)
     with pytest.raises(ModelLoadError, match="holds no student"):

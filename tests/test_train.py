@@ -161,3 +161,75 @@ def test_lr_factor_schedules():
     assert lr_factor(100, 100, "cosine") < 1e-12 and lr_factor(25, 100, "cosine") > lr_factor(75, 100, "cosine")
     with pytest.raises(ValueError, match="cosine"):
         lr_factor(1, 10, "linear")
+
+
+def test_checkpoints_round_trip_prune_and_refuse_incomplete(tmp_path):
+    """save_checkpoint / load_checkpoint restore student, target and AdamW state exactly; only `keep` survive; a
+    folder without state.json (a write cut short) is never resumed from."""
+    from splam_studio.training.checkpoints import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+
+    def model(seed):
+        torch.manual_seed(seed)
+        m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+        m[0].requires_grad_(False)  # frozen tensors are not checkpointed
+        return m
+
+    student, target = model(0), model(1)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    for step in (1, 2, 3):
+        student(torch.ones(5, 3)).square().sum().backward()
+        opt.step()
+        save_checkpoint(tmp_path, step, student, target, opt, keep=2, grad_scaler={"scale": 1024.0})
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["step-0000002", "step-0000003"]
+    (tmp_path / "checkpoints" / "step-0000009").mkdir()  # no state.json: incomplete
+    ckpt = find_checkpoint(tmp_path, "latest")
+    assert ckpt.name == "step-0000003"
+    with pytest.raises(CheckpointError, match="no state.json"):
+        find_checkpoint(tmp_path, str(tmp_path / "checkpoints" / "step-0000009"))
+
+    student2, target2 = model(5), model(6)
+    opt2 = torch.optim.AdamW([p for p in student2.parameters() if p.requires_grad], lr=1e-2)
+
+    class Scaler:
+        def load_state_dict(self, sd):
+            self.sd = sd
+
+    scaler = Scaler()
+    assert load_checkpoint(ckpt, student2, target2, opt2, scaler) == 3
+    assert scaler.sd == {"scale": 1024.0}
+    assert torch.equal(student2[1].weight, student[1].weight) and torch.equal(target2[1].bias, target[1].bias)
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert opt2.state_dict()["state"][0]["step"] == 3
+    assert not torch.equal(student2[0].weight, student[0].weight)  # the frozen layer stayed as built
+
+
+def test_bench_error_bound_uses_the_shared_runner(world):
+    """bench's error-bound table averages core.error_bound's runner over prompts: same numbers as the runner."""
+    from splam_studio.core.error_bound import guided_trajectory, student_error_bounds
+    from splam_studio.core.sampler import initial_noise
+    from splam_studio.core.schedule import NoiseSchedule
+    from splam_studio.core.student import build_student
+    from splam_studio.core.teacher import encode_text
+    from splam_studio.models.loading import load_teacher
+    from splam_studio.tools.bench import Bench
+
+    class Tiny:  # the part of bench.Bench that error_bound() reads
+        pipe = load_teacher(str(world / "teacher"))
+        schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+        captions, seed, guidance = ["one red circle", "two small blue squares", "x"], 1, 3.0
+        students = {"lcm": build_student(pipe.unet, "zero").eval(), "splam": build_student(pipe.unet, "fresh").eval()}
+
+    res = Bench.error_bound(Tiny(), 2, strides=(1, 2))
+    assert set(res) == {"lcm", "splam"} and set(res["lcm"]) == {"k=20", "k=40"}
+    for by_k in res.values():
+        for d in by_k.values():
+            assert len(d["t"]) == len(d["term"]) == len(d["bound"]) == len(d["error"])
+            assert all(b >= e - 1e-5 for b, e in zip(d["bound"], d["error"]))
+            assert abs(d["bound"][-1] - d["term"][-1]) < 1e-6
+    t = Tiny()
+    cond, uncond = encode_text(t.pipe, t.captions[:2]), encode_text(t.pipe, ["", ""])
+    z_T = initial_noise(1, 2, t.pipe.unet, 8, 8, 1)
+    traj, times = guided_trajectory(t.pipe.unet, cond, uncond, 2.0, t.schedule, z_T)  # w = CFG 3 - 1
+    direct = student_error_bounds(t.students, cond, t.schedule, traj, times, (2,))
+    assert res["splam"]["k=40"]["bound"] == direct["splam"][2].bound.mean(1).tolist()
+    assert res["lcm"]["k=40"]["bound"] != res["splam"]["k=40"]["bound"]  # two different students, two curves

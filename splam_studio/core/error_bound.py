@@ -3,16 +3,19 @@
 |F(z_t, t) - z_0| <= sum over t' in {k, 2k, ..., t} of |F(z_t', t') - F(z_{t'-k}, t'-k)|,
 for a teacher ODE trajectory z_T, ..., z_0 on the DDIM grid and a student F at gamma = 1.
 Each summand is one sub-path's term; norms are per-sample RMS (a scaled L2 norm, so the bound holds).
+`guided_trajectory` and `student_error_bounds` are the runner the studio and the benchmark share.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
 from .sampler import CleanFn
 from .schedule import NoiseSchedule, ddim_grid
-from .solver import TeacherEps, solve
+from .solver import TeacherEps, guided_eps, solve
+from .student import clean_fn
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
@@ -54,3 +57,21 @@ def error_bound(F: CleanFn, trajectory: torch.Tensor, times: list[int], stride: 
     bound = terms.flip(0).cumsum(0).flip(0)
     error = torch.stack([rms(Fs[j] - z_0) for j in range(len(idx) - 1)])
     return ErrorBound(times=[times[i] for i in idx[:-1]], terms=terms, bound=bound, error=error)
+
+
+@torch.no_grad()
+def guided_trajectory(unet: torch.nn.Module, cond: torch.Tensor, uncond: torch.Tensor, w: float,
+                      schedule: NoiseSchedule, z_T: torch.Tensor, N: int = 50) -> tuple[torch.Tensor, list[int]]:
+    """teacher_trajectory of the teacher UNet guided at the paper's w (CFG scale w + 1); cond, uncond (B, L, D)."""
+    return teacher_trajectory(guided_eps(unet, cond, uncond, w), schedule, z_T, N=N)
+
+
+@torch.no_grad()
+def student_error_bounds(students: Mapping[str, torch.nn.Module], cond: torch.Tensor, schedule: NoiseSchedule,
+                         trajectory: torch.Tensor, times: list[int], strides=(1,)) -> dict[str, dict[int, ErrorBound]]:
+    """{name: {stride: ErrorBound}} of each student UNet (F at gamma = 1) along one teacher trajectory."""
+    out = {}
+    for name, unet in students.items():
+        F = clean_fn(unet, cond, schedule)
+        out[name] = {stride: error_bound(F, trajectory, times, stride) for stride in strides}
+    return out

@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="interface to listen on (0.0.0.0 to serve the network)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), help="port")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
-    p.add_argument("--weights-dir", help="folder of runs (default: $SPLAM_WEIGHTS_DIR or <repo>/weights)")
+    p.add_argument("--weights-dir", help="folder of runs (default: $SPLAM_WEIGHTS_DIR, else weights/ of the checkout, "
+                                          "else ./weights: training.runs.weights_dir)")
     p.add_argument("--models", choices=sorted(MODEL_SETS), help="model set shown first (splam_studio/models/model_sets.py; "
                    "default: dreamshaper7 on a Hugging Face Space with a GPU, else shapes); --teacher / --splam / "
                    "--lcm replace its members")

@@ -1,5 +1,5 @@
 """The studio's logic, testable without a browser: models with a cache, side-by-side comparison, the error-bound
-plot, input validation with messages, and hobbyist training runs as subprocesses (`python -m splam_studio.training`).
+plot and input validation with messages; training runs are started and followed by `launcher.Trainer`.
 
 `splam_studio.studio.ui` lays this out in Gradio; `app.py` (`python -m splam_studio.studio`) parses flags and launches. Nothing here imports gradio.
 User mistakes raise `StudioError` (a ValueError) whose message is meant for the user; `notices` lists what was
@@ -12,9 +12,6 @@ import socket
 import statistics
 import os
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -25,21 +22,19 @@ from typing import Callable
 import torch
 
 from .colors import METHOD_COLORS, tint
+from .launcher import Trainer
+from .validation import StudioError, clamp_float, clamp_int
 from ..training.device import resolve_runtime
-from ..core.error_bound import ErrorBound, error_bound, teacher_trajectory
+from ..core.error_bound import ErrorBound, guided_trajectory, student_error_bounds
 from ..models.loading import (
-    ModelLoadError, RunInfo, list_runs, load_student, load_teacher, resolve_run, sampling_guidance, weights_dir,
+    ModelLoadError, RunInfo, list_runs, load_student, load_teacher, resolve_run, sampling_guidance,
 )
-from ..training.quiet import NOISE
 from ..core.sampler import decode_latents, generate, initial_noise
 from ..core.metrics import latent_mse
 from ..core.schedule import NoiseSchedule
-from ..core.solver import guided_eps
 from ..core.student import clean_fn
 from ..core.teacher import cfg_scale, lcm_w, vae_scale_factor
-from ..training.runs import STATS, default_run_name, read_stats, read_training_config, valid_run_name
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from ..training.runs import read_training_config, valid_run_name, weights_dir
 
 # ---- limits of the inputs (the UI's sliders use the same numbers) ---------------------------------------------
 STUDENT_STEPS = (1, 8)  # consistency sampling: SPLAM/LCM are meant for 1-4 steps
@@ -47,12 +42,9 @@ TEACHER_STEPS = (1, 100)
 GUIDANCE = (1.0, 20.0)  # CFG in the usual `uncond + s (cond - uncond)` form; 1 = no guidance
 SEED = (0, 2**31 - 1)
 STRIDE = (1, 5)  # sub-path length k = stride * k_phi (k_phi = 20 on the 50-point DDIM grid)
-TRAIN_STEPS = (1, 100_000)
-TRAIN_BATCH = (1, 256)
 MAX_PROMPT_CHARS = 500
 LATENCY_RUNS = 3  # each panel is timed this many times; the median is shown, with the range
 TEACHER_SAMPLERS = ("ddim", "dpm++", "unipc")
-METHODS = ("splam", "lcm")
 DEFAULT_GUIDANCE = 7.5  # the Shapes students were distilled at w = 6.5, i.e. CFG 7.5
 N_GRID = 50  # DDIM grid of the error bound; k_phi = 1000 / 50 = 20
 TRAJECTORY_CACHE = 8  # teacher trajectories kept for the error bound (one 512 px SD trajectory: 51 x 64 KB latents)
@@ -60,10 +52,6 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # owner/name; n
 LOCAL_PREFIX = "local:"  # names of models given as paths on the command line
 
 Progress = Callable[[float, str], None]
-
-
-class StudioError(ValueError):
-    """A user mistake or a model that cannot be used; the message says what to do instead."""
 
 
 def _no_progress(fraction: float, desc: str) -> None:
@@ -85,43 +73,6 @@ def clean_prompt(prompt, notices: list[str], *, what: str = "prompt", required: 
                        "(the text encoder reads at most 77 tokens anyway)")
         text = text[:MAX_PROMPT_CHARS]
     return text
-
-
-def _number(name: str, value) -> float:
-    if isinstance(value, bool) or value is None or (isinstance(value, str) and not value.strip()):
-        raise StudioError(f"{name} must be a number, got {value!r}")
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise StudioError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(x):
-        raise StudioError(f"{name} must be a finite number, got {value!r}")
-    return x
-
-
-def _clamp(name: str, x, bounds: tuple, notices: list[str]):
-    """x clamped to [lo, hi], the change reported in `notices`."""
-    lo, hi = bounds
-    if lo <= x <= hi:
-        return x
-    c = min(max(x, lo), hi)
-    f = (lambda v: f"{v:g}") if isinstance(x, float) else str  # a large seed stays a whole number
-    notices.append(f"{name} {f(x)} is outside {f(lo)}-{f(hi)}; using {f(c)}")
-    return c
-
-
-def clamp_int(name: str, value, bounds: tuple[int, int], notices: list[str]) -> int:
-    """An integer in [lo, hi]: rounded and clamped, each change reported in `notices`."""
-    x = _number(name, value)
-    n = int(round(x))
-    if n != x:
-        notices.append(f"{name} {value!r} rounded to {n}")
-    return _clamp(name, n, bounds, notices)
-
-
-def clamp_float(name: str, value, bounds: tuple[float, float], notices: list[str]) -> float:
-    """A number in [lo, hi], clamped, the change reported in `notices`."""
-    return _clamp(name, _number(name, value), bounds, notices)
 
 
 def check_sampler(sampler) -> str:
@@ -646,7 +597,7 @@ class Studio:
             cached = self._trajectories.get(key)
         reused = cached is not None
         if cached is None:  # the costly part at 512 px: 50 guided teacher steps; the stride and students reuse it
-            cached = teacher_trajectory(guided_eps(unet, cond, uncond, lcm_w(guidance_scale)), schedule, z_T, N=N_GRID)
+            cached = guided_trajectory(unet, cond, uncond, lcm_w(guidance_scale), schedule, z_T, N=N_GRID)
             with self._lock:
                 self._trajectories[key] = cached
                 while len(self._trajectories) > TRAJECTORY_CACHE:
@@ -654,12 +605,13 @@ class Studio:
         traj, times = cached
         k = stride * (schedule.T // N_GRID)
 
-        curves, Fs = {}, {}
+        progress(0.5, "LCM and SPLAM: F along the trajectory")
+        curves = {name: by_stride[stride] for name, by_stride in
+                  student_error_bounds(students, cond, schedule, traj, times, (stride,)).items()}
         show = _spread(len(times) - 1, n_thumbnails)  # trajectory indices to decode
-        for i, (name, s_unet) in enumerate(students.items()):
-            progress(0.5 + 0.2 * i, f"{name}: F along the trajectory")
+        Fs = {}
+        for name, s_unet in students.items():
             F = clean_fn(s_unet, cond, schedule)
-            curves[name] = error_bound(F, traj, times, stride)
             Fs[name] = torch.cat([F(traj[j], torch.tensor([times[j]], dtype=torch.long)).float() for j in show])
 
         progress(0.9, "decoding thumbnails")
@@ -787,194 +739,3 @@ def _load_hub_student(repo: str, pipe):
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:200]
-
-
-# ---- training runs (subprocesses of train_cli.py) -------------------------------------------------------------
-ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Z0-9]")  # terminal colours and cursor moves
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
-
-
-def clean_log(text: str) -> list[str]:
-    """Log lines as a person reads them: escape codes removed, each progress bar at its last redraw, noise dropped."""
-    lines = []
-    for raw in ANSI.sub("", text).split("\n"):
-        line = raw.split("\r")[-1] if "\r" in raw else raw  # tqdm redraws a line with \r
-        line = line.rstrip()
-        if line.strip() and not NOISE.search(line):
-            lines.append(line)
-    return lines
-
-
-@dataclass
-class TrainStatus:
-    state: str  # idle | running | stopping | done | failed | stopped | ended
-    message: str
-    run_name: str | None = None
-    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) from stats.jsonl
-    validation: list[tuple[Path, str]] = field(default_factory=list)  # (png, caption), oldest first
-    log_tail: str = ""
-    total_steps: int | None = None
-    it_s: float | None = None
-    eta_s: float | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.state in ("running", "stopping")
-
-    def loss_frame(self):
-        """(step, loss) as numbers (int, float), so a plot puts them on numeric axes, even when empty."""
-        import pandas as pd
-
-        return pd.DataFrame({"step": pd.Series([s for s, _ in self.losses], dtype="int64"),
-                             "loss": pd.Series([v for _, v in self.losses], dtype="float64")})
-
-
-class Trainer:
-    """One distillation run at a time, as a `python -m splam_studio.training` subprocess (a crash cannot take the server down)."""
-
-    def __init__(self, weights: Path, data_dirs: dict[str, str | Path], repo_root: Path = REPO_ROOT):
-        self.weights = Path(weights)
-        self.data_dirs = {str(k): Path(v).expanduser().resolve() for k, v in data_dirs.items()}
-        self.repo_root = repo_root
-        self.proc: subprocess.Popen | None = None
-        self.run_name: str | None = None
-        self.log_path: Path | None = None
-        self.total_steps: int | None = None
-        self.stopped = False
-        self._lock = threading.Lock()
-
-    def data_choices(self) -> list[str]:
-        return ["shapes"] + sorted(self.data_dirs)
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def command(self, teacher: str | Path, data: str, method: str, steps: int, run_name: str, batch_size: int) -> list[str]:
-        """The trainer's command line (`python -m splam_studio.training`) for a run (teacher and data already resolved by the caller)."""
-        cmd = [sys.executable, "-u", "-m", "splam_studio.training"]
-        if data == "shapes":
-            cmd += ["--preset", "shapes", "--shapes-size", str(min(20000, max(256, steps * batch_size)))]
-        cmd += ["--teacher", str(teacher), "--data", data, "--method", method, "--max-steps", str(steps),
-                "--batch-size", str(batch_size), "--run-name", run_name, "--output-dir", str(self.weights),
-                "--checkpoint-every", str(max(1, steps // 2)), "--validate-every", str(max(1, steps // 4)),
-                "--snapshot-every", "0"]
-        return cmd
-
-    def start(self, teacher: str | Path, data: str, method: str, steps, run_name: str, batch_size=32) -> str:
-        """Start a run; StudioError if one is running or an input is invalid."""
-        notices: list[str] = []
-        if method not in METHODS:
-            raise StudioError(f"unknown method {method!r}; choose one of {list(METHODS)}")
-        if data not in self.data_choices():
-            raise StudioError(f"unknown data {data!r}; choose one of {self.data_choices()} (folders are allowed "
-                              "only from the command line: --data-dir NAME=PATH)")
-        steps = clamp_int("training steps", steps, TRAIN_STEPS, notices)
-        batch_size = clamp_int("batch size", batch_size, TRAIN_BATCH, notices)
-        run_name = (run_name or "").strip() or default_run_name(method)
-        if not valid_run_name(run_name):
-            raise StudioError(f"invalid run name {run_name!r}: letters, digits, '.', '_' and '-' only, no paths")
-        if run_name.startswith("shapes-"):
-            raise StudioError("run names starting with 'shapes-' are reserved for the embedded models; pick another")
-        if (self.weights / run_name).exists():
-            raise StudioError(f"a run named {run_name!r} already exists under weights/; pick another name")
-        data_arg = data if data == "shapes" else str(self.data_dirs[data])
-        with self._lock:
-            if self.running():
-                raise StudioError(f"run {self.run_name!r} is still going: stop it first (one run at a time)")
-            logs = self.weights / ".studio-logs"
-            logs.mkdir(parents=True, exist_ok=True)
-            self.log_path = logs / f"{run_name}.log"
-            env = {**os.environ, "PYTHONUNBUFFERED": "1",
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(self.repo_root), os.environ.get("PYTHONPATH")]))}
-            with open(self.log_path, "wb") as log:
-                self.proc = subprocess.Popen(self.command(teacher, data_arg, method, steps, run_name, batch_size),
-                                             cwd=str(self.repo_root), stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-            self.run_name, self.total_steps, self.stopped = run_name, steps, False
-            threading.Thread(target=self.proc.wait, daemon=True).start()  # reap the child as soon as it exits
-        note = f" ({'; '.join(notices)})" if notices else ""
-        return f"Started {method} run `{run_name}`: {steps} steps, batch {batch_size}, data {data}{note}."
-
-    def stop(self, grace_s: float = 20.0) -> str:
-        """Interrupt the run (SIGINT: the trainer exits cleanly, the last checkpoint intact), kill after grace_s."""
-        with self._lock:
-            if not self.running():
-                return "No run is going."
-            proc, self.stopped = self.proc, True
-            proc.send_signal(signal.SIGINT)
-
-        def reap():
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-        threading.Thread(target=reap, daemon=True).start()
-        return f"Stopping `{self.run_name}`…"
-
-    def _last_logged_run(self) -> tuple[str, Path] | None:
-        """(run name, log) of the newest run started from a studio on this weights folder (survives a restart)."""
-        logs = sorted((self.weights / ".studio-logs").glob("*.log"), key=lambda p: p.stat().st_mtime)
-        return (logs[-1].stem, logs[-1]) if logs else None
-
-    def status(self) -> TrainStatus:
-        """The current (or last) run: state, loss curve, speed and ETA from its stats.jsonl, validation grids, log."""
-        if self.proc is None:
-            last = self._last_logged_run()
-            if last is None:
-                return TrainStatus("idle", "No run started from the studio yet.")
-            run_name, log_path, rc = last[0], last[1], "gone"
-        else:
-            run_name, log_path, rc = self.run_name, self.log_path, self.proc.poll()
-        rows = read_stats(self.weights / run_name / STATS)
-        steps = [r for r in rows if "event" not in r and "step" in r]
-        losses = [(int(r["step"]), float(r["loss"])) for r in steps if isinstance(r.get("loss"), (int, float))]
-        start = next((r for r in reversed(rows) if r.get("event") == "start"), {})
-        done = any(r.get("event") == "done" for r in rows)
-        total = self.total_steps if self.proc is not None else start.get("max_steps")
-        last = steps[-1] if steps else None
-        it_s, eta = (last.get("it_s"), last.get("eta_s")) if last else (None, None)
-        val_dir = self.weights / run_name / "validation"
-        validation = [(p, f"step {int(p.stem.split('-')[-1])}") for p in sorted(val_dir.glob("step-*.png"))]
-        lines = clean_log(_tail(log_path, 200_000) if log_path else "")
-        if last:
-            progress = f"step {last['step']}/{total}" + (f", loss {last['loss']:.4g}" if last.get("loss") is not None
-                                                         else "")
-        else:
-            progress = "loading the teacher and the data…"
-        if rc is None:
-            speed = f" · {it_s:.2f} it/s · ETA {format_duration(eta)}" if it_s else ""
-            state, msg = ("stopping" if self.stopped else "running"), f"`{run_name}` {progress}{speed}"
-        elif rc == "gone":
-            state = "done" if done else "ended"
-            msg = (f"Last run `{run_name}` finished ({progress}); it is in the model lists." if done else
-                   f"Last run `{run_name}` ended at {progress} (the studio was restarted or the run stopped); "
-                   f"continue it with `python -m splam_studio.training --run-name {run_name} --resume latest`.")
-        elif self.stopped:
-            state, msg = "stopped", (f"`{run_name}` stopped ({progress}). Its last checkpoint is in "
-                                     f"weights/{run_name}/checkpoints; continue with `python -m splam_studio.training --resume latest`.")
-        elif rc == 0:
-            state, msg = "done", f"`{run_name}` finished ({progress}); it is now in the model lists."
-        else:
-            err = ([ln for ln in lines if ln.startswith("error:")] or lines or ["(no output)"])[-1]
-            state, msg = "failed", f"`{run_name}` failed (exit {rc}): {err[:300]}"
-        return TrainStatus(state, msg, run_name, losses, validation, "\n".join(lines[-15:]), total, it_s, eta)
-
-
-def _tail(path: Path, n: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - n))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""

@@ -15,9 +15,10 @@ from ..models.model_sets import MODEL_SETS, gpu_seconds
 from ..models.loading import ModelLoadError
 from ..shapes.grammar import spec_from_caption
 from .colors import METHOD_COLORS, tint
+from .launcher import METHODS, TRAIN_BATCH, format_duration
 from .logic import (
-    DEFAULT_GUIDANCE, GUIDANCE, METHODS, N_GRID, ROLE_TITLE, SEED, STRIDE, STUDENT_STEPS, TEACHER_SAMPLERS,
-    TEACHER_STEPS, TRAIN_BATCH, Studio, StudioError, format_duration,
+    DEFAULT_GUIDANCE, GUIDANCE, N_GRID, ROLE_TITLE, SEED, STRIDE, STUDENT_STEPS, TEACHER_SAMPLERS, TEACHER_STEPS,
+    Studio, StudioError,
 )
 
 log = logging.getLogger("splam_studio.studio.ui")

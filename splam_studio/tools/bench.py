@@ -17,12 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ..core.error_bound import error_bound, teacher_trajectory
+from ..core.error_bound import guided_trajectory, student_error_bounds
 from ..core.metrics import feature_statistics, frechet_distance, latent_mse, psnr
 from ..core.sampler import decode_latents, generate, initial_noise
 from ..core.schedule import NoiseSchedule
-from ..core.solver import guided_eps
-from ..core.student import clean_fn
 from ..core.teacher import cfg_scale, encode_text, lcm_w
 
 ROWS = [("teacher-ddim", 50), ("ddim", 4), ("ddim", 8), ("dpm++", 4), ("unipc", 4),
@@ -152,16 +150,11 @@ class Bench:
             cond, uncond = encode_text(self.pipe, caps), encode_text(self.pipe, [""] * len(caps))
             size = self.pipe.unet.config.sample_size
             z_T = initial_noise(self.seed, len(caps), self.pipe.unet, size, size, 1)
-            traj, times = teacher_trajectory(guided_eps(self.pipe.unet, cond, uncond, lcm_w(self.guidance)), self.schedule, z_T)
-            out = {}
-            for m, unet in self.students.items():
-                F = clean_fn(unet, cond, self.schedule)
-                out[m] = {}
-                for stride in strides:
-                    eb = error_bound(F, traj, times, stride)
-                    out[m][f"k={20 * stride}"] = {"t": eb.times, "term": eb.terms.mean(1).tolist(),
-                                                   "bound": eb.bound.mean(1).tolist(), "error": eb.error.mean(1).tolist()}
-        return out
+            traj, times = guided_trajectory(self.pipe.unet, cond, uncond, lcm_w(self.guidance), self.schedule, z_T)
+            bounds = student_error_bounds(self.students, cond, self.schedule, traj, times, strides)
+        return {m: {f"k={20 * stride}": {"t": eb.times, "term": eb.terms.mean(1).tolist(), "bound": eb.bound.mean(1).tolist(),
+                                        "error": eb.error.mean(1).tolist()} for stride, eb in by_stride.items()}
+                for m, by_stride in bounds.items()}
 
     def ensure_reference(self, cache: Path | None = None) -> None:
         """The teacher's 50-step latents of these captions, every later row's reference (cached in a file if given)."""
@@ -406,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--curves-plot", default=None, help="--curves: also plot them to this PNG")
     p.add_argument("--resume-curves", action="store_true", help="--curves: reuse the points already in --curves-out")
     a = p.parse_args(argv)
-    from ..models.loading import weights_dir
+    from ..training.runs import weights_dir
 
     weights = Path(a.weights) if a.weights else weights_dir()
     out = Path(a.out)

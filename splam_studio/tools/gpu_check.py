@@ -69,7 +69,7 @@ def build_pipeline(out: Path, size: str = "sd15", seed: int = 0, device: str = "
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from ..core.schedule import SD15_SCHEDULER_CONFIG
-    from ..models.loading import weights_dir
+    from ..training.runs import weights_dir
 
     sh = SHAPES[size]
     tok_src = weights_dir() / "shapes-teacher" / "tokenizer"  # any CLIP tokenizer folder; this one ships with the repo
@@ -227,7 +227,8 @@ def latency_for(teacher: str, device: str, repeats: int, teacher_steps: int = 50
 # ---------------------------------------------------------------- the check
 
 def _summary(doc: dict) -> dict:
-    """The targets of issue #13, each with its figure and whether it is met."""
+    """The targets the check reports (SPLAM vs LCM step time, peak memory, studio vs stock latency, runs ok), each with
+    its figure and whether it is met."""
     out = {}
     bench = doc.get("bench") or []
     ratios = [r["step_s"] / b["step_s"] for r in bench if r["method"] == "splam" for b in bench

@@ -14,15 +14,24 @@ import time
 from pathlib import Path
 
 WEIGHTS_ENV = "SPLAM_WEIGHTS_DIR"
+CHECKOUT = Path(__file__).resolve().parents[2]  # the folder holding splam_studio/
 TRAINING_CONFIG = "training_config.json"
 STATS = "stats.jsonl"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a plain folder name: no separators, no leading dot
 
 
 def weights_dir() -> Path:
-    """`$SPLAM_WEIGHTS_DIR`, else <repo>/weights next to the package."""
+    """The default weights root, the one rule of the trainer, the studio and the tools.
+
+    `$SPLAM_WEIGHTS_DIR` if set; else `weights/` of the checkout the package runs from (the folder holding
+    pyproject.toml beside splam_studio/), from any working directory; else `./weights` (an installed package).
+    """
     env = os.environ.get(WEIGHTS_ENV)
-    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "weights"
+    if env:
+        return Path(env).expanduser()
+    if (CHECKOUT / "pyproject.toml").is_file():
+        return CHECKOUT / "weights"
+    return Path.cwd() / "weights"
 
 
 def valid_run_name(name) -> bool:
