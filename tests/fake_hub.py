@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from splam_studio.models.loading import export_kohya_lora
+from splam_studio.models.export import export_kohya_lora
 from splam_studio.core.student import build_student
 from tests.tiny import make_tiny_pipeline
 

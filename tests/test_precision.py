@@ -197,7 +197,7 @@ def test_resolver_refuses_with_the_options(monkeypatch, hw, device, precision, w
 
 def test_fp16_loss_scale_survives_a_resume(tmp_path):
     """fp16 training keeps accelerate's GradScaler state in state.json, so a resume does not restart at 65536."""
-    from splam_studio.training.loop import load_checkpoint, save_checkpoint
+    from splam_studio.training.checkpoints import load_checkpoint, save_checkpoint
 
     net = torch.nn.Linear(3, 2)
     target = torch.nn.Linear(3, 2).requires_grad_(False)

@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 
 from ..core.teacher import cfg_scale
 from .export import COND_PROJ_FILE, COND_PROJ_KEY, LDM_PREFIXES, LORA_WEIGHTS, STUDENT_UNET_CONFIG
-from .export import export_kohya_lora  # noqa: F401  (tests/fake_hub.py imports it from here)
 from ..training.runs import RUN_NAME, TRAINING_CONFIG, WEIGHTS_ENV, valid_run_name, weights_dir  # noqa: F401  (re-exported)
 
 EMBEDDED = {

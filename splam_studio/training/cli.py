@@ -17,6 +17,7 @@ from splam_studio.training.quiet import quiet_libraries
 quiet_libraries()  # before the libraries are imported: only warnings a user can act on are printed
 
 from splam_studio.training.loop import TrainConfig, TrainError, run  # noqa: E402
+from splam_studio.training.runs import weights_dir  # noqa: E402
 
 HELP = {
     "teacher": "teacher: embedded name (shapes), diffusers folder, single-file SD1.5 .safetensors, or hub id",
@@ -24,7 +25,7 @@ HELP = {
     "data": "data: image folder with .txt captions, folder with metadata.jsonl, datasets name/path, .tar shards (path/glob/URL), or 'shapes'",
     "method": "splam (gamma ~ U[0,1] on the SL-ODE) or lcm (gamma = 1; everything else identical)",
     "run_name": "checkpoints go to <output-dir>/<run-name> (default: <method>-<timestamp>)",
-    "output_dir": "where runs are written",
+    "output_dir": "where runs are written (default: $SPLAM_WEIGHTS_DIR, else weights/ of the checkout, else ./weights; the studio lists the same folder)",
     "w": "teacher guidance w in the LCM form eps_c + w (eps_c - eps_u); 8 = CFG 9 (authors)",
     "num_ddim_steps": "N of the DDIM grid; k_phi = 1000 / N",
     "m": "multiple estimation: m chained teacher DDIM steps, k = m * k_phi",
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace) -> TrainConfig:
     values = dict(PRESETS.get(args.preset or "", {}))
     values.update({k: v for k, v in vars(args).items() if k not in ("preset", "print_config") and v is not None})
+    values.setdefault("output_dir", str(weights_dir()))  # the studio's folder: one rule (training.runs)
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg
