@@ -38,7 +38,8 @@ def test_heldout_pairs_never_in_train_split():
 
 
 def test_tokenizer_one_id_per_grammar_word(tmp_path):
-    from splam_studio.shapes.world import MAX_LENGTH, build_tokenizer, tokenize
+    from splam_studio.core.teacher import tokenize
+    from splam_studio.shapes.tokenizer import MAX_LENGTH, build_tokenizer
 
     tok = build_tokenizer(tmp_path)
     ids = [tok(w, add_special_tokens=False).input_ids for w in VOCAB]

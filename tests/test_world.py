@@ -11,7 +11,7 @@ from splam_studio.core.metrics import feature_statistics, frechet_distance, late
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
-    from splam_studio.shapes.world import build
+    from splam_studio.shapes.build import build
 
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("world")
@@ -37,7 +37,8 @@ def test_scaling_factor_gives_unit_variance(tiny_world):
     from diffusers import AutoencoderKL
 
     from splam_studio.shapes.grammar import ShapesDataset
-    from splam_studio.shapes.world import PRESETS, encode_latents
+    from splam_studio.shapes.recipe import PRESETS
+    from splam_studio.shapes.stages import encode_latents
 
     out, record = tiny_world
     vae = AutoencoderKL.from_pretrained(str(out / "shapes-teacher" / "vae"))
@@ -108,7 +109,7 @@ def test_text_separation_sees_a_collapsed_word(tiny_world):
     from diffusers import StableDiffusionPipeline
 
     from splam_studio.shapes.grammar import POSITIONS
-    from splam_studio.shapes.world import text_separation
+    from splam_studio.shapes.probes import text_separation
 
     out, _ = tiny_world
     pipe = StableDiffusionPipeline.from_pretrained(str(out / "shapes-teacher"), local_files_only=True)
@@ -130,7 +131,9 @@ def test_text_encoder_is_trained_only_when_the_preset_says(tmp_path, train_text_
 
     from transformers import CLIPTextModel
 
-    from splam_studio.shapes.world import PRESETS, build, build_models, build_tokenizer
+    from splam_studio.shapes.build import build
+    from splam_studio.shapes.recipe import PRESETS, build_models
+    from splam_studio.shapes.tokenizer import build_tokenizer
 
     assert PRESETS["full"].train_text_encoder is False and PRESETS["full-joint-text"].train_text_encoder is True
     tiny = PRESETS["tiny"]
@@ -145,7 +148,9 @@ def test_text_encoder_without_layers_conditions_per_token(tmp_path):
     """text_layers = 0: changing one word changes that token's conditioning and no other token's."""
     from transformers import CLIPTextModel
 
-    from splam_studio.shapes.world import build_tokenizer, text_encoder_config, tokenize
+    from splam_studio.core.teacher import tokenize
+    from splam_studio.shapes.recipe import text_encoder_config
+    from splam_studio.shapes.tokenizer import build_tokenizer
 
     tok = build_tokenizer(tmp_path / "tok")
     te = CLIPTextModel(text_encoder_config(tok, layers=0)).eval()
@@ -170,7 +175,7 @@ def test_embedded_teacher_was_built_by_the_full_preset():
     from dataclasses import asdict
     from pathlib import Path
 
-    from splam_studio.shapes.world import PRESETS, unet_config
+    from splam_studio.shapes.recipe import PRESETS, unet_config
 
     weights = Path(__file__).resolve().parents[1] / "weights"
     recorded = json.loads((weights / "recipe.json").read_text())["preset"]
