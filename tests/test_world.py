@@ -13,7 +13,6 @@ from splam_studio.core.metrics import feature_statistics, frechet_distance, late
 def tiny_world(tmp_path_factory):
     from splam_studio.shapes.build import build
 
-    torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("world")
     record = build(out, "tiny", log=lambda s: None)
     return out, record
@@ -30,7 +29,7 @@ def test_tiny_build_loads_offline_and_generates(tiny_world):
     image = pipe("one small red circle at the left on a black background", num_inference_steps=2,
                  guidance_scale=7.5, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64) and image.mode == "RGB"
-    assert record["stages"]["unet"]["steps_done"] == 3
+    assert record["stages"]["unet"]["steps_done"] == 3 and record["device"] == "cpu"
 
 
 def test_scaling_factor_gives_unit_variance(tiny_world):
@@ -184,3 +183,17 @@ def test_embedded_teacher_was_built_by_the_full_preset():
     assert te["num_hidden_layers"] == PRESETS["full"].text_layers
     unet = json.loads((weights / "shapes-teacher" / "unet" / "config.json").read_text())
     assert all(list(unet[k]) == list(v) if isinstance(v, tuple) else unet[k] == v for k, v in unet_config().items())
+
+
+def test_world_cli_prints_the_resolved_preset(capsys):
+    """`tools.world build --print-config` prints the preset's fields as JSON and trains nothing."""
+    import json
+    from dataclasses import asdict
+
+    from splam_studio.shapes.recipe import PRESETS
+    from splam_studio.tools.world import main
+
+    main(["build", "--preset", "tiny", "--print-config"])
+    assert json.loads(capsys.readouterr().out) == asdict(PRESETS["tiny"])
+    with pytest.raises(SystemExit):
+        main(["build", "--device", "tpu"])
