@@ -197,3 +197,17 @@ def test_world_cli_prints_the_resolved_preset(capsys):
     assert json.loads(capsys.readouterr().out) == asdict(PRESETS["tiny"])
     with pytest.raises(SystemExit):
         main(["build", "--device", "tpu"])
+
+
+def test_a_stage_past_its_deadline_stops_and_counts_the_steps_it_did():
+    """Clock.steps cuts a stage short once the deadline (less the stage's reserve) has passed, and says so."""
+    from splam_studio.shapes.recipe import PRESETS
+    from splam_studio.shapes.stages import Clock, train_evaluator
+
+    logged: list[str] = []
+    _, rec = train_evaluator(PRESETS["tiny"], Clock(deadline_s=-1.0), 0.0, logged.append, torch.device("cpu"))
+    assert rec["steps_done"] == 0 and rec["final_loss"] is None
+    assert "[evaluator] deadline reached, stopping at step 0" in logged
+    clock = Clock(deadline_s=3600.0)
+    assert list(clock.steps("vae", 4, reserve_s=0.0, log=logged.append)) == [0, 1, 2, 3]
+    assert list(clock.steps("vae", 4, reserve_s=3600.0, log=logged.append)) == []

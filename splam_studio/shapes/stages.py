@@ -42,6 +42,24 @@ class Clock:
     def past_deadline(self, reserve_s: float = 0.0) -> bool:
         return self.elapsed() > self.deadline_s - reserve_s
 
+    def steps(self, stage: str, n: int, reserve_s: float, log):
+        """range(n), cut short (and logged) once less than reserve_s of the deadline is left."""
+        for step in range(n):
+            if self.past_deadline(reserve_s):
+                log(f"[{stage}] deadline reached, stopping at step {step}")
+                return
+            yield step
+
+
+def _optimizer_step(opt, sched, loss: torch.Tensor, clip_params=None) -> None:
+    """Backward, gradient-norm clip to 1 (when clip_params are given), AdamW step, schedule step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
+    sched.step()
+
 
 def to_pm1(u8: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 images (B, 3, H, W) -> float on `device`, in [-1, 1]."""
@@ -64,11 +82,8 @@ def train_vae(vae, images_u8: torch.Tensor, p: WorldPreset, clock: Clock, reserv
     vae.train().to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=p.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(p.warmup, p.vae_steps))
-    t0, step, ema_loss = time.time(), 0, None
-    for step in range(p.vae_steps):
-        if clock.past_deadline(reserve_s):
-            log(f"[vae] deadline reached, stopping at step {step}")
-            break
+    t0, step, ema_loss = time.time(), -1, None  # step + 1 = the steps done
+    for step in clock.steps("vae", p.vae_steps, reserve_s, log):
         idx = torch.randint(0, len(images_u8), (p.vae_batch,), generator=g)
         x = to_pm1(images_u8[idx], device)
         post = vae.encode(x).latent_dist
@@ -76,11 +91,7 @@ def train_vae(vae, images_u8: torch.Tensor, p: WorldPreset, clock: Clock, reserv
         rec = vae.decode(z).sample
         w = _foreground_weight(x, p.fg_weight)  # objects are ~5% of the pixels: weight them up
         loss = (w * ((rec - x).abs() + (rec - x) ** 2)).mean() + p.kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _optimizer_step(opt, sched, loss, vae.parameters())
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         if step % p.log_every == 0 or step == p.vae_steps - 1:
             log(f"[vae] step {step}/{p.vae_steps} loss {loss.item():.4f} (ema {ema_loss:.4f}) "
@@ -139,26 +150,20 @@ def train_evaluator(p: WorldPreset, clock: Clock, reserve_s: float, log, device:
     model = Evaluator().to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=p.eval_lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(p.warmup, p.eval_steps // 10 + 1), p.eval_steps))
-    t0, step = time.time(), 0
-    for step in range(p.eval_steps):
-        if clock.past_deadline(reserve_s):
-            log(f"[evaluator] deadline reached, stopping at step {step}")
-            break
+    t0, step = time.time(), -1  # step + 1 = the steps done
+    for step in clock.steps("evaluator", p.eval_steps, reserve_s, log):
         idx = torch.randint(0, len(images), (p.eval_batch,), generator=g)
         x = to_pm1(images[idx], device)
         x = x + 0.05 * torch.rand(len(x), 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)
         half = len(x) // 2  # blur half the batch: generated images are softer than renders (VAE decoder)
         x[:half] = _gaussian_blur(x[:half], 0.3 + 1.2 * torch.rand(1, generator=g).item())
         loss = evaluator_loss(model, x, labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _optimizer_step(opt, sched, loss)
         if step % p.log_every == 0 or step == p.eval_steps - 1:
             log(f"[evaluator] step {step}/{p.eval_steps} loss {loss.item():.4f} "
                 f"{(step + 1) / (time.time() - t0):.2f} it/s")
     model.eval()
-    return model, {"steps_done": step + 1, "final_loss": loss.item(), "wall_s": time.time() - t0}
+    return model, {"steps_done": step + 1, "final_loss": loss.item() if step >= 0 else None, "wall_s": time.time() - t0}
 
 
 def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor,
@@ -184,11 +189,8 @@ def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, emp
         with torch.no_grad():
             enc_cache = torch.cat([text_encoder(ids[i:i + 1024].to(device))[0] for i in range(0, len(ids), 1024)])
             enc_empty = text_encoder(empty_ids[None].to(device))[0]  # (1, L, 128)
-    t0, step, ema_loss, probes = time.time(), 0, None, []
-    for step in range(p.unet_steps):
-        if clock.past_deadline(reserve_s):
-            log(f"[unet] deadline reached, stopping at step {step}")
-            break
+    t0, step, ema_loss, probes = time.time(), -1, None, []  # step + 1 = the steps done
+    for step in clock.steps("unet", p.unet_steps, reserve_s, log):
         # 1. a batch of cached latents and captions, 10% of captions dropped to ""
         idx = torch.randint(0, len(latents), (p.unet_batch,), generator=g)
         z0 = latents[idx].to(device, DTYPE)  # (B, 4, 8, 8), already scaled
@@ -203,11 +205,7 @@ def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, emp
         else:
             enc = torch.where(drop.to(device)[:, None, None], enc_empty, enc_cache[idx.to(device)])
         loss = F.mse_loss(unet(z_t, t, enc).sample, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        _optimizer_step(opt, sched, loss, params)
         # 4. EMA, with the usual warm-up of the decay
         decay = min(p.ema_decay, (1 + step) / (10 + step))
         ema_update(ema_unet, unet, decay)
