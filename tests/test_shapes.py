@@ -38,7 +38,8 @@ def test_heldout_pairs_never_in_train_split():
 
 
 def test_tokenizer_one_id_per_grammar_word(tmp_path):
-    from splam_studio.shapes.world import MAX_LENGTH, build_tokenizer, tokenize
+    from splam_studio.core.teacher import tokenize
+    from splam_studio.shapes.tokenizer import MAX_LENGTH, build_tokenizer
 
     tok = build_tokenizer(tmp_path)
     ids = [tok(w, add_special_tokens=False).input_ids for w in VOCAB]
@@ -65,7 +66,11 @@ def test_image_has_the_colour_where_the_caption_says(seed):
 
 
 def test_dataset_item_format():
-    item = ShapesDataset(2, seed=0, split="heldout")[0]
+    """Item i is spec i's render in [-1, 1] with its caption and labels; render_all holds the same pixels as uint8."""
+    ds = ShapesDataset(2, seed=0, split="heldout")
+    item, spec = ds[1], ds.specs[1]
     x = item["pixel_values"]
-    assert x.dtype == torch.float32 and x.shape == (3, 64, 64) and -1 <= x.min() and x.max() <= 1
-    assert isinstance(item["caption"], str) and set(item["labels"]) == set(ATTRIBUTES)
+    assert x.dtype == torch.float32 and x.shape == (3, 64, 64)
+    assert torch.equal(x, ds.render_all()[1].float() / 127.5 - 1)
+    assert item["caption"] == spec.caption() and item["labels"] == spec.labels() == parse_caption(spec.caption())
+    assert ds.label_tensor()[1].tolist() == [spec.labels()[a] for a in ATTRIBUTES]

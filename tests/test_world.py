@@ -11,9 +11,8 @@ from splam_studio.core.metrics import feature_statistics, frechet_distance, late
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
-    from splam_studio.shapes.world import build
+    from splam_studio.shapes.build import build
 
-    torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("world")
     record = build(out, "tiny", log=lambda s: None)
     return out, record
@@ -30,14 +29,15 @@ def test_tiny_build_loads_offline_and_generates(tiny_world):
     image = pipe("one small red circle at the left on a black background", num_inference_steps=2,
                  guidance_scale=7.5, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64) and image.mode == "RGB"
-    assert record["stages"]["unet"]["steps_done"] == 3
+    assert record["stages"]["unet"]["steps_done"] == 3 and record["device"] == "cpu"
 
 
 def test_scaling_factor_gives_unit_variance(tiny_world):
     from diffusers import AutoencoderKL
 
     from splam_studio.shapes.grammar import ShapesDataset
-    from splam_studio.shapes.world import PRESETS, encode_latents
+    from splam_studio.shapes.recipe import PRESETS
+    from splam_studio.shapes.stages import encode_latents
 
     out, record = tiny_world
     vae = AutoencoderKL.from_pretrained(str(out / "shapes-teacher" / "vae"))
@@ -108,7 +108,7 @@ def test_text_separation_sees_a_collapsed_word(tiny_world):
     from diffusers import StableDiffusionPipeline
 
     from splam_studio.shapes.grammar import POSITIONS
-    from splam_studio.shapes.world import text_separation
+    from splam_studio.shapes.probes import text_separation
 
     out, _ = tiny_world
     pipe = StableDiffusionPipeline.from_pretrained(str(out / "shapes-teacher"), local_files_only=True)
@@ -130,7 +130,9 @@ def test_text_encoder_is_trained_only_when_the_preset_says(tmp_path, train_text_
 
     from transformers import CLIPTextModel
 
-    from splam_studio.shapes.world import PRESETS, build, build_models, build_tokenizer
+    from splam_studio.shapes.build import build
+    from splam_studio.shapes.recipe import PRESETS, build_models
+    from splam_studio.shapes.tokenizer import build_tokenizer
 
     assert PRESETS["full"].train_text_encoder is False and PRESETS["full-joint-text"].train_text_encoder is True
     tiny = PRESETS["tiny"]
@@ -145,7 +147,9 @@ def test_text_encoder_without_layers_conditions_per_token(tmp_path):
     """text_layers = 0: changing one word changes that token's conditioning and no other token's."""
     from transformers import CLIPTextModel
 
-    from splam_studio.shapes.world import build_tokenizer, text_encoder_config, tokenize
+    from splam_studio.core.teacher import tokenize
+    from splam_studio.shapes.recipe import text_encoder_config
+    from splam_studio.shapes.tokenizer import build_tokenizer
 
     tok = build_tokenizer(tmp_path / "tok")
     te = CLIPTextModel(text_encoder_config(tok, layers=0)).eval()
@@ -170,7 +174,7 @@ def test_embedded_teacher_was_built_by_the_full_preset():
     from dataclasses import asdict
     from pathlib import Path
 
-    from splam_studio.shapes.world import PRESETS, unet_config
+    from splam_studio.shapes.recipe import PRESETS, unet_config
 
     weights = Path(__file__).resolve().parents[1] / "weights"
     recorded = json.loads((weights / "recipe.json").read_text())["preset"]
@@ -179,3 +183,31 @@ def test_embedded_teacher_was_built_by_the_full_preset():
     assert te["num_hidden_layers"] == PRESETS["full"].text_layers
     unet = json.loads((weights / "shapes-teacher" / "unet" / "config.json").read_text())
     assert all(list(unet[k]) == list(v) if isinstance(v, tuple) else unet[k] == v for k, v in unet_config().items())
+
+
+def test_world_cli_prints_the_resolved_preset(capsys):
+    """`tools.world build --print-config` prints the preset's fields as JSON and trains nothing."""
+    import json
+    from dataclasses import asdict
+
+    from splam_studio.shapes.recipe import PRESETS
+    from splam_studio.tools.world import main
+
+    main(["build", "--preset", "tiny", "--print-config"])
+    assert json.loads(capsys.readouterr().out) == asdict(PRESETS["tiny"])
+    with pytest.raises(SystemExit):
+        main(["build", "--device", "tpu"])
+
+
+def test_a_stage_past_its_deadline_stops_and_counts_the_steps_it_did():
+    """Clock.steps cuts a stage short once the deadline (less the stage's reserve) has passed, and says so."""
+    from splam_studio.shapes.recipe import PRESETS
+    from splam_studio.shapes.stages import Clock, train_evaluator
+
+    logged: list[str] = []
+    _, rec = train_evaluator(PRESETS["tiny"], Clock(deadline_s=-1.0), 0.0, logged.append, torch.device("cpu"))
+    assert rec["steps_done"] == 0 and rec["final_loss"] is None
+    assert "[evaluator] deadline reached, stopping at step 0" in logged
+    clock = Clock(deadline_s=3600.0)
+    assert list(clock.steps("vae", 4, reserve_s=0.0, log=logged.append)) == [0, 1, 2, 3]
+    assert list(clock.steps("vae", 4, reserve_s=3600.0, log=logged.append)) == []

@@ -1,57 +1,22 @@
 """A tiny, seeded, SD1.5-shaped pipeline for CPU tests (no downloads).
 
 UNet block_out_channels (32, 64), cross_attention_dim 32, 8x8 latents; VAE (32, 32), 4 latent channels, 16x16
-images; CLIP text encoder of width 32 with a word-level tokenizer: every word of WORDS is one token.
+images; CLIP text encoder of width 32 over the Shapes tokenizer (`shapes.tokenizer.build_tokenizer`).
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
-from splam_studio.shapes.grammar import VOCAB
 from splam_studio.core.schedule import SD15_SCHEDULER_CONFIG
+from splam_studio.shapes.grammar import VOCAB
+from splam_studio.shapes.tokenizer import MAX_LENGTH, build_tokenizer
 
-EXTRA_WORDS = ("photo", "of", "cat", "dog", "grey", "colour", "and")
-WORDS = tuple(sorted(set(VOCAB) | set(EXTRA_WORDS)))
-MAX_LENGTH = 16  # a Shapes caption is 11 words + 2 specials
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,'!?-"
-
-
-def _bpe(parts: list[str], merges: list[tuple[str, str]]) -> list[str]:
-    """Byte-pair encoding of one word: repeatedly merge the adjacent pair of lowest rank."""
-    rank = {m: i for i, m in enumerate(merges)}
-    while len(parts) > 1:
-        pairs = [(rank.get(p, len(rank)), i) for i, p in enumerate(zip(parts, parts[1:]))]
-        r, i = min(pairs)
-        if r == len(rank):
-            break
-        parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
-    return parts
-
-
-def write_word_tokenizer(directory: Path, words: tuple[str, ...] = WORDS) -> CLIPTokenizer:
-    """A CLIPTokenizer whose BPE merges build each word of `words` into one token; other words fall back to chars."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tokens = [BOS, EOS] + list(CHARS) + [c + "</w>" for c in CHARS]
-    merges: list[tuple[str, str]] = []
-    for w in words:  # BPE-train style: append the merge the word still needs, lowest priority, until one token
-        while len(parts := _bpe([*w[:-1], w[-1] + "</w>"], merges)) > 1:
-            merges.append((parts[0], parts[1]))
-            tokens.append(parts[0] + parts[1])
-        tokens.append(parts[0])
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    tok = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=MAX_LENGTH,
-                        pad_token=EOS)
-    tok.save_pretrained(str(directory))
-    return tok
+WORDS = tuple(VOCAB)  # the Shapes grammar's words: each is one token of the tiny tokenizer
 
 
 def tiny_unet(time_cond_proj_dim: int | None = None, seed: int = 0) -> UNet2DConditionModel:
@@ -72,11 +37,11 @@ def tiny_vae(seed: int = 1) -> AutoencoderKL:
     )
 
 
-def tiny_text_encoder(vocab_size: int, seed: int = 2) -> CLIPTextModel:
+def tiny_text_encoder(tokenizer, seed: int = 2) -> CLIPTextModel:
     torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                         num_hidden_layers=2, max_position_embeddings=MAX_LENGTH, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1, projection_dim=32)
+    cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                         num_hidden_layers=2, max_position_embeddings=MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=32)
     return CLIPTextModel(cfg).eval()
 
 
@@ -87,9 +52,9 @@ def sd15_scheduler() -> DDIMScheduler:
 def make_tiny_pipeline(tmp_path: Path | str | None = None, time_cond_proj_dim: int | None = None) -> StableDiffusionPipeline:
     """The tiny pipeline; the tokenizer files go to tmp_path/tokenizer (a fresh temp dir when None)."""
     root = Path(tmp_path) if tmp_path is not None else Path(tempfile.mkdtemp(prefix="tiny-sd-"))
-    tokenizer = write_word_tokenizer(root / "tokenizer")
+    tokenizer = build_tokenizer(root / "tokenizer", WORDS)
     pipe = StableDiffusionPipeline(
-        unet=tiny_unet(time_cond_proj_dim), vae=tiny_vae(), text_encoder=tiny_text_encoder(len(tokenizer)),
+        unet=tiny_unet(time_cond_proj_dim), vae=tiny_vae(), text_encoder=tiny_text_encoder(tokenizer),
         tokenizer=tokenizer, scheduler=sd15_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )

@@ -1,1 +1,2 @@
-"""The offline Shapes world: caption grammar and renderer, the teacher recipe, the evaluator."""
+"""The offline Shapes world: caption grammar and renderer, the evaluator, the teacher's tokenizer, recipe, training
+stages and build, and the probes that measure it."""

@@ -3,7 +3,7 @@
     python -m splam_studio.tools.world build --out weights --preset full
     python -m splam_studio.tools.world evaluate --weights weights
 
-The recipe itself is `splam_studio.shapes.world`.
+The recipe is `splam_studio.shapes.build` (presets in `shapes.recipe`); the measurements are `shapes.probes`.
 """
 
 from __future__ import annotations
@@ -16,63 +16,64 @@ from pathlib import Path
 import torch
 
 from ..models.loading import load_teacher
-from ..shapes import world as W
-from ..shapes.world import PRESETS, bench, build, evaluate, sample_grid, text_separation
+from ..shapes import build as recipe_build
+from ..shapes.build import bench, build
+from ..shapes.probes import evaluate, sample_grid, text_separation
+from ..shapes.recipe import PRESETS
+from ..training.device import pick_device
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m splam_studio.tools.world", description=W.__doc__,
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=int, default=2, help="torch CPU threads (the build machine has 2 cores)")
+    common.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
+                        help="where to run: auto is CUDA, then MPS, then the CPU")
+    ap = argparse.ArgumentParser(prog="python -m splam_studio.tools.world", description=recipe_build.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build", help="run the whole recipe")
+    b = sub.add_parser("build", parents=[common], help="run the whole recipe")
     b.add_argument("--out", default="weights", help="folder for shapes-teacher/, shapes-evaluator/, recipe.json")
     b.add_argument("--preset", default="full", choices=sorted(PRESETS), help="full: the shipped weights; tiny: a smoke run")
-    b.add_argument("--threads", type=int, default=2, help="torch CPU threads (the build machine has 2 cores)")
     b.add_argument("--print-config", action="store_true", help="print the resolved preset and exit")
     b.add_argument("--reuse-from", default=None,
                    help="a finished build folder: reuse its VAE and evaluator, train only text encoder + UNet")
-    be = sub.add_parser("bench", help="time a few training steps of each stage")
-    be.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    be = sub.add_parser("bench", parents=[common], help="time a few training steps of each stage")
     be.add_argument("--steps", type=int, default=6, help="timed steps per stage")
-    ev = sub.add_parser("evaluate", help="teacher quality per split -> benchmarks/teacher.json")
-    ev.add_argument("--weights", default="weights")
+    ev = sub.add_parser("evaluate", parents=[common], help="teacher quality per split -> benchmarks/teacher.json")
+    ev.add_argument("--weights", default="weights", help="folder holding shapes-teacher/ and shapes-evaluator/")
     ev.add_argument("--n", type=int, default=1000, help="captions per split")
-    ev.add_argument("--steps", type=int, default=50)
+    ev.add_argument("--steps", type=int, default=50, help="DDIM steps per image")
     ev.add_argument("--guidance", type=float, default=None, help="default: the recipe's guidance scale")
-    ev.add_argument("--threads", type=int, default=2)
-    ev.add_argument("--out", default="benchmarks/teacher.json")
-    dg = sub.add_parser("diagnose", help="text-encoder separation per attribute -> printed, and into teacher.json")
-    dg.add_argument("--weights", default="weights")
+    ev.add_argument("--out", default="benchmarks/teacher.json", help="where the JSON report goes")
+    dg = sub.add_parser("diagnose", parents=[common],
+                        help="text-encoder separation per attribute -> printed, and into teacher.json")
+    dg.add_argument("--weights", default="weights", help="folder holding shapes-teacher/")
     dg.add_argument("--out", default="benchmarks/teacher.json", help="updated in place if it exists")
-    dg.add_argument("--threads", type=int, default=2)
-    gr = sub.add_parser("grid", help="a captioned grid of teacher samples (train and held-out captions)")
-    gr.add_argument("--weights", default="weights")
-    gr.add_argument("--out", default="docs/teacher_grid.png")
-    gr.add_argument("--threads", type=int, default=2)
+    gr = sub.add_parser("grid", parents=[common], help="a captioned grid of teacher samples (train and held-out captions)")
+    gr.add_argument("--weights", default="weights", help="folder holding shapes-teacher/")
+    gr.add_argument("--out", default="docs/teacher_grid.png", help="where the PNG goes")
     args = ap.parse_args(argv)
+    if args.cmd == "build" and args.print_config:
+        print(json.dumps(asdict(PRESETS[args.preset]), indent=2))
+        return
     torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
     if args.cmd == "diagnose":
-        sep = text_separation(load_teacher(str(Path(args.weights) / "shapes-teacher")))
+        sep = text_separation(load_teacher(str(Path(args.weights) / "shapes-teacher")).to(device))
         print(json.dumps(sep, indent=2))
         out = Path(args.out)
         if out.is_file():
             doc = json.loads(out.read_text())
             doc.setdefault("position_probe", {})["text_separation"] = sep
             out.write_text(json.dumps(doc, indent=2))
-        return
-    if args.cmd == "grid":
-        print(sample_grid(args.weights, args.out))
-        return
-    if args.cmd == "evaluate":
-        evaluate(args.weights, args.n, args.steps, args.guidance, args.out)
-        return
-    if args.cmd == "bench":
-        bench(args.steps)
-        return
-    if args.print_config:
-        print(json.dumps(asdict(PRESETS[args.preset]), indent=2))
-        return
-    build(args.out, args.preset, log=lambda s: print(s, flush=True), reuse_from=args.reuse_from)
+    elif args.cmd == "grid":
+        print(sample_grid(args.weights, args.out, device=device))
+    elif args.cmd == "evaluate":
+        evaluate(args.weights, args.n, args.steps, args.guidance, args.out, device=device)
+    elif args.cmd == "bench":
+        bench(args.steps, device=device)
+    else:
+        build(args.out, args.preset, log=lambda s: print(s, flush=True), reuse_from=args.reuse_from, device=device)
 
 
 if __name__ == "__main__":
