@@ -71,7 +71,9 @@ def test_tokenizer_words_are_single_tokens(tiny):
         assert len(pipe.tokenizer(w, add_special_tokens=False).input_ids) == 1, w
     caption = "two large red circles at the left on a black background"
     vocab = pipe.tokenizer.get_vocab()
-    assert pipe.tokenizer(caption).input_ids == [0] + [vocab[w + "</w>"] for w in caption.split()] + [1]
+    tok = pipe.tokenizer
+    assert tok(caption).input_ids == [tok.bos_token_id] + [vocab[w + "</w>"] for w in caption.split()] + [tok.eos_token_id]
+    assert len({tok.bos_token_id, tok.eos_token_id, *(vocab[w + "</w>"] for w in caption.split())}) == 2 + len(set(caption.split()))
 
 
 def test_load_teacher_from_diffusers_folder(tiny):

@@ -132,12 +132,13 @@ def main(argv=None) -> None:
     p.add_argument("--clip", default=None, help="local CLIP model folder for CLIP score")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--out", default="benchmarks/coco.json")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (sampling in fp16 on a GPU, fp32 on the CPU)")
     a = p.parse_args(argv)
     from ..models.loading import load_student, load_teacher
+    from ..training.device import resolve_runtime
 
-    pipe = load_teacher(a.teacher, torch_dtype=torch.float16 if torch.cuda.is_available() else torch.float32)
-    if torch.cuda.is_available():
-        pipe.to("cuda")
+    rt = resolve_runtime(a.device)
+    pipe = load_teacher(a.teacher, torch_dtype=rt.sample_dtype).to(rt.device)
     prompts = load_captions(a.annotations, a.n)
     real = load_real(a.images, prompts, a.resolution)
     feats = inception_features(a.inception_weights, a.allow_pickle)
