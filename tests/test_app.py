@@ -417,3 +417,19 @@ def test_w_conditioned_student_is_sampled_at_its_guidance(weights):
         assert float(r.panel("lcm").latent_mse) != float(gamma.panel("lcm").latent_mse)  # the embedded w is used
     finally:
         shutil.rmtree(run)
+
+
+def test_measured_note_reads_the_committed_benchmarks(tmp_path):
+    import json
+
+    from splam_studio.studio.logic import measured_note
+
+    assert measured_note(tmp_path) == ""  # nothing measured, nothing claimed
+    curve = lambda b, e: {"t": [999, 979], "term": [0.1, 0.1], "bound": [b, 1.0], "error": [e, 0.5]}  # noqa: E731
+    (tmp_path / "results.json").write_text(json.dumps({"error_bound": {
+        "lcm": {"k=40": curve(9.0, 9.0), "k=20": curve(1.25, 0.7)}, "splam": {"k=40": curve(9.0, 9.0), "k=20": curve(1.5, 0.8)}}}))
+    point = lambda f, m: {"points": [{"2": {"fid": 99.0, "teacher_mse": 9.0}}, {"2": {"fid": f, "teacher_mse": m}}]}  # noqa: E731
+    (tmp_path / "seeds.json").write_text(json.dumps({"runs": {"shapes-lcm": point(45.04, 0.1148), "shapes-splam": point(44.0, 0.1171)}}))
+    note = measured_note(tmp_path)
+    assert "at k=20, t = 999: bound LCM 1.250 / SPLAM 1.500, real error LCM 0.700 / SPLAM 0.800" in note
+    assert "2-step Shapes-FID LCM 45.0 / SPLAM 44.0, latent MSE to the teacher LCM 0.1148 / SPLAM 0.1171" in note

@@ -625,6 +625,41 @@ class Studio:
                                 curves=curves, thumbnails=thumbs, notices=notices, trajectory_reused=reused)
 
 
+def measured_note(benchmarks: Path | None = None) -> str:
+    """What the committed benchmarks measured for the embedded Shapes students (BENCHMARKS.md), as one Markdown line.
+
+    Read from `benchmarks/results.json` (error bound at t = 999 per stride) and `benchmarks/seeds.json` (FID and teacher
+    distance at 2 steps over training seeds); "" when the files are absent (an installed package without them).
+    """
+    import json
+
+    from ..training.runs import CHECKOUT
+
+    folder = Path(benchmarks) if benchmarks is not None else CHECKOUT / "benchmarks"
+    parts = []
+    try:
+        eb = json.loads((folder / "results.json").read_text())["error_bound"]
+        k = sorted(eb["lcm"], key=lambda s: int(s.split("=")[1]))[0]  # the shortest stride, k = 20
+        lcm, spl = eb["lcm"][k], eb["splam"][k]
+        parts.append(f"at {k}, t = 999: bound LCM {lcm['bound'][0]:.3f} / SPLAM {spl['bound'][0]:.3f}, real error "
+                     f"LCM {lcm['error'][0]:.3f} / SPLAM {spl['error'][0]:.3f}")
+    except (OSError, KeyError, IndexError, ValueError):
+        pass
+    try:
+        runs = json.loads((folder / "seeds.json").read_text())["runs"]
+        embedded = {r: runs[r]["points"][-1]["2"] for r in ("shapes-lcm", "shapes-splam") if r in runs}
+        if len(embedded) == 2:
+            lcm, spl = embedded["shapes-lcm"], embedded["shapes-splam"]
+            parts.append(f"2-step Shapes-FID LCM {lcm['fid']:.1f} / SPLAM {spl['fid']:.1f}, latent MSE to the teacher "
+                         f"LCM {lcm['teacher_mse']:.4f} / SPLAM {spl['teacher_mse']:.4f}")
+    except (OSError, KeyError, IndexError, ValueError):
+        pass
+    if not parts:
+        return ""
+    return ("Measured on the embedded Shapes students (500 held-out captions; BENCHMARKS.md has the seeds and spreads): "
+            + "; ".join(parts) + ".")
+
+
 def _spread(last: int, n: int) -> list[int]:
     """n indices from 0 to last-1 (excluding the end z_0 itself), evenly spread, starting at 0 (t = T - 1)."""
     n = max(1, min(n, last))

@@ -18,7 +18,7 @@ from .colors import METHOD_COLORS, tint
 from .launcher import METHODS, TRAIN_BATCH, format_duration
 from .logic import (
     DEFAULT_GUIDANCE, GUIDANCE, N_GRID, ROLE_TITLE, SEED, STRIDE, STUDENT_STEPS, TEACHER_SAMPLERS, TEACHER_STEPS,
-    Studio, StudioError,
+    Studio, StudioError, measured_note,
 )
 
 log = logging.getLogger("splam_studio.studio.ui")
@@ -323,6 +323,8 @@ def build_ui(studio: Studio, *, train: bool = True) -> gr.Blocks:
                         "each), which matters at 512 px. "
                         "Colours: " + " · ".join(f"<span style='color:{METHOD_COLORS[m]}'>■ {ROLE_TITLE[m]}</span>"
                                                  for m in ("lcm", "splam")) + " (lighter: real error).")
+            if (note := measured_note()):
+                gr.Markdown(note, elem_id="error-bound-measured")
             with gr.Row(equal_height=True):
                 eb_prompt = gr.Textbox(label="Prompt", value=first_prompt, scale=4, min_width=240)
                 eb_seed = gr.Number(label="Seed", value=0, precision=0, scale=1, min_width=100)
