@@ -57,7 +57,7 @@ def test_plateau_and_seed_verdicts_are_computed_from_the_curves(tmp_path):
     (folder / "seeds.json").write_text(json.dumps(seeds))
     text = write_benchmarks_md(folder, tmp_path / "B.md").read_text()
     assert "| lcm | 3 | 204.0 ± 4.0 | 51.0 ± 1.0 |" in text  # final points 50, 51, 52 (x4 at 1 step)
-    assert "| splam | 3 | 164.0 ± 4.0 | 41.0 ± 1.0 |" in text
-    assert "Verdict, splam against lcm (" in text and "- 2 step(s): FID ratio 0.804, lower" in text
-    assert "Verdict, splam (m 2) against lcm (m 2) (" in text and "- 2 step(s): FID ratio 0.504, lower" in text
-    assert "- splam: 2 step FID beats, MSE beats; 4 step FID beats, MSE MISSES" in text  # 0.41 < 0.45 < 0.451
+    assert "| splam (p(gamma = 1) 0.5) | 3 | 164.0 ± 4.0 | 41.0 ± 1.0 |" in text
+    assert "Verdict, splam (p(gamma = 1) 0.5) against lcm (" in text and "- 2 step(s): FID ratio 0.804, lower" in text
+    assert "Verdict, splam (m 2) (p(gamma = 1) 0.5) against lcm (m 2) (" in text and "- 2 step(s): FID ratio 0.504, lower" in text
+    assert "- splam (p(gamma = 1) 0.5): 2 step FID beats, MSE beats; 4 step FID beats, MSE MISSES" in text  # 0.41 < 0.45 < 0.451

@@ -29,7 +29,7 @@ SAMPLER = {"teacher-ddim": "ddim", "ddim": "ddim", "dpm++": "dpm++", "unipc": "u
 # Ablations: each changes one thing against SPLAM at the same (reduced) budget. With a constant learning rate and
 # the same seeds, the main runs' snapshots at that step ARE the SPLAM baseline and the gamma = 1 (LCM) arm.
 ABLATIONS = {
-    "ablate-base": ("shapes-splam", "SPLAM as embedded: gamma = 1 with p = 0.5, else U[0,1]; k = 20 (m = 1); "
+    "ablate-base": ("shapes-splam", "SPLAM as embedded: gamma = 1 with p = 0.8, else U[0,1]; k = 20 (m = 1); "
                                     "zero-initialised gamma projection at 30x lr"),
     "ablate-uniform": ("ablate-uniform", "gamma ~ U[0,1] only (the paper)"),
     "ablate-gamma1": ("shapes-lcm", "gamma = 1 always (= LCM)"),

@@ -171,7 +171,7 @@ def seed_groups(d: dict) -> dict[str, list[dict]]:
             label += f" (gamma scale {c['gamma_scale']:g})"
         if c["method"] == "splam" and (c.get("gamma_time") or "t") != "t":
             label += f" (gamma time {c['gamma_time']})"
-        if c["method"] == "splam" and c.get("gamma_one_prob") not in (None, 0.5):
+        if c["method"] == "splam" and c.get("gamma_one_prob") is not None:
             label += f" (p(gamma = 1) {c['gamma_one_prob']:g})"
         if c.get("w_min") is not None:
             label += f" (w ~ U[{c['w_min']:g}, {c['w_max']:g}])"
