@@ -215,6 +215,17 @@ def make_example(pixels: torch.Tensor | None, caption: str | None) -> dict | Non
     return {"pixel_values": pixels, "caption": caption}
 
 
+def example_from(img, raw_caption, resolution: int, counter: SkipCounter, where: str, max_pixels: int) -> dict | None:
+    """An image source (bytes or path; None = missing) and a raw caption -> example dict, or None with the reason counted."""
+    if img is None:
+        counter.skip(NO_IMAGE, where)
+        return None
+    pixels = load_pixels(img, resolution, counter, where, max_pixels)
+    if pixels is None:
+        return None
+    return make_example(pixels, decode_caption(raw_caption, counter, where))
+
+
 # ---- local folders ---------------------------------------------------------------------------------------------
 def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
@@ -350,13 +361,7 @@ class HFImageTextDataset(Dataset):
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             img = buf.getvalue()
-        if img is None:
-            self.counter.skip(NO_IMAGE, where)
-            return None
-        pixels = load_pixels(img, self.resolution, self.counter, where, self.max_pixels)
-        if pixels is None:
-            return None
-        return make_example(pixels, decode_caption(row[self.caption_column], self.counter, where))
+        return example_from(img, row[self.caption_column], self.resolution, self.counter, where, self.max_pixels)
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -452,16 +457,10 @@ class WebDatasetSource(IterableDataset):
             return None
         where = f"{sample.get('__url__', '?')}:{key}"
         img = next((sample[k] for k in self.image_keys if k in sample), None)
-        if img is None:
-            self.counter.skip(NO_IMAGE, where)
-            return None
-        pixels = load_pixels(img, self.resolution, self.counter, where, self.max_pixels)
-        if pixels is None:
-            return None
         raw = next((sample[k] for k in self.caption_keys if k in sample), None)
         if raw is None and "json" in sample:
             raw = _caption_from_json(sample["json"])
-        return make_example(pixels, decode_caption(raw, self.counter, where))
+        return example_from(img, raw, self.resolution, self.counter, where, self.max_pixels)
 
     def __iter__(self) -> Iterator[dict]:
         for sample in self._samples():

@@ -5,6 +5,7 @@ still prints. `quiet_libraries()` is called once by each entry point, before the
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -33,24 +34,14 @@ def quiet_libraries(progress_bars: bool = False) -> None:
     drop = _DropNoise()
     for name in ("diffusers", "transformers", "accelerate", "huggingface_hub"):
         logging.getLogger(name).addFilter(drop)
-    try:
-        from diffusers.utils import logging as dlog
-
-        dlog.get_logger("diffusers")  # creates the library's handler
-        for h in logging.getLogger("diffusers").handlers:
+    for lib in ("diffusers", "transformers"):  # their own handlers: filter them, and their progress bars
+        try:
+            lib_logging = importlib.import_module(f"{lib}.utils.logging")
+        except ImportError:
+            continue
+        lib_logging.get_logger(lib)  # creates the library's handler
+        for h in logging.getLogger(lib).handlers:
             h.addFilter(drop)
         if not progress_bars:
-            dlog.disable_progress_bar()
-    except ImportError:
-        pass
-    try:
-        from transformers.utils import logging as tlog
-
-        tlog.get_logger("transformers")
-        for h in logging.getLogger("transformers").handlers:
-            h.addFilter(drop)
-        if not progress_bars:
-            tlog.disable_progress_bar()
-    except ImportError:
-        pass
+            lib_logging.disable_progress_bar()
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "0" if progress_bars else "1")
