@@ -21,5 +21,5 @@ RUNS=(
 )
 train_runs "$OUT" "${RUNS[@]}"
 "$PY" -m splam_studio.tools.bench --n 500 --curves weights/shapes-lcm $(run_dirs "$OUT" "${RUNS[@]}") \
-  --curves-out benchmarks/variants.json --reference-cache "$OUT/reference.safetensors" ${BENCH:-}
+  --curves-out benchmarks/variants.json --curves-plot benchmarks/variants.png --reference-cache "$OUT/reference.safetensors" ${BENCH:-}
 "$PY" -m splam_studio.tools.report

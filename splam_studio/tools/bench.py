@@ -350,18 +350,22 @@ def plot_curves(d: dict, path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"lcm": "tab:orange", "splam": "tab:blue"}
+    maps = {"lcm": "Oranges", "splam": "Blues"}  # LCM orange, SPLAM blue (as the studio); shades tell runs apart
     styles = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 7))
+    count = {m: sum(r["config"]["method"] == m for r in d["runs"].values()) for m in maps}
     seen: dict[str, int] = {}
     for name, r in d["runs"].items():
         m = r["config"]["method"]
-        ls = styles[seen.get(m, 0) % len(styles)]
-        seen[m] = seen.get(m, 0) + 1
+        i = seen.get(m, 0)
+        seen[m] = i + 1
+        shade = 0.9 - 0.45 * i / max(count.get(m, 1) - 1, 1)  # from dark to light within a method
+        color = plt.get_cmap(maps[m])(shade) if m in maps else "gray"
         its = [p["iteration"] for p in r["points"]]
         for col, s in enumerate(("1", "2", "4")):
             for row, key in enumerate(("fid", "teacher_mse")):
-                axes[row][col].plot(its, [p[s][key] for p in r["points"]], ls, marker="o", ms=3, color=colors.get(m, "gray"), label=name)
+                axes[row][col].plot(its, [p[s][key] for p in r["points"]], styles[i % len(styles)], marker="o", ms=3,
+                                    color=color, label=name)
     for col, s in enumerate(("1", "2", "4")):
         for row, key in enumerate(("fid", "teacher_mse")):
             ax = axes[row][col]
@@ -371,9 +375,10 @@ def plot_curves(d: dict, path: Path, title: str) -> Path:
                 ax.axhline(d["teacher"]["fid"], color="black", lw=1, ls=":", label="teacher, 50 steps")
             ax.set_title(f"{'Shapes-FID' if key == 'fid' else 'latent MSE to teacher'}, {s}-step sampling", fontsize=9)
             ax.set_xlabel("training iteration")
-    axes[0][0].legend(fontsize=6)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -324,6 +324,8 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
             L += ["![sweep](benchmarks/sweep.png)", ""]
         if (va := _load(folder, "variants.json")):
             L += sweep_section(va, "SL-ODE variants past the paper", "`scripts/variants.sh`")
+            if (folder / "variants.png").is_file():
+                L += ["![variants](benchmarks/variants.png)", ""]
     if (tr := _load(folder, "trainer.json")):
         L += generic_section("Trainer: SPLAM vs LCM step time and memory", tr)
     if (lat := _load(folder, "latency_cpu.json")):
