@@ -72,10 +72,10 @@ def test_two_steps_checkpoint_and_resume(world, tmp_path, method, lora):
     assert out.latents.shape == (1, 4, 8, 8) and torch.isfinite(out.latents).all()
 
 
-@pytest.mark.parametrize("extra", [(), ("--gamma-one-prob", "0.5", "--cond-proj-lr-scale", "10")])
+@pytest.mark.parametrize("extra", [(), ("--gamma-one-prob", "0.5", "--cond-proj-lr-scale", "10", "--gamma-time", "matched")])
 def test_resume_is_exact(world, tmp_path, extra):
     """2 + 2 resumed steps give the same student as 4 uninterrupted steps (same seeds); also with the gamma = 1
-    mixture and the gamma projection in its own optimiser group."""
+    mixture, the gamma projection in its own optimiser group and the matched gamma timestep."""
     from safetensors.torch import load_file
 
     assert cli(world, tmp_path, "--max-steps", "4", "--run-name", "straight", *extra).returncode == 0
@@ -83,6 +83,7 @@ def test_resume_is_exact(world, tmp_path, extra):
     if extra:
         cfg = json.loads((tmp_path / "split" / "training_config.json").read_text())
         assert cfg["gamma_sampling"] == "1 with p=0.5, else uniform[0,1]" and cfg["cond_proj_lr_scale"] == 10
+        assert cfg["gamma_time"] == "matched"
     r = cli(world, tmp_path, "--max-steps", "4", "--run-name", "split", "--resume", "latest", *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     a = load_file(sorted((tmp_path / "straight" / "checkpoints").glob("step-*"))[-1] / "student.safetensors")
