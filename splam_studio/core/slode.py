@@ -17,6 +17,7 @@ from .schedule import NoiseSchedule, coef
 
 Distance = Literal["l2", "huber"]
 GammaTime = Literal["t", "matched"]
+GAMMA_TIMES: tuple[str, ...] = ("t", "matched")  # the student timestep at z_gamma: the paper's t, or matched to sigma_gamma
 HUBER_C = 1e-3  # pseudo-Huber c in latent space (authors' / diffusers LCM script default)
 GAMMA_EMBED_DIM = 256  # time_cond_proj_dim of the authors' student UNet
 GAMMA_SCALE_PAPER = 10.0  # authors: gamma enters as the guidance value w = 10 - 10 gamma
@@ -135,13 +136,13 @@ def splam_loss(
     alpha_t, alpha_s, sigma_s = schedule.alpha(t), schedule.alpha(s), schedule.sigma(s)
     r = alpha_t / alpha_s  # (B,) float64
     z_g, sigma_g = z_gamma(z_t, zhat_s, gamma, r), sigma_gamma(gamma, r, sigma_s)
+    if gamma_time not in GAMMA_TIMES:
+        raise ValueError(f"gamma_time must be one of {GAMMA_TIMES}, got {gamma_time!r}")
     if gamma_time == "t":
         pred = F_student(z_g, t, gamma, sigma_g, alpha_t)
-    elif gamma_time == "matched":
+    else:
         z_m, t_m, alpha_m, sigma_m = matched_input(z_g, alpha_t, sigma_g, schedule)
         pred = F_student(z_m, t_m, gamma, sigma_m, alpha_m)
-    else:
-        raise ValueError(f"gamma_time must be 't' or 'matched', got {gamma_time!r}")
     with torch.no_grad():
         target = F_target(zhat_s, s, torch.ones_like(gamma), sigma_s, alpha_s)
     return distance(pred, target, kind, huber_c)

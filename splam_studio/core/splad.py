@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from .schedule import NoiseSchedule, coef, ddim_grid
-from .slode import GAMMA_SCALE_PAPER, Distance, GammaTime, sample_gamma, sample_w, splam_loss
+from .slode import GAMMA_SCALE_PAPER, GAMMA_TIMES, Distance, GammaTime, sample_gamma, sample_w, splam_loss
 from .solver import guided_eps, solve
 from .student import student_F
 
@@ -38,8 +38,8 @@ class SpladConfig:
             raise ValueError(f"need m >= 1 and num_ddim_steps >= 1, got m={self.m}, N={self.num_ddim_steps}")
         if not self.gamma_scale > 0:
             raise ValueError(f"gamma_scale must be > 0, got {self.gamma_scale}")
-        if self.gamma_time not in ("t", "matched"):
-            raise ValueError(f"gamma_time must be 't' or 'matched', got {self.gamma_time!r}")
+        if self.gamma_time not in GAMMA_TIMES:
+            raise ValueError(f"gamma_time must be one of {GAMMA_TIMES}, got {self.gamma_time!r}")
         if self.distance not in ("l2", "huber"):
             raise ValueError(f"distance must be 'l2' or 'huber', got {self.distance!r}")
         if (self.w_min is None) != (self.w_max is None):

@@ -119,7 +119,6 @@ class TrainConfig:
             "gamma_one_prob": 0 <= self.gamma_one_prob <= 1,
             "cond_proj_lr_scale": self.cond_proj_lr_scale > 0,
             "gamma_scale": self.gamma_scale > 0,
-            "gamma_time": self.gamma_time in ("t", "matched"),
             "m": self.m >= 1,
             "num_ddim_steps": 1 <= self.num_ddim_steps <= 1000,
             "lora_rank": self.lora_rank >= 0,
