@@ -103,8 +103,12 @@ def test_error_bound_dominates_the_real_error(pipe):
         traj, times = teacher_trajectory(guided_eps(pipe.unet, cond, uncond, 2.0), schedule, torch.randn(2, 4, 8, 8), N=10)
         assert traj.shape == (11, 2, 4, 8, 8) and times[0] == 999 and times[-1] == 0
         for stride in (1, 2, 3):
-            eb = error_bound(clean_fn(student, cond, schedule), traj, times, stride)
+            F = clean_fn(student, cond, schedule)
+            eb = error_bound(F, traj, times, stride)
             assert eb.terms.shape == eb.error.shape == (len(eb.times), 2)
+            assert sorted(eb.F) == list(range(len(times) - 1, -1, -stride))[::-1]  # every evaluated point, z_0's too
+            j = sorted(eb.F)[1]  # the F values kept are those of the trajectory point they are keyed by
+            assert torch.allclose(eb.F[j], F(traj[j], torch.full((2,), times[j], dtype=torch.long)), atol=1e-6)
             assert (eb.bound >= eb.error - 1e-5).all()
             assert torch.allclose(eb.bound[-1], eb.error[-1], atol=1e-6)  # last sub-path ends at z_0 itself
 

@@ -42,6 +42,7 @@ class ErrorBound:
     terms: torch.Tensor  # (n, B): |F(z_t') - F(z_{t'-k})|
     bound: torch.Tensor  # (n, B): sum of the terms from t' down to the end (the bound on the error at t')
     error: torch.Tensor  # (n, B): |F(z_t') - z_0|, the real error
+    F: dict[int, torch.Tensor]  # trajectory index -> F(z_t') (B, ...) at every evaluated point, z_0's included
 
 
 @torch.no_grad()
@@ -56,7 +57,8 @@ def error_bound(F: CleanFn, trajectory: torch.Tensor, times: list[int], stride: 
     terms = torch.stack([rms(Fs[j] - Fs[j + 1]) for j in range(len(idx) - 1)])  # (n, B)
     bound = terms.flip(0).cumsum(0).flip(0)
     error = torch.stack([rms(Fs[j] - z_0) for j in range(len(idx) - 1)])
-    return ErrorBound(times=[times[i] for i in idx[:-1]], terms=terms, bound=bound, error=error)
+    return ErrorBound(times=[times[i] for i in idx[:-1]], terms=terms, bound=bound, error=error,
+                      F=dict(zip(idx, Fs.unbind(0))))
 
 
 @torch.no_grad()

@@ -610,9 +610,11 @@ class Studio:
                   student_error_bounds(students, cond, schedule, traj, times, (stride,)).items()}
         show = _spread(len(times) - 1, n_thumbnails)  # trajectory indices to decode
         Fs = {}
-        for name, s_unet in students.items():
+        for name, s_unet in students.items():  # F at the shown points: from the bound where it was evaluated
             F = clean_fn(s_unet, cond, schedule)
-            Fs[name] = torch.cat([F(traj[j], torch.tensor([times[j]], dtype=torch.long)).float() for j in show])
+            done = curves[name].F
+            Fs[name] = torch.cat([(done[j] if j in done else F(traj[j], torch.tensor([times[j]], dtype=torch.long))).float()
+                                  for j in show])
 
         progress(0.9, "decoding thumbnails")
         latents = torch.cat([traj[-1].float()] + list(Fs.values()))  # (1 + 2 n, C, h, w)
