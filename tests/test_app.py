@@ -24,7 +24,7 @@ from splam_studio.studio import logic as studio_module
 from splam_studio.studio.colors import METHOD_COLORS
 from splam_studio.studio.launcher import Trainer, TrainStatus, clean_log
 from splam_studio.studio.logic import MAX_PROMPT_CHARS, Studio, StudioError, clamp_float, clamp_int, clean_prompt, image_psnr
-from splam_studio.training.runs import read_stats
+from splam_studio.store.runs import read_stats
 from splam_studio.core.student import build_student
 from tests.tiny import make_tiny_pipeline
 

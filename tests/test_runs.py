@@ -76,7 +76,7 @@ def test_help_shows_each_default_once_with_the_presets():
 def test_weights_root_has_one_rule(tmp_path, monkeypatch):
     """$SPLAM_WEIGHTS_DIR, else the checkout's weights/ from any working directory, else ./weights (installed)."""
     from splam_studio.studio.logic import Studio
-    from splam_studio.training import runs
+    from splam_studio.store import runs
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(runs.WEIGHTS_ENV, raising=False)

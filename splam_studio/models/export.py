@@ -21,8 +21,8 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..training.atomic import atomic_write, fsync_tree, replace_dir
-from ..training.runs import TRAINING_CONFIG
+from ..store.atomic import atomic_write, fsync_tree, replace_dir
+from ..store.runs import TRAINING_CONFIG
 
 LDM_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.transformer."}
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"

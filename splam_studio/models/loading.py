@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from ..core.teacher import cfg_scale
 from .export import COND_PROJ_FILE, COND_PROJ_KEY, LDM_PREFIXES, LORA_WEIGHTS, STUDENT_UNET_CONFIG
-from ..training.runs import RUN_NAME, TRAINING_CONFIG, WEIGHTS_ENV, valid_run_name, weights_dir  # noqa: F401  (re-exported)
+from ..store.runs import RUN_NAME, TRAINING_CONFIG, WEIGHTS_ENV, valid_run_name, weights_dir  # noqa: F401  (re-exported)
 
 EMBEDDED = {
     "shapes": "shapes-teacher",

@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")), help="port")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs internet)")
     p.add_argument("--weights-dir", help="folder of runs (default: $SPLAM_WEIGHTS_DIR, else weights/ of the checkout, "
-                                          "else ./weights: training.runs.weights_dir)")
+                                          "else ./weights: store.runs.weights_dir)")
     p.add_argument("--models", choices=sorted(MODEL_SETS), help="model set shown first (splam_studio/models/model_sets.py; "
                    "default: dreamshaper7 on a Hugging Face Space with a GPU, else shapes); --teacher / --splam / "
                    "--lcm replace its members")
@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-hub", action="store_true", help="refuse hub ids typed into the page")
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond this are turned away")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="where models run")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 on a busy machine)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores the machine's load leaves idle, at least 1; "
+                   "or SPLAM_THREADS)")
     return p.parse_args(argv)
 
 
@@ -67,10 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     from splam_studio.training.quiet import quiet_libraries
 
     quiet_libraries()  # only the warnings a user can act on
-    if args.threads:
-        import torch
+    from splam_studio.training.device import configure_threads
 
-        torch.set_num_threads(max(1, args.threads))
+    configure_threads(args.threads)  # also inherited by the Train tab's trainer (SPLAM_THREADS)
     from splam_studio.studio.logic import Studio, StudioError
     from splam_studio.studio.ui import CSS, build_ui
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..training.quiet import NOISE
-from ..training.runs import STATS, default_run_name, read_stats, valid_run_name
+from ..store.runs import STATS, default_run_name, read_stats, valid_run_name
 from .validation import StudioError, clamp_int
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding splam_studio: the run imports this copy

@@ -34,7 +34,7 @@ from ..core.metrics import latent_mse
 from ..core.schedule import NoiseSchedule
 from ..core.student import clean_fn
 from ..core.teacher import cfg_scale, lcm_w, vae_scale_factor
-from ..training.runs import read_training_config, valid_run_name, weights_dir
+from ..store.runs import read_training_config, valid_run_name, weights_dir
 
 # ---- limits of the inputs (the UI's sliders use the same numbers) ---------------------------------------------
 STUDENT_STEPS = (1, 8)  # consistency sampling: SPLAM/LCM are meant for 1-4 steps
@@ -635,7 +635,7 @@ def measured_note(benchmarks: Path | None = None) -> str:
     """
     import json
 
-    from ..training.runs import CHECKOUT
+    from ..store.runs import CHECKOUT
 
     folder = Path(benchmarks) if benchmarks is not None else CHECKOUT / "benchmarks"
     parts = []

@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--curves-plot", default=None, help="--curves: also plot them to this PNG")
     p.add_argument("--resume-curves", action="store_true", help="--curves: reuse the points already in --curves-out")
     a = p.parse_args(argv)
-    from ..training.runs import weights_dir
+    from ..store.runs import weights_dir
 
     weights = Path(a.weights) if a.weights else weights_dir()
     out = Path(a.out)

@@ -69,7 +69,7 @@ def build_pipeline(out: Path, size: str = "sd15", seed: int = 0, device: str = "
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from ..core.schedule import SD15_SCHEDULER_CONFIG
-    from ..training.runs import weights_dir
+    from ..store.runs import weights_dir
 
     sh = SHAPES[size]
     tok_src = weights_dir() / "shapes-teacher" / "tokenizer"  # any CLIP tokenizer folder; this one ships with the repo

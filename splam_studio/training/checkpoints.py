@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write, fsync_path, fsync_tree
+from ..store.atomic import atomic_write, fsync_path, fsync_tree
 
 
 class CheckpointError(ValueError):

@@ -17,7 +17,8 @@ from splam_studio.training.quiet import quiet_libraries
 quiet_libraries()  # before the libraries are imported: only warnings a user can act on are printed
 
 from splam_studio.training.loop import TrainConfig, TrainError, run  # noqa: E402
-from splam_studio.training.runs import weights_dir  # noqa: E402
+from splam_studio.store.runs import weights_dir  # noqa: E402
+from splam_studio.training.device import configure_threads  # noqa: E402
 
 HELP = {
     "teacher": "teacher: embedded name (shapes), diffusers folder, single-file SD1.5 .safetensors, or hub id",
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "--print-config shows the values a command would use.")
     p.add_argument("--preset", choices=sorted(PRESETS), help="named defaults; explicit flags override them")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores the machine's load leaves "
+                                               "idle, at least 1; or SPLAM_THREADS, which the studio sets)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -136,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> TrainConfig:
     values = dict(PRESETS.get(args.preset or "", {}))
-    values.update({k: v for k, v in vars(args).items() if k not in ("preset", "print_config") and v is not None})
-    values.setdefault("output_dir", str(weights_dir()))  # the studio's folder: one rule (training.runs)
+    values.update({k: v for k, v in vars(args).items() if k not in ("preset", "print_config", "threads") and v is not None})
+    values.setdefault("output_dir", str(weights_dir()))  # the studio's folder: one rule (store.runs)
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg
@@ -150,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(json.dumps(dataclasses.asdict(cfg), indent=2))
             return 0
+        configure_threads(args.threads)
         run(cfg)
     except (TrainError, ValueError, FileNotFoundError) as e:  # ModelLoadError and DataError are ValueErrors
         print(f"error: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ dtypes meet only at their boundaries, where the caller casts (`student.unet_eps_
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -84,3 +85,36 @@ def resolve_runtime(device: DeviceName = "auto", precision: Precision = "auto") 
     return Runtime(device=dev, mixed_precision=precision, weight_dtype=dtype,
                    vae_dtype=torch.float32 if precision == "fp16" else dtype,
                    sample_dtype=torch.float32 if dev.type == "cpu" else torch.float16)
+
+
+THREADS_ENV = "SPLAM_THREADS"  # how the studio hands its thread count to the trainer it starts
+
+
+def default_threads(cores: int | None = None, load: float | None = None) -> int:
+    """CPU threads for torch when the user names none: the cores that other work leaves idle, at least one.
+
+    Torch's default (one OpenMP thread per core) spins against every other busy process: on a 2-core machine at
+    load 5 a teacher step ran 10-50 times slower than with one thread (BENCHMARKS.md, threads). The load is the
+    1-minute load average, read once at start-up."""
+    cores = cores if cores is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, int(cores - load + 0.5)))
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """The one place that sets torch's CPU threads, for the studio, the trainer and the studio's trainer child alike.
+
+    `threads` (a user's `--threads`) wins; then the `SPLAM_THREADS` environment variable; then `default_threads()`.
+    The choice is written back to `SPLAM_THREADS` and `OMP_NUM_THREADS`, so that a child process inherits it."""
+    if threads is None and os.environ.get(THREADS_ENV, "").strip():
+        try:
+            threads = int(os.environ[THREADS_ENV])
+        except ValueError:
+            raise ValueError(f"{THREADS_ENV}={os.environ[THREADS_ENV]!r} is not a whole number of threads") from None
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    n = threads if threads is not None else default_threads()
+    torch.set_num_threads(n)
+    os.environ[THREADS_ENV] = os.environ["OMP_NUM_THREADS"] = str(n)
+    return n

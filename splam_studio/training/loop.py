@@ -17,14 +17,16 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write, write_json
+from ..store.atomic import atomic_write, write_json
 from .checkpoints import find_checkpoint, load_checkpoint, save_checkpoint, save_snapshot
 from .device import resolve_runtime
 from ..core.schedule import NoiseSchedule
 from ..core.splad import SpladConfig, splad_loss
 from ..core.student import build_student, ema_update, make_target
 from ..core.teacher import encode_text, vae_scale_factor
-from .runs import TRAINING_CONFIG, StepLog, default_run_name, read_training_config, valid_run_name
+from ..models.export import export_kohya_lora, save_student
+from ..models.loading import load_student, load_teacher, sampling_guidance
+from ..store.runs import TRAINING_CONFIG, StepLog, default_run_name, read_training_config, valid_run_name
 
 # LoRA targets of diffusers' LCM-LoRA script: attention, feed-forward, resnet convs and time projections.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -256,8 +258,6 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     from accelerate.utils import set_seed
 
     from .data import build_dataset, fit_batch_size
-    from ..models.export import save_student
-    from ..models.loading import load_student, load_teacher
 
     cfg.validate()
     rt = resolve_runtime(cfg.device, cfg.precision)
@@ -455,8 +455,6 @@ def _train(cfg: TrainConfig, log=print) -> Path:
         save_student(run_dir, export, lora=cfg.lora_rank > 0, config=resolved,
                      dtype=torch.float16 if cfg.save_fp16 else None)
         if cfg.lora_rank > 0:
-            from ..models.export import export_kohya_lora
-
             export_kohya_lora(export, run_dir / "lora_kohya.safetensors")
         if start < cfg.max_steps:
             _validate(pipe, target, cfg, run_dir, step)
@@ -470,7 +468,6 @@ def _train(cfg: TrainConfig, log=print) -> Path:
 @torch.no_grad()
 def _validate(pipe, student, cfg: TrainConfig, run_dir: Path, step: int) -> Path | None:
     """A grid of 1/2/4-step samples of the validation prompts, saved as validation/step-N.png."""
-    from ..models.loading import sampling_guidance
     from ..core.sampler import generate
 
     prompts = cfg.validation_prompts
