@@ -21,13 +21,49 @@ def test_schedule_matches_diffusers_sd15():
     assert torch.allclose(SCHED.alpha(t) ** 2 + SCHED.sigma(t) ** 2, torch.ones(3, dtype=torch.float64))
 
 
+def _formula_alphas_cumprod(config):
+    """The schedule as core/schedule.py computed it before it took diffusers' DDPMScheduler: betas in float64."""
+    T, b0, b1 = config.get("num_train_timesteps", 1000), config.get("beta_start", 1e-4), config.get("beta_end", 0.02)
+    kind = config.get("beta_schedule", "linear")
+    if kind == "linear":
+        betas = torch.linspace(b0, b1, T, dtype=torch.float64)
+    elif kind == "scaled_linear":
+        betas = torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float64) ** 2
+    else:  # squaredcos_cap_v2
+        t = torch.arange(T + 1, dtype=torch.float64) / T
+        f = torch.cos((t + 0.008) / 1.008 * torch.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, 0)
+
+
+@pytest.mark.parametrize("config", [None, {"num_train_timesteps": 100, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02},
+                                    {"beta_schedule": "squaredcos_cap_v2"}])
+def test_schedule_is_diffusers_ddpm_and_the_old_tables_to_float32_rounding(config):
+    """alpha_bar = float64 cumprod of DDPMScheduler's (float32) betas; within float32 rounding of the former float64
+    formula: alpha(t) and sigma(t) differ from it by at most 2 float32 ulps (the betas' own rounding), not bitwise."""
+    from diffusers import DDPMScheduler
+    from splam_studio.core.schedule import SD15_SCHEDULER_CONFIG
+
+    cfg = SD15_SCHEDULER_CONFIG if config is None else config
+    sched = NoiseSchedule.from_config(config)
+    assert torch.equal(sched.alphas_cumprod, torch.cumprod(1 - DDPMScheduler.from_config(cfg).betas.double(), 0))
+    old = _formula_alphas_cumprod(cfg)
+    t = torch.arange(sched.T)
+    ulp = torch.finfo(torch.float32).eps
+    for new_v, old_v in [(sched.alpha(t), old.sqrt()), (sched.sigma(t[1:]), (1 - old[1:]).sqrt())]:
+        big = old_v > 1e-3  # (the cosine schedule's last alpha, 5e-5, sits on diffusers' beta clamp at 0.999)
+        assert ((new_v - old_v).abs() / old_v)[big].max() < 2.5 * ulp and (new_v - old_v).abs().max() < 2.5 * ulp
+
+
 def test_schedule_reads_other_configs_and_rejects_v_prediction():
     lin = NoiseSchedule.from_config({"num_train_timesteps": 100, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02})
-    assert lin.T == 100 and abs(lin.alphas_cumprod[0].item() - (1 - 1e-4)) < 1e-12
+    assert lin.T == 100 and abs(lin.alphas_cumprod[0].item() - (1 - 1e-4)) < 1e-11  # beta_0 in float32
     with pytest.raises(ValueError, match="epsilon"):
         NoiseSchedule.from_config({"prediction_type": "v_prediction"})
     with pytest.raises(ValueError, match="out of range"):
         SCHED.alpha(1000)
+    with pytest.raises(ValueError, match="beta_schedule 'cubic' not supported"):
+        NoiseSchedule.from_config({"beta_schedule": "cubic"})
 
 
 def test_ddim_grid_and_lcm_timesteps_match_lcmscheduler():
