@@ -224,3 +224,103 @@ def test_vae_scale_factor_is_the_measured_pixels_per_latent():
     assert vae_scale_factor(vae) == 16 // lat.shape[-1] == 2
     sd15 = SimpleNamespace(config=SimpleNamespace(block_out_channels=[128, 256, 512, 512]))
     assert vae_scale_factor(sd15) == 8
+
+
+def test_splad_config_refuses_bad_values():
+    for bad, match in [({"m": 0}, "m >= 1"), ({"num_ddim_steps": 0}, "num_ddim_steps"), ({"gamma_scale": 0.0}, "gamma_scale"),
+                       ({"method": "dmd"}, "method"), ({"distance": "l1"}, "distance"), ({"gamma_time": "sigma"}, "gamma_time")]:
+        with pytest.raises(ValueError, match=match):
+            SpladConfig(**bad)
+
+
+def test_matched_gamma_time_reaches_the_loss(models):
+    M = models
+    sched = NoiseSchedule.from_config()
+    args = (sched, M.student, M.target, M.teacher, M.z_0, M.cond, M.uncond)
+    paper = splad_loss(SpladConfig(), *args, torch.Generator().manual_seed(2))
+    matched = splad_loss(SpladConfig(gamma_time="matched"), *args, torch.Generator().manual_seed(2))
+    assert not torch.allclose(paper, matched, rtol=1e-4)
+
+
+def test_the_target_branch_carries_no_gradient():
+    """splam_loss evaluates F_theta^- under no_grad, even for a target whose parameters would take gradients."""
+    from splam_studio.core.slode import splam_loss
+
+    p = torch.nn.Parameter(torch.tensor(1.5))
+    F_student = lambda z, t, g, s, a: z * p  # noqa: E731
+    F_target = lambda z, t, g, s, a: z * p * 0.5  # noqa: E731
+    t, s = torch.tensor([999, 519]), torch.tensor([979, 499])
+    z_t, zhat = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
+    loss = splam_loss(F_student, F_target, NoiseSchedule.from_config(), z_t, zhat, t, s, torch.ones(2, dtype=torch.float64))
+    loss.backward()
+    d = (z_t * 1.5 - zhat * 0.75)  # d loss / d p through the student branch only: mean(2 d z_t)
+    assert torch.allclose(p.grad, (2 * d * z_t).mean(), rtol=1e-5)
+
+
+def test_student_eps_uses_the_gamma_scale(pipe):
+    student = build_student(pipe.unet, "fresh", generator=torch.Generator().manual_seed(0))
+    ehs = _text(pipe, ["one red circle"] * 2)
+    z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([999, 19])
+    gamma = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    with torch.no_grad():
+        ours = unet_eps_model(student, ehs, gamma_scale=0.005)(z, t, gamma)
+        emb = StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.tensor([0.005, 0.0025]), 256)
+        ref = student(z, t, encoder_hidden_states=ehs, timestep_cond=emb).sample
+    assert torch.allclose(ours, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="distilled student"):
+        build_student(student)
+
+
+def test_guidance_conventions_and_text_encoding(pipe):
+    from splam_studio.core.teacher import cfg_scale, encode_text, lcm_w
+
+    assert cfg_scale(8.0) == 9.0 and lcm_w(7.5) == 6.5 and lcm_w(cfg_scale(3.25)) == 3.25
+    caps = ["one red circle", "two small blue squares at the left"]
+    with torch.no_grad():
+        ours = encode_text(pipe, caps)
+        ref = pipe.encode_prompt(caps, "cpu", 1, False)[0]
+    assert ours.shape == ref.shape and torch.equal(ours, ref)
+
+
+# ---- error bound and metrics -------------------------------------------------------------------------------------
+def test_rms_and_the_guided_trajectory(pipe):
+    from splam_studio.core.error_bound import guided_trajectory, rms, teacher_trajectory
+    from splam_studio.core.solver import guided_eps
+
+    x = torch.tensor([[3.0, 4.0], [1.0, 1.0]])
+    assert torch.allclose(rms(x), torch.tensor([12.5**0.5, 1.0]))
+    cond, uncond = _text(pipe, ["one red circle"]), _text(pipe, [""])
+    z_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sched = NoiseSchedule.from_config()
+    with torch.no_grad():
+        ours, times = guided_trajectory(pipe.unet, cond, uncond, 3.0, sched, z_T, N=5)
+        ref, _ = teacher_trajectory(guided_eps(pipe.unet, cond, uncond, 3.0), sched, z_T, N=5)
+    assert times == [999, 799, 599, 399, 199, 0] and torch.equal(ours, ref)
+
+
+def test_error_bound_on_a_known_sequence():
+    """F(z, t) = z on a trajectory of scalars: terms are |z_j - z_j+1|, errors |z_j - z_0|."""
+    from splam_studio.core.error_bound import error_bound
+
+    traj = torch.tensor([4.0, 1.0, 3.0, 0.0]).view(4, 1, 1)  # (N + 1, B, 1)
+    eb = error_bound(lambda z, t: z, traj, [999, 599, 199, 0], stride=1)
+    assert eb.terms[:, 0].tolist() == [3.0, 2.0, 3.0] and eb.bound[:, 0].tolist() == [8.0, 5.0, 3.0]
+    assert eb.error[:, 0].tolist() == [4.0, 1.0, 3.0] and eb.times == [999, 599, 199]
+    eb2 = error_bound(lambda z, t: z, traj, [999, 599, 199, 0], stride=2)
+    assert eb2.times == [599] and eb2.terms[:, 0].tolist() == [1.0]  # sub-paths end at z_0: indices 1 -> 3
+
+
+def test_metrics_against_closed_forms():
+    import numpy as np
+
+    from splam_studio.core.metrics import feature_statistics, frechet_distance, latent_mse, psnr
+
+    a = torch.zeros(2, 1, 2, 2)
+    b = torch.stack([torch.full((1, 2, 2), 0.2), torch.tensor([[[0.2, 0.0], [0.0, 0.0]]])])
+    assert torch.allclose(psnr(a, b), 10 * torch.log10(torch.tensor([4 / 0.04, 4 / 0.01])))
+    assert torch.allclose(latent_mse(a, b), torch.tensor([0.04, 0.01]))
+    # 1-D Gaussians: FID = (mu1 - mu2)^2 + (s1 - s2)^2
+    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([3.0]), np.array([[1.0]])) == pytest.approx(4.0 + 1.0)
+    f = np.random.default_rng(0).normal(size=(500, 3)) * np.array([1.0, 2.0, 3.0])
+    mu, cov = feature_statistics(f)
+    assert mu.shape == (3,) and cov.shape == (3, 3) and np.allclose(np.diag(cov), [1, 4, 9], rtol=0.2)

@@ -198,6 +198,53 @@ def test_splam_loss_vanishes_for_the_exact_consistency_function(kind):
     assert splam_loss(as_if_lcm, _exact_F(k), SCHED, z_t, zhat_s, t, s, gamma, kind).item() > 1e-4
 
 
+def test_sigma_gamma_between_the_ends():
+    """sigma_gamma^2 = r^2 sigma(s)^2 + gamma^2 (1 - r^2) (METHOD.md step 3) at an inner gamma."""
+    t, s = torch.tensor([999, 519]), torch.tensor([979, 499])
+    r, sig_s = SCHED.alpha(t) / SCHED.alpha(s), SCHED.sigma(s)
+    g = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    assert torch.allclose(sigma_gamma(g, r, sig_s), (r**2 * sig_s**2 + g**2 * (1 - r**2)).sqrt(), rtol=1e-12)
+    assert not torch.allclose(sigma_gamma(g, r, sig_s), (r**2 * sig_s**2 + g * (1 - r**2)).sqrt(), rtol=1e-6)
+
+
+def _exact_eps_model(k):
+    """An eps model whose consistency function, with the sigma it is given, is the exact one of _exact_F.
+
+    It returns the eps for which c_skip z + c_out (z - sigma_true eps) / alpha(t) equals the exact F, with sigma_true
+    the noise level of z_gamma by METHOD.md (sqrt(r^2 sigma(s)^2 + gamma^2 (1 - r^2))): F built from it vanishes in
+    the loss only if splam_loss passes that sigma.
+    """
+
+    def eps(z, t, gamma):
+        s = (t - k).clamp(min=0)
+        r = SCHED.alpha(t) / SCHED.alpha(s)
+        sigma_true = (r**2 * SCHED.sigma(s) ** 2 + gamma**2 * (1 - r**2)).sqrt()
+        target = _exact_F(k)(z, t, gamma, None, None)
+        cs = 0.25 / ((10.0 * t.double()) ** 2 + 0.25)
+        co = 10.0 * t.double() / ((10.0 * t.double()) ** 2 + 0.25).sqrt()
+        x0 = (target - _v(cs) * z) / _v(co)
+        return (z - _v(SCHED.alpha(t)) * x0) / _v(sigma_true)
+
+    return eps
+
+
+def test_splam_loss_vanishes_for_an_exact_eps_model_only_with_sigma_gamma():
+    from splam_studio.core.consistency import consistency_function
+
+    g = torch.Generator().manual_seed(5)
+    B, k = 256, 40
+    t = ddim_grid()[torch.randint(2, 50, (B,), generator=g)]  # t >= 59: s = t - 40 > 0, where c_out(s) > 0
+    s = t - k
+    z_t = _v(SCHED.alpha(t)) * MU + _v(_S(t)) * torch.randn(B, 4, generator=g, dtype=torch.float64)
+    zhat_s = exact_flow(z_t, t, s)
+    gamma = torch.rand(B, generator=g, dtype=torch.float64)
+    F = consistency_function(_exact_eps_model(k))
+    assert splam_loss(F, F, SCHED, z_t, zhat_s, t, s, gamma, "l2").item() < 1e-20
+    assert splam_loss(F, F, SCHED, z_t, zhat_s, t, s, torch.ones(B, dtype=torch.float64), "l2").item() < 1e-20
+    wrong = lambda z, t_, g_, sg, a: F(z, t_, g_, SCHED.sigma(t_), a)  # noqa: E731  (sigma(t) for sigma_gamma)
+    assert splam_loss(wrong, F, SCHED, z_t, zhat_s, t, s, gamma, "l2").item() > 1e-6
+
+
 def test_gamma_one_is_exactly_the_lcm_loss():
     """SPLAM with gamma = 1 equals an independently written LCM loss d(F(z_t, t), F^-(zhat_s, s))."""
     g = torch.Generator().manual_seed(2)
