@@ -153,7 +153,6 @@ MUTANTS: dict[str, list[Mutant]] = {
         M("decode multiplies by the scaling factor", "z = latents.to(device) / vae.config.scaling_factor",
           "z = latents.to(device) * vae.config.scaling_factor"),
         M("DPM++ as dpmsolver", '"algorithm_type": "dpmsolver++"', '"algorithm_type": "dpmsolver"'),
-        M("timestep spacing from the teacher's config", '"timestep_spacing": "trailing"', '"timestep_spacing": "leading"'),
         M("students may use a teacher solver", 'if is_student and sampler != "lcm":', "if False:"),
     ],
     "core/error_bound.py": [
@@ -256,12 +255,14 @@ def _run_tests(root: Path, tests: list[str], timeout: float, fork: bool) -> tupl
     if fork:
         pid = os.fork()
         if pid == 0:  # child: a fresh import of the (mutated) package from root
+            os.setsid()
             try:
                 fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
                 os.dup2(fd, 1), os.dup2(fd, 2)
                 os.chdir(root)
+                for name in [m for m in sys.modules if m.split(".")[0] in (PACKAGE, "tests")]:
+                    del sys.modules[name]  # this tool's own import of the package (python -m) must not be reused
                 sys.path.insert(0, str(root))
-                os.setsid()
                 import pytest
 
                 rc = pytest.main(_pytest_args(tests, log))
@@ -327,14 +328,34 @@ def run_file(rel: str, mutants: list[Mutant], tests: list[str], timeout: float, 
 
 
 def markdown(results: list[FileResult]) -> str:
-    lines = ["| file | mutants | killed | survived | stale | survivors |", "|---|---|---|---|---|---|"]
+    return markdown_rows([{"file": r.file, "baseline": r.baseline, "killed": r.count("killed", "timeout"),
+                           "survived": r.count("survived"), "stale": r.count("stale"),
+                           "mutants": [asdict(o) for o in r.outcomes]} for r in results])
+
+
+def write_json(path: Path, results: list[FileResult], command: str, seconds: int) -> None:
+    """Merge this run's files into the result file: files not run this time keep their last result."""
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    files = {f["file"]: f for f in old.get("files", [])}
     for r in results:
-        if r.baseline != "ok":
-            lines.append(f"| `{r.file}` | - | - | - | - | {r.baseline} |")
+        files[r.file] = {**{k: v for k, v in asdict(r).items() if k != "outcomes"}, "killed": r.count("killed", "timeout"),
+                         "survived": r.count("survived"), "stale": r.count("stale"), "seconds": round(sum(o.seconds for o in r.outcomes)),
+                         "command": command, "run_seconds": seconds, "mutants": [asdict(o) for o in r.outcomes]}
+    rows = list(files.values())
+    out = {"killed": sum(f["killed"] for f in rows), "total": sum(len(f["mutants"]) for f in rows),
+           "markdown": markdown_rows(rows), "files": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+
+
+def markdown_rows(rows: list[dict]) -> str:
+    lines = ["| file | mutants | killed | survived | stale | survivors |", "|---|---|---|---|---|---|"]
+    for f in rows:
+        if f["baseline"] != "ok":
+            lines.append(f"| `{f['file']}` | - | - | - | - | {f['baseline']} |")
             continue
-        surv = "; ".join(o.mutant for o in r.outcomes if o.status == "survived") or "-"
-        lines.append(f"| `{r.file}` | {len(r.outcomes)} | {r.count('killed', 'timeout')} | {r.count('survived')} | "
-                     f"{r.count('stale')} | {surv} |")
+        surv = "; ".join(m["mutant"] for m in f["mutants"] if m["status"] == "survived") or "-"
+        lines.append(f"| `{f['file']}` | {len(f['mutants'])} | {f['killed']} | {f['survived']} | {f['stale']} | {surv} |")
     return "\n".join(lines)
 
 
@@ -386,13 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     killed = sum(r.count("killed", "timeout") for r in results)
     print(f"{killed} of {total} mutants killed in {time.time() - t0:.0f}s")
     if args.json:
-        out = {"command": "python -m splam_studio.tools.mutation " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "seconds": round(time.time() - t0), "killed": killed, "total": total, "markdown": table,
-               "files": [{**{k: v for k, v in asdict(r).items() if k != "outcomes"},
-                          "killed": r.count("killed", "timeout"), "survived": r.count("survived"), "stale": r.count("stale"),
-                          "mutants": [asdict(o) for o in r.outcomes]} for r in results]}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        write_json(Path(args.json), results, "python -m splam_studio.tools.mutation " +
+                   " ".join(argv if argv is not None else sys.argv[1:]), round(time.time() - t0))
     broken = any(r.baseline != "ok" for r in results)
     survived = any(r.count("survived", "stale") for r in results)
     return 2 if broken else (1 if survived else 0)
