@@ -370,3 +370,32 @@ def test_collate_drops_none_and_dataloader_with_zero_workers():
     assert steps_per_epoch(10, 3, num_workers=0) == 3
     assert steps_per_epoch(10, 3, num_workers=0, drop_last=False) == 4
     assert steps_per_epoch(12, 3, num_workers=2) == 4
+
+
+def test_metadata_paths_that_leave_the_folder_are_refused_even_when_the_file_exists(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    solid((0, 0, 255)).save(root / "in.png")
+    solid((255, 0, 0)).save(tmp_path / "outside.png")  # exists: only the folder guard keeps it out
+    (root / "link.png").symlink_to(tmp_path / "outside.png")  # a link inside the folder to a file outside it
+    rows = [{"file_name": "in.png", "text": "inside"}, {"file_name": "../outside.png", "text": "dot-dot"},
+            {"file_name": str(tmp_path / "outside.png"), "text": "absolute"}, {"file_name": "link.png", "text": "link"}]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ds = build_dataset(str(root), R)
+    assert [g["caption"] for g in items(ds)] == ["inside"]
+    assert ds.counter.skipped[D.MISSING_FILE] == 3
+
+
+def test_webdataset_shards_are_split_across_dataloader_workers(tmp_path):
+    """With 2 workers each shard is read by one worker: every sample once, and steps_per_epoch batches per epoch."""
+    png = png_bytes(solid((0, 255, 0)))
+    for i in range(2):
+        write_shard(tmp_path / f"w-{i}.tar", [{"__key__": f"k{i}{j}", "png": png, "txt": f"s{i}{j}".encode()}
+                                              for j in range(5)])
+    ds = build_dataset(str(tmp_path / "w-{0..1}.tar"), R)
+    loader = make_dataloader(ds, 3, num_workers=2, drop_last=False)
+    caps = sorted(c for b in D.non_empty(loader) for c in b["caption"])
+    assert caps == sorted(f"s{i}{j}" for i in range(2) for j in range(5))
+    full = list(D.non_empty(make_dataloader(ds, 3, num_workers=2, drop_last=True)))
+    assert len(full) == steps_per_epoch(10, 3, num_workers=2) == 2  # each worker: 5 samples, one full batch of 3
+    assert steps_per_epoch(10, 3, num_workers=2, drop_last=False) == 4

@@ -21,13 +21,49 @@ def test_schedule_matches_diffusers_sd15():
     assert torch.allclose(SCHED.alpha(t) ** 2 + SCHED.sigma(t) ** 2, torch.ones(3, dtype=torch.float64))
 
 
+def _formula_alphas_cumprod(config):
+    """The schedule as core/schedule.py computed it before it took diffusers' DDPMScheduler: betas in float64."""
+    T, b0, b1 = config.get("num_train_timesteps", 1000), config.get("beta_start", 1e-4), config.get("beta_end", 0.02)
+    kind = config.get("beta_schedule", "linear")
+    if kind == "linear":
+        betas = torch.linspace(b0, b1, T, dtype=torch.float64)
+    elif kind == "scaled_linear":
+        betas = torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float64) ** 2
+    else:  # squaredcos_cap_v2
+        t = torch.arange(T + 1, dtype=torch.float64) / T
+        f = torch.cos((t + 0.008) / 1.008 * torch.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, 0)
+
+
+@pytest.mark.parametrize("config", [None, {"num_train_timesteps": 100, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02},
+                                    {"beta_schedule": "squaredcos_cap_v2"}])
+def test_schedule_is_diffusers_ddpm_and_the_old_tables_to_float32_rounding(config):
+    """alpha_bar = float64 cumprod of DDPMScheduler's (float32) betas; within float32 rounding of the former float64
+    formula: alpha(t) and sigma(t) differ from it by at most 2 float32 ulps (the betas' own rounding), not bitwise."""
+    from diffusers import DDPMScheduler
+    from splam_studio.core.schedule import SD15_SCHEDULER_CONFIG
+
+    cfg = SD15_SCHEDULER_CONFIG if config is None else config
+    sched = NoiseSchedule.from_config(config)
+    assert torch.equal(sched.alphas_cumprod, torch.cumprod(1 - DDPMScheduler.from_config(cfg).betas.double(), 0))
+    old = _formula_alphas_cumprod(cfg)
+    t = torch.arange(sched.T)
+    ulp = torch.finfo(torch.float32).eps
+    for new_v, old_v in [(sched.alpha(t), old.sqrt()), (sched.sigma(t[1:]), (1 - old[1:]).sqrt())]:
+        big = old_v > 1e-3  # (the cosine schedule's last alpha, 5e-5, sits on diffusers' beta clamp at 0.999)
+        assert ((new_v - old_v).abs() / old_v)[big].max() < 2.5 * ulp and (new_v - old_v).abs().max() < 2.5 * ulp
+
+
 def test_schedule_reads_other_configs_and_rejects_v_prediction():
     lin = NoiseSchedule.from_config({"num_train_timesteps": 100, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02})
-    assert lin.T == 100 and abs(lin.alphas_cumprod[0].item() - (1 - 1e-4)) < 1e-12
+    assert lin.T == 100 and abs(lin.alphas_cumprod[0].item() - (1 - 1e-4)) < 1e-11  # beta_0 in float32
     with pytest.raises(ValueError, match="epsilon"):
         NoiseSchedule.from_config({"prediction_type": "v_prediction"})
     with pytest.raises(ValueError, match="out of range"):
         SCHED.alpha(1000)
+    with pytest.raises(ValueError, match="beta_schedule 'cubic' not supported"):
+        NoiseSchedule.from_config({"beta_schedule": "cubic"})
 
 
 def test_ddim_grid_and_lcm_timesteps_match_lcmscheduler():
@@ -160,6 +196,53 @@ def test_splam_loss_vanishes_for_the_exact_consistency_function(kind):
     # the student must see the SL-ODE point, not z_t: an exact F evaluated as if gamma were 1 fails on it
     as_if_lcm = lambda z, t_, g_, sg, a: _exact_F(k)(z, t_, torch.ones_like(g_), sg, a)  # noqa: E731
     assert splam_loss(as_if_lcm, _exact_F(k), SCHED, z_t, zhat_s, t, s, gamma, kind).item() > 1e-4
+
+
+def test_sigma_gamma_between_the_ends():
+    """sigma_gamma^2 = r^2 sigma(s)^2 + gamma^2 (1 - r^2) (METHOD.md step 3) at an inner gamma."""
+    t, s = torch.tensor([999, 519]), torch.tensor([979, 499])
+    r, sig_s = SCHED.alpha(t) / SCHED.alpha(s), SCHED.sigma(s)
+    g = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    assert torch.allclose(sigma_gamma(g, r, sig_s), (r**2 * sig_s**2 + g**2 * (1 - r**2)).sqrt(), rtol=1e-12)
+    assert not torch.allclose(sigma_gamma(g, r, sig_s), (r**2 * sig_s**2 + g * (1 - r**2)).sqrt(), rtol=1e-6)
+
+
+def _exact_eps_model(k):
+    """An eps model whose consistency function, with the sigma it is given, is the exact one of _exact_F.
+
+    It returns the eps for which c_skip z + c_out (z - sigma_true eps) / alpha(t) equals the exact F, with sigma_true
+    the noise level of z_gamma by METHOD.md (sqrt(r^2 sigma(s)^2 + gamma^2 (1 - r^2))): F built from it vanishes in
+    the loss only if splam_loss passes that sigma.
+    """
+
+    def eps(z, t, gamma):
+        s = (t - k).clamp(min=0)
+        r = SCHED.alpha(t) / SCHED.alpha(s)
+        sigma_true = (r**2 * SCHED.sigma(s) ** 2 + gamma**2 * (1 - r**2)).sqrt()
+        target = _exact_F(k)(z, t, gamma, None, None)
+        cs = 0.25 / ((10.0 * t.double()) ** 2 + 0.25)
+        co = 10.0 * t.double() / ((10.0 * t.double()) ** 2 + 0.25).sqrt()
+        x0 = (target - _v(cs) * z) / _v(co)
+        return (z - _v(SCHED.alpha(t)) * x0) / _v(sigma_true)
+
+    return eps
+
+
+def test_splam_loss_vanishes_for_an_exact_eps_model_only_with_sigma_gamma():
+    from splam_studio.core.consistency import consistency_function
+
+    g = torch.Generator().manual_seed(5)
+    B, k = 256, 40
+    t = ddim_grid()[torch.randint(2, 50, (B,), generator=g)]  # t >= 59: s = t - 40 > 0, where c_out(s) > 0
+    s = t - k
+    z_t = _v(SCHED.alpha(t)) * MU + _v(_S(t)) * torch.randn(B, 4, generator=g, dtype=torch.float64)
+    zhat_s = exact_flow(z_t, t, s)
+    gamma = torch.rand(B, generator=g, dtype=torch.float64)
+    F = consistency_function(_exact_eps_model(k))
+    assert splam_loss(F, F, SCHED, z_t, zhat_s, t, s, gamma, "l2").item() < 1e-20
+    assert splam_loss(F, F, SCHED, z_t, zhat_s, t, s, torch.ones(B, dtype=torch.float64), "l2").item() < 1e-20
+    wrong = lambda z, t_, g_, sg, a: F(z, t_, g_, SCHED.sigma(t_), a)  # noqa: E731  (sigma(t) for sigma_gamma)
+    assert splam_loss(wrong, F, SCHED, z_t, zhat_s, t, s, gamma, "l2").item() > 1e-6
 
 
 def test_gamma_one_is_exactly_the_lcm_loss():

@@ -1,7 +1,8 @@
 """Noise schedule of a discrete DDPM-type model: alpha(t), sigma(t), the DDIM grid.
 
 z_t = alpha(t) z_0 + sigma(t) eps, alpha(t) = sqrt(alpha_bar_t), sigma(t) = sqrt(1 - alpha_bar_t)
-(METHOD.md, notation). Tables are kept in float64 for accuracy; callers cast at the model boundary.
+(METHOD.md, notation). The betas are diffusers' DDPMScheduler's (the one rule for every beta_schedule); alpha_bar is
+their cumulative product in float64; callers cast at the model boundary.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
+from diffusers import DDPMScheduler
 
 # Stable Diffusion v1.5's noise schedule (scheduler_config.json of runwayml/stable-diffusion-v1-5); the one copy.
 SD15_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -37,21 +39,16 @@ def coef(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def betas_from_config(config: Mapping[str, Any]) -> torch.Tensor:
-    """Betas of a diffusers DDPM/DDIM/LCM/PNDM scheduler config, float64, shape (T,)."""
-    T = int(config.get("num_train_timesteps", 1000))
-    if config.get("trained_betas") is not None:
-        return torch.as_tensor(config["trained_betas"], dtype=torch.float64)
-    b0, b1 = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
-    kind = config.get("beta_schedule", "linear")
-    if kind == "linear":
-        return torch.linspace(b0, b1, T, dtype=torch.float64)
-    if kind == "scaled_linear":
-        return torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float64) ** 2
-    if kind == "squaredcos_cap_v2":
-        t = torch.arange(T + 1, dtype=torch.float64) / T
-        f = torch.cos((t + 0.008) / 1.008 * torch.pi / 2) ** 2
-        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    raise ValueError(f"beta_schedule {kind!r} not supported; use linear, scaled_linear or squaredcos_cap_v2")
+    """Betas of a diffusers DDPM/DDIM/LCM/PNDM scheduler config, as diffusers' DDPMScheduler makes them, (T,) float64.
+
+    diffusers computes them in float32 (the table the teacher was trained and every stock pipeline samples with);
+    alpha_bar is then their cumulative product in float64.
+    """
+    try:
+        scheduler = DDPMScheduler.from_config(dict(config))
+    except NotImplementedError as e:
+        raise ValueError(f"beta_schedule {config.get('beta_schedule')!r} not supported by diffusers' DDPMScheduler ({e})") from None
+    return scheduler.betas.to(torch.float64)
 
 
 @dataclass(frozen=True)

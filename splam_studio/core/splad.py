@@ -1,6 +1,6 @@
 """One SPLAD step (Algorithm 1 of the slides), as a pure function of models and a batch.
 
-The training loop (train.py) only adds the optimiser step and the EMA update (step 7).
+The training loop (`training/loop.py`) only adds the optimiser step and the EMA update (step 7, `student.ema_update`).
 """
 from __future__ import annotations
 
