@@ -6,6 +6,7 @@ Each section appears only when its JSON exists; every number comes from those fi
     benchmarks/teacher_history.json  earlier embedded teachers' teacher.json, each with its preset and commit
     benchmarks/trainer.json      python -m splam_studio.tools.trainer_bench  (SPLAM vs LCM step time and memory)
     benchmarks/reliability.json  python -m splam_studio.tools.reliability    (faults, bad input, load)
+    benchmarks/trainer_cache.json python -m splam_studio.tools.trainer_bench --cache (a step with and without the latent cache)
     benchmarks/threads.json      python -m splam_studio.tools.threads_bench  (torch threads, idle and loaded)
     benchmarks/sweep.json        python -m splam_studio.tools.bench --curves RUN... (the recipe sweep, curves along training)
     benchmarks/seeds.json        python -m splam_studio.tools.bench --curves RUN... (SPLAM vs LCM, several training seeds)
@@ -329,6 +330,8 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
                 L += ["![variants](benchmarks/variants.png)", ""]
     if (tr := _load(folder, "trainer.json")):
         L += generic_section("Trainer: SPLAM vs LCM step time and memory", tr)
+    if (tc := _load(folder, "trainer_cache.json")):
+        L += generic_section("Trainer: the latent cache", tc)
     if (th := _load(folder, "threads.json")):
         L += generic_section("Threads on a shared CPU", th)
     if (lat := _load(folder, "latency_cpu.json")):

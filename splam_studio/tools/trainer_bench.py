@@ -2,6 +2,7 @@
 
     python -m splam_studio.tools.trainer_bench                 # the embedded Shapes teacher on this machine
     python -m splam_studio.tools.trainer_bench --sd15 --batches 1 2 4   # an SD1.5-sized UNet, random weights (GPU)
+    python -m splam_studio.tools.trainer_bench --cache [--sd15]          # a step with and without the latent cache
 
 Each configuration runs in its own subprocess (so peak memory is its own); SPLAM and LCM alternate.
 """
@@ -97,6 +98,109 @@ def time_steps(rt, teacher, schedule, text_shape: tuple[int, int], *, methods=("
     return out
 
 
+def time_cache(rt, pipe, *, batch: int, lora: int, checkpointing: bool, steps: int, resolution: int) -> dict:
+    """Median time of a whole training step (z_0 and text embeddings, then the SPLAD step) from pixels and captions
+    against the same step from the latent cache, alternating step by step on one student (training/latents.py)."""
+    from ..core.splad import SpladConfig, splad_loss
+    from ..core.student import ema_update, make_target
+    from ..core.schedule import NoiseSchedule
+    from ..core.teacher import encode_text
+    from ..training.latents import batch_latents
+
+    dev = rt.device
+    teacher = pipe.unet.requires_grad_(False).to(dev, rt.weight_dtype)
+    pipe.text_encoder.requires_grad_(False).to(dev, rt.weight_dtype)
+    pipe.vae.requires_grad_(False).to(dev, rt.vae_dtype)
+    student = make_student(teacher, lora, checkpointing).to(dev).train()
+    target = make_target(student)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
+    schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+    g = torch.Generator().manual_seed(0)
+    captions = ["one large red circle at the left on a black background"] * batch
+    raw = {"pixel_values": torch.rand(batch, 3, resolution, resolution, generator=g) * 2 - 1, "caption": captions}
+    with torch.no_grad():
+        dist = pipe.vae.encode(raw["pixel_values"].to(dev, rt.vae_dtype)).latent_dist
+        cached = {"mean": dist.mean.float().cpu(), "std": dist.std.float().cpu(),
+                  "cond": encode_text(pipe, captions, dev).float().cpu(), "caption": captions}
+        uncond_1 = encode_text(pipe, [""], dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (torch.mps.synchronize if dev.type == "mps" else lambda: None)
+    times: dict[str, list[float]] = {"uncached": [], "cached": []}
+    for i in range(steps + 1):
+        for kind, b in (("uncached", raw), ("cached", cached)):
+            sync()
+            t0 = time.perf_counter()
+            z_0, cond, uncond = batch_latents(b, pipe, dev, rt.vae_dtype, g, uncond_1)
+            with torch.autocast(dev.type, dtype=rt.weight_dtype, enabled=rt.mixed_precision != "no"):
+                loss = splad_loss(SpladConfig(method="splam"), schedule, student, target, teacher, z_0, cond, uncond, g)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema_update(target, student)
+            sync()
+            if i:
+                times[kind].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"batch": batch, "lora": lora, "checkpointing": checkpointing, "resolution": resolution,
+            "uncached_s": med["uncached"], "cached_s": med["cached"], "ratio": med["cached"] / med["uncached"],
+            "device": str(dev), "precision": rt.mixed_precision, "steps": steps}
+
+
+def _cache_one(args) -> dict:
+    from ..training.device import resolve_runtime
+
+    rt = resolve_runtime(args.device, args.precision)
+    if args.sd15:
+        import tempfile
+
+        from diffusers import StableDiffusionPipeline
+
+        from .gpu_check import build_pipeline
+
+        folder = build_pipeline(Path(tempfile.mkdtemp(prefix="sd15-")) / "teacher", "sd15", device=str(rt.device))
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, safety_checker=None)
+        resolution = 512
+    else:
+        from ..models.loading import load_teacher
+
+        pipe = load_teacher("shapes")
+        resolution = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return time_cache(rt, pipe, batch=args.batch, lora=args.lora, checkpointing=args.checkpointing == "on",
+                      steps=args.steps, resolution=resolution)
+
+
+def cache_main(a) -> None:
+    """--cache: a row per model (the Shapes teacher; with --sd15 also the SD1.5-sized one), each in its own process."""
+    rows, raw = [], []
+    for sd15 in ([False, True] if a.sd15 else [False]):
+        batch = 1 if sd15 else a.batches[0]
+        cmd = [sys.executable, "-m", "splam_studio.tools.trainer_bench", "--_cache_one", "--batch", str(batch),
+               "--lora", str(a.lora_ranks[0] if not sd15 else max(a.lora_ranks[0], 4)), "--steps", str(a.steps),
+               "--checkpointing", "on" if sd15 else "off", "--device", a.device, "--precision", a.precision] + (["--sd15"] if sd15 else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(out.stderr[-2000:], file=sys.stderr)
+            raise SystemExit(f"configuration failed: {' '.join(cmd)}")
+        r = json.loads(line[7:])
+        print(r)
+        raw.append(r)
+        rows.append(["SD1.5-sized UNet, VAE and CLIP (random weights)" if sd15 else "embedded Shapes teacher", r["resolution"],
+                     r["batch"], r["lora"] or "full", "on" if r["checkpointing"] else "off", round(r["uncached_s"], 4),
+                     round(r["cached_s"], 4), round(r["ratio"], 3)])
+    doc = {"description": f"`python -m splam_studio.tools.trainer_bench --cache{' --sd15' if a.sd15 else ''}`: one whole training "
+                          "step (z_0 and text embeddings, then the SPLAD step and the EMA update) from pixels and captions "
+                          "against the same step from the latent cache (`--cache-latents`), alternating step by step on one "
+                          f"student in one process; median of {a.steps} steps after a warm-up; device {raw[0]['device']}, "
+                          f"precision {raw[0]['precision']}.",
+           "tables": [{"title": "step time with and without the latent cache (s)",
+                       "columns": ["model", "px", "batch", "LoRA rank", "grad. ckpt", "uncached s/step", "cached s/step",
+                                   "cached / uncached"], "rows": rows}],
+           "raw": raw}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(doc, indent=2))
+    print(f"wrote {a.out}")
+
+
 def _one(args) -> dict:
     """Time `steps` SPLAD steps of one configuration in this process."""
     from diffusers import UNet2DConditionModel
@@ -128,11 +232,22 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
     p.add_argument("--out", default="benchmarks/trainer.json")
+    p.add_argument("--cache", action="store_true", help="time a step with and without the latent cache (-> --out, "
+                   "default benchmarks/trainer_cache.json); with --sd15 adds the SD1.5-sized row at 512 px, batch 1")
     p.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--_cache_one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", default="splam", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=16, help=argparse.SUPPRESS)
     p.add_argument("--lora", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a._cache_one:
+        print("RESULT " + json.dumps(_cache_one(a)))
+        return
+    if a.cache:
+        if a.out == "benchmarks/trainer.json":
+            a.out = "benchmarks/trainer_cache.json"
+        cache_main(a)
+        return
     if a._one:
         a.checkpointing = a.checkpointing == "on"
         print("RESULT " + json.dumps(_one(a)))

@@ -24,6 +24,11 @@ HELP = {
     "teacher": "teacher: embedded name (shapes), diffusers folder, single-file SD1.5 .safetensors, or hub id",
     "teacher_config": "local diffusers folder holding the model configs for a single-file teacher (needed offline)",
     "data": "data: image folder with .txt captions, folder with metadata.jsonl, datasets name/path, .tar shards (path/glob/URL), or 'shapes'",
+    "prompts": "prompts file (one a line, or JSON lines {\"prompt\", \"negative_prompt\"}): the teacher makes its own z_0 "
+               "(guided DDIM at --w, --num-ddim-steps); replaces --data. Stored once under <output-dir>/.cache, shared by runs",
+    "images_per_prompt": "teacher-made images per prompt with --prompts",
+    "cache_latents": "encode each image (VAE posterior) and caption once into <output-dir>/.cache instead of at every step "
+                     "(a finite --data source; keyed by the VAE, text encoder, resolution and data files)",
     "method": "splam (gamma ~ U[0,1] on the SL-ODE) or lcm (gamma = 1; everything else identical)",
     "run_name": "checkpoints go to <output-dir>/<run-name> (default: <method>-<timestamp>)",
     "output_dir": "where runs are written (default: $SPLAM_WEIGHTS_DIR, else weights/ of the checkout, else ./weights; the studio lists the same folder)",

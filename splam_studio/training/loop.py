@@ -20,10 +20,11 @@ import torch
 from ..store.atomic import atomic_write, write_json
 from .checkpoints import find_checkpoint, load_checkpoint, save_checkpoint, save_snapshot
 from .device import resolve_runtime
+from .latents import LatentStore, batch_latents, files_identity, latent_cache, read_prompts, teacher_data
 from ..core.schedule import NoiseSchedule
 from ..core.splad import SpladConfig, splad_loss
 from ..core.student import build_student, ema_update, make_target
-from ..core.teacher import encode_text, vae_scale_factor
+from ..core.teacher import cfg_scale, encode_text, vae_scale_factor
 from ..models.export import export_kohya_lora, save_student
 from ..models.loading import load_student, load_teacher, sampling_guidance
 from ..store.runs import TRAINING_CONFIG, StepLog, default_run_name, read_training_config, valid_run_name
@@ -55,6 +56,9 @@ class TrainConfig:
     teacher: str = "shapes"  # embedded name, diffusers folder, single-file .safetensors or hub id
     teacher_config: str | None = None  # local diffusers folder with the configs of a single-file teacher (offline)
     data: str = "shapes"  # image folder, metadata.jsonl folder, datasets name/path, tar shards, or "shapes"
+    prompts: str | None = None  # prompts file: the teacher makes its own z_0 (replaces --data); no images needed
+    images_per_prompt: int = 1  # teacher-made images per prompt with --prompts
+    cache_latents: bool = False  # encode each image and caption once (frozen VAE and text encoder), not every step
     method: str = "splam"  # splam | lcm (gamma = 1, all else identical)
     run_name: str | None = None  # weights/<run_name>; default: <method>-<timestamp>
     output_dir: str = "weights"
@@ -124,6 +128,7 @@ class TrainConfig:
             "m": self.m >= 1,
             "num_ddim_steps": 1 <= self.num_ddim_steps <= 1000,
             "lora_rank": self.lora_rank >= 0,
+            "images_per_prompt": self.images_per_prompt >= 1,
             "checkpoint_every": self.checkpoint_every >= 1,
             "keep_checkpoints": self.keep_checkpoints >= 1,
             "num_workers": self.num_workers >= 0,
@@ -173,10 +178,12 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
 
 def _collate(items):
+    """Tensors stacked, captions listed; unreadable items (None) dropped; None when none is left."""
     items = [x for x in items if x is not None]
     if not items:
         return None
-    return {"pixel_values": torch.stack([x["pixel_values"] for x in items]), "caption": [x["caption"] for x in items]}
+    keys = [k for k in ("pixel_values", "z_0", "mean", "std", "cond", "uncond") if k in items[0]]
+    return {**{k: torch.stack([x[k] for x in items]) for k in keys}, "caption": [x["caption"] for x in items]}
 
 
 # ---------------------------------------------------------------- the run
@@ -326,8 +333,9 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     # ---- 3. data
     vae_scale = vae_scale_factor(pipe.vae)
     resolution = cfg.resolution or teacher.config.sample_size * vae_scale
-    dataset = build_dataset(cfg.data, resolution, caption_column=cfg.caption_column, image_column=cfg.image_column,
-                            seed=cfg.seed, num_examples=cfg.shapes_size)
+    dataset, store = _latent_source(cfg, pipe, acc, resolution, log)
+    if store is not None and not cfg.validation_prompts:  # validate on the run's own captions, not a preset's
+        cfg = dataclasses.replace(cfg, validation_prompts=dataset.captions(4))
     counter = getattr(dataset, "counter", None)
     loader_kw = dict(collate_fn=_collate, num_workers=cfg.num_workers)
     if isinstance(dataset, torch.utils.data.IterableDataset):
@@ -351,7 +359,9 @@ def _train(cfg: TrainConfig, log=print) -> Path:
                 "mixed_precision": rt.mixed_precision, "device": str(device), "processes": acc.num_processes,
                 "dtypes": {k: str(v).removeprefix("torch.") for k, v in (("student", acc.unwrap_model(student).dtype), ("target", target.dtype),
                            ("teacher", teacher.dtype), ("text_encoder", pipe.text_encoder.dtype), ("vae", pipe.vae.dtype))},
-                "teacher_scheduler": dict(pipe.scheduler.config)}
+                "teacher_scheduler": dict(pipe.scheduler.config),
+                "latent_store": None if store is None else {"folder": f".cache/{store.root.name}", "kind": store.manifest["kind"],
+                                                            "items": len(dataset), "seconds_here": round(store.seconds, 1)}}
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in (run_dir / "checkpoints").glob(".tmp-*"):  # a write interrupted by a crash or kill -9
@@ -393,12 +403,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
             continue
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * 104729 + micro * 31 + acc.process_index)
         with acc.accumulate(student):
-            with torch.no_grad():
-                px = batch["pixel_values"].to(device, rt.vae_dtype)
-                z_0 = pipe.vae.encode(px).latent_dist.sample(generator=gen) * pipe.vae.config.scaling_factor
-                z_0 = z_0.float()
-                cond = encode_text(pipe, batch["caption"], device)
-                uncond = uncond_1.expand(len(batch["caption"]), -1, -1)
+            z_0, cond, uncond = batch_latents(batch, pipe, device, rt.vae_dtype, gen, uncond_1)  # 1. z_0; text
             with acc.autocast():
                 loss = splad_loss(splad, schedule, student, target, teacher, z_0, cond, uncond, gen)
             if step in faults:
@@ -463,6 +468,39 @@ def _train(cfg: TrainConfig, log=print) -> Path:
         log(f"done: {step} steps in {time.time() - t0:.1f}s, {bad_total} skipped non-finite steps{skipped}; student in {run_dir}")
     acc.end_training()
     return run_dir
+
+
+def _latent_source(cfg: TrainConfig, pipe, acc, resolution: int, log) -> tuple[torch.utils.data.Dataset, LatentStore | None]:
+    """The run's data: teacher data from --prompts, the latent cache of --data with --cache-latents, or --data as is.
+    Stores are made by the main process first (the others then find them complete) under <output_dir>/.cache."""
+    from .data import build_dataset
+
+    root = Path(cfg.output_dir) / ".cache"
+    if cfg.prompts:
+        native = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
+        if resolution != native:
+            raise TrainError(f"--prompts makes z_0 at the teacher's native size ({native} px); drop --resolution {resolution}")
+        prompts = read_prompts(cfg.prompts)
+        with acc.main_process_first():
+            store = teacher_data(pipe, prompts, root, w=cfg.w, steps=cfg.num_ddim_steps, seed=cfg.seed,
+                                 images_per_prompt=cfg.images_per_prompt, batch_size=cfg.batch_size)
+        dataset = store.dataset()
+        per = f", {store.seconds / store.n:.2f} s per image" if store.seconds else " (reused)"
+        log(f"teacher data: {len(prompts)} prompts x {cfg.images_per_prompt} = {store.n} images, DDIM {cfg.num_ddim_steps} at "
+            f"CFG {cfg_scale(cfg.w):g}{per}; in {root.name}/{store.root.name}")
+        return dataset, store
+    dataset = build_dataset(cfg.data, resolution, caption_column=cfg.caption_column, image_column=cfg.image_column,
+                            seed=cfg.seed, num_examples=cfg.shapes_size)
+    if not cfg.cache_latents:
+        return dataset, None
+    identity = {"data": cfg.data, "files": files_identity(cfg.data), "resolution": resolution, "seed": cfg.seed,
+                "shapes_size": cfg.shapes_size, "caption_column": cfg.caption_column, "image_column": cfg.image_column}
+    with acc.main_process_first():
+        store = latent_cache(pipe, dataset, root, identity=identity, batch_size=cfg.batch_size)
+    cached = store.dataset()
+    per = f" in {store.seconds:.1f} s" if store.seconds else " (reused)"
+    log(f"latent cache: {len(cached)} images encoded once{per}; in {root.name}/{store.root.name}")
+    return cached, store
 
 
 @torch.no_grad()
