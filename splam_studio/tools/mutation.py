@@ -194,6 +194,18 @@ MUTANTS: dict[str, list[Mutant]] = {
         M("split_by_worker removed", "wds.SimpleShardList(self.shards), wds.split_by_worker,", "wds.SimpleShardList(self.shards),"),
         M("steps per epoch without the worker split", "return int(rounding(per_worker / batch_size)) * workers",
           "return int(rounding(num_examples / batch_size))"),
+        M("alpha composited on black", "Image.new(\"RGBA\", rgba.size, WHITE + (255,))", "Image.new(\"RGBA\", rgba.size, (0, 0, 0, 255))"),
+        M("16-bit not rescaled", "np.clip(arr / peak * 255.0 + 0.5, 0, 255)", "np.clip(arr + 0.5, 0, 255)"),
+        M("resize to the longer side", "scale = resolution / min(w, h)", "scale = resolution / max(w, h)"),
+        M("crop at the corner", "left, top = (nw - resolution) // 2, (nh - resolution) // 2", "left, top = 0, 0"),
+        M("pixels in [0, 2]", ".float().div(127.5).sub(1.0)", ".float().div(127.5)"),
+        M("max_pixels not enforced", "        if w * h > max_pixels:\n            raise _TooLarge", "        if False:\n            raise _TooLarge"),
+        M("undecodable caption kept", "            counter.skip(NOT_UTF8, where)\n            return None", "            counter.skip(NOT_UTF8, where)\n            return ''"),
+        M("caption whitespace kept", 'text = " ".join(str(raw).split())', "text = str(raw)"),
+        M("missing image not counted", "        counter.skip(NO_IMAGE, where)\n        return None", "        return None"),
+        M("batch fits when it does not", "if n >= batch_size * world:", "if n >= batch_size:"),
+        M("collate keeps None", "kept = [b for b in batch if b is not None]", "kept = [b for b in batch]"),
+        M("map-style data not shuffled", "shuffle=shuffle and not iterable", "shuffle=False"),
     ],
 }
 
