@@ -399,3 +399,34 @@ def test_webdataset_shards_are_split_across_dataloader_workers(tmp_path):
     full = list(D.non_empty(make_dataloader(ds, 3, num_workers=2, drop_last=True)))
     assert len(full) == steps_per_epoch(10, 3, num_workers=2) == 2  # each worker: 5 samples, one full batch of 3
     assert steps_per_epoch(10, 3, num_workers=2, drop_last=False) == 4
+
+
+def test_16bit_mid_grey_and_aspect_kept_by_the_crop():
+    arr16 = np.full((4, 4), 32896, dtype=np.uint16)  # 32896 / 65535 * 255 = 128
+    im16 = Image.open(io.BytesIO(png_bytes(Image.fromarray(arr16))))
+    assert tuple(np.asarray(D.to_rgb(im16))[0, 0]) == (128, 128, 128)
+    bands = Image.new("RGB", (48, 16), (255, 0, 0))  # red | green | blue thirds: the centre square is all green
+    bands.paste((0, 255, 0), (16, 0, 32, 16))
+    bands.paste((0, 0, 255), (32, 0, 48, 16))
+    out = np.asarray(D.resize_center_crop(bands, 16))
+    assert out.shape == (16, 16, 3) and (out == (0, 255, 0)).all()
+
+
+def test_max_pixels_refuses_streamed_bytes_before_decoding():
+    counter = D.SkipCounter("test")
+    assert D.load_pixels(png_bytes(solid(size=(30, 30))), R, counter, "big", max_pixels=100) is None
+    assert counter.skipped[D.TOO_LARGE] == 1
+    assert D.load_pixels(png_bytes(solid(size=(30, 30))), R, counter, "ok", max_pixels=900) is not None
+
+
+def test_map_style_data_is_shuffled_by_the_seed():
+    class Numbers(torch.utils.data.Dataset):
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, i):
+            return {"pixel_values": torch.zeros(1), "caption": str(i)}
+
+    order = lambda seed: [c for b in make_dataloader(Numbers(), 20, seed=seed) for c in b["caption"]]  # noqa: E731
+    assert sorted(order(1), key=int) == [str(i) for i in range(20)]
+    assert order(1) == order(1) and order(1) != order(2) and order(1) != [str(i) for i in range(20)]
