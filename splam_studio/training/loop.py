@@ -172,13 +172,6 @@ class StepBatchSampler(torch.utils.data.Sampler):
             yield perm[off: off + self.bs].tolist()
 
 
-def _collate(items):
-    items = [x for x in items if x is not None]
-    if not items:
-        return None
-    return {"pixel_values": torch.stack([x["pixel_values"] for x in items]), "caption": [x["caption"] for x in items]}
-
-
 # ---------------------------------------------------------------- the run
 
 FAULT_ENV = "SPLAM_FAULT_INJECTION"  # tests only: "nan@<step>,<step>..." makes those steps' loss NaN
@@ -252,12 +245,109 @@ def run(cfg: TrainConfig, log=print) -> Path:
         raise
 
 
+# ---------------------------------------------------------------- the loop's pieces (tests/test_loop.py tests each)
+
+def add_lora(student, rank: int):
+    """LoRA adapters of `rank` on LORA_TARGETS (peft); the base frozen, the gamma projection trained in full (it is new)."""
+    from peft import LoraConfig
+
+    student.requires_grad_(False)
+    student.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    student.time_embedding.cond_proj.requires_grad_(True)
+    return student
+
+
+def make_student(pipe, teacher, cfg: TrainConfig):
+    """The online student theta: the teacher plus the gamma projection (drawn from cfg.seed), fp32; warm-started from
+    --init-from, as LoRA adapters when lora_rank > 0, with gradient checkpointing when asked."""
+    student = build_student(teacher, cfg.cond_proj_init, generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.init_from:  # warm start, e.g. SPLAM continued from an LCM student
+        init = load_student(cfg.init_from, pipe)
+        if any("lora" in k for k in init.state_dict()):
+            raise TrainError(f"--init-from {cfg.init_from!r} is a LoRA run; it takes a full-UNet student run")
+        student.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
+    if cfg.lora_rank > 0:
+        add_lora(student, cfg.lora_rank)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    return student
+
+
+def trainable_parameters(student) -> list[torch.nn.Parameter]:
+    return [p for p in student.parameters() if p.requires_grad]
+
+
+def param_groups(student, cfg: TrainConfig) -> list:
+    """The trainable tensors for the optimiser: one group at lr, or, when cond_proj_lr_scale != 1, the rest at lr and
+    the gamma projection (cond_proj) in its own group at cond_proj_lr_scale x lr."""
+    if cfg.cond_proj_lr_scale == 1.0:
+        return trainable_parameters(student)
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if "cond_proj" not in n]},
+            {"params": [p for n, p in named if "cond_proj" in n], "lr": cfg.lr * cfg.cond_proj_lr_scale}]
+
+
+def make_optimizer(student, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (bitsandbytes' 8-bit one with use_8bit_adam) over `param_groups`; each group keeps its base lr in
+    "initial_lr", which `optimizer_step` scales by lr_factor."""
+    groups = param_groups(student, cfg)
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise TrainError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU") from e
+        opt = bnb.optim.AdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for g in opt.param_groups:
+        g.setdefault("initial_lr", g["lr"])
+    return opt
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """The one source of a micro-batch's randomness (the VAE's posterior sample, then t, eps and gamma in splad_loss):
+    distinct per step, micro-batch and process rank, and the same again when the run is resumed."""
+    return torch.Generator().manual_seed(seed * 7919 + step * 104729 + micro * 31 + rank)
+
+
+@torch.no_grad()
+def encode_batch(pipe, batch: dict, uncond_1: torch.Tensor, gen: torch.Generator, vae_dtype: torch.dtype):
+    """(z_0, c, c_uncond) of a batch: z_0 a posterior sample of the VAE x its scaling_factor (fp32), c the captions'
+    text embeddings, c_uncond the empty prompt's (1, L, D) embedding repeated per sample."""
+    device = uncond_1.device
+    px = batch["pixel_values"].to(device, vae_dtype)
+    z_0 = pipe.vae.encode(px).latent_dist.sample(generator=gen) * pipe.vae.config.scaling_factor
+    cond = encode_text(pipe, batch["caption"], device)
+    return z_0.float(), cond, uncond_1.expand(len(batch["caption"]), -1, -1)
+
+
+def finite_on_all_ranks(loss: torch.Tensor, acc) -> bool:
+    """True when the loss is finite on every process: a NaN step is skipped by all ranks together (a rank skipping
+    alone would leave the others waiting in the gradient all-reduce, or the replicas apart)."""
+    finite = torch.isfinite(loss.detach()).float()
+    if acc.num_processes > 1:
+        finite = acc.reduce(finite, "min")
+    return finite.item() >= 1
+
+
+def optimizer_step(acc, opt, params, step: int, cfg: TrainConfig) -> float:
+    """Clip the gradient norm to max_grad_norm (on the micro-step that syncs), set each group's lr to its initial_lr x
+    lr_factor(step), step and zero the gradients; returns the first group's lr."""
+    if acc.sync_gradients:
+        acc.clip_grad_norm_(params, cfg.max_grad_norm)
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"] * lr_factor(step, cfg.max_steps, cfg.lr_schedule)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt.param_groups[0]["lr"]
+
+
 def _train(cfg: TrainConfig, log=print) -> Path:
     """The loop of `run` (which owns the run folder's life)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from .data import build_dataset, fit_batch_size
+    from .data import build_dataset, collate_drop_none, fit_batch_size
 
     cfg.validate()
     rt = resolve_runtime(cfg.device, cfg.precision)
@@ -272,44 +362,15 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     pipe = load_teacher(cfg.teacher, torch_dtype=torch.float32, allow_pickle=cfg.allow_pickle, config=cfg.teacher_config)
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     teacher = pipe.unet.requires_grad_(False).eval()
-    student = build_student(teacher, cfg.cond_proj_init, generator=torch.Generator().manual_seed(cfg.seed))
-    if cfg.init_from:  # warm start, e.g. SPLAM continued from an LCM student
-        init = load_student(cfg.init_from, pipe)
-        if any("lora" in k for k in init.state_dict()):
-            raise TrainError(f"--init-from {cfg.init_from!r} is a LoRA run; it takes a full-UNet student run")
-        student.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
-    if cfg.lora_rank > 0:
-        from peft import LoraConfig
-
-        student.requires_grad_(False)
-        student.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                       target_modules=LORA_TARGETS))
-        student.time_embedding.cond_proj.requires_grad_(True)
-    if cfg.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
+    student = make_student(pipe, teacher, cfg)
     target = make_target(student)
     teacher.to(device, rt.weight_dtype)
     pipe.text_encoder.requires_grad_(False).to(device, rt.weight_dtype)
     pipe.vae.requires_grad_(False).to(device, rt.vae_dtype)
     target.to(device)
 
-    params = [p for p in student.parameters() if p.requires_grad]
-    if cfg.cond_proj_lr_scale != 1.0:  # the gamma projection in its own group, at cond_proj_lr_scale x lr
-        gp = [p for n, p in student.named_parameters() if p.requires_grad and "cond_proj" in n]
-        rest = [p for n, p in student.named_parameters() if p.requires_grad and "cond_proj" not in n]
-        groups = [{"params": rest}, {"params": gp, "lr": cfg.lr * cfg.cond_proj_lr_scale}]
-    else:
-        groups = params
-    if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise TrainError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU") from e
-        opt = bnb.optim.AdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    for g in opt.param_groups:  # the base lr of each group, scaled by lr_factor at every step
-        g.setdefault("initial_lr", g["lr"])
+    params = trainable_parameters(student)  # what the gradient norm is clipped over
+    opt = make_optimizer(student, cfg)
 
     # ---- 2. resume (before data, so the sampler starts at the right step)
     start = 0
@@ -329,7 +390,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     dataset = build_dataset(cfg.data, resolution, caption_column=cfg.caption_column, image_column=cfg.image_column,
                             seed=cfg.seed, num_examples=cfg.shapes_size)
     counter = getattr(dataset, "counter", None)
-    loader_kw = dict(collate_fn=_collate, num_workers=cfg.num_workers)
+    loader_kw = dict(collate_fn=collate_drop_none, num_workers=cfg.num_workers)  # drops unreadable items (None)
     if isinstance(dataset, torch.utils.data.IterableDataset):
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, **loader_kw)
         skip = start * cfg.grad_accum  # batches to fast-forward
@@ -391,22 +452,14 @@ def _train(cfg: TrainConfig, log=print) -> Path:
         if batch is None:  # every item of this batch was unreadable (counted by the dataset); move on
             micro += 1
             continue
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * 104729 + micro * 31 + acc.process_index)
+        gen = step_generator(cfg.seed, step, micro, acc.process_index)
         with acc.accumulate(student):
-            with torch.no_grad():
-                px = batch["pixel_values"].to(device, rt.vae_dtype)
-                z_0 = pipe.vae.encode(px).latent_dist.sample(generator=gen) * pipe.vae.config.scaling_factor
-                z_0 = z_0.float()
-                cond = encode_text(pipe, batch["caption"], device)
-                uncond = uncond_1.expand(len(batch["caption"]), -1, -1)
+            z_0, cond, uncond = encode_batch(pipe, batch, uncond_1, gen, rt.vae_dtype)
             with acc.autocast():
                 loss = splad_loss(splad, schedule, student, target, teacher, z_0, cond, uncond, gen)
             if step in faults:
                 loss = loss * float("nan")
-            finite = torch.isfinite(loss.detach()).float()
-            if acc.num_processes > 1:
-                finite = acc.reduce(finite, "min")
-            if finite.item() < 1:
+            if not finite_on_all_ranks(loss, acc):
                 bad_in_row += 1
                 bad_total += 1
                 opt.zero_grad(set_to_none=True)
@@ -420,12 +473,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
                 continue
             bad_in_row = 0
             acc.backward(loss)
-            if acc.sync_gradients:
-                acc.clip_grad_norm_(params, cfg.max_grad_norm)
-            for g in opt.param_groups:
-                g["lr"] = g["initial_lr"] * lr_factor(step, cfg.max_steps, cfg.lr_schedule)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            lr = optimizer_step(acc, opt, params, step, cfg)
         micro += 1
         if not acc.sync_gradients:
             continue
@@ -436,7 +484,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4g}")
         if stats is not None:
-            stats.step(step, loss.item())
+            stats.step(step, loss.item(), lr=lr)  # the lr this step used (its first group's), as diffusers' LCM script logs it
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             acc.log({"loss": sum(losses) / len(losses), "bad_steps": bad_total}, step=step)
             losses.clear()
