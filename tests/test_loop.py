@@ -9,6 +9,7 @@ accumulation with an exact resume that also cleans a stale .tmp-* checkpoint, a 
 unreadable items dropped by the live collate.
 """
 import io
+import itertools
 import json
 import math
 import tarfile
@@ -21,7 +22,8 @@ from safetensors.torch import load_file
 
 from splam_studio.training import loop
 from splam_studio.training.loop import (StepBatchSampler, TrainConfig, TrainError, add_lora, finite_on_all_ranks,
-                                        make_optimizer, optimizer_step, param_groups, step_generator)
+                                        make_optimizer, on_all_ranks, optimizer_step, param_groups,
+                                        step_generator)
 
 CAPTIONS = ["one red circle", "two small blue squares", "a large green star", "three yellow triangles"]
 # the first step's loss of the base run (seed 3), measured once on the tiny pipeline (diffusers' expected_slice
@@ -50,6 +52,13 @@ def _folder(root: Path, n: int, captions) -> Path:
     return root
 
 
+def _truncated(path: Path, caption: str) -> None:
+    """A PNG cut in half: its header reads (the item counts in len), its pixels do not (the item reads as None)."""
+    png = _png(_image(99))
+    path.write_bytes(png[: len(png) // 2])
+    path.with_suffix(".txt").write_text(caption)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from tests.tiny import make_tiny_pipeline
@@ -59,9 +68,14 @@ def world(tmp_path_factory):
     _folder(root / "data", 12, CAPTIONS[:3])  # as tests/test_train.py's
     _folder(root / "four", 4, CAPTIONS)  # 2 steps per epoch at batch 2; each caption names one image
     bad = _folder(root / "bad", 5, CAPTIONS + ["one blue star"])
-    png = _png(_image(99))
-    (bad / "05.png").write_bytes(png[: len(png) // 2])  # its header reads (it is counted in len), its pixels do not
-    (bad / "05.txt").write_text("two red circles")
+    _truncated(bad / "05.png", "two red circles")
+    half = _folder(root / "half", 2, CAPTIONS)  # 2 readable items, 2 unreadable ones
+    for i in (2, 3):
+        _truncated(half / f"{i:02d}.png", CAPTIONS[i])
+    none = root / "none"
+    none.mkdir()
+    for i in range(4):
+        _truncated(none / f"{i:02d}.png", CAPTIONS[i])
     with tarfile.open(root / "shard-000.tar", "w") as tar:  # a streamed source of 4 samples
         for i, cap in enumerate(CAPTIONS):
             for ext, payload in (("png", _png(_image(i))), ("txt", cap.encode())):
@@ -111,6 +125,11 @@ def train(world, out, spy=None, data="data", **kw) -> tuple[Path, list[str]]:
         GradientState._reset_state()
 
 
+def first(sampler, k: int) -> list[list[int]]:
+    """The first k batches of an (endless) StepBatchSampler."""
+    return list(itertools.islice(iter(sampler), k))
+
+
 def stats(run: Path) -> list[dict]:
     return [r for r in map(json.loads, (run / "stats.jsonl").read_text().splitlines()) if "loss" in r]
 
@@ -133,9 +152,8 @@ def base_run(world, tmp_path_factory):
 def test_sampler_gives_each_rank_its_own_batch_and_each_epoch_a_new_order():
     n, bs, world, seed = 12, 2, 2, 5
     per_epoch = n // (bs * world)  # 3 steps
-    ranks = [list(StepBatchSampler(n, bs, seed, 0, 2 * per_epoch, rank=r, world=world)) for r in range(world)]
-    for r in ranks:
-        assert len(r) == 2 * per_epoch and all(len(b) == bs for b in r)
+    ranks = [first(StepBatchSampler(n, bs, seed, 0, rank=r, world=world), 2 * per_epoch) for r in range(world)]
+    assert all(len(b) == bs for r in ranks for b in r)
     for step in range(2 * per_epoch):  # the ranks of one step read disjoint items
         assert not set(ranks[0][step]) & set(ranks[1][step]), step
     epochs = [[i for r in ranks for b in r[e * per_epoch:(e + 1) * per_epoch] for i in b] for e in (0, 1)]
@@ -144,10 +162,11 @@ def test_sampler_gives_each_rank_its_own_batch_and_each_epoch_a_new_order():
     order = [[i for b in ranks[0][e * per_epoch:(e + 1) * per_epoch] for i in b] for e in (0, 1)]
     assert order[0] != order[1]  # epoch 2 is a new permutation
     # a resumed sampler continues the same sequence; another seed gives another one
-    assert list(StepBatchSampler(n, bs, seed, 4, 6, rank=1, world=world)) == ranks[1][4:6]
-    assert list(StepBatchSampler(n, bs, seed + 1, 0, 6, rank=1, world=world)) != ranks[1]
+    assert first(StepBatchSampler(n, bs, seed, 4, rank=1, world=world), 2) == ranks[1][4:6]  # a resume continues it
+    assert first(StepBatchSampler(n, bs, seed + 1, 0, rank=1, world=world), 6) != ranks[1]
+    assert first(StepBatchSampler(n, bs, seed, 0, rank=1, world=world), 40)[:6] == ranks[1]  # endless
     with pytest.raises(TrainError, match="fewer than one batch"):
-        StepBatchSampler(3, 2, 0, 0, 1, world=2)
+        StepBatchSampler(3, 2, 0, 0, world=2)
 
 
 def test_step_generator_is_fresh_per_step_micro_batch_and_rank():
@@ -196,6 +215,8 @@ def test_lora_student_trains_adapters_and_the_gamma_projection_only(student):
 class FakeAccelerator:
     """The part of accelerate.Accelerator the step's pieces use; reduce(min) sees the other ranks' values."""
 
+    device = torch.device("cpu")
+
     def __init__(self, others=(), sync_gradients=True):
         self.others, self.num_processes, self.sync_gradients = list(others), 1 + len(others), sync_gradients
 
@@ -215,6 +236,9 @@ def test_nan_skip_is_decided_for_all_ranks_together():
     assert finite_on_all_ranks(good, FakeAccelerator(others=[1.0, 1.0]))
     assert not finite_on_all_ranks(good, FakeAccelerator(others=[1.0, 0.0]))  # another rank's loss was NaN
     assert not finite_on_all_ranks(bad, FakeAccelerator(others=[1.0]))
+    # a batch without one readable item on any rank is skipped by all ranks
+    assert on_all_ranks(True, FakeAccelerator()) and not on_all_ranks(False, FakeAccelerator())
+    assert on_all_ranks(True, FakeAccelerator(others=[1.0])) and not on_all_ranks(True, FakeAccelerator(others=[0.0]))
 
 
 def test_optimizer_step_clips_the_gradient_and_follows_the_schedule():
@@ -257,7 +281,7 @@ def test_first_step_loss_is_golden_and_derived_independently(world, base_run):
     assert [r["step"] for r in logged] == [1, 2]
     pipe = load_teacher(str(world / "teacher"))
     ds = build_dataset(str(world / "data"), 16, seed=3)
-    batch = collate_drop_none([ds[i] for i in next(iter(StepBatchSampler(len(ds), 2, 3, 0, 1)))])
+    batch = collate_drop_none([ds[i] for i in next(iter(StepBatchSampler(len(ds), 2, 3, 0)))])
     gen = step_generator(3, 0, 0, 0)
     with torch.no_grad():
         z_0 = pipe.vae.encode(batch["pixel_values"]).latent_dist.sample(generator=gen) * pipe.vae.config.scaling_factor
@@ -317,7 +341,7 @@ def test_grad_accum_resume_is_exact_and_cleans_stale_tmp_checkpoints(world, tmp_
     straight, _ = train(world, tmp_path, spy=straight_spy, run_name="straight", max_steps=2, grad_accum=2)
     assert [r["step"] for r in stats(straight)] == [1, 2]
     assert len(straight_spy.calls) == 4 and len({c["seed"] for c in straight_spy.calls}) == 4
-    sampler = [[CAPTIONS[i % 3] for i in b] for b in StepBatchSampler(12, 2, 3, 0, 4)]
+    sampler = [[CAPTIONS[i % 3] for i in b] for b in first(StepBatchSampler(12, 2, 3, 0), 4)]
     assert straight_spy.batches == sampler  # 2 micro-batches per step, in the sampler's order
     split, _ = train(world, tmp_path, run_name="split", max_steps=1, grad_accum=2)
     stale = split / "checkpoints" / ".tmp-step-0000002-4242"  # a checkpoint write cut short by kill -9
@@ -356,3 +380,18 @@ def test_unreadable_items_are_dropped_by_the_live_collate(world, tmp_path):
     assert sorted(len(b) for b in spy.batches) == [1, 2, 2]
     done = [x for x in lines if x.startswith("done:")]
     assert len(done) == 1 and "truncated image (05.png)" in done[0], lines
+
+
+def test_a_batch_of_only_unreadable_items_is_replaced_by_the_next(world, tmp_path):
+    """2 of 4 items unreadable at batch 2: the step whose batch holds both trains on the next batch instead (it used
+    to end the run with 'the data ran out'); with no readable item at all the run stops with one clear sentence."""
+    from splam_studio.training.data import DataError
+
+    assert [2, 3] in [sorted(b) for b in first(StepBatchSampler(4, 2, 0, 0), 2)]  # seed 0
+    spy = Spy()
+    run, _ = train(world, tmp_path, spy=spy, data="half", run_name="half", max_steps=2, seed=0)
+    assert [r["step"] for r in stats(run)] == [1, 2]
+    assert len(spy.batches) == 2 and all(set(b) <= set(CAPTIONS[:2]) for b in spy.batches)
+    with pytest.raises(DataError, match=r"4 batches in a row had no readable item .*4 x corrupt or truncated"):
+        train(world, tmp_path, data="none", run_name="none", max_steps=2)
+    assert not (tmp_path / "none").exists()

@@ -7,6 +7,7 @@ EMA update (step 7) -> logging, validation and atomic checkpoints, in numbered s
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import shutil
@@ -153,20 +154,19 @@ class TrainConfig:
 # ---------------------------------------------------------------- data order (exactly resumable)
 
 class StepBatchSampler(torch.utils.data.Sampler):
-    """Batches of indices for steps start..: epoch e is a permutation seeded by (seed, e); process `rank` of `world`."""
+    """Batches of indices for micro-steps start_step, start_step + 1, ...: epoch e is a permutation seeded by (seed, e);
+    process `rank` of `world` reads its own slice. Endless (no len): the loop stops at its max_steps, and a batch
+    without one readable item is replaced by the next one."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, max_steps: int, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, rank: int = 0, world: int = 1):
         if n < batch_size * world:
             raise TrainError(f"dataset has {n} usable items, fewer than one batch ({batch_size} x {world} processes)")
-        self.n, self.bs, self.seed, self.start, self.max, self.rank, self.world = n, batch_size, seed, start_step, max_steps, rank, world
-
-    def __len__(self) -> int:
-        return max(0, self.max - self.start)
+        self.n, self.bs, self.seed, self.start, self.rank, self.world = n, batch_size, seed, start_step, rank, world
+        self.per_epoch = n // (batch_size * world)  # batches per epoch and rank
 
     def __iter__(self):
-        per_epoch = self.n // (self.bs * self.world)
-        for step in range(self.start, self.max):
-            epoch, pos = divmod(step, per_epoch)
+        for step in itertools.count(self.start):
+            epoch, pos = divmod(step, self.per_epoch)
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
             off = (pos * self.world + self.rank) * self.bs
             yield perm[off: off + self.bs].tolist()
@@ -330,6 +330,13 @@ def finite_on_all_ranks(loss: torch.Tensor, acc) -> bool:
     return finite.item() >= 1
 
 
+def on_all_ranks(flag: bool, acc) -> bool:
+    """`flag` and-ed over the processes (a batch readable on every rank), for a decision all ranks take together."""
+    if acc.num_processes == 1:
+        return flag
+    return acc.reduce(torch.tensor(float(flag), device=acc.device), "min").item() >= 1
+
+
 def optimizer_step(acc, opt, params, step: int, cfg: TrainConfig) -> float:
     """Clip the gradient norm to max_grad_norm (on the micro-step that syncs), set each group's lr to its initial_lr x
     lr_factor(step), step and zero the gradients; returns the first group's lr."""
@@ -400,7 +407,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
             log(note)
             cfg = dataclasses.replace(cfg, batch_size=batch_size)
         sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start * cfg.grad_accum,
-                                   cfg.max_steps * cfg.grad_accum, acc.process_index, acc.num_processes)
+                                   acc.process_index, acc.num_processes)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_kw)
         skip = 0
 
@@ -437,21 +444,26 @@ def _train(cfg: TrainConfig, log=print) -> Path:
         next(data_iter, None)
     micro, end = 0, object()
     # ---- 5. the step (Algorithm 1 in core/splad.py), logging, validation and checkpoints
+    # batches in a row without one readable item before the run stops: two epochs' worth hold a whole epoch
+    unreadable, max_unreadable = 0, 2 * getattr(loader.batch_sampler, "per_epoch", 50)
     while step < cfg.max_steps:
         batch = next(data_iter, end)
-        if batch is end:
-            if not isinstance(dataset, torch.utils.data.IterableDataset):
-                from .data import DataError
-
-                raise DataError(f"the data ran out at step {step}: no readable item in the batches left "
-                                f"({counter.summary() if counter is not None else 'no skip counts'})")
-            data_iter = iter(loader)  # next pass over a finite iterable source
+        if batch is end:  # a finite streamed source ended (map-style data's StepBatchSampler never does): next pass
+            data_iter = iter(loader)
             batch = next(data_iter, end)
             if batch is end:
                 raise TrainError(f"data source {cfg.data!r} yielded no usable batch (see the skip counts above)")
-        if batch is None:  # every item of this batch was unreadable (counted by the dataset); move on
+        if not on_all_ranks(batch is not None, acc):  # a batch of only unreadable items (counted), on any rank: all move on
+            unreadable += 1
+            if unreadable >= max_unreadable:
+                from .data import DataError
+
+                raise DataError(f"{unreadable} batches in a row had no readable item (at step {step}; "
+                                f"{counter.summary() if counter is not None else 'no skip counts'}); "
+                                "replace or remove those files")
             micro += 1
             continue
+        unreadable = 0
         gen = step_generator(cfg.seed, step, micro, acc.process_index)
         with acc.accumulate(student):
             z_0, cond, uncond = encode_batch(pipe, batch, uncond_1, gen, rt.vae_dtype)
