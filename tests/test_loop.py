@@ -294,6 +294,7 @@ def test_first_step_loss_is_golden_and_derived_independently(world, base_run):
     assert logged[0]["loss"] == pytest.approx(loss, rel=1e-6, abs=1e-7)
     assert logged[0]["loss"] == pytest.approx(GOLDEN_STEP_1_LOSS, rel=1e-5)
     assert logged[1]["loss"] != logged[0]["loss"]
+    assert [r["lr"] for r in logged] == [1e-5, 1e-5]  # the constant schedule at the default lr
 
 
 def test_every_step_draws_fresh_t_eps_and_gamma(base_run):
@@ -314,6 +315,19 @@ def test_target_is_the_ema_of_the_student_and_is_what_is_exported(base_run):
     exported = load_file(run / "unet" / "diffusion_pytorch_model.safetensors")
     for k in t2:  # the exported student is the last checkpoint's theta^-, not the online student
         assert torch.equal(exported[k], t2[k]), k
+
+
+def test_the_run_clips_the_gradient_norm(world, tmp_path, base_run):
+    """Clipped to a norm of 1e-12, AdamW's first update is lr g / (|g| + eps) ~ lr 1e-7: the student stays put.
+    Step 1's theta^- = mu theta_0 + (1 - mu) theta_1, so theta_1 - theta^-_1 = mu (theta_1 - theta_0) shows the move."""
+    run, _ = train(world, tmp_path, run_name="clip", max_steps=1, max_grad_norm=1e-12)
+
+    def moved(r):
+        s, t = ckpt(r, 1, "student"), ckpt(r, 1, "target")
+        return max((s[k] - t[k]).abs().max().item() for k in s)
+
+    assert moved(base_run[0]) > 1e-6  # at max_grad_norm 1, lr 1e-5: about 0.9 lr
+    assert moved(run) < 1e-9
 
 
 def test_lora_run_with_cosine_lr_and_gamma_projection_group(world, tmp_path):
