@@ -61,11 +61,12 @@ class StepLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
 
-    def step(self, step: int, loss: float) -> None:
+    def step(self, step: int, loss: float, **extra) -> None:
+        """One step line: step, loss, speed, ETA, and `extra` (the trainer's lr)."""
         elapsed = max(time.time() - self.t0, 1e-9)
         it_s = (step - self.start) / elapsed
         eta = (self.total - step) / it_s if it_s > 0 else None
-        self.write({"step": step, "loss": loss if math.isfinite(loss) else None, "it_s": round(it_s, 4),
+        self.write({"step": step, "loss": loss if math.isfinite(loss) else None, **extra, "it_s": round(it_s, 4),
                     "eta_s": None if eta is None else round(eta, 1)})
 
 

@@ -7,6 +7,7 @@ EMA update (step 7) -> logging, validation and atomic checkpoints, in numbered s
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import shutil
@@ -158,32 +159,22 @@ class TrainConfig:
 # ---------------------------------------------------------------- data order (exactly resumable)
 
 class StepBatchSampler(torch.utils.data.Sampler):
-    """Batches of indices for steps start..: epoch e is a permutation seeded by (seed, e); process `rank` of `world`."""
+    """Batches of indices for micro-steps start_step, start_step + 1, ...: epoch e is a permutation seeded by (seed, e);
+    process `rank` of `world` reads its own slice. Endless (no len): the loop stops at its max_steps, and a batch
+    without one readable item is replaced by the next one."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, max_steps: int, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, rank: int = 0, world: int = 1):
         if n < batch_size * world:
             raise TrainError(f"dataset has {n} usable items, fewer than one batch ({batch_size} x {world} processes)")
-        self.n, self.bs, self.seed, self.start, self.max, self.rank, self.world = n, batch_size, seed, start_step, max_steps, rank, world
-
-    def __len__(self) -> int:
-        return max(0, self.max - self.start)
+        self.n, self.bs, self.seed, self.start, self.rank, self.world = n, batch_size, seed, start_step, rank, world
+        self.per_epoch = n // (batch_size * world)  # batches per epoch and rank
 
     def __iter__(self):
-        per_epoch = self.n // (self.bs * self.world)
-        for step in range(self.start, self.max):
-            epoch, pos = divmod(step, per_epoch)
+        for step in itertools.count(self.start):
+            epoch, pos = divmod(step, self.per_epoch)
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
             off = (pos * self.world + self.rank) * self.bs
             yield perm[off: off + self.bs].tolist()
-
-
-def _collate(items):
-    """Tensors stacked, captions listed; unreadable items (None) dropped; None when none is left."""
-    items = [x for x in items if x is not None]
-    if not items:
-        return None
-    keys = [k for k in ("pixel_values", "z_0", "mean", "std", "cond", "uncond") if k in items[0]]
-    return {**{k: torch.stack([x[k] for x in items]) for k in keys}, "caption": [x["caption"] for x in items]}
 
 
 # ---------------------------------------------------------------- the run
@@ -259,12 +250,113 @@ def run(cfg: TrainConfig, log=print) -> Path:
         raise
 
 
+# ---------------------------------------------------------------- the loop's pieces (tests/test_loop.py tests each)
+
+def add_lora(student, rank: int):
+    """LoRA adapters of `rank` on LORA_TARGETS (peft); the base frozen, the gamma projection trained in full (it is new)."""
+    from peft import LoraConfig
+
+    student.requires_grad_(False)
+    student.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    student.time_embedding.cond_proj.requires_grad_(True)
+    return student
+
+
+def make_student(pipe, teacher, cfg: TrainConfig):
+    """The online student theta: the teacher plus the gamma projection (drawn from cfg.seed), fp32; warm-started from
+    --init-from, as LoRA adapters when lora_rank > 0, with gradient checkpointing when asked."""
+    student = build_student(teacher, cfg.cond_proj_init, generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.init_from:  # warm start, e.g. SPLAM continued from an LCM student
+        init = load_student(cfg.init_from, pipe)
+        if any("lora" in k for k in init.state_dict()):
+            raise TrainError(f"--init-from {cfg.init_from!r} is a LoRA run; it takes a full-UNet student run")
+        student.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
+    if cfg.lora_rank > 0:
+        add_lora(student, cfg.lora_rank)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    return student
+
+
+def trainable_parameters(student) -> list[torch.nn.Parameter]:
+    return [p for p in student.parameters() if p.requires_grad]
+
+
+def param_groups(student, cfg: TrainConfig) -> list:
+    """The trainable tensors for the optimiser: one group at lr, or, when cond_proj_lr_scale != 1, the rest at lr and
+    the gamma projection (cond_proj) in its own group at cond_proj_lr_scale x lr."""
+    if cfg.cond_proj_lr_scale == 1.0:
+        return trainable_parameters(student)
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in named if "cond_proj" not in n]},
+            {"params": [p for n, p in named if "cond_proj" in n], "lr": cfg.lr * cfg.cond_proj_lr_scale}]
+
+
+def make_optimizer(student, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (bitsandbytes' 8-bit one with use_8bit_adam) over `param_groups`; each group keeps its base lr in
+    "initial_lr", which `optimizer_step` scales by lr_factor."""
+    groups = param_groups(student, cfg)
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise TrainError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU") from e
+        opt = bnb.optim.AdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for g in opt.param_groups:
+        g.setdefault("initial_lr", g["lr"])
+    return opt
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """The one source of a micro-batch's randomness (the VAE's posterior sample, then t, eps and gamma in splad_loss):
+    distinct per step, micro-batch and process rank, and the same again when the run is resumed."""
+    return torch.Generator().manual_seed(seed * 7919 + step * 104729 + micro * 31 + rank)
+
+
+@torch.no_grad()
+def encode_batch(pipe, batch: dict, uncond_1: torch.Tensor, gen: torch.Generator, vae_dtype: torch.dtype):
+    """(z_0, c, c_uncond) of a batch: z_0 a posterior sample of the VAE x its scaling_factor (fp32), c the captions'
+    text embeddings, c_uncond the empty prompt's (1, L, D) embedding repeated per sample; from pixels, or from the
+    latent cache / teacher data (`latents.batch_latents`, one owner for all three)."""
+    return batch_latents(batch, pipe, uncond_1.device, vae_dtype, gen, uncond_1)
+
+
+def finite_on_all_ranks(loss: torch.Tensor, acc) -> bool:
+    """True when the loss is finite on every process: a NaN step is skipped by all ranks together (a rank skipping
+    alone would leave the others waiting in the gradient all-reduce, or the replicas apart)."""
+    finite = torch.isfinite(loss.detach()).float()
+    if acc.num_processes > 1:
+        finite = acc.reduce(finite, "min")
+    return finite.item() >= 1
+
+
+def on_all_ranks(flag: bool, acc) -> bool:
+    """`flag` and-ed over the processes (a batch readable on every rank), for a decision all ranks take together."""
+    if acc.num_processes == 1:
+        return flag
+    return acc.reduce(torch.tensor(float(flag), device=acc.device), "min").item() >= 1
+
+
+def optimizer_step(acc, opt, params, step: int, cfg: TrainConfig) -> float:
+    """Clip the gradient norm to max_grad_norm (on the micro-step that syncs), set each group's lr to its initial_lr x
+    lr_factor(step), step and zero the gradients; returns the first group's lr."""
+    if acc.sync_gradients:
+        acc.clip_grad_norm_(params, cfg.max_grad_norm)
+    for g in opt.param_groups:
+        g["lr"] = g["initial_lr"] * lr_factor(step, cfg.max_steps, cfg.lr_schedule)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt.param_groups[0]["lr"]
+
+
 def _train(cfg: TrainConfig, log=print) -> Path:
     """The loop of `run` (which owns the run folder's life)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from .data import build_dataset, fit_batch_size
+    from .data import build_dataset, collate_drop_none, fit_batch_size
 
     cfg.validate()
     rt = resolve_runtime(cfg.device, cfg.precision)
@@ -279,44 +371,15 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     pipe = load_teacher(cfg.teacher, torch_dtype=torch.float32, allow_pickle=cfg.allow_pickle, config=cfg.teacher_config)
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     teacher = pipe.unet.requires_grad_(False).eval()
-    student = build_student(teacher, cfg.cond_proj_init, generator=torch.Generator().manual_seed(cfg.seed))
-    if cfg.init_from:  # warm start, e.g. SPLAM continued from an LCM student
-        init = load_student(cfg.init_from, pipe)
-        if any("lora" in k for k in init.state_dict()):
-            raise TrainError(f"--init-from {cfg.init_from!r} is a LoRA run; it takes a full-UNet student run")
-        student.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
-    if cfg.lora_rank > 0:
-        from peft import LoraConfig
-
-        student.requires_grad_(False)
-        student.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                       target_modules=LORA_TARGETS))
-        student.time_embedding.cond_proj.requires_grad_(True)
-    if cfg.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
+    student = make_student(pipe, teacher, cfg)
     target = make_target(student)
     teacher.to(device, rt.weight_dtype)
     pipe.text_encoder.requires_grad_(False).to(device, rt.weight_dtype)
     pipe.vae.requires_grad_(False).to(device, rt.vae_dtype)
     target.to(device)
 
-    params = [p for p in student.parameters() if p.requires_grad]
-    if cfg.cond_proj_lr_scale != 1.0:  # the gamma projection in its own group, at cond_proj_lr_scale x lr
-        gp = [p for n, p in student.named_parameters() if p.requires_grad and "cond_proj" in n]
-        rest = [p for n, p in student.named_parameters() if p.requires_grad and "cond_proj" not in n]
-        groups = [{"params": rest}, {"params": gp, "lr": cfg.lr * cfg.cond_proj_lr_scale}]
-    else:
-        groups = params
-    if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise TrainError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU") from e
-        opt = bnb.optim.AdamW8bit(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    for g in opt.param_groups:  # the base lr of each group, scaled by lr_factor at every step
-        g.setdefault("initial_lr", g["lr"])
+    params = trainable_parameters(student)  # what the gradient norm is clipped over
+    opt = make_optimizer(student, cfg)
 
     # ---- 2. resume (before data, so the sampler starts at the right step)
     start = 0
@@ -337,7 +400,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     if store is not None and not cfg.validation_prompts:  # validate on the run's own captions, not a preset's
         cfg = dataclasses.replace(cfg, validation_prompts=dataset.captions(4))
     counter = getattr(dataset, "counter", None)
-    loader_kw = dict(collate_fn=_collate, num_workers=cfg.num_workers)
+    loader_kw = dict(collate_fn=collate_drop_none, num_workers=cfg.num_workers)  # drops unreadable items (None)
     if isinstance(dataset, torch.utils.data.IterableDataset):
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, **loader_kw)
         skip = start * cfg.grad_accum  # batches to fast-forward
@@ -347,7 +410,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
             log(note)
             cfg = dataclasses.replace(cfg, batch_size=batch_size)
         sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start * cfg.grad_accum,
-                                   cfg.max_steps * cfg.grad_accum, acc.process_index, acc.num_processes)
+                                   acc.process_index, acc.num_processes)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_kw)
         skip = 0
 
@@ -386,32 +449,34 @@ def _train(cfg: TrainConfig, log=print) -> Path:
         next(data_iter, None)
     micro, end = 0, object()
     # ---- 5. the step (Algorithm 1 in core/splad.py), logging, validation and checkpoints
+    # batches in a row without one readable item before the run stops: two epochs' worth hold a whole epoch
+    unreadable, max_unreadable = 0, 2 * getattr(loader.batch_sampler, "per_epoch", 50)
     while step < cfg.max_steps:
         batch = next(data_iter, end)
-        if batch is end:
-            if not isinstance(dataset, torch.utils.data.IterableDataset):
-                from .data import DataError
-
-                raise DataError(f"the data ran out at step {step}: no readable item in the batches left "
-                                f"({counter.summary() if counter is not None else 'no skip counts'})")
-            data_iter = iter(loader)  # next pass over a finite iterable source
+        if batch is end:  # a finite streamed source ended (map-style data's StepBatchSampler never does): next pass
+            data_iter = iter(loader)
             batch = next(data_iter, end)
             if batch is end:
                 raise TrainError(f"data source {cfg.data!r} yielded no usable batch (see the skip counts above)")
-        if batch is None:  # every item of this batch was unreadable (counted by the dataset); move on
+        if not on_all_ranks(batch is not None, acc):  # a batch of only unreadable items (counted), on any rank: all move on
+            unreadable += 1
+            if unreadable >= max_unreadable:
+                from .data import DataError
+
+                raise DataError(f"{unreadable} batches in a row had no readable item (at step {step}; "
+                                f"{counter.summary() if counter is not None else 'no skip counts'}); "
+                                "replace or remove those files")
             micro += 1
             continue
-        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * 104729 + micro * 31 + acc.process_index)
+        unreadable = 0
+        gen = step_generator(cfg.seed, step, micro, acc.process_index)
         with acc.accumulate(student):
-            z_0, cond, uncond = batch_latents(batch, pipe, device, rt.vae_dtype, gen, uncond_1)  # 1. z_0; text
+            z_0, cond, uncond = encode_batch(pipe, batch, uncond_1, gen, rt.vae_dtype)  # 1. z_0; text
             with acc.autocast():
                 loss = splad_loss(splad, schedule, student, target, teacher, z_0, cond, uncond, gen)
             if step in faults:
                 loss = loss * float("nan")
-            finite = torch.isfinite(loss.detach()).float()
-            if acc.num_processes > 1:
-                finite = acc.reduce(finite, "min")
-            if finite.item() < 1:
+            if not finite_on_all_ranks(loss, acc):
                 bad_in_row += 1
                 bad_total += 1
                 opt.zero_grad(set_to_none=True)
@@ -425,12 +490,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
                 continue
             bad_in_row = 0
             acc.backward(loss)
-            if acc.sync_gradients:
-                acc.clip_grad_norm_(params, cfg.max_grad_norm)
-            for g in opt.param_groups:
-                g["lr"] = g["initial_lr"] * lr_factor(step, cfg.max_steps, cfg.lr_schedule)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            lr = optimizer_step(acc, opt, params, step, cfg)
         micro += 1
         if not acc.sync_gradients:
             continue
@@ -441,7 +501,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4g}")
         if stats is not None:
-            stats.step(step, loss.item())
+            stats.step(step, loss.item(), lr=lr)  # the lr this step used (its first group's), as diffusers' LCM script logs it
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             acc.log({"loss": sum(losses) / len(losses), "bad_steps": bad_total}, step=step)
             losses.clear()
