@@ -164,7 +164,7 @@ def test_sigint_leaves_nothing_before_a_checkpoint_and_names_the_real_one_after(
     assert not (tmp_path / "new").exists() and "the name 'new' is free" in logs["new"]
     assert (tmp_path / "old" / "keep.txt").read_text() == "the user's" and "previous run 'old' is back" in logs["old"]
     path, step = ck.last_checkpoint(tmp_path / "ck")
-    line = [x for x in logs["ck"].splitlines() if x.startswith("interrupted (SIGINT)")][0]
+    line = [x for x in logs["ck"].splitlines() if x.startswith("interrupted (SIGINT)")][0]  # on a line of its own
     assert f"the last complete checkpoint is {path} (step {step})" in line
     cmd = line.split("continue this run with: ")[1].split()
     assert cmd[:3] == ["python", "-m", "splam_studio.training"] and cmd[3:] == [

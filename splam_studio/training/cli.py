@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Interrupted (SIGINT or SIGTERM) from run(), or a Ctrl-C before it started
-        print(interrupted_message(cfg, e) if cfg is not None else "interrupted before the run started", file=sys.stderr)
+        msg = interrupted_message(cfg, e) if cfg is not None else "interrupted before the run started"
+        print("\n" + msg, file=sys.stderr)  # on a line of its own, after a progress bar's carriage returns
         return 128 + getattr(e, "signum", signal.SIGINT)
     return 0
 
