@@ -381,6 +381,8 @@ def run(cfg: TrainConfig, log=print) -> Path:
     run_dir = Path(cfg.output_dir) / cfg.run_name
     if not _is_main_process():  # rank 0 owns the folder: its lock, its claim and its clean-up
         return _train(cfg, log)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainError(f"{run_dir} is a file, not a run folder; choose another --run-name or --output-dir")
     fresh = holds_only_the_lock(run_dir)  # no run of this name yet: a failure before a checkpoint removes the folder
     locks: list[RunLock] = []
     aside = None
