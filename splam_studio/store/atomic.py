@@ -5,8 +5,10 @@ interrupted temp files carry a `.tmp` marker so that the next run can clean them
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -57,3 +59,72 @@ def replace_dir(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
     if old.exists():
         shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------- disk and permission faults, as one sentence each
+
+WRITE_FAULTS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted"}
+_OS_ERROR = re.compile(r"os error (\d+)|\[Errno (\d+)\]")
+
+
+class WriteError(RuntimeError):
+    """A write that the disk refused (full, read-only, no permission): one sentence with the folder and the sizes."""
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "an unknown amount"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def free_bytes(folder: str | Path) -> int | None:
+    """Free bytes on the file system of folder (or of its nearest existing parent); None if unknown."""
+    p = Path(folder).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def fault_errno(exc: BaseException) -> int | None:
+    """The errno of a disk or permission fault behind exc (an OSError, or a library error quoting 'os error 28'), else None."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        if e is None:
+            continue
+        code = getattr(e, "errno", None) if isinstance(e, OSError) else None
+        if code is None:
+            m = _OS_ERROR.search(str(e))
+            code = int(m.group(1) or m.group(2)) if m else None
+        if code in WRITE_FAULTS:
+            return code
+    return None
+
+
+def write_fault(exc: BaseException, folder: str | Path, need: int | None = None, what: str = "files") -> WriteError | None:
+    """exc as one WriteError sentence (folder, free space, what the write needed) if it is a disk fault, else None."""
+    code = fault_errno(exc)
+    if code is None:
+        return None
+    folder = Path(folder)
+    needed = f", and this write needed about {human_bytes(need)}" if need else ""
+    fix = ("free some space there (or choose another --output-dir), then continue the run with --resume latest"
+           if code in (errno.ENOSPC, errno.EDQUOT) else "make the folder writable, or choose another --output-dir")
+    return WriteError(f"cannot write {what} in {folder}: {WRITE_FAULTS[code]} ({human_bytes(free_bytes(folder))} free"
+                      f"{needed}); {fix}")
+
+
+def check_free(folder: str | Path, need: int, what: str) -> None:
+    """WriteError before a write of about `need` bytes that the folder's file system cannot hold."""
+    free = free_bytes(folder)
+    if free is not None and free < need:
+        raise WriteError(f"cannot write {what} in {folder}: it needs about {human_bytes(need)} and only "
+                         f"{human_bytes(free)} is free there; free some space (or choose another --output-dir), "
+                         "then continue the run with --resume latest")

@@ -9,15 +9,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import typing
+from pathlib import Path
 
 from splam_studio.training.quiet import quiet_libraries
 
 quiet_libraries()  # before the libraries are imported: only warnings a user can act on are printed
 
-from splam_studio.training.loop import TrainConfig, TrainError, run  # noqa: E402
-from splam_studio.store.runs import weights_dir  # noqa: E402
+from splam_studio.training.loop import Interrupted, TrainConfig, TrainError, recorded_config, run, stop_report  # noqa: E402
+from splam_studio.store.runs import default_run_name, weights_dir  # noqa: E402
 from splam_studio.training.device import configure_threads  # noqa: E402
 
 HELP = {
@@ -142,17 +144,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_NOT_RECORDED = ("resume", "overwrite", "output_dir", "run_name")
+
+
+def _resume_values(values: dict) -> dict:
+    """--resume: the run's own training_config.json under the preset and the flags given (run() refuses conflicts)."""
+    resume = values["resume"]
+    if not values.get("run_name"):
+        ck = Path(resume).resolve()
+        if resume == "latest" or ck.parent.name != "checkpoints":
+            raise TrainError("--resume needs --run-name, the name of the run to continue (a folder in "
+                             f"{values['output_dir']}), unless it names a checkpoint folder <run>/checkpoints/step-N")
+        values = {**values, "run_name": ck.parent.parent.name, "output_dir": str(ck.parent.parent.parent)}
+    recorded = recorded_config(Path(values["output_dir"]) / values["run_name"]) or {}
+    return {**{k: v for k, v in recorded.items() if k not in _NOT_RECORDED}, **values}
+
+
 def resolve(args: argparse.Namespace) -> TrainConfig:
+    """Preset, then the flags given; with --resume the run's own settings under both. The run name is fixed here."""
     values = dict(PRESETS.get(args.preset or "", {}))
     values.update({k: v for k, v in vars(args).items() if k not in ("preset", "print_config", "threads") and v is not None})
     values.setdefault("output_dir", str(weights_dir()))  # the studio's folder: one rule (store.runs)
+    if values.get("resume"):
+        values = _resume_values(values)
     cfg = TrainConfig(**values)
     cfg.validate()
-    return cfg
+    return dataclasses.replace(cfg, run_name=cfg.run_name or default_run_name(cfg.method))
+
+
+def interrupted_message(cfg: TrainConfig, e: BaseException) -> str:
+    """The CLI's last words after Ctrl-C or SIGTERM: what is on disk and the command that resumes this very run."""
+    name = signal.Signals(e.signum).name if isinstance(e, Interrupted) else "SIGINT"
+    default = Path(cfg.output_dir).resolve() == weights_dir().resolve()
+    return f"interrupted ({name}): " + stop_report(Path(cfg.output_dir) / cfg.run_name,
+                                                    restored=getattr(e, "restored", False),
+                                                    output_dir_flag=None if default else cfg.output_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cfg = None
     try:
         cfg = resolve(args)
         if args.print_config:
@@ -163,9 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainError, ValueError, FileNotFoundError) as e:  # ModelLoadError and DataError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: the last complete checkpoint is intact; continue with --resume latest", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Interrupted (SIGINT or SIGTERM) from run(), or a Ctrl-C before it started
+        msg = interrupted_message(cfg, e) if cfg is not None else "interrupted before the run started"
+        print("\n" + msg, file=sys.stderr)  # on a line of its own, after a progress bar's carriage returns
+        return 128 + getattr(e, "signum", signal.SIGINT)
     return 0
 
 

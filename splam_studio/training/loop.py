@@ -6,20 +6,24 @@ EMA update (step 7) -> logging, validation and atomic checkpoints, in numbered s
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..store.atomic import atomic_write, write_json
-from .checkpoints import find_checkpoint, load_checkpoint, save_checkpoint, save_snapshot
+from ..store.atomic import WriteError, atomic_write, free_bytes, human_bytes, write_fault, write_json
+from .checkpoints import (CheckpointError, estimate_bytes, find_checkpoint, last_checkpoint, resume_checkpoint,
+                          save_checkpoint, save_snapshot)
 from .device import resolve_runtime
 from .latents import LatentStore, batch_latents, files_identity, latent_cache, read_prompts, teacher_data
 from ..core.schedule import NoiseSchedule
@@ -28,7 +32,8 @@ from ..core.student import build_student, ema_update, make_target
 from ..core.teacher import cfg_scale, encode_text, vae_scale_factor
 from ..models.export import export_kohya_lora, save_student
 from ..models.loading import load_student, load_teacher, sampling_guidance
-from ..store.runs import TRAINING_CONFIG, StepLog, default_run_name, read_training_config, valid_run_name
+from ..store.runs import (TRAINING_CONFIG, RunBusy, RunLock, StepLog, default_run_name, holds_only_the_lock,
+                          read_training_config, valid_run_name)
 
 # LoRA targets of diffusers' LCM-LoRA script: attention, feed-forward, resnet convs and time projections.
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -201,15 +206,17 @@ def _is_main_process() -> bool:
 def _describe_run(run_dir: Path) -> str:
     try:
         method = read_training_config(run_dir).get("method", "?")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         method = "unknown method"
-    done = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*") if (p / "state.json").is_file())
-    return f"{method}, " + (f"last checkpoint {done[-1]}" if done else "no checkpoint")
+    last = last_checkpoint(run_dir)
+    return f"{method}, " + (f"last checkpoint {last[0].name}" if last else "no checkpoint")
 
 
 def claim_run_dir(run_dir: Path, cfg: TrainConfig, log=print) -> Path | None:
-    """Refuse an existing run unless resumed or overwritten; --overwrite moves it to .trash/ (returned), never deletes."""
-    if not run_dir.is_dir() or not any(run_dir.iterdir()) or cfg.resume:
+    """Refuse an existing run unless resumed or overwritten; --overwrite moves it to .trash/ (returned), never deletes.
+
+    Call it holding the run's lock (`run` does): a live run is refused before this, and never moved."""
+    if holds_only_the_lock(run_dir) or cfg.resume:
         return None
     if not cfg.overwrite:
         raise TrainError(f"a run named {run_dir.name!r} already exists in {run_dir} ({_describe_run(run_dir)}); "
@@ -228,26 +235,192 @@ def claim_run_dir(run_dir: Path, cfg: TrainConfig, log=print) -> Path | None:
     return aside
 
 
+# ---------------------------------------------------------------- --resume continues the run as it was
+
+# What a resumed run may change (the new values are recorded in training_config.json); every other field of
+# TrainConfig is the run's own objective, data or optimisation, and a --resume that asks for another value is refused.
+RESUME_MAY_CHANGE = frozenset({
+    "max_steps", "validate_every", "validation_prompts", "log_every", "checkpoint_every", "keep_checkpoints",
+    "snapshot_every", "max_bad_steps", "num_workers", "device", "precision", "allow_pickle", "save_fp16",
+    "resume", "overwrite", "output_dir", "run_name"})
+_PATH_FIELDS = ("teacher", "teacher_config", "data", "init_from")
+
+
+def recorded_config(run_dir: Path) -> dict | None:
+    """The TrainConfig fields of the run's own training_config.json (None if it has none or it is unreadable).
+
+    batch_size is the one asked for (a small data set clamps the one used; both are recorded)."""
+    try:
+        rec = read_training_config(run_dir)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict):
+        return None
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {k: v for k, v in rec.items() if k in names}
+    if "batch_size_requested" in rec:
+        out["batch_size"] = rec["batch_size_requested"]
+    return out
+
+
+def _same(name: str, old, new) -> bool:
+    if old == new:
+        return True
+    if name in _PATH_FIELDS and isinstance(old, str) and isinstance(new, str):
+        try:
+            return os.path.samefile(old, new)
+        except OSError:
+            return False
+    return False
+
+
+def resume_conflicts(cfg: TrainConfig, recorded: dict, used: dict | None = None) -> list[str]:
+    """'--flag new (the run has old)' for each field where cfg asks for another value than the run's own."""
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        k = f.name
+        if k in RESUME_MAY_CHANGE or k not in recorded:
+            continue
+        new = getattr(cfg, k)
+        if k == "resolution" and new is None:
+            continue  # the teacher's native size, as recorded
+        if _same(k, recorded[k], new) or (used is not None and k in used and _same(k, used[k], new)):
+            continue
+        out.append(f"--{k.replace('_', '-')} {new!r} (the run has {recorded[k]!r})")
+    return out
+
+
+def _check_resume(cfg: TrainConfig, run_dir: Path, log) -> TrainConfig:
+    """Refuse a --resume that changes the run's objective, data or optimisation; log what it may change."""
+    recorded = recorded_config(run_dir)
+    if recorded is None:
+        if run_dir.is_dir() and not holds_only_the_lock(run_dir):
+            log(f"resume: {run_dir / TRAINING_CONFIG} is missing or unreadable; the flags given are used unchecked")
+        return cfg
+    try:
+        used = read_training_config(run_dir)
+    except (OSError, ValueError):
+        used = None
+    bad = resume_conflicts(cfg, recorded, used if isinstance(used, dict) else None)
+    if bad:
+        raise TrainError(f"--resume continues run {run_dir.name!r} as it was, but this command asks for "
+                         f"{'; '.join(bad)}; drop those flags (the run's {TRAINING_CONFIG} has its settings), or "
+                         "start a new run under another --run-name")
+    changed = [f"{k} {recorded[k]!r} -> {getattr(cfg, k)!r}" for k in sorted(RESUME_MAY_CHANGE - {"resume", "overwrite",
+               "output_dir", "run_name"}) if k in recorded and recorded[k] != getattr(cfg, k)]
+    if changed:
+        log(f"resume: changed {', '.join(changed)} (recorded in {TRAINING_CONFIG})")
+    if cfg.resolution is None and recorded.get("resolution"):
+        cfg = dataclasses.replace(cfg, resolution=recorded["resolution"])
+    return cfg
+
+
+# ---------------------------------------------------------------- the run's life: lock, signals, clean ends
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM ended the run; `restored` says whether an overwritten run was put back."""
+
+    def __init__(self, signum: int, run_dir: Path | None = None, restored: bool = False):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.run_dir, self.restored = signum, run_dir, restored
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals(handler):
+    """SIGTERM (and SIGINT when handler is SIG_IGN) handled by `handler` inside the block, in the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = [signal.SIGTERM] + ([signal.SIGINT] if handler is signal.SIG_IGN else [])
+    old = {s: signal.signal(s, handler) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _fault_folder(e: BaseException, run_dir: Path) -> Path:
+    name = getattr(e, "filename", None)
+    return Path(name).parent if isinstance(name, str) and name else run_dir
+
+
+def stop_report(run_dir: Path, *, restored: bool = False, output_dir_flag: str | None = None,
+                prog: str = "python -m splam_studio.training") -> str:
+    """What a stopped run left, in words: its real last checkpoint and step and a command resuming this very run, or
+    that none exists (and whether the folder, or an overwritten run put back, is there)."""
+    run_dir = Path(run_dir)
+    if restored:
+        return (f"no checkpoint of the new run was written; nothing of it was kept, and the previous run "
+                f"{run_dir.name!r} is back in {run_dir}")
+    last = last_checkpoint(run_dir) if run_dir.is_dir() else None
+    if last is None:
+        left = (f"the name {run_dir.name!r} is free" if not run_dir.exists() else
+                f"{run_dir} holds no checkpoint to resume from")
+        return f"no checkpoint was written before the stop; {left}, so start the run again with the same command"
+    cmd = f"{prog} --run-name {run_dir.name} --resume latest" + (f" --output-dir {output_dir_flag}" if output_dir_flag else "")
+    return f"the last complete checkpoint is {last[0]} (step {last[1]}); continue this run with: {cmd}"
+
+
 def run(cfg: TrainConfig, log=print) -> Path:
     """Train; returns the run folder under output_dir. Resumable with cfg.resume = 'latest'.
 
-    An existing run is refused unless cfg.resume or cfg.overwrite; a run that fails before its first checkpoint leaves
-    no folder behind (and an overwritten run is put back).
+    The run's folder is locked while it trains (a second trainer is refused, naming the live one: store.runs.live_owner).
+    An existing run is refused unless cfg.resume or cfg.overwrite; a resume keeps the run's own settings
+    (resume_conflicts). A run that fails or is stopped (Ctrl-C, SIGTERM) before its first checkpoint leaves no folder
+    behind, and an overwritten run is put back. Disk and permission faults end in one TrainError sentence.
     """
     cfg.validate()
     cfg = dataclasses.replace(cfg, run_name=cfg.run_name or default_run_name(cfg.method))
     run_dir = Path(cfg.output_dir) / cfg.run_name
-    aside = claim_run_dir(run_dir, cfg, log)
-    fresh = not run_dir.exists()
-    try:
+    if not _is_main_process():  # rank 0 owns the folder: its lock, its claim and its clean-up
         return _train(cfg, log)
-    except Exception:
-        if fresh and _is_main_process() and find_checkpoint(run_dir, "latest") is None:
-            shutil.rmtree(run_dir, ignore_errors=True)  # made by this call, holding no checkpoint
-            if aside is not None:
-                aside.rename(run_dir)
-                log(f"the previous run {run_dir.name!r} is back in {run_dir}")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainError(f"{run_dir} is a file, not a run folder; choose another --run-name or --output-dir")
+    fresh = holds_only_the_lock(run_dir)  # no run of this name yet: a failure before a checkpoint removes the folder
+    locks: list[RunLock] = []
+    aside = None
+    try:
+        try:
+            locks.append(RunLock.acquire(run_dir))
+        except RunBusy as e:
+            raise TrainError(str(e)) from None
+        if cfg.resume:
+            cfg = _check_resume(cfg, run_dir, log)
+        aside = claim_run_dir(run_dir, cfg, log)
+        if aside is not None:
+            fresh = True
+            try:
+                locks.append(RunLock.acquire(run_dir))
+            except RunBusy as e:
+                raise TrainError(f"{e}; the previous run stays in {aside}") from None
+        with _signals(_raise_interrupted):
+            return _train(cfg, log)
+    except BaseException as e:
+        restored = False
+        owned = bool(locks) and (aside is None or len(locks) == 2)
+        if owned and fresh and find_checkpoint(run_dir, "latest") is None:
+            with _signals(signal.SIG_IGN):  # a second Ctrl-C must not cut the clean-up short
+                shutil.rmtree(run_dir, ignore_errors=True)  # made by this call, holding no checkpoint
+                if aside is not None and not run_dir.exists():
+                    aside.rename(run_dir)
+                    restored = True
+                    log(f"the previous run {run_dir.name!r} is back in {run_dir}")
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(getattr(e, "signum", signal.SIGINT), run_dir, restored) from None
+        if isinstance(e, WriteError):
+            raise TrainError(str(e)) from None
+        fault = write_fault(e, _fault_folder(e, run_dir)) if isinstance(e, Exception) else None
+        if fault is not None:
+            raise TrainError(str(fault)) from None
         raise
+    finally:
+        for lock in reversed(locks):
+            lock.release()
 
 
 # ---------------------------------------------------------------- the loop's pieces (tests/test_loop.py tests each)
@@ -359,6 +532,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     from .data import build_dataset, collate_drop_none, fit_batch_size
 
     cfg.validate()
+    requested_batch = cfg.batch_size  # recorded: a small data set clamps the batch, a resume compares the asked one
     rt = resolve_runtime(cfg.device, cfg.precision)
     run_name = cfg.run_name or default_run_name(cfg.method)
     run_dir = Path(cfg.output_dir) / run_name
@@ -381,14 +555,21 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     params = trainable_parameters(student)  # what the gradient norm is clipped over
     opt = make_optimizer(student, cfg)
 
-    # ---- 2. resume (before data, so the sampler starts at the right step)
+    # ---- 2. resume (before data, so the sampler starts at the right step), validated; free space for the run
+    ckpt_bytes, export_bytes = estimate_bytes(student, opt, lora=cfg.lora_rank > 0, fp16_export=cfg.save_fp16)
+    free = free_bytes(run_dir)
+    if acc.is_main_process and free is not None and free < 2 * ckpt_bytes + export_bytes:
+        log(f"warning: {run_dir} has {human_bytes(free)} free, less than two checkpoints and the export need "
+            f"(about {human_bytes(2 * ckpt_bytes + export_bytes)}); the run will stop at the checkpoint that does not fit")
     start = 0
     if cfg.resume:
-        ckpt = find_checkpoint(run_dir, cfg.resume)
+        try:
+            ckpt, start = resume_checkpoint(run_dir, cfg.resume, student, target, opt, acc.scaler, cfg.max_steps, log)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from None
         if ckpt is None:
             log(f"resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
         else:
-            start = load_checkpoint(ckpt, student, target, opt, acc.scaler)
             log(f"resume: {ckpt.name}, continuing at step {start}")
     if start >= cfg.max_steps:
         log(f"already at step {start} >= max_steps {cfg.max_steps}; nothing to do")
@@ -416,7 +597,8 @@ def _train(cfg: TrainConfig, log=print) -> Path:
 
     student, opt = acc.prepare(student, opt)
     # ---- 4. bookkeeping: the resolved config, trackers, stats.jsonl, fault hook (tests only)
-    resolved = {**dataclasses.asdict(cfg), "run_name": run_name, "resolution": resolution, "gamma_sampling":
+    resolved = {**dataclasses.asdict(cfg), "run_name": run_name, "resolution": resolution,
+                "batch_size_requested": requested_batch, "gamma_sampling":
                 ("constant 1" if cfg.method != "splam" else "uniform[0,1]" if not cfg.gamma_one_prob
                  else f"1 with p={cfg.gamma_one_prob:g}, else uniform[0,1]"), "k": cfg.m * (schedule.T // cfg.num_ddim_steps),
                 "mixed_precision": rt.mixed_precision, "device": str(device), "processes": acc.num_processes,
