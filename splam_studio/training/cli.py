@@ -34,6 +34,10 @@ HELP = {
     "huber_c": "pseudo-Huber c, in latent units",
     "ema_decay": "mu of the EMA target theta^- (authors: 0.95)",
     "save_fp16": "store the exported student in fp16 (half the size; it loads in the teacher's dtype)",
+    "export_merged": "also write the merged stock forms: <run>.safetensors for a LoRA student (LoRA fused, gamma = 1 "
+                     "folded) and stock_diffusers/ (a diffusers pipeline without cond_proj, for kohya sd-scripts and "
+                     "ComfyUI); a full student always gets <run>.safetensors, a LoRA student lora_kohya.safetensors "
+                     "(A1111, Forge, ComfyUI) and lora_diffusers.safetensors (diffusers)",
     "cond_proj_lr_scale": "learning rate of the gamma projection (cond_proj) relative to --lr",
     "gamma_one_prob": "SPLAM: probability of gamma = 1, the point the sampler uses (0 = the paper's U[0,1])",
     "gamma_scale": "gamma embedding = guidance embedding of gamma_scale * (1 - gamma); 10 = the authors' (gamma = 1 -> 0 at any scale)",
