@@ -20,6 +20,7 @@ import torch
 from ..store.atomic import atomic_write, write_json
 from .checkpoints import find_checkpoint, load_checkpoint, save_checkpoint, save_snapshot
 from .device import resolve_runtime
+from .memory import warn_if_short
 from ..core.schedule import NoiseSchedule
 from ..core.splad import SpladConfig, splad_loss
 from ..core.student import build_student, ema_update, make_target
@@ -376,6 +377,10 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     for _ in range(skip):  # iterable data: fast-forward to the resumed position
         next(data_iter, None)
     micro, end = 0, object()
+    if acc.is_main_process:  # one warning before the first step when the estimated need exceeds the device (memory.py)
+        warn_if_short(acc.unwrap_model(student), pipe, resolution=resolution, batch=cfg.batch_size, device=device,
+                      mixed_precision=rt.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing,
+                      use_8bit_adam=cfg.use_8bit_adam, log=log)
     # ---- 5. the step (Algorithm 1 in core/splad.py), logging, validation and checkpoints
     while step < cfg.max_steps:
         batch = next(data_iter, end)
