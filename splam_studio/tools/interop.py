@@ -245,8 +245,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path("interop-work"), help="scratch folder (several GB)")
     p.add_argument("--json", type=Path, help="write the rows here")
     a = p.parse_args(argv)
-    for name, path in (("--kohya", a.kohya / "library" / "train_util.py"), ("--comfyui", a.comfyui / "comfy" / "sd.py")):
-        if not path.is_file():
+    for name, path in (("--kohya", a.kohya / "library"), ("--comfyui", a.comfyui / "comfy")):
+        if not path.is_dir():
             print(f"error: {name}: {path} not found (give the repository's root)", file=sys.stderr)
             return 2
     rows = run(a.kohya.resolve(), a.comfyui.resolve(), a.work)
