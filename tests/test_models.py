@@ -263,6 +263,8 @@ def test_kohya_export_keys_map_to_modules(tiny, tmp_path):
     out = export_kohya_lora(student, tmp_path / "student_kohya.safetensors")
     sd = load_file(str(out))
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in sd
+    fold = {k: sd.pop(k) for k in [f"{X.KOHYA_FOLD}.diff_b", f"{X.KOHYA_FOLD}.diff"]}  # the gamma = 1 fold (test_export)
+    assert fold[f"{X.KOHYA_FOLD}.diff_b"].abs().max() > 0
     modules = {name.replace(".", "_"): m for name, m in pipe.unet.named_modules() if name}
     stems = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in sd}
     peft_modules = {k.split(".lora_A.")[0] for k in get_peft_model_state_dict(student) if ".lora_A." in k}
@@ -283,8 +285,8 @@ def test_kohya_export_keys_map_to_modules(tiny, tmp_path):
     torch.testing.assert_close(lin(x), expected)
     # from a saved run folder: same tensors, alpha from the file's metadata
     run = save_student(tmp_path / "run", student, lora=True, config={})
-    sd2 = load_file(str(export_kohya_lora(run, tmp_path / "from_run.safetensors")))
-    assert same_state(sd, sd2)
+    sd2 = load_file(str(export_kohya_lora(run, tmp_path / "from_run.safetensors", teacher=pipe.unet)))
+    assert same_state({**sd, **fold}, sd2)
     # from a bare state dict in diffusers' older names: alpha unknown -> rank (scale 1)
     legacy = {"unet." + k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v
               for k, v in get_peft_model_state_dict(student).items()}
@@ -357,3 +359,21 @@ def test_only_safetensors_by_default_anywhere():
                 if not any(k.arg == "use_safetensors" for k in node.keywords):
                     bad.append(f"{f.name}:{node.lineno} {name}.{fn.attr} without use_safetensors")
     assert checked >= 5 and not bad, bad
+
+
+def test_teacher_with_weights_its_library_would_reinitialise_is_refused(tiny, tmp_path):
+    """transformers 4.x re-initialised the embedded (flat-named) text encoder with only a warning: refuse instead."""
+    import shutil
+
+    _, folder = tiny
+    copy = tmp_path / "teacher"
+    shutil.copytree(folder, copy)
+    f = next((copy / "text_encoder").glob("*.safetensors"))
+    sd = load_file(str(f))
+    renamed = {k.replace("layers.0.", "layer_zero."): v for k, v in sd.items()}  # names this transformers does not read
+    assert renamed.keys() != sd.keys()
+    save_file(renamed, str(f), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"text_encoder does not match .*missing keys.*freshly initialised"):
+        load_teacher(str(copy))
+    shutil.copytree(folder / "text_encoder", copy / "text_encoder", dirs_exist_ok=True)
+    assert same_state(load_teacher(str(copy)).text_encoder.state_dict(), tiny[0].text_encoder.state_dict())

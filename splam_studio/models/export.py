@@ -1,10 +1,16 @@
-"""Model export: a student run folder (diffusers), a single-file SD1.5 checkpoint (LDM key names), a kohya LoRA.
+"""Model export: a student run folder (diffusers), and the forms stock tools load: an SD1.5 single file (LDM key
+names), a stock diffusers pipeline folder, a kohya LoRA and a diffusers LoRA.
 
 A student run folder (weights/<run>/), as `models.loading.load_student` reads it, holds `training_config.json` and
   unet/   a full diffusers UNet2DConditionModel with time_cond_proj_dim set, or
-  lora/   pytorch_lora_weights.safetensors (diffusers LoRA, `pipe.load_lora_weights` loads it),
-          cond_proj.safetensors (the gamma projection, trained in full) and student_unet_config.json.
-Every file is safetensors or JSON, written atomically.
+  lora/   pytorch_lora_weights.safetensors (diffusers LoRA), cond_proj.safetensors (the gamma projection, trained in
+          full) and student_unet_config.json.
+That folder keeps the gamma input (resuming, the studio, SPLAM-aware tools). Stock tools have no gamma input: they
+run the student at gamma = 1, where it adds the constant c = cond_proj(emb(omega)) (omega = 0, or the w of a
+w-conditioned student) to the time embedding before `time_embedding.linear_1` (diffusers' TimestepEmbedding:
+`linear_1(sample + cond_proj(condition))`). Since linear_1(x + c) = W x + (b + W c), the fold b' = b + W c is exact:
+every stock form carries it (`fold_cond_proj`), a LoRA as the bias difference `diff_b` (kohya) or `lora_B.bias`
+(diffusers). `export_run` writes the forms of a finished run. Every file is safetensors or JSON, written atomically.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..core.slode import guidance_embedding
 from ..store.atomic import atomic_write, fsync_tree, replace_dir
 from ..store.runs import TRAINING_CONFIG
 
@@ -29,6 +36,57 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 COND_PROJ_FILE = "cond_proj.safetensors"
 COND_PROJ_KEY = "time_embedding.cond_proj.weight"
 STUDENT_UNET_CONFIG = "student_unet_config.json"
+KOHYA_LORA = "lora_kohya.safetensors"  # A1111 / Forge / ComfyUI: LoRA layers + the folded gamma = 1 bias (diff_b)
+DIFFUSERS_LORA = "lora_diffusers.safetensors"  # diffusers' load_lora_weights: LoRA layers + the bias as lora_B.bias
+STOCK_PIPELINE = "stock_diffusers"  # a stock diffusers pipeline folder (no cond_proj): kohya sd-scripts, ComfyUI
+FOLD_MODULE = "time_embedding.linear_1"
+KOHYA_FOLD = "lora_unet_time_embedding_linear_1"
+
+
+# ---- the gamma = 1 fold ----------------------------------------------------------------------------------------
+def gamma_one_shift(unet: UNet2DConditionModel, omega: float = 0.0) -> torch.Tensor:
+    """c = cond_proj(emb(omega)): what a student adds to its time embedding at gamma = 1 (fp64, (in_features,))."""
+    if unet.config.time_cond_proj_dim is None:
+        raise ValueError("the UNet has no time_cond_proj (no gamma input): there is nothing to fold")
+    w = unet.time_embedding.cond_proj.weight.detach().double().cpu()
+    return w @ guidance_embedding(torch.tensor([omega]), unet.config.time_cond_proj_dim)[0].double()
+
+
+def _effective_weight(lin: torch.nn.Module) -> torch.Tensor:
+    """The weight a (possibly peft-wrapped) Linear applies: base + the active LoRA deltas (fp64, CPU)."""
+    base = getattr(lin, "base_layer", lin)
+    w = base.weight.detach().double().cpu()
+    for name in (getattr(lin, "active_adapters", None) or []) if hasattr(lin, "lora_A") else []:
+        if name in lin.lora_A:
+            w = w + lin.get_delta_weight(name).detach().double().cpu()
+    return w
+
+
+def folded_bias_delta(unet: UNet2DConditionModel, omega: float = 0.0) -> torch.Tensor:
+    """W c: what folds the gamma = 1 shift into `time_embedding.linear_1.bias` (fp32; W as a LoRA fuses it)."""
+    return (_effective_weight(unet.time_embedding.linear_1) @ gamma_one_shift(unet, omega)).float()
+
+
+def fold_cond_proj(unet: UNet2DConditionModel, omega: float = 0.0) -> UNet2DConditionModel:
+    """The student at gamma = 1 as a stock UNet (time_cond_proj_dim None): linear_1.bias += W cond_proj(emb(omega)).
+
+    A LoRA student is fused first (the student is not changed: everything happens on a copy). omega = 0 for
+    gamma-conditioned students, the sampling w for a w-conditioned one (models.loading.sampling_guidance - 1).
+    """
+    src = copy.deepcopy(unet)
+    if has_lora(src):
+        src.fuse_lora()
+        src.unload_lora()
+    delta = folded_bias_delta(src, omega)
+    config = {k: v for k, v in src.config.items() if not k.startswith("_")}
+    config["time_cond_proj_dim"] = None
+    with torch.device("meta"):
+        out = UNet2DConditionModel.from_config(config)
+    state = {k: v for k, v in src.state_dict().items() if k != COND_PROJ_KEY}
+    bias = state[f"{FOLD_MODULE}.bias"]
+    state[f"{FOLD_MODULE}.bias"] = (bias.double() + delta.double().to(bias.device)).to(bias.dtype)
+    out.load_state_dict(state, strict=True, assign=True)
+    return out.to(dtype=src.dtype).eval()
 
 
 # ---- single-file export (diffusers -> original LDM key names) -----------------------------------------------------
@@ -103,13 +161,41 @@ def text_encoder_to_ldm(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor
             for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
 
 
-def save_single_file(pipe: StableDiffusionPipeline, path: str | Path) -> Path:
-    """The pipeline's UNet, VAE and text encoder as one SD1.5-style (LDM key names) .safetensors file."""
-    sd = {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae), **text_encoder_to_ldm(pipe.text_encoder)}
+def save_single_file(pipe: StableDiffusionPipeline, path: str | Path, unet: UNet2DConditionModel | None = None,
+                     dtype: torch.dtype | None = None) -> Path:
+    """The pipeline's UNet (or `unet`, stored in `dtype` if given), VAE and text encoder as one SD1.5-style (LDM key
+    names) .safetensors file.
+
+    A student UNet is refused: fold its gamma input first (`fold_cond_proj`), as `export_run` does.
+    """
+    unet = pipe.unet if unet is None else unet
+    if unet.config.time_cond_proj_dim is not None or has_lora(unet):
+        raise ValueError("a single file holds a stock UNet: fold the student's gamma input first "
+                         "(models.export.fold_cond_proj), which also fuses a LoRA")
+    sd = {**{k: v.to(dtype or v.dtype) for k, v in unet_to_ldm(unet).items()}, **vae_to_ldm(pipe.vae),
+          **text_encoder_to_ldm(pipe.text_encoder)}
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     path = Path(path)
     atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
     return path
+
+
+def save_stock_pipeline(pipe: StableDiffusionPipeline, unet: UNet2DConditionModel, out_dir: str | Path) -> Path:
+    """A stock diffusers pipeline folder (the teacher's VAE, text encoder, tokenizer, scheduler; `unet` folded)."""
+    if unet.config.time_cond_proj_dim is not None or has_lora(unet):
+        raise ValueError("a stock pipeline holds a stock UNet: fold the student first (models.export.fold_cond_proj)")
+    out_dir = Path(out_dir)
+    stock = StableDiffusionPipeline(**{**pipe.components, "unet": unet, "safety_checker": None,
+                                       "feature_extractor": None}, requires_safety_checker=False)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        stock.save_pretrained(str(tmp), safe_serialization=True)
+        fsync_tree(tmp)
+        replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir
 
 
 # ---- students ------------------------------------------------------------------------------------------------
@@ -241,20 +327,157 @@ def _alphas(sd: dict, r: int | None, alpha: float | None, rank_pattern: dict, al
     return out
 
 
-def export_kohya_lora(lora_state_dict_or_unet: Any, out_path: str | Path) -> Path:
-    """A kohya-format LoRA .safetensors (lora_unet_<module>.lora_down/.lora_up/.alpha) for A1111 / ComfyUI.
+def _lora_unet_fold(source: Any, teacher: UNet2DConditionModel | None, omega: float) -> torch.Tensor | None:
+    """W c of a LoRA student (a UNet, or a run / lora folder with cond_proj.safetensors plus its teacher); None if
+    the source has no gamma input."""
+    if isinstance(source, torch.nn.Module):
+        return folded_bias_delta(source, omega) if source.config.time_cond_proj_dim is not None else None
+    if not isinstance(source, (str, Path)) or not Path(source).is_dir():
+        return None
+    folder = Path(source) / "lora" if (Path(source) / "lora").is_dir() else Path(source)
+    if not (folder / COND_PROJ_FILE).is_file():
+        return None
+    if teacher is None:
+        raise ValueError(f"{folder} has a gamma projection ({COND_PROJ_FILE}): pass teacher=<the teacher UNet> so that "
+                         "its gamma = 1 shift can be folded into the LoRA (else the file samples another model)")
+    w = load_file(str(folder / COND_PROJ_FILE))[COND_PROJ_KEY].double()
+    c = w @ guidance_embedding(torch.tensor([omega]), w.shape[1])[0].double()
+    return (_effective_weight(teacher.time_embedding.linear_1) @ c).float()
+
+
+def kohya_metadata(alphas: dict[str, float], sd: dict[str, torch.Tensor], config: dict | None = None,
+                   title: str | None = None) -> dict[str, str]:
+    """`ss_*` (kohya sd-scripts, shown by A1111 / Forge) and `modelspec.*` (Stability's model spec) metadata."""
+    import time
+
+    cfg = config or {}
+    ranks = sorted({int(sd[f"{m}.lora_A.weight"].shape[0]) for m in alphas})
+    res = cfg.get("resolution")
+    meta = {"format": "pt", "ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1", "ss_v2": "False",
+            "ss_network_dim": str(ranks[0] if len(ranks) == 1 else ranks),
+            "ss_network_alpha": str(next(iter(set(alphas.values()))) if len(set(alphas.values())) == 1 else "mixed"),
+            "ss_training_comment": f"SPLAM Studio {cfg.get('method', 'splam')} student; sample with an LCM sampler, "
+                                   "1-4 steps, CFG 1",
+            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1/lora",
+            "modelspec.implementation": "diffusers", "modelspec.title": title or str(cfg.get("run_name", "student")),
+            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+            "modelspec.prediction_type": "epsilon", "modelspec.description": "few-step student distilled with SPLAM Studio"}
+    for key, name in (("teacher", "ss_sd_model_name"), ("max_steps", "ss_max_train_steps"), ("lr", "ss_learning_rate"),
+                      ("seed", "ss_seed"), ("batch_size", "ss_batch_size_per_device")):
+        if cfg.get(key) is not None:
+            meta[name] = str(cfg[key])
+    if res:
+        meta["ss_resolution"] = f"({res}, {res})"
+        meta["modelspec.resolution"] = f"{res}x{res}"
+    return meta
+
+
+def export_kohya_lora(lora_state_dict_or_unet: Any, out_path: str | Path, *, teacher: UNet2DConditionModel | None = None,
+                      omega: float = 0.0, config: dict | None = None) -> Path:
+    """A kohya-format LoRA .safetensors (lora_unet_<module>.lora_down/.lora_up/.alpha) for A1111 / Forge / ComfyUI.
 
     Accepts a UNet with a peft adapter, a LoRA state dict (peft or diffusers names), or a LoRA file / run folder.
-    Only LoRA layers travel: a student's cond_proj (gamma input) has no kohya form (see README notes).
+    A student's gamma input (cond_proj) has no LoRA form; at gamma = 1 it is a constant shift of the time embedding,
+    which travels folded into `time_embedding.linear_1` as `lora_unet_time_embedding_linear_1.diff_b` (= W c, see
+    `fold_cond_proj`) plus a zero `.diff` (A1111 and Forge read diff_b only beside a diff; ComfyUI reads it alone).
+    diffusers' `load_lora_weights` refuses diff keys in SD1.x kohya files: diffusers users load `export_diffusers_lora`'s
+    file. From a run folder, pass `teacher` (W is the teacher's). README: "Use your student in A1111 / Forge / ComfyUI".
     """
     sd, alphas = _peft_lora_state(lora_state_dict_or_unet)
+    delta = _lora_unet_fold(lora_state_dict_or_unet, teacher, omega)
     kohya: dict[str, torch.Tensor] = {}
     for module, alpha in alphas.items():
         name = "lora_unet_" + module.replace(".", "_")
         kohya[f"{name}.lora_down.weight"] = sd[f"{module}.lora_A.weight"].detach().float().contiguous().cpu()
         kohya[f"{name}.lora_up.weight"] = sd[f"{module}.lora_B.weight"].detach().float().contiguous().cpu()
         kohya[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    if delta is not None:
+        if f"{KOHYA_FOLD}.lora_down.weight" in kohya:
+            raise ValueError(f"{FOLD_MODULE} carries LoRA layers: kohya loaders apply one patch kind per module, so the "
+                             "gamma = 1 fold cannot travel beside them; leave time_embedding.linear_1 out of the LoRA targets")
+        kohya[f"{KOHYA_FOLD}.diff_b"] = delta.contiguous()
+        kohya[f"{KOHYA_FOLD}.diff"] = torch.zeros(delta.shape[0], _fold_in_features(lora_state_dict_or_unet, teacher))
     out_path = Path(out_path)
-    meta = {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1", "format": "pt"}
+    meta = kohya_metadata(alphas, sd, config, title=out_path.stem)
+    meta["splam_gamma_fold"] = "diff_b" if delta is not None else "none"
     atomic_write(out_path, lambda tmp: save_file(kohya, str(tmp), metadata=meta))
     return out_path
+
+
+def _fold_in_features(source: Any, teacher: UNet2DConditionModel | None) -> int:
+    unet = source if isinstance(source, torch.nn.Module) else teacher
+    return getattr(unet.time_embedding.linear_1, "in_features")
+
+
+def export_diffusers_lora(unet: UNet2DConditionModel, out_path: str | Path, omega: float = 0.0) -> Path:
+    """The LoRA as diffusers' `load_lora_weights` reads it, the gamma = 1 fold inside (unfused use only).
+
+    Every lora_B gets a bias (peft's lora_bias: zero, but W c / scale on `time_embedding.linear_1`, whose LoRA
+    layers are zero). peft cannot fuse a LoRA bias into a bias-free layer, so `fuse_lora()` refuses this file;
+    for a fused model use the merged single file (`export_run(..., merged=True)`).
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    if not has_lora(unet):
+        raise ValueError("the UNet has no LoRA adapter to export")
+    adapter = next(iter(unet.peft_config))
+    pcfg = unet.peft_config[adapter].to_dict()
+    layers = {k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(unet, adapter_name=adapter).items()}
+    if unet.config.time_cond_proj_dim is not None:
+        if any(k.startswith(FOLD_MODULE + ".") for k in layers):
+            raise ValueError(f"{FOLD_MODULE} carries LoRA layers: leave it out of the LoRA targets to export the fold")
+        r, lin = int(pcfg["r"]), unet.time_embedding.linear_1
+        scale = float(pcfg["lora_alpha"]) / r
+        for k in [k for k in layers if k.endswith("lora_B.weight")]:
+            layers[k[: -len("weight")] + "bias"] = torch.zeros(layers[k].shape[0])
+        layers[f"{FOLD_MODULE}.lora_A.weight"] = torch.zeros(r, lin.in_features)
+        layers[f"{FOLD_MODULE}.lora_B.weight"] = torch.zeros(lin.out_features, r)
+        layers[f"{FOLD_MODULE}.lora_B.bias"] = folded_bias_delta(unet, omega) / scale
+        targets = sorted(set(pcfg.get("target_modules") or []) | {FOLD_MODULE})
+        pcfg = {**pcfg, "lora_bias": True, "init_lora_weights": True, "target_modules": targets}
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
+        StableDiffusionPipeline.save_lora_weights(str(tmp.parent), unet_lora_layers=layers, weight_name=tmp.name,
+                                                  unet_lora_adapter_metadata=pcfg)
+    atomic_write(out_path, write)
+    return out_path
+
+
+# ---- the forms of a finished run -------------------------------------------------------------------------------
+def export_run(run_dir: str | Path, student: UNet2DConditionModel, teacher_pipe: StableDiffusionPipeline,
+               config: dict, *, merged: bool = False) -> dict[str, Path]:
+    """Every form a finished run is loaded in, by name: the studio's run folder (`run`: unet/ or lora/, with the gamma
+    input) and the stock forms, each with the gamma = 1 fold:
+      full student:  `single_file` <run>.safetensors (A1111, Forge, ComfyUI, diffusers' from_single_file);
+      LoRA student:  `kohya_lora` lora_kohya.safetensors (A1111, Forge, ComfyUI), `diffusers_lora`
+                     lora_diffusers.safetensors (diffusers' load_lora_weights); with merged=True also `single_file`
+                     <run>.safetensors, the LoRA fused;
+      merged=True:   `stock_diffusers` stock_diffusers/, a diffusers pipeline folder without cond_proj (kohya
+                     sd-scripts, ComfyUI's diffusers loader).
+    config: the run's resolved training config (lora_rank, save_fp16, w / w_min for the fold's omega, run_name).
+    """
+    from ..core.teacher import lcm_w
+    from .loading import sampling_guidance
+
+    run_dir = Path(run_dir)
+    lora = int(config.get("lora_rank") or 0) > 0
+    fp16 = bool(config.get("save_fp16"))
+    omega = lcm_w(sampling_guidance(config))  # 0 for gamma-conditioned students, w for a w-conditioned one
+    name = str(config.get("run_name") or run_dir.name)
+    save_student(run_dir, student, lora=lora, config=config, dtype=torch.float16 if fp16 else None)
+    out = {"run": run_dir}
+    if fp16 and not lora:  # fold what the studio loads: the fp16-rounded student, back in fp32
+        student = copy.deepcopy(student).to(torch.float16).float()
+    if lora:
+        out["kohya_lora"] = export_kohya_lora(student, run_dir / KOHYA_LORA, omega=omega, config=config)
+        out["diffusers_lora"] = export_diffusers_lora(student, run_dir / DIFFUSERS_LORA, omega=omega)
+    if merged or not lora:
+        stock = fold_cond_proj(student, omega)
+        out["single_file"] = save_single_file(teacher_pipe, run_dir / f"{name}.safetensors", unet=stock,
+                                              dtype=torch.float16 if fp16 else None)
+        if merged:
+            out["stock_diffusers"] = save_stock_pipeline(teacher_pipe, stock.to(torch.float16) if fp16 else stock,
+                                                         run_dir / STOCK_PIPELINE)
+    return out

@@ -103,12 +103,42 @@ def _check_sd_folder(path: Path, allow_pickle: bool) -> None:
             raise ModelLoadError(f"{path / c} holds only pickle weights {pickles}: {PICKLE_REASON}")
 
 
+def _check_loaded(info: dict, where: Path) -> None:
+    """Refuse a component whose loader re-initialised weights (missing / mismatched keys) instead of reading them."""
+    bad = {k: sorted(info.get(k) or []) for k in ("missing_keys", "mismatched_keys", "unexpected_keys")}
+    bad = {k: v for k, v in bad.items() if v}
+    if bad:
+        detail = "; ".join(f"{len(v)} {k.replace('_', ' ')} (e.g. {v[0]})" for k, v in bad.items())
+        raise ModelLoadError(f"{where} does not match the model its installed library builds ({detail}): its weights "
+                             f"would be freshly initialised; use the versions pyproject.toml names (transformers, diffusers)")
+
+
+def _load_components(path: Path, dtype: torch.dtype, allow_pickle: bool) -> dict[str, Any]:
+    """unet, vae and text_encoder, each loaded with its loader's own report of missing / unexpected keys, checked."""
+    import diffusers
+    import transformers
+
+    index = json.loads((path / "model_index.json").read_text())
+    out: dict[str, Any] = {}
+    for name in ("unet", "vae", "text_encoder"):
+        library, cls_name = index[name]
+        cls = getattr(transformers if library == "transformers" else diffusers, cls_name)
+        model, info = cls.from_pretrained(str(path / name), torch_dtype=dtype, use_safetensors=not allow_pickle,
+                                          local_files_only=True, output_loading_info=True)
+        _check_loaded(info, path / name)
+        out[name] = model
+    return out
+
+
 def _load_diffusers_folder(path: Path, dtype: torch.dtype, allow_pickle: bool) -> StableDiffusionPipeline:
     _check_sd_folder(path, allow_pickle)
     try:
+        components = _load_components(path, dtype, allow_pickle)
         pipe = StableDiffusionPipeline.from_pretrained(
             str(path), torch_dtype=dtype, use_safetensors=not allow_pickle, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False, local_files_only=True)
+            feature_extractor=None, requires_safety_checker=False, local_files_only=True, **components)
+    except ModelLoadError:
+        raise
     except Exception as e:  # noqa: BLE001 - one readable line instead of a traceback
         raise ModelLoadError(f"cannot load the diffusers folder {path}: {_one_line(e)}") from None
     return _finish(pipe)

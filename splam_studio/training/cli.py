@@ -41,6 +41,10 @@ HELP = {
     "huber_c": "pseudo-Huber c, in latent units",
     "ema_decay": "mu of the EMA target theta^- (authors: 0.95)",
     "save_fp16": "store the exported student in fp16 (half the size; it loads in the teacher's dtype)",
+    "export_merged": "also write the merged stock forms: <run>.safetensors for a LoRA student (LoRA fused, gamma = 1 "
+                     "folded) and stock_diffusers/ (a diffusers pipeline without cond_proj, for kohya sd-scripts and "
+                     "ComfyUI); a full student always gets <run>.safetensors, a LoRA student lora_kohya.safetensors "
+                     "(A1111, Forge, ComfyUI) and lora_diffusers.safetensors (diffusers)",
     "cond_proj_lr_scale": "learning rate of the gamma projection (cond_proj) relative to --lr",
     "gamma_one_prob": "SPLAM: probability of gamma = 1, the point the sampler uses (0 = the paper's U[0,1])",
     "gamma_scale": "gamma embedding = guidance embedding of gamma_scale * (1 - gamma); 10 = the authors' (gamma = 1 -> 0 at any scale)",
@@ -58,7 +62,7 @@ HELP = {
     "max_grad_norm": "gradient clipping norm",
     "lora_rank": "0 = full fine-tune; > 0 = LoRA of this rank (peft), exported in diffusers and kohya formats",
     "use_8bit_adam": "8-bit AdamW from bitsandbytes (CUDA)",
-    "gradient_checkpointing": "trade compute for memory in the student UNet",
+    "gradient_checkpointing": "trade compute for memory in the student UNet (activations about 0.44x; the sd15 preset turns it on)",
     "resolution": "training resolution in pixels (default: the teacher's native size)",
     "caption_column": "caption column of a datasets source",
     "image_column": "image column of a datasets source",
@@ -94,7 +98,9 @@ PRESETS: dict[str, dict] = {
                    validation_prompts=["one large red circle at the left on a black background",
                                        "two small yellow squares at the top on a gray background",
                                        "one large blue circle at the center on a white background"]),
-    # an SD1.5 fine-tune on one consumer GPU: the authors' hyper-parameters, LoRA to fit 12-16 GB
+    # an SD1.5 fine-tune on one consumer GPU: the authors' hyper-parameters, LoRA, gradient checkpointing.
+    # Estimated need (training/memory.py, bf16): 12.4 GiB at batch 8 (11.4 GiB at --batch-size 2 --grad-accum 4),
+    # 14.1 GiB without checkpointing; a 16 GB GPU fits it, a 12 GB one only at batch 1-2. On a CPU (fp32) ~19 GiB.
     "sd15": dict(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", max_steps=4000, batch_size=8, grad_accum=1,
                  lr=1e-4, lora_rank=64, w=8.0, gradient_checkpointing=True, resolution=512, checkpoint_every=500,
                  validate_every=500, validation_prompts=["a photo of a cat", "a watercolor painting of a lighthouse"]),
@@ -122,7 +128,11 @@ def _default_help(name: str, default) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="A preset fills every flag it names; flags given explicitly override it. "
-                                       "--print-config shows the values a command would use.")
+                                       "--print-config shows the values a command would use. Memory (estimated by "
+                                       "splam_studio/training/memory.py; the trainer warns before the first step when "
+                                       "the device has less): preset shapes ~0.3 GiB (CPU); preset sd15 ~12.4 GiB "
+                                       "(bf16 GPU, LoRA 64, batch 8, gradient checkpointing; 16 GB GPU), ~11.4 GiB "
+                                       "at --batch-size 2 --grad-accum 4; a full SD1.5 fine-tune ~22 GiB.")
     p.add_argument("--preset", choices=sorted(PRESETS), help="named defaults; explicit flags override them")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores the machine's load leaves "

@@ -26,11 +26,12 @@ from .checkpoints import (CheckpointError, estimate_bytes, find_checkpoint, last
                           save_checkpoint, save_snapshot)
 from .device import resolve_runtime
 from .latents import LatentStore, batch_latents, files_identity, latent_cache, read_prompts, teacher_data
+from .memory import warn_if_short
 from ..core.schedule import NoiseSchedule
 from ..core.splad import SpladConfig, splad_loss
 from ..core.student import build_student, ema_update, make_target
 from ..core.teacher import cfg_scale, encode_text, vae_scale_factor
-from ..models.export import export_kohya_lora, save_student
+from ..models.export import export_run
 from ..models.loading import load_student, load_teacher, sampling_guidance
 from ..store.runs import (TRAINING_CONFIG, RunBusy, RunLock, StepLog, default_run_name, holds_only_the_lock,
                           read_training_config, valid_run_name)
@@ -84,6 +85,7 @@ class TrainConfig:
     w_max: float | None = None  # None = fixed w, not embedded. A w-conditioned student samples at CFG w + 1
     init_from: str | None = None  # start the student from a finished full-UNet run (e.g. an LCM warm start)
     save_fp16: bool = False  # store the exported student in fp16 (half the size; loads in the teacher's dtype)
+    export_merged: bool = False  # also write the merged stock forms (models.export.export_run): LoRA fused single file, stock pipeline
     # optimisation
     max_steps: int = 1000
     batch_size: int = 8
@@ -630,6 +632,10 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     for _ in range(skip):  # iterable data: fast-forward to the resumed position
         next(data_iter, None)
     micro, end = 0, object()
+    if acc.is_main_process:  # one warning before the first step when the estimated need exceeds the device (memory.py)
+        warn_if_short(acc.unwrap_model(student), pipe, resolution=resolution, batch=cfg.batch_size, device=device,
+                      mixed_precision=rt.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing,
+                      use_8bit_adam=cfg.use_8bit_adam, log=log)
     # ---- 5. the step (Algorithm 1 in core/splad.py), logging, validation and checkpoints
     # batches in a row without one readable item before the run stops: two epochs' worth hold a whole epoch
     unreadable, max_unreadable = 0, 2 * getattr(loader.batch_sampler, "per_epoch", 50)
@@ -698,16 +704,16 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:
-        export = target  # theta^- is the exported student, as in the LCM script
-        save_student(run_dir, export, lora=cfg.lora_rank > 0, config=resolved,
-                     dtype=torch.float16 if cfg.save_fp16 else None)
-        if cfg.lora_rank > 0:
-            export_kohya_lora(export, run_dir / "lora_kohya.safetensors")
+        # theta^- is the exported student, as in the LCM script; models/export.py decides which forms it takes
+        exports = export_run(run_dir, target, pipe, resolved, merged=cfg.export_merged)
         if start < cfg.max_steps:
             _validate(pipe, target, cfg, run_dir, step)
         skipped = f"; data: {counter.summary()}" if counter is not None else ""
-        stats.write({"event": "done", "step": step, "seconds": round(time.time() - t0, 1)})
-        log(f"done: {step} steps in {time.time() - t0:.1f}s, {bad_total} skipped non-finite steps{skipped}; student in {run_dir}")
+        names = {k: str(v.relative_to(run_dir)) for k, v in exports.items()}  # paths inside the run folder ("." = it)
+        stats.write({"event": "done", "step": step, "seconds": round(time.time() - t0, 1), "exports": names})
+        forms = ", ".join(f"{k}: {v}" for k, v in names.items())
+        log(f"done: {step} steps in {time.time() - t0:.1f}s, {bad_total} skipped non-finite steps{skipped}; student in "
+            f"{run_dir} ({forms})")
     acc.end_training()
     return run_dir
 

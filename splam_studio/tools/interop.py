@@ -1,0 +1,260 @@
+"""The exports through kohya sd-scripts' and ComfyUI's own loading code (a check outside CI: it needs their trees).
+
+    python -m splam_studio.tools.interop --kohya PATH/sd-scripts --comfyui PATH/ComfyUI [--work DIR] [--json OUT]
+
+Builds an SD1.5-shaped random-weight teacher (tools.gpu_check.build_pipeline; kohya's single-file loader knows only
+the SD1.5 / SD2 shapes), a full student and a LoRA student with a random gamma projection, writes every form with
+models.export.export_run, and loads each through the other projects' own functions:
+  kohya:   library.train_util._load_target_model (single file and diffusers folder), networks.lora
+           create_network_from_weights + merge_to (the kohya LoRA);
+  ComfyUI: comfy.sd.load_checkpoint_guess_config (single file), comfy.diffusers_load.load_diffusers (folder),
+           comfy.sd.load_lora_for_models + patch_model (the kohya LoRA).
+Each loaded UNet's eps at a few (z, t, text) points is compared with the studio's student at gamma = 1; the
+unfolded forms (the run's unet/ folder, the LoRA without its fold) are the controls. Their code is imported from the
+given paths only (nothing of it is copied here). torchvision is stubbed: the imported modules that use it are other
+model families', never called for SD1.5. Needs einops, torchsde, psutil, toml beside this project's environment.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from ..core.slode import guidance_embedding
+
+
+def _stub_torchvision() -> None:
+    if "torchvision" in sys.modules:
+        return
+    tv = types.ModuleType("torchvision")
+    for sub in ("transforms", "models", "ops", "io", "utils"):
+        mod = types.ModuleType(f"torchvision.{sub}")
+        setattr(tv, sub, mod)
+        sys.modules[f"torchvision.{sub}"] = mod
+    sys.modules["torchvision"] = tv
+
+
+@contextlib.contextmanager
+def _on_path(root: Path):
+    sys.path.insert(0, str(root))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(root))
+
+
+def probe_inputs(unet_config, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    side = 32  # 256 px: every layer runs, at a CPU-sized cost
+    return {"z": torch.randn(2, 4, side, side, generator=g), "t": torch.tensor([999, 259]),
+            "ehs": torch.randn(2, 77, unet_config.cross_attention_dim, generator=g)}
+
+
+@torch.no_grad()
+def student_eps(unet, x: dict, omega: float = 0.0) -> torch.Tensor:
+    cond = guidance_embedding(torch.full((2,), omega), unet.config.time_cond_proj_dim)
+    return unet(x["z"], x["t"], encoder_hidden_states=x["ehs"], timestep_cond=cond).sample.float()
+
+
+def compare(got: torch.Tensor, ref: torch.Tensor) -> dict:
+    d = (got.float() - ref).abs()
+    return {"max_abs": float(d.max()), "rel_rms": float(d.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())}
+
+
+# ---- the two projects' loaders ---------------------------------------------------------------------------------
+def kohya_unet(kohya: Path, source: Path):
+    """kohya's train_util._load_target_model on a single file or a diffusers folder -> its (original) UNet."""
+    _stub_torchvision()
+    with _on_path(kohya):
+        from library import train_util
+
+        args = argparse.Namespace(pretrained_model_name_or_path=str(source), v2=False, vae=None)
+        _, _, unet, _ = train_util._load_target_model(args, torch.float32, "cpu")
+    return unet.float().eval()
+
+
+@torch.no_grad()
+def kohya_eps(unet, x: dict) -> torch.Tensor:
+    return unet(x["z"], x["t"], x["ehs"]).sample.float()
+
+
+def kohya_lora_unet(kohya: Path, teacher_file: Path, lora_file: Path):
+    """The teacher single file through kohya, the LoRA merged by kohya's networks.lora."""
+    unet = kohya_unet(kohya, teacher_file)
+    with _on_path(kohya):
+        from library import model_util
+        from networks import lora as kohya_lora
+        from safetensors.torch import load_file
+
+        te, vae, _ = model_util.load_models_from_stable_diffusion_checkpoint(False, str(teacher_file))
+        sd = load_file(str(lora_file))
+        net, _ = kohya_lora.create_network_from_weights(1.0, str(lora_file), vae, te, unet, weights_sd=sd, for_inference=True)
+        net.merge_to(te, unet, sd, torch.float32, "cpu")
+    return unet.eval()
+
+
+def comfy_model(comfy: Path, source: Path, lora: Path | None = None, folder: bool = False):
+    """ComfyUI's loaders -> its ModelPatcher with weights patched in."""
+    _stub_torchvision()
+    with _on_path(comfy):
+        saved = sys.argv
+        sys.argv = [saved[0], "--cpu"]
+        try:
+            import comfy.options
+
+            comfy.options.enable_args_parsing()
+            import comfy.diffusers_load
+            import comfy.sd
+            import comfy.utils
+        finally:
+            sys.argv = saved
+        if folder:
+            model, clip, _ = comfy.diffusers_load.load_diffusers(str(source), output_vae=False, output_clip=True)
+        else:
+            model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(source), output_vae=False, output_clip=True)
+        if lora is not None:
+            model, clip = comfy.sd.load_lora_for_models(model, clip, comfy.utils.load_torch_file(str(lora)), 1.0, 1.0)
+        model.patch_model()
+    return model
+
+
+@torch.no_grad()
+def comfy_eps(model, x: dict) -> torch.Tensor:
+    dm = model.model.diffusion_model
+    dtype = next(dm.parameters()).dtype
+    return dm(x["z"].to(dtype), timesteps=x["t"], context=x["ehs"].to(dtype)).float()
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------
+def run(kohya: Path, comfy: Path, work: Path, log=print) -> list[dict]:
+    from peft import LoraConfig
+
+    from ..core.student import build_student
+    from ..models import export as X
+    from ..models.loading import load_teacher
+    from ..training.loop import LORA_TARGETS
+    from .gpu_check import build_pipeline
+
+    work.mkdir(parents=True, exist_ok=True)
+    teacher_dir = work / "teacher"
+    if not (teacher_dir / "model_index.json").is_file():
+        log("building an SD1.5-shaped random-weight teacher (a minute or two on a CPU)")
+        build_pipeline(teacher_dir, "sd15")
+    pipe = load_teacher(str(teacher_dir), torch_dtype=torch.float16)  # fp16 as on disk: half the memory
+    teacher_file = X.save_single_file(pipe, work / "teacher.safetensors", dtype=torch.float16)
+    student = build_student(pipe.unet, "fresh", generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # a trained projection is larger than the fresh init (the LoRA run of issue 24: 30x lr)
+        student.time_embedding.cond_proj.weight.mul_(10.0)
+        student.half().float()  # the values an fp16 export holds (save_fp16), so the reference is what travels
+    x = probe_inputs(student.config)
+    rows: list[dict] = []
+
+    def row(loader, form, got, ref, expect):
+        r = {"loader": loader, "form": form, **compare(got, ref), "expected": expect}
+        r["as_expected"] = (r["rel_rms"] < 1e-2) == (expect == "same")
+        rows.append(r)
+        log(f"{loader:8s} {form:44s} max|d eps| {r['max_abs']:.3g}  rel rms {r['rel_rms']:.3g}  ({expect})")
+
+    # full student, exported in fp16 (the values above are already fp16-exact)
+    cfg = {"run_name": "full", "lora_rank": 0, "w": 8.0, "save_fp16": True}
+    out = X.export_run(work / "full", student, pipe, cfg, merged=True)
+    ref = student_eps(student, x)
+    del student
+    gc.collect()
+    for form, src, folder, expect in (("single file <run>.safetensors", out["single_file"], False, "same"),
+                                      ("stock_diffusers/ folder", out["stock_diffusers"], True, "same")):
+        unet = kohya_unet(kohya, src)
+        row("kohya", form, kohya_eps(unet, x), ref, expect)
+        del unet
+        m = comfy_model(comfy, src, folder=folder)
+        row("ComfyUI", form, comfy_eps(m, x), ref, expect)
+        del m
+        gc.collect()
+    try:  # the control: the studio's folder (with cond_proj) as a stock tool reads it
+        kohya_unet(kohya, _as_pipeline(work, out["run"] / "unet", teacher_dir))
+        rows.append({"loader": "kohya", "form": "run unet/ folder (cond_proj, unfolded)", "error": "loaded",
+                     "expected": "error", "as_expected": False})
+    except Exception as e:  # noqa: BLE001 - the expected refusal, recorded
+        rows.append({"loader": "kohya", "form": "run unet/ folder (cond_proj, unfolded)", "expected": "error",
+                     "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}", "as_expected": True})
+        log(f"kohya    run unet/ folder: {rows[-1]['error']}")
+    m = comfy_model(comfy, _as_pipeline(work, out["run"] / "unet", teacher_dir), folder=True)
+    row("ComfyUI", "run unet/ folder (cond_proj, unfolded)", comfy_eps(m, x), ref, "different")
+    del m
+    gc.collect()
+
+    # LoRA student: the teacher + the gamma projection + a random LoRA
+    student = build_student(pipe.unet, "fresh", generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        student.time_embedding.cond_proj.weight.mul_(10.0)
+    student.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in student.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 1e-3)
+    out = X.export_run(work / "lora", student, pipe, {"run_name": "lora", "lora_rank": 4, "w": 8.0})
+    ref = student_eps(student, x)
+    bare = X.export_kohya_lora(X._peft_lora_state(student)[0], work / "lora_unfolded.safetensors")
+    del student, pipe
+    gc.collect()
+    for form, lora_file, expect in (("kohya LoRA lora_kohya.safetensors", out["kohya_lora"], "same"),
+                                    ("kohya LoRA without the fold", bare, "different")):
+        unet = kohya_lora_unet(kohya, teacher_file, lora_file)
+        row("kohya", form, kohya_eps(unet, x), ref, expect if "without" in form else "same (if diff_b honoured)")
+        del unet
+        m = comfy_model(comfy, teacher_file, lora=lora_file)
+        row("ComfyUI", form, comfy_eps(m, x), ref, expect)
+        del m
+        gc.collect()
+    return rows
+
+
+def _as_pipeline(work: Path, unet_dir: Path, teacher_dir: Path) -> Path:
+    """A pipeline folder whose unet/ is the given one (symlinks to the teacher's other parts)."""
+    out = work / f"pipe-{unet_dir.parent.name}"
+    out.mkdir(exist_ok=True)
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler", "model_index.json"):
+        if not (out / part).exists():
+            (out / part).symlink_to((teacher_dir / part).resolve())
+    if not (out / "unet").exists():
+        (out / "unet").symlink_to(unet_dir.resolve())
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| loader | form | max abs diff of eps | rel. rms | expected |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['loader']} | {r['form']} | {r['error']} | - | {r['expected']} |")
+        else:
+            lines.append(f"| {r['loader']} | {r['form']} | {r['max_abs']:.2e} | {r['rel_rms']:.2e} | {r['expected']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kohya", type=Path, required=True, help="a kohya-ss/sd-scripts tree")
+    p.add_argument("--comfyui", type=Path, required=True, help="a ComfyUI tree")
+    p.add_argument("--work", type=Path, default=Path("interop-work"), help="scratch folder (several GB)")
+    p.add_argument("--json", type=Path, help="write the rows here")
+    a = p.parse_args(argv)
+    for name, path in (("--kohya", a.kohya / "library"), ("--comfyui", a.comfyui / "comfy")):
+        if not path.is_dir():
+            print(f"error: {name}: {path} not found (give the repository's root)", file=sys.stderr)
+            return 2
+    rows = run(a.kohya.resolve(), a.comfyui.resolve(), a.work)
+    print(markdown(rows))
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
