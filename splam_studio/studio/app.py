@@ -188,6 +188,19 @@ async def _plain(send, scope, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def outermost(middleware, **kwargs):
+    """A lifespan that wraps the app's whole middleware stack in `middleware` at startup, before the first request:
+    outside gradio's own CORS middleware too, so that a refused request gets no CORS headers (no echoed origin)."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        app.middleware_stack = middleware(app.middleware_stack or app.build_middleware_stack(), **kwargs)
+        yield
+
+    return lifespan
+
+
 def end_children_on_exit(trainer) -> None:
     """The trainer's children end with the studio: at interpreter exit, and on SIGTERM (which closes the server
     as Ctrl-C does, then exits)."""
@@ -241,14 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     end_children_on_exit(studio.trainer)
     demo = build_ui(studio, train=train)
     demo.queue(default_concurrency_limit=2, max_size=args.max_queue)
-    from starlette.middleware import Middleware
-
-    limits = Middleware(ServeLimits, hosts=allowed_hosts(args.host, args.allowed_host, args.share),
-                        max_body=int(args.max_request_mb * 2**20), uploads=has_file_input(demo))
+    limits = outermost(ServeLimits, hosts=allowed_hosts(args.host, args.allowed_host, args.share),
+                       max_body=int(args.max_request_mb * 2**20), uploads=has_file_input(demo))
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True, css=CSS,
                     footer_links=["api", "settings"], max_file_size=MAX_FILE_SIZE,
-                    app_kwargs={"middleware": [limits]})
+                    app_kwargs={"lifespan": limits})
     except OSError as e:  # port taken, or no share tunnel offline
         print(f"error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
