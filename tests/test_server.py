@@ -30,7 +30,7 @@ from splam_studio.studio import logic as studio_module
 from splam_studio.studio.app import ServeLimits, allowed_hosts, shared_server
 from splam_studio.studio.launcher import LIVE, LOGS, Trainer, process_alive
 from splam_studio.studio.logic import Studio, StudioError
-from tests.test_app import PROMPT, REPO, launch_app, make_fake_weights, stop_app
+from tests.test_app import PROMPT, REPO, _free_port, make_fake_weights, stop_app
 
 FAKE_TRAINER = r'''
 import json, os, signal, subprocess, sys, time
@@ -375,6 +375,27 @@ def test_serving_policy():
 
 def _app_weights(tmp_path_factory) -> Path:
     return make_fake_weights(tmp_path_factory.mktemp("public") / "weights")
+
+
+def launch_app(weights: Path, log_path: Path, *extra: str, timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    """app.py on a free port (as tests/test_app.py starts it); polls until it answers, the log shown on failure."""
+    port = _free_port()
+    env = {**os.environ, "SPLAM_WEIGHTS_DIR": str(weights), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), *extra], cwd=str(REPO),
+                            env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"app did not answer within {timeout:.0f} s: {log_path.read_text()[-2000:]}")
 
 
 @pytest.fixture(scope="module")
