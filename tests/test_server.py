@@ -363,8 +363,18 @@ def test_a_stale_record_is_dropped(tmp_path):
 
 
 # ---- items 4 and 7: limits and the Host check, in one place --------------------------------------------------------
-def test_serving_policy():
+def test_serving_policy(monkeypatch):
+    from splam_studio.studio.app import SHARED_QUOTA_MB, page_training, parse_args
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
     assert shared_server("0.0.0.0", False) and shared_server("127.0.0.1", True) and not shared_server("127.0.0.1", False)
+    assert page_training(parse_args([])) == (True, None)  # this machine only: train, no quota
+    assert page_training(parse_args(["--host", "0.0.0.0"])) == (False, SHARED_QUOTA_MB)
+    assert page_training(parse_args(["--host", "0.0.0.0", "--allow-train", "--train-quota-mb", "300"])) == (True, 300)
+    assert page_training(parse_args(["--share", "--allow-train", "--train-quota-mb", "0"])) == (True, None)
+    assert page_training(parse_args(["--no-train"]))[0] is False
+    monkeypatch.setenv("SPACE_ID", "owner/space")
+    assert page_training(parse_args([]))[0] is False and page_training(parse_args(["--allow-train"]))[0] is True
     hosts = allowed_hosts("0.0.0.0", ["studio.example.org", "*.lan"], False)
     limits = ServeLimits(None, hosts=hosts, max_body=10, uploads=False)
     for ok in ("127.0.0.1:7860", "localhost", "[::1]:7860", "studio.example.org", "box.lan:80"):

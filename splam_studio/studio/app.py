@@ -89,6 +89,15 @@ def shared_server(host: str, share: bool) -> bool:
     return "SPACE_ID" in os.environ or share or host not in LOOPBACK
 
 
+def page_training(args: argparse.Namespace) -> tuple[bool, float | None]:
+    """(the Train tab is shown, the disk quota in MB of its runs or None): on a shared server off unless
+    --allow-train, and then under SHARED_QUOTA_MB unless --train-quota-mb (0: none)."""
+    shared = shared_server(args.host, args.share)
+    train = args.train if args.train is not None else not shared  # strangers train only with --allow-train
+    quota = args.train_quota_mb if args.train_quota_mb is not None else (SHARED_QUOTA_MB if shared else None)
+    return train, (quota or None)
+
+
 def allowed_hosts(host: str, extra: list[str], share: bool) -> list[str]:
     """Host header values this server answers: loopback names, this machine's names and interface addresses, the
     bound host, a Space's own host, the share tunnel's, and --allowed-host."""
@@ -239,15 +248,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         data_dirs[name or path.name] = path
     shared = shared_server(args.host, args.share)
-    train = args.train if args.train is not None else not shared  # strangers train only with --allow-train
-    quota = args.train_quota_mb if args.train_quota_mb is not None else (SHARED_QUOTA_MB if shared else None)
+    train, quota = page_training(args)
     from splam_studio.models.model_sets import default_model_set
 
     try:
         studio = Studio.for_model_set(args.models or default_model_set(), args.weights_dir, teacher=teacher,
                                       splam=splam, lcm=lcm, local=local, data_dirs=data_dirs, device=args.device,
                                       allow_hub=not args.no_hub, train_shared=shared,
-                                      train_quota_mb=quota if quota else None)
+                                      train_quota_mb=quota)
     except (StudioError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
