@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +36,9 @@ UNET_MATCH_KEYS = ("in_channels", "out_channels", "block_out_channels", "cross_a
                    "down_block_types", "up_block_types", "attention_head_dim")
 PICKLE_REASON = ("pickle files can run arbitrary code when loaded; convert to .safetensors, or pass "
                  "allow_pickle=True (CLI: --allow-pickle) if you trust the source")
+
+
+log = logging.getLogger(__name__)
 
 
 class ModelLoadError(ValueError):
@@ -69,18 +72,79 @@ def load_teacher(source: str | Path, *, torch_dtype: torch.dtype = torch.float32
             raise ModelLoadError(f"embedded model {source!r} not found at {path} (set {WEIGHTS_ENV} to the weights folder)")
         return _load_diffusers_folder(path, torch_dtype, allow_pickle)
     path = Path(source).expanduser()
-    if path.is_dir():
+    if _is(path.is_dir):
         return _load_diffusers_folder(path, torch_dtype, allow_pickle)
-    if path.is_file():
+    if _is(path.is_file):
         return _load_single_file(path, torch_dtype, allow_pickle, config)
-    if _looks_like_hub_id(source):
-        return _load_hub(source, torch_dtype, allow_pickle)
+    if is_hub_id(source):
+        return load_hub_teacher(source, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
     raise ModelLoadError(f"teacher {source!r} does not exist; valid: an embedded name {sorted(EMBEDDED)}, a diffusers "
                          "folder (with model_index.json), an SD1.5 .safetensors file, or a hub id 'owner/name'")
 
 
-def _looks_like_hub_id(source: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) is not None and ".." not in source
+def _is(test) -> bool:
+    """path.is_dir / is_file, False for a name the file system cannot hold (ENAMETOOLONG raises in Python 3.11)."""
+    try:
+        return test()
+    except OSError:
+        return False
+
+
+# ---- hub ids: resolved on the hub (or its local cache) only, never as a path on this machine ---------------------
+def hub_id_problem(repo_id) -> str | None:
+    """Why `repo_id` is not a hub model id 'owner/name' by huggingface_hub's own rules, or None when it is one.
+
+    Checked before any cache path is built: a name the hub cannot hold (97+ characters, '--', '..', a leading dot,
+    a trailing '.git') never reaches the file system.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        return f"{repo_id!r} is not a hub id of the form 'owner/name'"
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        return str(e).rstrip(".")
+    return None
+
+
+def is_hub_id(repo_id) -> bool:
+    """'owner/name' by huggingface_hub's rules (validate_repo_id), exactly one '/'."""
+    return hub_id_problem(repo_id) is None
+
+
+def check_hub_id(repo_id) -> str:
+    """repo_id, or ModelLoadError (one sentence) when it is not a hub id by huggingface_hub's rules."""
+    problem = hub_id_problem(repo_id)
+    if problem:
+        raise ModelLoadError(f"invalid hub id: {problem}")
+    return repo_id
+
+
+def hub_cache_text(text: str) -> str:
+    """`text` with this machine's Hugging Face cache folder replaced by a name: messages never show server paths."""
+    from huggingface_hub import constants
+
+    for root in {str(constants.HF_HUB_CACHE), os.path.realpath(constants.HF_HUB_CACHE), str(constants.HF_HOME)}:
+        if root and root != ".":
+            text = text.replace(root, "<HF cache>")
+    return text
+
+
+def _hub_snapshot(repo_id: str, patterns: list[str]) -> Path:
+    """The repo's snapshot folder in the Hugging Face cache with `patterns` fetched (HF_HUB_OFFLINE: cache only).
+
+    huggingface_hub's snapshot_download treats its argument as a repo id only; a folder of the same name beside the
+    working directory is never read (diffusers' from_pretrained would prefer it).
+    """
+    from huggingface_hub import snapshot_download
+
+    check_hub_id(repo_id)
+    return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=_hub_offline()))
+
+
+def _hub_failure(e: BaseException) -> str:
+    return hub_cache_text(_one_line(e))
 
 
 def _check_sd_folder(path: Path, allow_pickle: bool) -> None:
@@ -180,15 +244,25 @@ def _load_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool,
     return _finish(pipe)
 
 
-def _load_hub(repo_id: str, dtype: torch.dtype, allow_pickle: bool) -> StableDiffusionPipeline:
+def load_hub_teacher(repo_id: str, *, torch_dtype: torch.dtype = torch.float32,
+                     allow_pickle: bool = False) -> StableDiffusionPipeline:
+    """An SD1.5 teacher from a hub repo (or the local Hugging Face cache), never from a local folder of that name.
+
+    The repo is fetched into the cache by diffusers' download (the files from_pretrained would pick: safetensors,
+    no safety checker), then loaded from that snapshot folder like any diffusers folder.
+    """
+    check_hub_id(repo_id)
     offline = _hub_offline()
     try:
+        folder = StableDiffusionPipeline.download(
+            repo_id, use_safetensors=not allow_pickle, local_files_only=offline, safety_checker=None,
+            feature_extractor=None)
         pipe = StableDiffusionPipeline.from_pretrained(
-            repo_id, torch_dtype=dtype, use_safetensors=not allow_pickle, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False, local_files_only=offline)
+            str(folder), torch_dtype=torch_dtype, use_safetensors=not allow_pickle, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False, local_files_only=True)
     except Exception as e:  # noqa: BLE001
         where = "not in the local cache and HF_HUB_OFFLINE is set" if offline else "download failed"
-        raise ModelLoadError(f"cannot load hub model {repo_id!r} ({where}): {_one_line(e)}") from None
+        raise ModelLoadError(f"cannot load hub model {repo_id!r} ({where}): {_hub_failure(e)}") from None
     return _finish(pipe)
 
 
@@ -227,11 +301,17 @@ def load_hub_student(repo_id: str, teacher_pipe: StableDiffusionPipeline, kind: 
 
 def _hub_unet(repo_id: str, teacher: UNet2DConditionModel, allow_pickle: bool) -> UNet2DConditionModel:
     """`<repo>/unet` of a full pipeline repo, checked against the teacher's architecture."""
+    weights = ["unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors.index.json",
+               "unet/diffusion_pytorch_model-*-of-*.safetensors"]
+    if allow_pickle:
+        weights += ["unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.bin.index.json",
+                    "unet/diffusion_pytorch_model-*-of-*.bin"]
     try:
-        unet = UNet2DConditionModel.from_pretrained(repo_id, subfolder="unet", torch_dtype=teacher.dtype,
-                                                    use_safetensors=not allow_pickle, local_files_only=_hub_offline())
+        folder = _hub_snapshot(repo_id, ["unet/config.json", *weights])
+        unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", torch_dtype=teacher.dtype,
+                                                    use_safetensors=not allow_pickle, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - one readable line instead of a traceback
-        raise ModelLoadError(f"{repo_id}/unet: {_one_line(e)}") from None
+        raise ModelLoadError(f"{repo_id}/unet: {_hub_failure(e)}") from None
     diff = {k: (unet.config.get(k), teacher.config.get(k)) for k in UNET_MATCH_KEYS
             if _norm(unet.config.get(k)) != _norm(teacher.config.get(k))}
     if diff:
@@ -242,12 +322,14 @@ def _hub_unet(repo_id: str, teacher: UNet2DConditionModel, allow_pickle: bool) -
 
 def _hub_lora(repo_id: str, teacher: UNet2DConditionModel, allow_pickle: bool) -> UNet2DConditionModel:
     """The teacher UNet with the repo's LoRA fused in (a copy: the teacher itself stays as it was)."""
+    names = [LORA_WEIGHTS] + (["pytorch_lora_weights.bin"] if allow_pickle else [])
     try:
+        folder = _hub_snapshot(repo_id, names)
+        name = next((n for n in names if (folder / n).is_file()), LORA_WEIGHTS)
         state, alphas = StableDiffusionPipeline.lora_state_dict(
-            repo_id, weight_name=None if allow_pickle else LORA_WEIGHTS, use_safetensors=not allow_pickle,
-            local_files_only=_hub_offline())
+            str(folder), weight_name=name, use_safetensors=name.endswith(".safetensors"), local_files_only=True)
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"{repo_id} as a LoRA ({LORA_WEIGHTS}): {_one_line(e)}") from None
+        raise ModelLoadError(f"{repo_id} as a LoRA ({LORA_WEIGHTS}): {_hub_failure(e)}") from None
     unet = copy.deepcopy(teacher)
     try:
         StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=unet, adapter_name="student")
@@ -357,12 +439,18 @@ class RunInfo:
 
 
 def run_info(path: Path) -> RunInfo:
+    """What the folder holds; a training_config.json that is not a JSON object makes it an unusable ("unknown") run,
+    with a warning, so one damaged run cannot stop a listing (the studio's start)."""
     cfg: dict = {}
     if (path / TRAINING_CONFIG).is_file():
         try:
-            cfg = json.loads((path / TRAINING_CONFIG).read_text())
-        except ValueError:
+            cfg = json.loads((path / TRAINING_CONFIG).read_text(encoding="utf-8", errors="replace"))
+        except (OSError, ValueError):
             cfg = {}
+        if not isinstance(cfg, dict):
+            log.warning("skipping run %r: its %s holds %s, not a JSON object", path.name, TRAINING_CONFIG,
+                        type(cfg).__name__)
+            return RunInfo(path.name, path, "unknown")
     method = cfg.get("method")
     if (path / "model_index.json").is_file():
         return RunInfo(path.name, path, "teacher", "diffusers", method, cfg)

@@ -83,7 +83,7 @@ def read_stats(path: str | Path) -> list[dict]:
     """The JSON lines of a run's stats.jsonl (a half-written last line is ignored)."""
     rows = []
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8", errors="replace")  # one bad byte must not hide the run
     except OSError:
         return rows
     for line in text.splitlines():

@@ -1,11 +1,19 @@
-"""Training runs started from the studio: one `python -m splam_studio.training` subprocess at a time, followed
-through the run's stats.jsonl (loss, speed, ETA), its validation grids and its console log.
+"""Training runs started from the studio: `python -m splam_studio.training` subprocesses, followed through the run's
+stats.jsonl (loss, speed, ETA), its validation grids and its console log.
 
-A crash of the run cannot take the server down; a restarted studio still shows the last run (its log under
-<weights>/.studio-logs/).
+A crash of the run cannot take the server down. Each run is its own process group (its workers included), started
+with SIGINT and SIGTERM at their defaults even when the studio ignores them (`nohup`), and ended when the studio
+exits (`Trainer.shutdown`, called by app.py at exit and on SIGTERM). While it lives, a record
+<weights>/.studio-logs/<run>.live.json (pid, process start time, run name, owner) lets a restarted studio (after a
+kill -9) show it as live, stop it and start nothing beside it; its log stays under <weights>/.studio-logs/.
+
+On a shared server (`shared=True`) a run belongs to the browser session that started it (`owner`): only that
+session sees its log and can stop it; each visitor has at most one live run, `slots` runs go at once in all, and the
+runs started from the page share a disk quota (`quota_mb`).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -13,10 +21,13 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..training.quiet import NOISE
+from ..store.atomic import write_json
 from ..store.runs import STATS, default_run_name, read_stats, valid_run_name
 from .validation import StudioError, clamp_int
 
@@ -24,6 +35,14 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding splam_s
 METHODS = ("splam", "lcm")
 TRAIN_STEPS = (1, 100_000)  # the Train tab's limits (its sliders use the same numbers)
 TRAIN_BATCH = (1, 256)
+
+LOGS = ".studio-logs"  # under the weights folder: <run>.log (console) and <run>.live.json (while it runs)
+LIVE = ".live.json"
+QUOTA_POLL_S = 2.0
+# The child resets SIGINT / SIGTERM to their defaults, then execs the trainer: a signal the studio ignores (nohup)
+# would otherwise be ignored by the trainer too (exec keeps SIG_IGN), and Stop's SIGINT would do nothing.
+DEFAULT_SIGNALS = ("import os, signal, sys; [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)]; "
+                   "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Z0-9]")  # terminal colours and cursor moves
 
@@ -50,7 +69,7 @@ def clean_log(text: str) -> list[str]:
 
 @dataclass
 class TrainStatus:
-    state: str  # idle | running | stopping | done | failed | stopped | ended
+    state: str  # idle | busy (another visitor's run) | running | stopping | done | failed | stopped | ended
     message: str
     run_name: str | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) from stats.jsonl
@@ -72,26 +91,149 @@ class TrainStatus:
                              "loss": pd.Series([v for _, v in self.losses], dtype="float64")})
 
 
-class Trainer:
-    """One distillation run at a time, as a `python -m splam_studio.training` subprocess (a crash cannot take the server down)."""
+@dataclass
+class Run:
+    """One run started from a studio: our child (`proc`), or one adopted from a live-run record (`proc` None)."""
 
-    def __init__(self, weights: Path, data_dirs: dict[str, str | Path], package_root: Path = PACKAGE_ROOT):
+    name: str
+    owner: str | None
+    pid: int
+    created: float  # the process's start time: with the pid, it identifies the process (pids are reused)
+    log_path: Path
+    total_steps: int | None
+    proc: subprocess.Popen | None = None
+    stopped: bool = False
+    quota_hit: bool = False
+
+    def poll(self):
+        """None while it runs; its exit code (our child) or "gone" (an adopted run) once it has ended."""
+        if self.proc is not None:
+            return self.proc.poll()
+        return None if process_alive(self.pid, self.created) else "gone"
+
+
+def process_created(pid: int) -> float | None:
+    """Start time of process `pid` (seconds since the epoch), None if there is none."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def process_alive(pid: int, created: float) -> bool:
+    """Whether `pid` is still the process that started at `created` (not a zombie, not a reused pid)."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return abs(p.create_time() - created) < 0.05 and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (symlinks not followed); 0 when it does not exist."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+class Trainer:
+    """Distillation runs as `python -m splam_studio.training` subprocesses (a crash cannot take the server down)."""
+
+    def __init__(self, weights: Path, data_dirs: dict[str, str | Path], package_root: Path = PACKAGE_ROOT, *,
+                 shared: bool = False, quota_mb: float | None = None, slots: int = 1,
+                 public: Callable[[str], str] | None = None):
         self.weights = Path(weights)
         self.data_dirs = {str(k): Path(v).expanduser().resolve() for k, v in data_dirs.items()}
         self.package_root = package_root
-        self.proc: subprocess.Popen | None = None
-        self.run_name: str | None = None
-        self.log_path: Path | None = None
-        self.total_steps: int | None = None
-        self.stopped = False
+        self.shared, self.quota_mb, self.slots = shared, quota_mb, max(1, int(slots))
+        self.public = public or (lambda text: text.replace(str(self.weights), "weights"))
+        self.runs: dict[str, Run] = {}  # every run this studio started or adopted, oldest first
         self._lock = threading.Lock()
+        self._closed = False
+        self._adopt_live_records()
+
+    # -- who may see and stop what --------------------------------------------------------------------------------
+    def _owns(self, owner: str | None, run: Run) -> bool:
+        return not self.shared or run.owner == owner
+
+    def _live(self) -> list[Run]:
+        return [r for r in self.runs.values() if r.poll() is None]
+
+    def _mine(self, owner: str | None) -> Run | None:
+        """The owner's live run, else the owner's newest run of this studio (any run, off a shared server)."""
+        mine = [r for r in self.runs.values() if self._owns(owner, r)]
+        live = [r for r in mine if r.poll() is None]
+        return (live or mine or [None])[-1]
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        """The newest run's subprocess (None before the first start, or for an adopted run)."""
+        return next(reversed(self.runs.values())).proc if self.runs else None
 
     def data_choices(self) -> list[str]:
         return ["shapes"] + sorted(self.data_dirs)
 
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def running(self, owner: str | None = None) -> bool:
+        """Whether a run is live: any run (owner None), or the owner's (on a shared server)."""
+        with self._lock:
+            return any(owner is None or self._owns(owner, r) for r in self._live())
 
+    # -- the live-run record: a restarted studio finds the runs that outlived it ------------------------------------
+    @property
+    def logs(self) -> Path:
+        return self.weights / LOGS
+
+    def _record(self, name: str) -> Path:
+        return self.logs / f"{name}{LIVE}"
+
+    def _adopt_live_records(self) -> None:
+        for path in sorted(self.logs.glob(f"*{LIVE}")):
+            try:
+                rec = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+                run = Run(str(rec["run_name"]), rec.get("owner"), int(rec["pid"]), float(rec["created"]),
+                          self.logs / f"{rec['run_name']}.log", rec.get("total_steps"))
+            except (OSError, ValueError, KeyError, TypeError):
+                run = None
+            if run is not None and valid_run_name(run.name) and run.poll() is None:
+                self.runs[run.name] = run
+                threading.Thread(target=self._watch, args=(run,), daemon=True).start()
+            else:
+                path.unlink(missing_ok=True)  # the run ended while no studio was watching (or the record is junk)
+
+    # -- the disk quota of the runs started from the page -----------------------------------------------------------
+    def page_bytes(self) -> int:
+        """Disk used by the runs started from a studio (each has a console log in .studio-logs/), logs included."""
+        names = {p.name[: -len(".log")] for p in self.logs.glob("*.log")}
+        return folder_bytes(self.logs) + sum(folder_bytes(self.weights / n) for n in names if valid_run_name(n))
+
+    def _over_quota(self) -> bool:
+        return self.quota_mb is not None and self.page_bytes() > self.quota_mb * 2**20
+
+    def _watch(self, run: Run) -> None:
+        """Reap the run as soon as it exits, stop it when the page's runs outgrow the quota, drop its record."""
+        while run.poll() is None:
+            if self.quota_mb is not None and not run.stopped and self._over_quota():
+                run.quota_hit = True
+                self._stop(run, grace_s=20.0)
+            if run.proc is not None:
+                try:
+                    run.proc.wait(QUOTA_POLL_S)
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                time.sleep(QUOTA_POLL_S)
+        self._record(run.name).unlink(missing_ok=True)
+
+    # -- start, stop, shutdown ------------------------------------------------------------------------------------
     def command(self, teacher: str | Path, data: str, method: str, steps: int, run_name: str, batch_size: int) -> list[str]:
         """The trainer's command line (`python -m splam_studio.training`) for a run (teacher and data already resolved by the caller)."""
         cmd = [sys.executable, "-u", "-m", "splam_studio.training"]
@@ -103,8 +245,10 @@ class Trainer:
                 "--snapshot-every", "0"]
         return cmd
 
-    def start(self, teacher: str | Path, data: str, method: str, steps, run_name: str, batch_size=32) -> str:
-        """Start a run; StudioError if one is running or an input is invalid."""
+    def start(self, teacher: str | Path, data: str, method: str, steps, run_name: str, batch_size=32,
+              owner: str | None = None) -> str:
+        """Start a run for `owner`; StudioError if the owner (or the server) has a live run, the page's runs used
+        their disk quota, or an input is invalid."""
         notices: list[str] = []
         if method not in METHODS:
             raise StudioError(f"unknown method {method!r}; choose one of {list(METHODS)}")
@@ -122,87 +266,164 @@ class Trainer:
             raise StudioError(f"a run named {run_name!r} already exists under weights/; pick another name")
         data_arg = data if data == "shapes" else str(self.data_dirs[data])
         with self._lock:
-            if self.running():
-                raise StudioError(f"run {self.run_name!r} is still going: stop it first (one run at a time)")
-            logs = self.weights / ".studio-logs"
-            logs.mkdir(parents=True, exist_ok=True)
-            self.log_path = logs / f"{run_name}.log"
+            if self._closed:
+                raise StudioError("the studio is shutting down; no new run starts")
+            live = self._live()
+            mine = [r for r in live if self._owns(owner, r)]
+            if mine:
+                raise StudioError(f"run {mine[0].name!r} is still going: stop it first (one run at a time)")
+            if len(live) >= self.slots:
+                raise StudioError("another visitor's run is going and this server trains one run at a time: "
+                                  "try again when it ends")
+            if self._over_quota():
+                raise StudioError(f"the runs started from this page already use {self.page_bytes() / 2**20:.0f} MB "
+                                  f"of their {self.quota_mb:g} MB disk quota: the server's owner can delete old runs "
+                                  "under weights/ or raise --train-quota-mb")
+            self.logs.mkdir(parents=True, exist_ok=True)
+            log_path = self.logs / f"{run_name}.log"
             env = {**os.environ, "PYTHONUNBUFFERED": "1",
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(self.package_root), os.environ.get("PYTHONPATH")]))}
-            with open(self.log_path, "wb") as log:
-                self.proc = subprocess.Popen(self.command(teacher, data_arg, method, steps, run_name, batch_size),
-                                             cwd=str(self.package_root), stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-            self.run_name, self.total_steps, self.stopped = run_name, steps, False
-            threading.Thread(target=self.proc.wait, daemon=True).start()  # reap the child as soon as it exits
+            cmd = self.command(teacher, data_arg, method, steps, run_name, batch_size)
+            with open(log_path, "wb") as log:
+                # own session = own process group (Stop and shutdown signal the group); cwd is the logs folder,
+                # which holds no folders, so no relative name (a hub id) can reach a folder on this machine
+                proc = subprocess.Popen([sys.executable, "-c", DEFAULT_SIGNALS, *cmd[1:]], cwd=str(self.logs),
+                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                        start_new_session=True)
+            run = Run(run_name, owner, proc.pid, process_created(proc.pid) or time.time(), log_path, steps, proc)
+            self.runs[run_name] = run
+            write_json(self._record(run_name), {"pid": run.pid, "created": run.created, "run_name": run_name,
+                                                "owner": owner, "total_steps": steps, "started": time.time()})
+            threading.Thread(target=self._watch, args=(run,), daemon=True).start()
         note = f" ({'; '.join(notices)})" if notices else ""
         return f"Started {method} run `{run_name}`: {steps} steps, batch {batch_size}, data {data}{note}."
 
-    def stop(self, grace_s: float = 20.0) -> str:
-        """Interrupt the run (SIGINT: the trainer exits cleanly, the last checkpoint intact), kill after grace_s."""
-        with self._lock:
-            if not self.running():
-                return "No run is going."
-            proc, self.stopped = self.proc, True
-            proc.send_signal(signal.SIGINT)
+    def _signal(self, run: Run, sig: int) -> None:
+        """`sig` to the run's process group (the trainer and its workers), if it is still that run."""
+        if run.poll() is not None:
+            return
+        try:
+            os.killpg(run.pid, sig)  # start_new_session: the group id is the trainer's pid
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _stop(self, run: Run, grace_s: float) -> None:
+        """SIGINT (the trainer exits cleanly, the last checkpoint intact), SIGKILL to the group after grace_s."""
+        run.stopped = True
+        self._signal(run, signal.SIGINT)
 
         def reap():
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            deadline = time.time() + grace_s
+            while run.poll() is None and time.time() < deadline:
+                time.sleep(0.1)
+            if run.poll() is None:
+                self._signal(run, signal.SIGKILL)
 
         threading.Thread(target=reap, daemon=True).start()
-        return f"Stopping `{self.run_name}`…"
 
+    def stop(self, grace_s: float = 20.0, owner: str | None = None) -> str:
+        """Interrupt the owner's live run (SIGINT: the trainer exits cleanly, the last checkpoint intact), kill after
+        grace_s. Another visitor's run cannot be stopped."""
+        with self._lock:
+            run = next((r for r in self._live() if self._owns(owner, r)), None)
+            if run is None:
+                return "No run of yours is going." if self.shared and self._live() else "No run is going."
+            self._stop(run, grace_s)
+        return f"Stopping `{run.name}`…"
+
+    def shutdown(self, grace_s: float = 10.0) -> None:
+        """End every live run (the studio is exiting): SIGINT to each group, SIGKILL to those left after grace_s."""
+        with self._lock:
+            self._closed = True
+            live = self._live()
+        for run in live:
+            run.stopped = True
+            self._signal(run, signal.SIGINT)
+        deadline = time.time() + grace_s
+        while any(r.poll() is None for r in live) and time.time() < deadline:
+            time.sleep(0.1)
+        for run in live:
+            self._signal(run, signal.SIGKILL)
+            if run.proc is not None:
+                try:
+                    run.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+            if run.poll() is not None:
+                self._record(run.name).unlink(missing_ok=True)
+
+    # -- status -------------------------------------------------------------------------------------------------
     def _last_logged_run(self) -> tuple[str, Path] | None:
         """(run name, log) of the newest run started from a studio on this weights folder (survives a restart)."""
-        logs = sorted((self.weights / ".studio-logs").glob("*.log"), key=lambda p: p.stat().st_mtime)
+        logs = sorted(self.logs.glob("*.log"), key=lambda p: p.stat().st_mtime)
         return (logs[-1].stem, logs[-1]) if logs else None
 
-    def status(self) -> TrainStatus:
-        """The current (or last) run: state, loss curve, speed and ETA from its stats.jsonl, validation grids, log."""
-        if self.proc is None:
-            last = self._last_logged_run()
+    def status(self, owner: str | None = None) -> TrainStatus:
+        """The owner's current (or last) run: state, loss curve, speed and ETA from its stats.jsonl, validation grids,
+        log. On a shared server nothing of another visitor's run is shown but that one is going."""
+        with self._lock:
+            run = self._mine(owner)
+            others = [r for r in self._live() if not self._owns(owner, r)]
+        busy = ("Another visitor's run is going; this server trains one run at a time: start yours when it ends."
+                if others and len(others) >= self.slots else "")
+        if run is None:
+            if busy:
+                return TrainStatus("busy", busy)
+            last = None if self.shared else self._last_logged_run()
             if last is None:
                 return TrainStatus("idle", "No run started from the studio yet.")
-            run_name, log_path, rc = last[0], last[1], "gone"
+            run_name, log_path, rc, total, stopped, quota_hit = last[0], last[1], "gone", None, False, False
         else:
-            run_name, log_path, rc = self.run_name, self.log_path, self.proc.poll()
-        rows = read_stats(self.weights / run_name / STATS)
-        steps = [r for r in rows if "event" not in r and "step" in r]
-        losses = [(int(r["step"]), float(r["loss"])) for r in steps if isinstance(r.get("loss"), (int, float))]
+            run_name, log_path, rc, total = run.name, run.log_path, run.poll(), run.total_steps
+            stopped, quota_hit = run.stopped, run.quota_hit
+        rows = [r for r in read_stats(self.weights / run_name / STATS) if isinstance(r, dict)]
+        steps = [r for r in rows if "event" not in r and isinstance(r.get("step"), int)]
+        losses = [(int(r["step"]), float(r["loss"])) for r in steps
+                  if isinstance(r.get("loss"), (int, float)) and not isinstance(r.get("loss"), bool)]
         start = next((r for r in reversed(rows) if r.get("event") == "start"), {})
         done = any(r.get("event") == "done" for r in rows)
-        total = self.total_steps if self.proc is not None else start.get("max_steps")
+        if total is None and isinstance(start.get("max_steps"), int):
+            total = start["max_steps"]
         last = steps[-1] if steps else None
-        it_s, eta = (last.get("it_s"), last.get("eta_s")) if last else (None, None)
+        it_s, eta = (_num(last.get("it_s")), _num(last.get("eta_s"))) if last else (None, None)
         val_dir = self.weights / run_name / "validation"
-        validation = [(p, f"step {int(p.stem.split('-')[-1])}") for p in sorted(val_dir.glob("step-*.png"))]
-        lines = clean_log(_tail(log_path, 200_000) if log_path else "")
+        validation = [(p, f"step {int(p.stem.split('-')[-1])}") for p in sorted(val_dir.glob("step-*.png"))
+                      if p.stem.split("-")[-1].isdigit()]
+        lines = [self.public(ln) for ln in clean_log(_tail(log_path, 200_000) if log_path else "")]
         if last:
-            progress = f"step {last['step']}/{total}" + (f", loss {last['loss']:.4g}" if last.get("loss") is not None
-                                                         else "")
+            loss = _num(last.get("loss"))
+            progress = f"step {last['step']}/{total}" + (f", loss {loss:.4g}" if loss is not None else "")
         else:
             progress = "loading the teacher and the data…"
         if rc is None:
             speed = f" · {it_s:.2f} it/s · ETA {format_duration(eta)}" if it_s else ""
-            state, msg = ("stopping" if self.stopped else "running"), f"`{run_name}` {progress}{speed}"
-        elif rc == "gone":
+            state, msg = ("stopping" if stopped else "running"), f"`{run_name}` {progress}{speed}"
+            if run is not None and run.proc is None:
+                msg += " (started by an earlier studio on this weights folder)"
+        elif rc == "gone" and not stopped:
             state = "done" if done else "ended"
             msg = (f"Last run `{run_name}` finished ({progress}); it is in the model lists." if done else
                    f"Last run `{run_name}` ended at {progress} (the studio was restarted or the run stopped); "
                    f"continue it with `python -m splam_studio.training --run-name {run_name} --resume latest`.")
-        elif self.stopped:
-            state, msg = "stopped", (f"`{run_name}` stopped ({progress}). Its last checkpoint is in "
+        elif stopped:
+            why = " when the runs started from this page reached their disk quota" if quota_hit else ""
+            state, msg = "stopped", (f"`{run_name}` stopped{why} ({progress}). Its last checkpoint is in "
                                      f"weights/{run_name}/checkpoints; continue with `python -m splam_studio.training --resume latest`.")
         elif rc == 0:
             state, msg = "done", f"`{run_name}` finished ({progress}); it is now in the model lists."
         else:
             err = ([ln for ln in lines if ln.startswith("error:")] or lines or ["(no output)"])[-1]
             state, msg = "failed", f"`{run_name}` failed (exit {rc}): {err[:300]}"
+        if busy and rc is not None:
+            msg += f" {busy}"
         return TrainStatus(state, msg, run_name, losses, validation, "\n".join(lines[-15:]), total, it_s, eta)
+
+
+def _num(value) -> float | None:
+    """A finite number from a stats row, else None (a damaged row never breaks the Train tab)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _tail(path: Path, n: int) -> str:

@@ -27,7 +27,8 @@ from .validation import StudioError, clamp_float, clamp_int
 from ..training.device import resolve_runtime
 from ..core.error_bound import ErrorBound, guided_trajectory, student_error_bounds
 from ..models.loading import (
-    ModelLoadError, RunInfo, list_runs, load_student, load_teacher, resolve_run, sampling_guidance,
+    ModelLoadError, RunInfo, hub_cache_text, hub_id_problem, list_runs, load_hub_teacher, load_student, load_teacher,
+    resolve_run, sampling_guidance,
 )
 from ..core.sampler import decode_latents, generate, initial_noise
 from ..core.metrics import latent_mse
@@ -48,7 +49,6 @@ TEACHER_SAMPLERS = ("ddim", "dpm++", "unipc")
 DEFAULT_GUIDANCE = 7.5  # the Shapes students were distilled at w = 6.5, i.e. CFG 7.5
 N_GRID = 50  # DDIM grid of the error bound; k_phi = 1000 / 50 = 20
 TRAJECTORY_CACHE = 8  # teacher trajectories kept for the error bound (one 512 px SD trajectory: 51 x 64 KB latents)
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # owner/name; no '..', no leading dot
 LOCAL_PREFIX = "local:"  # names of models given as paths on the command line
 
 Progress = Callable[[float, str], None]
@@ -304,7 +304,8 @@ class Studio:
     def __init__(self, weights: str | Path | None = None, *, teacher: str | None = None, splam: str | None = None,
                  lcm: str | None = None, local: dict[str, str | Path] | None = None,
                  data_dirs: dict[str, str | Path] | None = None, device: str = "auto", allow_hub: bool = True,
-                 cache_size: int = 6, precision: str = "auto", warm_up: bool = True, model_set: str | None = None):
+                 cache_size: int = 6, precision: str = "auto", warm_up: bool = True, model_set: str | None = None,
+                 train_shared: bool = False, train_quota_mb: float | None = None):
         self.weights = Path(weights) if weights is not None else weights_dir()
         self.runtime = resolve_runtime(device, precision)
         self.warm_up = warm_up  # one 1-step generation per loaded model, so measured latencies carry no start-up cost
@@ -314,9 +315,13 @@ class Studio:
         self._cache: OrderedDict[tuple, object] = OrderedDict()
         self._cache_size = cache_size
         self._trajectories: OrderedDict[tuple, tuple] = OrderedDict()  # error-bound teacher trajectories, newest last
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # guards the dicts only; a model load holds its own lock (_loading)
+        self._loading: dict[tuple, threading.Lock] = {}
         self.defaults = {"teacher": teacher, "splam": splam, "lcm": lcm}
-        self.trainer = Trainer(self.weights, data_dirs or {})
+        # train_shared: runs belong to the browser session that started them (launcher.Trainer); the quota bounds the
+        # disk that the page's runs may fill
+        self.trainer = Trainer(self.weights, data_dirs or {}, shared=train_shared, quota_mb=train_quota_mb,
+                               public=self.public)
 
     @classmethod
     def for_model_set(cls, name: str, weights: str | Path | None = None, *, device: str = "auto", **kwargs) -> "Studio":
@@ -357,10 +362,7 @@ class Studio:
         out = {}
         for k, p in self.local.items():
             if (p / "unet").is_dir() or (p / "lora").is_dir():
-                try:
-                    out[k] = read_training_config(p).get("method")
-                except (OSError, ValueError):
-                    out[k] = None
+                out[k] = _config(p).get("method")
         return out
 
     def student_choices(self, method: str | None = None) -> list[str]:
@@ -397,7 +399,7 @@ class Studio:
         missing = [ROLE_TITLE[r] for r in ("teacher", "lcm", "splam") if not self.default(r)]
         if not missing:
             return ""
-        return (f"No {' / '.join(missing)} model found under `{self.weights}`. The embedded Shapes models appear in "
+        return (f"No {' / '.join(missing)} model found under `weights/`. The embedded Shapes models appear in "
                 "weights/ once built; or train a student in the Train tab, or enter hub ids under SD1.5 setup.")
 
     # -- resolving and loading --------------------------------------------------------------------------------------
@@ -420,25 +422,44 @@ class Studio:
                     raise StudioError(f"{name!r} is a {kind}, not a {what}; choose one of "
                                       f"{self.teacher_choices() if role == 'teacher' else self.student_choices(role)}")
                 return "path", path
-        if HUB_ID.match(name) and ".." not in name:
+        if "/" in name and hub_id_problem(name) is None:  # huggingface_hub's rules, before any cache path is built
             if not self.allow_hub:
                 raise StudioError(f"hub models are disabled on this server; choose one of {self._choices(role)}")
-            return "hub", name
-        raise StudioError(f"unknown {what} {name!r}: choose one of {self._choices(role)} or a hub id 'owner/name' "
-                          "(local folders can only be given on the command line)")
+            return "hub", name  # loaded from the hub (or its cache) only: never a folder of that name on this machine
+        raise StudioError(f"unknown {what} {name[:120]!r}: choose one of {self._choices(role)} or a hub id "
+                          "'owner/name' (local folders can only be given on the command line)")
 
     def _choices(self, role: str) -> list[str]:
         return self.teacher_choices() if role == "teacher" else self.student_choices(role)
 
+    def public(self, text: str) -> str:
+        """`text` as a visitor may read it: the server's folders (weights root, command-line models, the package, the
+        Hugging Face cache, the home folder) replaced by names."""
+        return public_text(text, self.weights, self.local)
+
     def _cached(self, key: tuple, build: Callable[[], object]) -> object:
+        """The cached object for `key`, built once. A build holds only that key's lock: requests for other models,
+        loaded or loading, go on meanwhile; a second request for the same model waits for the first one's build."""
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-            obj = build()
-            self._cache[key] = obj
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:
+            with self._lock:
+                if key in self._cache:  # built by the request we waited for
+                    self._cache.move_to_end(key)
+                    return self._cache[key]
+            try:
+                obj = build()
+            finally:
+                with self._lock:
+                    if self._loading.get(key) is loading:
+                        del self._loading[key]
+            with self._lock:
+                self._cache[key] = obj
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
             return obj
 
     def teacher(self, name: str | None = None):
@@ -450,9 +471,12 @@ class Studio:
             if kind == "hub":
                 check_hub(str(source), "teacher")
             try:
-                pipe = load_teacher(source, torch_dtype=self.runtime.sample_dtype)
+                if kind == "hub":
+                    pipe = load_hub_teacher(str(source), torch_dtype=self.runtime.sample_dtype)
+                else:
+                    pipe = load_teacher(source, torch_dtype=self.runtime.sample_dtype)
             except ModelLoadError as e:
-                raise StudioError(_hub_hint(str(e), source) if kind == "hub" else str(e)) from None
+                raise StudioError(_hub_hint(str(e), source) if kind == "hub" else self.public(str(e))) from None
             pipe = pipe.to(self.runtime.device)
             if self.warm_up:
                 _warm_up(pipe, None)
@@ -475,7 +499,7 @@ class Studio:
                 try:
                     unet = load_student(source, pipe, weights=self.weights)
                 except ModelLoadError as e:
-                    raise StudioError(str(e)) from None
+                    raise StudioError(self.public(str(e))) from None
             if self.warm_up:
                 _warm_up(pipe, unet)
             return unet
@@ -490,10 +514,7 @@ class Studio:
             return None
         if kind != "path":
             return None
-        try:
-            w = read_training_config(source).get("w")
-        except (OSError, ValueError):
-            return None
+        w = _config(source).get("w")
         return cfg_scale(float(w)) if isinstance(w, (int, float)) else None
 
     def sampling_guidance(self, name: str | None, role: str) -> float:
@@ -501,7 +522,7 @@ class Studio:
         try:
             kind, source = self.resolve(name, role)
             return sampling_guidance(source) if kind == "path" else 1.0
-        except (StudioError, OSError, ValueError, KeyError):
+        except (StudioError, OSError, ValueError, KeyError, TypeError, AttributeError):
             return 1.0
 
     def load_models(self, teacher: str, splam: str, lcm: str, progress: Progress = _no_progress) -> str:
@@ -514,10 +535,12 @@ class Studio:
         self.student(lcm, teacher, "lcm")
         return f"Loaded teacher `{teacher}`, SPLAM `{splam}`, LCM `{lcm}`."
 
-    def start_training(self, teacher: str, data: str, method: str, steps, run_name: str, batch_size=32) -> str:
-        """Start a distillation run from a listed teacher (resolved here, so the UI never passes a path)."""
+    def start_training(self, teacher: str, data: str, method: str, steps, run_name: str, batch_size=32,
+                       owner: str | None = None) -> str:
+        """Start a distillation run for `owner` (a browser session) from a listed teacher (resolved here, so the UI
+        never passes a path; a hub id reaches the trainer as a hub id, run from a folder that holds no folders)."""
         kind, source = self.resolve(teacher, "teacher")
-        return self.trainer.start(source, data, method, steps, run_name, batch_size)
+        return self.trainer.start(source, data, method, steps, run_name, batch_size, owner=owner)
 
     # -- compare ------------------------------------------------------------------------------------------------
     def compare(self, prompt: str, negative_prompt: str = "", seed=0, student_steps=4, teacher_steps=25,
@@ -715,6 +738,34 @@ def difference_heatmap(image, ref, scale: float | None = None, min_size: int = 2
     heat = Image.fromarray(rgb, "RGB")
     f = max(1, -(-min_size // heat.width))
     return heat.resize((heat.width * f, heat.height * f), Image.NEAREST)
+
+
+def _config(run: Path) -> dict:
+    """A run's training_config.json as a dict; {} when missing, unreadable or not a JSON object."""
+    try:
+        cfg = read_training_config(run)
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def public_text(text: str, weights: Path | None = None, local: dict[str, Path] | None = None) -> str:
+    """`text` without server paths: run folders become `weights/<run>`, command-line models their `local:` names,
+    the Hugging Face cache `<HF cache>`, the package folder and the home folder `<server>`; nothing else changes."""
+    from .launcher import PACKAGE_ROOT
+
+    pairs: list[tuple[str, str]] = []
+    for name, path in (local or {}).items():
+        pairs.append((str(path), name))
+    if weights is not None:
+        for w in {str(Path(weights)), os.path.realpath(weights), os.path.abspath(weights)}:
+            pairs.append((w, "weights"))
+    pairs += [(str(PACKAGE_ROOT), "<server>"), (os.path.expanduser("~"), "<server>")]
+    text = hub_cache_text(text)
+    for path, name in sorted(pairs, key=lambda p: -len(p[0])):  # the longest first: a run folder before its root
+        if path and path not in (".", "/"):
+            text = text.replace(path, name)
+    return text
 
 
 HUB_HOST = ("huggingface.co", 443)

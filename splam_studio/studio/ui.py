@@ -18,7 +18,7 @@ from .colors import METHOD_COLORS, tint
 from .launcher import METHODS, TRAIN_BATCH, format_duration
 from .logic import (
     DEFAULT_GUIDANCE, GUIDANCE, N_GRID, ROLE_TITLE, SEED, STRIDE, STUDENT_STEPS, TEACHER_SAMPLERS, TEACHER_STEPS,
-    Studio, StudioError, measured_note,
+    Studio, StudioError, measured_note, public_text,
 )
 
 log = logging.getLogger("splam_studio.studio.ui")
@@ -65,6 +65,7 @@ CSS = """
 }
 """
 TRAIN_POLL_S = 2.0
+_PUBLIC = [public_text]  # what a visitor may read of a message: build_ui puts its studio's path scrubber here
 
 
 def _heldout_pair(prompt: str) -> str | None:
@@ -90,10 +91,10 @@ def user_errors(fn):
         except gr.Error:
             raise
         except (StudioError, ModelLoadError, ValueError) as e:
-            raise gr.Error(str(e), print_exception=False) from None
+            raise gr.Error(_PUBLIC[0](str(e)), print_exception=False) from None
         except Exception as e:  # noqa: BLE001 - the server log keeps the traceback, the user gets one line
             log.exception("studio call failed")
-            raise gr.Error(f"internal error ({type(e).__name__}: {str(e)[:200]}); see the server log") from None
+            raise gr.Error(_user_message(e)) from None
     return wrapper
 
 
@@ -108,13 +109,15 @@ def _progress(progress: gr.Progress):
 
 
 def _user_message(e: Exception) -> str:
-    return str(e) if isinstance(e, (StudioError, ModelLoadError, ValueError)) else \
+    text = str(e) if isinstance(e, (StudioError, ModelLoadError, ValueError)) else \
         f"internal error ({type(e).__name__}: {str(e)[:200]}); see the server log"
+    return _PUBLIC[0](text)
 
 
 def build_ui(studio: Studio, *, train: bool = True) -> gr.Blocks:
     """The Blocks app; launch it with css=CSS (gradio 6 takes css and theme at launch)."""
     roles = ("teacher", "lcm", "splam")
+    _PUBLIC[0] = studio.public
 
     def compare_outputs(r):
         images = [gr.Image(value=p.image, label=p.label()) for p in r.panels]
@@ -378,6 +381,11 @@ def _with(choices: list, value) -> list:
     return choices if value is None or value in names else [*choices, value]
 
 
+def _owner(request: gr.Request | None) -> str | None:
+    """The browser session a Train-tab call comes from: runs belong to it (launcher.Trainer, on a shared server)."""
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
 def _train_tab(studio: Studio, demo: gr.Blocks, model_inputs: list, menus) -> None:
     trainer = studio.trainer
 
@@ -385,24 +393,28 @@ def _train_tab(studio: Studio, demo: gr.Blocks, model_inputs: list, menus) -> No
         """Every Train-tab output for status `s` (also after a page reload): text, chart, grids, log, button."""
         speed = f"{s.it_s:.2f} it/s · ETA {format_duration(s.eta_s)}" if s.running and s.it_s else ""
         gallery = [(str(p), c) for p, c in s.validation]
-        return (s.message, speed, s.loss_frame(), gallery, s.log_tail, gr.Button(interactive=not s.running),
-                gr.Button(interactive=s.running), gr.Timer(active=s.running))
+        busy = s.state == "busy"  # another visitor's run holds the server's training slot
+        return (s.message, speed, s.loss_frame(), gallery, s.log_tail, gr.Button(interactive=not s.running and not busy),
+                gr.Button(interactive=s.running), gr.Timer(active=s.running or busy))
 
     @user_errors
-    def on_start(teacher, data, method, steps, batch_size, run_name):
-        msg = studio.start_training(teacher, data, method, steps, run_name, batch_size)
+    def on_start(teacher, data, method, steps, batch_size, run_name, request: gr.Request):
+        msg = studio.start_training(teacher, data, method, steps, run_name, batch_size, owner=_owner(request))
         gr.Info(msg)
-        return view(trainer.status())
+        return view(trainer.status(_owner(request)))
 
-    def on_stop():
-        trainer.stop()
-        return view(trainer.status())
+    def on_stop(request: gr.Request):
+        trainer.stop(owner=_owner(request))
+        return view(trainer.status(_owner(request)))
+
+    def on_load(request: gr.Request):
+        return view(trainer.status(_owner(request)))
 
     def listed():
         return [studio.menu(role) for role in ("teacher", "splam", "lcm")]
 
-    def on_poll(seen, teacher, splam, lcm):
-        s = trainer.status()
+    def on_poll(seen, teacher, splam, lcm, request: gr.Request):
+        s = trainer.status(_owner(request))
         now = listed()  # a run enters the menus when its student is exported, at the end
         lists = menus((teacher, splam, lcm)) if now != seen else (gr.skip(),) * 3
         return (*view(s), now, *lists)
@@ -440,4 +452,4 @@ def _train_tab(studio: Studio, demo: gr.Blocks, model_inputs: list, menus) -> No
         stop.click(on_stop, None, outputs, api_visibility="private")
         timer.tick(on_poll, [runs_seen, *model_inputs], [*outputs, runs_seen, *model_inputs],
                    api_visibility="private", show_progress="hidden")
-        demo.load(lambda: view(trainer.status()), None, outputs, api_visibility="private")
+        demo.load(on_load, None, outputs, api_visibility="private")

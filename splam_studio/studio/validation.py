@@ -17,10 +17,13 @@ def _number(name: str, value) -> float:
         raise StudioError(f"{name} must be a number, got {value!r}")
     try:
         x = float(value)
+    except OverflowError:  # an int beyond float's range, e.g. 10**400
+        digits = len(str(value).strip().lstrip("+-").split(".")[0])
+        raise StudioError(f"{name} must be a finite number, got a number of {digits} digits") from None
     except (TypeError, ValueError):
-        raise StudioError(f"{name} must be a number, got {value!r}") from None
+        raise StudioError(f"{name} must be a number, got {str(value)[:40]!r}") from None
     if not math.isfinite(x):
-        raise StudioError(f"{name} must be a finite number, got {value!r}")
+        raise StudioError(f"{name} must be a finite number, got {str(value)[:40]!r}")
     return x
 
 
