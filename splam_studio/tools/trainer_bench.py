@@ -157,7 +157,8 @@ def _cache_one(args) -> dict:
         from .gpu_check import build_pipeline
 
         folder = build_pipeline(Path(tempfile.mkdtemp(prefix="sd15-")) / "teacher", "sd15", device=str(rt.device))
-        pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, safety_checker=None)
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, safety_checker=None,
+                                                       use_safetensors=True)
         resolution = 512
     else:
         from ..models.loading import load_teacher
