@@ -21,9 +21,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from splam_studio.training import loop
-from splam_studio.training.loop import (StepBatchSampler, TrainConfig, TrainError, add_lora, finite_on_all_ranks,
-                                        make_optimizer, on_all_ranks, optimizer_step, param_groups,
-                                        step_generator)
+from splam_studio.training.loop import (StepBatchSampler, TrainConfig, TrainError, add_lora, advance_schedule,
+                                        finite_on_all_ranks, make_lr_scheduler, make_optimizer, on_all_ranks,
+                                        optimizer_step, param_groups, step_generator)
 
 CAPTIONS = ["one red circle", "two small blue squares", "a large green star", "three yellow triangles"]
 # the first step's loss of the base run (seed 3), measured once on the tiny pipeline (diffusers' expected_slice
@@ -244,16 +244,47 @@ def test_nan_skip_is_decided_for_all_ranks_together():
 def test_optimizer_step_clips_the_gradient_and_follows_the_schedule():
     w = torch.nn.Parameter(torch.zeros(10))
     opt = torch.optim.SGD([w], lr=1.0)
-    opt.param_groups[0]["initial_lr"] = 1.0
+    opt.param_groups[0]["initial_lr"] = 1.0  # as make_optimizer sets it
     cfg = TrainConfig(max_steps=4, lr_schedule="cosine", max_grad_norm=0.5)
+    sched = make_lr_scheduler(opt, cfg, start=1)  # a run resumed at step 1
     w.grad = torch.full((10,), 3.0)  # norm 9.49
-    lr = optimizer_step(FakeAccelerator(), opt, [w], 1, cfg)
-    assert lr == opt.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)), rel=1e-12)
+    lr = optimizer_step(FakeAccelerator(), opt, [w], 1, cfg, sched)
+    assert lr == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)), rel=1e-12)
     assert w.detach().norm().item() == pytest.approx(lr * 0.5, rel=1e-6)  # SGD moved by lr x the clipped gradient
-    assert w.grad is None
+    assert w.grad is None and opt.param_groups[0]["lr"] == pytest.approx(0.5, rel=1e-12)  # step 2's lr is next
+    with pytest.raises(RuntimeError, match="schedule is at step 2, the loop at 3"):  # a skipped step not advanced
+        optimizer_step(FakeAccelerator(), opt, [w], 3, cfg, sched)
     w.grad = torch.full((10,), 3.0)
-    assert optimizer_step(FakeAccelerator(), opt, [w], 4, cfg) == 0.0  # cosine ends at 0: no move
-    assert w.detach().norm().item() == pytest.approx(lr * 0.5, rel=1e-6)
+    optimizer_step(FakeAccelerator(sync_gradients=False), opt, [w], 2, cfg, sched)  # a micro-step inside accumulation
+    assert sched.last_epoch == 2 and w.detach().norm().item() > lr * 0.5  # no clip there, and no schedule step
+    advance_schedule(sched)  # a skipped (non-finite) step moves the schedule too
+    w.grad = torch.full((10,), 3.0)
+    assert optimizer_step(FakeAccelerator(), opt, [w], 3, cfg, sched) == pytest.approx(0.5 * (1 + math.cos(3 * math.pi / 4)))
+
+
+@pytest.mark.parametrize("schedule,warmup,expected", [
+    ("constant", 0, [1, 1, 1, 1, 1]),
+    ("cosine", 0, [1, 0.5 * (1 + math.cos(math.pi / 5)), 0.5 * (1 + math.cos(2 * math.pi / 5)),
+                   0.5 * (1 + math.cos(3 * math.pi / 5)), 0.5 * (1 + math.cos(4 * math.pi / 5))]),
+    ("constant", 2, [0, 0.5, 1, 1, 1]),
+    ("cosine", 2, [0, 0.5, 1, 0.5 * (1 + math.cos(math.pi / 3)), 0.5 * (1 + math.cos(2 * math.pi / 3))]),
+])
+def test_lr_schedule_per_step_and_resumed(schedule, warmup, expected):
+    """The lr of steps 0..4 of max_steps 5 (diffusers' get_scheduler, formulas written out here), the same when the
+    schedule is built at a resumed step."""
+    cfg = TrainConfig(max_steps=5, lr=1e-4, lr_schedule=schedule, lr_warmup_steps=warmup)
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = make_optimizer(torch.nn.Linear(1, 1), cfg)
+    sched = make_lr_scheduler(opt, cfg)
+    lrs = []
+    for step in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        advance_schedule(sched)
+    assert lrs == pytest.approx([1e-4 * e for e in expected], rel=1e-12, abs=1e-15)
+    resumed = make_optimizer(torch.nn.Linear(1, 1), cfg)
+    make_lr_scheduler(resumed, cfg, start=3)
+    assert resumed.param_groups[0]["lr"] == pytest.approx(lrs[3], rel=1e-12)
+    assert w.grad is None
 
 
 def test_run_name_cannot_leave_the_output_dir(world, tmp_path):
@@ -339,9 +370,10 @@ def test_lora_run_with_cosine_lr_and_gamma_projection_group(world, tmp_path):
     rows = stats(run)
     expected = [1e-4 * 0.5 * (1 + math.cos(math.pi * s / 3)) for s in range(3)]  # 1e-4, 7.5e-5, 2.5e-5
     assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)
-    groups = json.loads((run / "checkpoints" / "step-0000003" / "optimizer.json").read_text())["param_groups"]
+    groups = json.loads((run / "checkpoints" / "step-0000002" / "optimizer.json").read_text())["param_groups"]
     assert [g["initial_lr"] for g in groups] == pytest.approx([1e-4, 1e-3], rel=1e-12)
-    assert groups[1]["lr"] == pytest.approx(1e-3 * 0.25, rel=1e-12) and len(groups[1]["params"]) == 1
+    # after 2 steps the schedule is at step 3's lr (0-based 2): 0.25 x each group's own initial_lr
+    assert [g["lr"] for g in groups] == pytest.approx([1e-4 * 0.25, 1e-3 * 0.25], rel=1e-12) and len(groups[1]["params"]) == 1
     s = ckpt(run, 3, "student")
     assert any("lora" in k for k in s)
     fresh = build_student(load_teacher(str(world / "teacher")).unet, "fresh", generator=torch.Generator().manual_seed(3))
