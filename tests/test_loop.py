@@ -113,16 +113,27 @@ def train(world, out, spy=None, data="data", **kw) -> tuple[Path, list[str]]:
 
     base = dict(teacher=str(world / "teacher"), data=str(world / data), output_dir=str(out), batch_size=2,
                 checkpoint_every=1, log_every=1, device="cpu", seed=3)
+    loss_fn = kw.pop("loss_fn", None)
     lines = []
     mp = pytest.MonkeyPatch()
     try:
         if spy is not None:
             spy.install(mp)
-        return loop.run(TrainConfig(**{**base, **kw}), log=lines.append), lines
+        return loop.run(TrainConfig(**{**base, **kw}), log=lines.append, loss_fn=loss_fn), lines
     finally:
         mp.undo()
         AcceleratorState._reset_state(True)  # the next run builds its own Accelerator (grad-accum steps differ)
         GradientState._reset_state()
+
+
+def nan_at(steps: set[int]):
+    """splad_loss, NaN at the given calls (= steps at grad_accum 1): a fault injected through run's loss_fn."""
+    calls = iter(range(10**6))
+
+    def loss_fn(*args):
+        loss = loop.splad_loss(*args)
+        return loss * float("nan") if next(calls) in steps else loss
+    return loss_fn
 
 
 def first(sampler, k: int) -> list[list[int]]:
@@ -441,3 +452,23 @@ def test_a_batch_of_only_unreadable_items_is_replaced_by_the_next(world, tmp_pat
     with pytest.raises(DataError, match=r"4 batches in a row had no readable item .*4 x corrupt or truncated"):
         train(world, tmp_path, data="none", run_name="none", max_steps=2)
     assert not (tmp_path / "none").exists()
+
+
+def test_streamed_source_resumes_at_its_position(world, tmp_path):
+    spy = Spy()
+    train(world, tmp_path, data="shard-000.tar", run_name="s", max_steps=1)
+    _, lines = train(world, tmp_path, spy=spy, data="shard-000.tar", run_name="s", max_steps=2, resume="latest")
+    assert any("continuing at step 1" in x for x in lines)
+    assert spy.batches == [CAPTIONS[2:]]  # the stream's second batch, not its first again
+
+
+def test_non_finite_steps_are_skipped_on_schedule_and_counted_in_a_row(world, tmp_path):
+    run, lines = train(world, tmp_path, run_name="nan", max_steps=4, lr=1e-4, lr_schedule="cosine", loss_fn=nan_at({1}))
+    rows = stats(run)
+    assert [r["step"] for r in rows] == [1, 3, 4]  # step 2 skipped; the schedule moved on with it
+    assert [r["lr"] for r in rows] == pytest.approx([1e-4 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in (0, 2, 3)],
+                                                    rel=1e-12)
+    _, lines = train(world, tmp_path, run_name="nan2", max_steps=6, max_bad_steps=3, loss_fn=nan_at({0, 1, 3, 4}))
+    assert "step 4: non-finite loss, step skipped (2 in a row, 4 total)" in lines  # a good step resets the count
+    with pytest.raises(TrainError, match="3 non-finite losses in a row at step 2"):
+        train(world, tmp_path, run_name="nan3", max_steps=6, max_bad_steps=3, loss_fn=nan_at({0, 1, 2}))

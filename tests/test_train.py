@@ -93,18 +93,6 @@ def test_resume_is_exact(world, tmp_path, extra):
     assert worst < 1e-6, worst
 
 
-def nan_at(steps: set[int]):
-    """splad_loss, NaN at the given calls (= steps with --grad-accum 1): the fault a test injects through run's loss_fn."""
-    from splam_studio.core.splad import splad_loss
-
-    calls = iter(range(10**6))
-
-    def loss_fn(*args):
-        loss = splad_loss(*args)
-        return loss * float("nan") if next(calls) in steps else loss
-    return loss_fn
-
-
 def run_in_process(world, out, *extra, loss_fn=None):
     """The CLI's flags, resolved by cli.resolve and run by loop.run in this process; (exit status, log lines)."""
     from accelerate.state import AcceleratorState, GradientState
@@ -126,6 +114,8 @@ def run_in_process(world, out, *extra, loss_fn=None):
 
 
 def test_nan_losses_are_skipped_then_stop_the_run(world, tmp_path):
+    from tests.test_loop import nan_at
+
     rc, lines = run_in_process(world, tmp_path, "--max-steps", "3", "--run-name", "nan1", loss_fn=nan_at({1}))
     assert rc == 0, lines
     assert "step 1: non-finite loss, step skipped (1 in a row, 1 total)" in lines
