@@ -472,3 +472,52 @@ def test_non_finite_steps_are_skipped_on_schedule_and_counted_in_a_row(world, tm
     assert "step 4: non-finite loss, step skipped (2 in a row, 4 total)" in lines  # a good step resets the count
     with pytest.raises(TrainError, match="3 non-finite losses in a row at step 2"):
         train(world, tmp_path, run_name="nan3", max_steps=6, max_bad_steps=3, loss_fn=nan_at({0, 1, 2}))
+
+
+# ---------------------------------------------------------------- the config: nested, built and read flat
+
+# the settings of a training_config.json as the trainer wrote it before TrainConfig was nested (flat, no
+# lr_warmup_steps), in its order; derived keys (k, dtypes, ...) follow them in the file
+FLAT_LAYOUT = ["teacher", "teacher_config", "data", "prompts", "images_per_prompt", "cache_latents", "method", "run_name",
+               "output_dir", "w", "num_ddim_steps", "m", "distance", "huber_c", "ema_decay", "cond_proj_init",
+               "gamma_one_prob", "cond_proj_lr_scale", "gamma_scale", "gamma_time", "w_min", "w_max", "init_from",
+               "save_fp16", "export_merged", "max_steps", "batch_size", "grad_accum", "lr", "lr_schedule", "weight_decay",
+               "max_grad_norm", "lora_rank", "use_8bit_adam", "gradient_checkpointing", "resolution", "caption_column",
+               "image_column", "num_workers", "shapes_size", "device", "precision", "seed", "allow_pickle",
+               "checkpoint_every", "keep_checkpoints", "validate_every", "snapshot_every", "validation_prompts",
+               "log_every", "max_bad_steps", "resume", "overwrite"]
+
+
+def test_config_is_nested_and_keeps_its_flat_names():
+    from splam_studio.core.splad import SpladConfig
+    from splam_studio.training.loop import Optimisation, flat_fields
+
+    cfg = TrainConfig(method="lcm", w=6.5, lr=2e-4, data="x", seed=4)
+    assert cfg.objective == SpladConfig(method="lcm", w=6.5) and cfg.splad() is cfg.objective
+    assert cfg.optimisation.lr == cfg.lr == 2e-4 and cfg.inputs.data == cfg.data == "x" and cfg.run.seed == 4
+    assert TrainConfig(optimisation=Optimisation(lr=3e-4), max_steps=7).optimisation == Optimisation(lr=3e-4, max_steps=7)
+    names = [f.name for _, f in flat_fields()]
+    assert sorted(names) == sorted(FLAT_LAYOUT + ["lr_warmup_steps"]) and list(cfg.flat()) == names
+    assert all(f.metadata["help"] for _, f in flat_fields())  # every default documented where it is declared
+    with pytest.raises(TypeError, match="unknown settings"):
+        TrainConfig(learning_rate=1e-4)
+    for bad in (dict(lr=2.0), dict(lr=0.0), dict(lr_warmup_steps=-1), dict(lr_schedule="linear")):
+        with pytest.raises(TrainError, match=f"invalid config values: {next(iter(bad))}="):
+            TrainConfig(**bad).validate()
+    with pytest.raises(TrainError, match="method must be 'splam' or 'lcm', got 'dmd'"):
+        TrainConfig(method="dmd")  # the objective's own check (SpladConfig), at once
+
+
+def test_a_run_written_with_the_flat_layout_resumes(world, tmp_path):
+    from splam_studio.store.atomic import write_json
+
+    run, _ = train(world, tmp_path, run_name="old", max_steps=1, lr=2e-5)
+    written = json.loads((run / "training_config.json").read_text())
+    assert set(FLAT_LAYOUT) <= set(written) and not any(isinstance(v, dict) for k, v in written.items()
+                                                         if k in FLAT_LAYOUT)  # flat on disk
+    write_json(run / "training_config.json", {k: written[k] for k in [*FLAT_LAYOUT, "k", "batch_size_requested"]})
+    with pytest.raises(TrainError, match=r"--lr 3e-05 \(the run has 2e-05\)"):
+        train(world, tmp_path, run_name="old", max_steps=2, lr=3e-5, resume="latest")
+    resumed, lines = train(world, tmp_path, run_name="old", max_steps=2, lr=2e-5, resume="latest")
+    assert any("continuing at step 1" in x for x in lines) and [r["step"] for r in stats(resumed)] == [1, 2]
+    assert json.loads((run / "training_config.json").read_text())["lr_warmup_steps"] == 0

@@ -751,7 +751,7 @@ class Trail:
                              f"checkpoint in {self.run_dir / 'checkpoints'} is intact; lower --lr or check the data")
         self.bar.update(1)
 
-    def stepped(self, step: int, loss: float, lr: float, m: Models, opt, pipe) -> None:
+    def stepped(self, step: int, loss: float, lr: float, m: Models, opt) -> None:
         """Optimiser step `step` done (1-based): stats.jsonl (the lr it used, as diffusers' LCM script logs it),
         TensorBoard every log_every, checkpoint, snapshot and validation at their intervals."""
         cfg, acc = self.cfg, self.acc
@@ -773,7 +773,7 @@ class Trail:
         if cfg.snapshot_every and step % cfg.snapshot_every == 0:
             save_snapshot(self.run_dir, step, student, m.target)
         if cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.max_steps:
-            _validate(pipe, m.target, cfg, self.run_dir, step)
+            _validate(m.pipe, m.target, cfg, self.run_dir, step)
 
     def finish(self, step: int, start: int, m: Models, resolved: dict, counter) -> None:
         """The end: theta^- exported (as in the LCM script; models/export.py decides the forms), the last validation
@@ -848,7 +848,7 @@ def _train(cfg: TrainConfig, run_dir: Path, log=print, loss_fn=None) -> Path:
             continue
         ema_update(m.target, acc.unwrap_model(m.student), cfg.ema_decay)  # 7. theta^- <- mu theta^- + (1 - mu) theta
         step, micro = step + 1, 0
-        trail.stepped(step, out[0].item(), out[1], m, opt, m.pipe)
+        trail.stepped(step, out[0].item(), out[1], m, opt)
     # ---- 5. the end: export theta^-, the last validation, the done line
     trail.finish(step, start, m, resolved, counter)
     acc.end_training()
