@@ -401,7 +401,8 @@ def markdown(results: list[FileResult]) -> str:
 
 
 def write_json(path: Path, results: list[FileResult], command: str, seconds: int) -> None:
-    """Merge this run's files into the result file: files not run this time keep their last result."""
+    """Merge this run's files into the result file: files not run this time keep their last result (and the file its
+    note, which BENCHMARKS.md quotes)."""
     old = json.loads(path.read_text()) if path.is_file() else {}
     files = {f["file"]: f for f in old.get("files", [])}
     for r in results:
@@ -409,7 +410,7 @@ def write_json(path: Path, results: list[FileResult], command: str, seconds: int
                          "survived": r.count("survived"), "stale": r.count("stale"), "seconds": round(sum(o.seconds for o in r.outcomes)),
                          "command": command, "run_seconds": seconds, "mutants": [asdict(o) for o in r.outcomes]}
     rows = list(files.values())
-    out = {"killed": sum(f["killed"] for f in rows), "total": sum(len(f["mutants"]) for f in rows),
+    out = {"note": old.get("note", ""), "killed": sum(f["killed"] for f in rows), "total": sum(len(f["mutants"]) for f in rows),
            "markdown": markdown_rows(rows), "files": rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
