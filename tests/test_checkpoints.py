@@ -90,3 +90,15 @@ def test_keep_latest_and_incomplete(tmp_path):
     assert find_checkpoint(tmp_path / "nothing-here", "latest") is None
     state = json.loads((tmp_path / "checkpoints" / "step-0000030" / "state.json").read_text())
     assert state["step"] == 30 and state["grad_scaler"] is None
+
+
+def test_a_checkpoint_missing_a_file_or_past_max_steps_is_refused(tmp_path):
+    student, target, opt = _models(0)
+    ckpt = save_checkpoint(tmp_path, 5, student, target, opt, keep=1)
+    s2, t2, o2 = _models(1)
+    with pytest.raises(CheckpointError, match="at step 5, past --max-steps 4"):
+        load_checkpoint(ckpt, s2, t2, o2, max_steps=4)
+    assert load_checkpoint(ckpt, s2, t2, o2, max_steps=5) == 5
+    (ckpt / "optimizer.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="lacks optimizer.safetensors"):
+        load_checkpoint(ckpt, s2, t2, o2)

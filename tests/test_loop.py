@@ -21,9 +21,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from splam_studio.training import loop
-from splam_studio.training.loop import (StepBatchSampler, TrainConfig, TrainError, add_lora, finite_on_all_ranks,
-                                        make_optimizer, on_all_ranks, optimizer_step, param_groups,
-                                        step_generator)
+from splam_studio.training.loop import (StepBatchSampler, TrainConfig, TrainError, add_lora, advance_schedule,
+                                        finite_on_all_ranks, make_lr_scheduler, make_optimizer, on_all_ranks,
+                                        optimizer_step, param_groups, step_generator)
 
 CAPTIONS = ["one red circle", "two small blue squares", "a large green star", "three yellow triangles"]
 # the first step's loss of the base run (seed 3), measured once on the tiny pipeline (diffusers' expected_slice
@@ -113,16 +113,27 @@ def train(world, out, spy=None, data="data", **kw) -> tuple[Path, list[str]]:
 
     base = dict(teacher=str(world / "teacher"), data=str(world / data), output_dir=str(out), batch_size=2,
                 checkpoint_every=1, log_every=1, device="cpu", seed=3)
+    loss_fn = kw.pop("loss_fn", None)
     lines = []
     mp = pytest.MonkeyPatch()
     try:
         if spy is not None:
             spy.install(mp)
-        return loop.run(TrainConfig(**{**base, **kw}), log=lines.append), lines
+        return loop.run(TrainConfig(**{**base, **kw}), log=lines.append, loss_fn=loss_fn), lines
     finally:
         mp.undo()
         AcceleratorState._reset_state(True)  # the next run builds its own Accelerator (grad-accum steps differ)
         GradientState._reset_state()
+
+
+def nan_at(steps: set[int]):
+    """splad_loss, NaN at the given calls (= steps at grad_accum 1): a fault injected through run's loss_fn."""
+    calls = iter(range(10**6))
+
+    def loss_fn(*args):
+        loss = loop.splad_loss(*args)
+        return loss * float("nan") if next(calls) in steps else loss
+    return loss_fn
 
 
 def first(sampler, k: int) -> list[list[int]]:
@@ -244,16 +255,47 @@ def test_nan_skip_is_decided_for_all_ranks_together():
 def test_optimizer_step_clips_the_gradient_and_follows_the_schedule():
     w = torch.nn.Parameter(torch.zeros(10))
     opt = torch.optim.SGD([w], lr=1.0)
-    opt.param_groups[0]["initial_lr"] = 1.0
+    opt.param_groups[0]["initial_lr"] = 1.0  # as make_optimizer sets it
     cfg = TrainConfig(max_steps=4, lr_schedule="cosine", max_grad_norm=0.5)
+    sched = make_lr_scheduler(opt, cfg, start=1)  # a run resumed at step 1
     w.grad = torch.full((10,), 3.0)  # norm 9.49
-    lr = optimizer_step(FakeAccelerator(), opt, [w], 1, cfg)
-    assert lr == opt.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)), rel=1e-12)
+    lr = optimizer_step(FakeAccelerator(), opt, [w], 1, cfg, sched)
+    assert lr == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)), rel=1e-12)
     assert w.detach().norm().item() == pytest.approx(lr * 0.5, rel=1e-6)  # SGD moved by lr x the clipped gradient
-    assert w.grad is None
+    assert w.grad is None and opt.param_groups[0]["lr"] == pytest.approx(0.5, rel=1e-12)  # step 2's lr is next
+    with pytest.raises(RuntimeError, match="schedule is at step 2, the loop at 3"):  # a skipped step not advanced
+        optimizer_step(FakeAccelerator(), opt, [w], 3, cfg, sched)
     w.grad = torch.full((10,), 3.0)
-    assert optimizer_step(FakeAccelerator(), opt, [w], 4, cfg) == 0.0  # cosine ends at 0: no move
-    assert w.detach().norm().item() == pytest.approx(lr * 0.5, rel=1e-6)
+    optimizer_step(FakeAccelerator(sync_gradients=False), opt, [w], 2, cfg, sched)  # a micro-step inside accumulation
+    assert sched.last_epoch == 2 and w.detach().norm().item() > lr * 0.5  # no clip there, and no schedule step
+    advance_schedule(sched)  # a skipped (non-finite) step moves the schedule too
+    w.grad = torch.full((10,), 3.0)
+    assert optimizer_step(FakeAccelerator(), opt, [w], 3, cfg, sched) == pytest.approx(0.5 * (1 + math.cos(3 * math.pi / 4)))
+
+
+@pytest.mark.parametrize("schedule,warmup,expected", [
+    ("constant", 0, [1, 1, 1, 1, 1]),
+    ("cosine", 0, [1, 0.5 * (1 + math.cos(math.pi / 5)), 0.5 * (1 + math.cos(2 * math.pi / 5)),
+                   0.5 * (1 + math.cos(3 * math.pi / 5)), 0.5 * (1 + math.cos(4 * math.pi / 5))]),
+    ("constant", 2, [0, 0.5, 1, 1, 1]),
+    ("cosine", 2, [0, 0.5, 1, 0.5 * (1 + math.cos(math.pi / 3)), 0.5 * (1 + math.cos(2 * math.pi / 3))]),
+])
+def test_lr_schedule_per_step_and_resumed(schedule, warmup, expected):
+    """The lr of steps 0..4 of max_steps 5 (diffusers' get_scheduler, formulas written out here), the same when the
+    schedule is built at a resumed step."""
+    cfg = TrainConfig(max_steps=5, lr=1e-4, lr_schedule=schedule, lr_warmup_steps=warmup)
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = make_optimizer(torch.nn.Linear(1, 1), cfg)
+    sched = make_lr_scheduler(opt, cfg)
+    lrs = []
+    for step in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        advance_schedule(sched)
+    assert lrs == pytest.approx([1e-4 * e for e in expected], rel=1e-12, abs=1e-15)
+    resumed = make_optimizer(torch.nn.Linear(1, 1), cfg)
+    make_lr_scheduler(resumed, cfg, start=3)
+    assert resumed.param_groups[0]["lr"] == pytest.approx(lrs[3], rel=1e-12)
+    assert w.grad is None
 
 
 def test_run_name_cannot_leave_the_output_dir(world, tmp_path):
@@ -339,9 +381,10 @@ def test_lora_run_with_cosine_lr_and_gamma_projection_group(world, tmp_path):
     rows = stats(run)
     expected = [1e-4 * 0.5 * (1 + math.cos(math.pi * s / 3)) for s in range(3)]  # 1e-4, 7.5e-5, 2.5e-5
     assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)
-    groups = json.loads((run / "checkpoints" / "step-0000003" / "optimizer.json").read_text())["param_groups"]
+    groups = json.loads((run / "checkpoints" / "step-0000002" / "optimizer.json").read_text())["param_groups"]
     assert [g["initial_lr"] for g in groups] == pytest.approx([1e-4, 1e-3], rel=1e-12)
-    assert groups[1]["lr"] == pytest.approx(1e-3 * 0.25, rel=1e-12) and len(groups[1]["params"]) == 1
+    # after 2 steps the schedule is at step 3's lr (0-based 2): 0.25 x each group's own initial_lr
+    assert [g["lr"] for g in groups] == pytest.approx([1e-4 * 0.25, 1e-3 * 0.25], rel=1e-12) and len(groups[1]["params"]) == 1
     s = ckpt(run, 3, "student")
     assert any("lora" in k for k in s)
     fresh = build_student(load_teacher(str(world / "teacher")).unet, "fresh", generator=torch.Generator().manual_seed(3))
@@ -409,3 +452,72 @@ def test_a_batch_of_only_unreadable_items_is_replaced_by_the_next(world, tmp_pat
     with pytest.raises(DataError, match=r"4 batches in a row had no readable item .*4 x corrupt or truncated"):
         train(world, tmp_path, data="none", run_name="none", max_steps=2)
     assert not (tmp_path / "none").exists()
+
+
+def test_streamed_source_resumes_at_its_position(world, tmp_path):
+    spy = Spy()
+    train(world, tmp_path, data="shard-000.tar", run_name="s", max_steps=1)
+    _, lines = train(world, tmp_path, spy=spy, data="shard-000.tar", run_name="s", max_steps=2, resume="latest")
+    assert any("continuing at step 1" in x for x in lines)
+    assert spy.batches == [CAPTIONS[2:]]  # the stream's second batch, not its first again
+
+
+def test_non_finite_steps_are_skipped_on_schedule_and_counted_in_a_row(world, tmp_path):
+    run, lines = train(world, tmp_path, run_name="nan", max_steps=4, lr=1e-4, lr_schedule="cosine", loss_fn=nan_at({1}))
+    rows = stats(run)
+    assert [r["step"] for r in rows] == [1, 3, 4]  # step 2 skipped; the schedule moved on with it
+    assert [r["lr"] for r in rows] == pytest.approx([1e-4 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in (0, 2, 3)],
+                                                    rel=1e-12)
+    _, lines = train(world, tmp_path, run_name="nan2", max_steps=6, max_bad_steps=3, loss_fn=nan_at({0, 1, 3, 4}))
+    assert "step 4: non-finite loss, step skipped (2 in a row, 4 total)" in lines  # a good step resets the count
+    with pytest.raises(TrainError, match="3 non-finite losses in a row at step 2"):
+        train(world, tmp_path, run_name="nan3", max_steps=6, max_bad_steps=3, loss_fn=nan_at({0, 1, 2}))
+
+
+# ---------------------------------------------------------------- the config: nested, built and read flat
+
+# the settings of a training_config.json as the trainer wrote it before TrainConfig was nested (flat, no
+# lr_warmup_steps), in its order; derived keys (k, dtypes, ...) follow them in the file
+FLAT_LAYOUT = ["teacher", "teacher_config", "data", "prompts", "images_per_prompt", "cache_latents", "method", "run_name",
+               "output_dir", "w", "num_ddim_steps", "m", "distance", "huber_c", "ema_decay", "cond_proj_init",
+               "gamma_one_prob", "cond_proj_lr_scale", "gamma_scale", "gamma_time", "w_min", "w_max", "init_from",
+               "save_fp16", "export_merged", "max_steps", "batch_size", "grad_accum", "lr", "lr_schedule", "weight_decay",
+               "max_grad_norm", "lora_rank", "use_8bit_adam", "gradient_checkpointing", "resolution", "caption_column",
+               "image_column", "num_workers", "shapes_size", "device", "precision", "seed", "allow_pickle",
+               "checkpoint_every", "keep_checkpoints", "validate_every", "snapshot_every", "validation_prompts",
+               "log_every", "max_bad_steps", "resume", "overwrite"]
+
+
+def test_config_is_nested_and_keeps_its_flat_names():
+    from splam_studio.core.splad import SpladConfig
+    from splam_studio.training.loop import Optimisation, flat_fields
+
+    cfg = TrainConfig(method="lcm", w=6.5, lr=2e-4, data="x", seed=4)
+    assert cfg.objective == SpladConfig(method="lcm", w=6.5) and cfg.splad() is cfg.objective
+    assert cfg.optimisation.lr == cfg.lr == 2e-4 and cfg.inputs.data == cfg.data == "x" and cfg.run.seed == 4
+    assert TrainConfig(optimisation=Optimisation(lr=3e-4), max_steps=7).optimisation == Optimisation(lr=3e-4, max_steps=7)
+    names = [f.name for _, f in flat_fields()]
+    assert sorted(names) == sorted(FLAT_LAYOUT + ["lr_warmup_steps"]) and list(cfg.flat()) == names
+    assert all(f.metadata["help"] for _, f in flat_fields())  # every default documented where it is declared
+    with pytest.raises(TypeError, match="unknown settings"):
+        TrainConfig(learning_rate=1e-4)
+    for bad in (dict(lr=2.0), dict(lr=0.0), dict(lr_warmup_steps=-1), dict(lr_schedule="linear")):
+        with pytest.raises(TrainError, match=f"invalid config values: {next(iter(bad))}="):
+            TrainConfig(**bad).validate()
+    with pytest.raises(TrainError, match="method must be 'splam' or 'lcm', got 'dmd'"):
+        TrainConfig(method="dmd")  # the objective's own check (SpladConfig), at once
+
+
+def test_a_run_written_with_the_flat_layout_resumes(world, tmp_path):
+    from splam_studio.store.atomic import write_json
+
+    run, _ = train(world, tmp_path, run_name="old", max_steps=1, lr=2e-5)
+    written = json.loads((run / "training_config.json").read_text())
+    assert set(FLAT_LAYOUT) <= set(written) and not any(isinstance(v, dict) for k, v in written.items()
+                                                         if k in FLAT_LAYOUT)  # flat on disk
+    write_json(run / "training_config.json", {k: written[k] for k in [*FLAT_LAYOUT, "k", "batch_size_requested"]})
+    with pytest.raises(TrainError, match=r"--lr 3e-05 \(the run has 2e-05\)"):
+        train(world, tmp_path, run_name="old", max_steps=2, lr=3e-5, resume="latest")
+    resumed, lines = train(world, tmp_path, run_name="old", max_steps=2, lr=2e-5, resume="latest")
+    assert any("continuing at step 1" in x for x in lines) and [r["step"] for r in stats(resumed)] == [1, 2]
+    assert json.loads((run / "training_config.json").read_text())["lr_warmup_steps"] == 0

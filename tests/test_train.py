@@ -93,20 +93,43 @@ def test_resume_is_exact(world, tmp_path, extra):
     assert worst < 1e-6, worst
 
 
+def run_in_process(world, out, *extra, loss_fn=None):
+    """The CLI's flags, resolved by cli.resolve and run by loop.run in this process; (exit status, log lines)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from splam_studio.training import loop
+    from splam_studio.training.cli import build_parser, resolve
+
+    args = ["--teacher", str(world / "teacher"), "--data", str(world / "data"), "--output-dir", str(out),
+            "--batch-size", "2", "--checkpoint-every", "1", "--log-every", "1", "--device", "cpu", "--seed", "3", *extra]
+    lines = []
+    try:
+        loop.run(resolve(build_parser().parse_args(args)), log=lines.append, loss_fn=loss_fn)
+        return 0, lines
+    except loop.TrainError as e:
+        return 2, lines + [str(e)]
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
 def test_nan_losses_are_skipped_then_stop_the_run(world, tmp_path):
-    r = cli(world, tmp_path, "--max-steps", "3", "--run-name", "nan1", env={"SPLAM_FAULT_INJECTION": "nan@1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "non-finite loss, step skipped (1 in a row, 1 total)" in r.stdout + r.stderr
-    r = cli(world, tmp_path, "--max-steps", "8", "--run-name", "nan2", "--max-bad-steps", "2",
-            env={"SPLAM_FAULT_INJECTION": "nan@2,3,4"})
-    assert r.returncode == 2
-    assert "non-finite losses in a row" in r.stderr and "Traceback" not in r.stderr
+    from tests.test_loop import nan_at
+
+    rc, lines = run_in_process(world, tmp_path, "--max-steps", "3", "--run-name", "nan1", loss_fn=nan_at({1}))
+    assert rc == 0, lines
+    assert "step 1: non-finite loss, step skipped (1 in a row, 1 total)" in lines
+    logged = [json.loads(x) for x in (tmp_path / "nan1" / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 3]  # step 2 (0-based 1) skipped, the count moved on
+    rc, lines = run_in_process(world, tmp_path, "--max-steps", "8", "--run-name", "nan2", "--max-bad-steps", "2",
+                               loss_fn=nan_at({2, 3, 4}))
+    assert rc == 2 and "2 non-finite losses in a row at step 3" in lines[-1], lines
     assert _state(tmp_path / "nan2") == 2  # the last good checkpoint is intact
 
 
 def test_bad_arguments_are_clear_errors(world, tmp_path):
     r = cli(world, tmp_path, "--method", "dmd", "--max-steps", "1")
-    assert r.returncode == 2 and "method='dmd'" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "method must be 'splam' or 'lcm', got 'dmd'" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, str(ROOT / "train_cli.py"), "--teacher", str(tmp_path / "nope"), "--max-steps", "1",
                         "--output-dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "nope" in r.stderr
@@ -152,16 +175,6 @@ def test_two_process_accelerate_launch(world, tmp_path):
     cfg = json.loads((tmp_path / "ddp" / "training_config.json").read_text())
     assert cfg["processes"] == 2
     assert _state(tmp_path / "ddp") == 2
-
-
-def test_lr_factor_schedules():
-    from splam_studio.training.loop import lr_factor
-
-    assert [lr_factor(s, 100) for s in (0, 50, 100)] == [1.0, 1.0, 1.0]
-    assert lr_factor(0, 100, "cosine") == 1.0 and abs(lr_factor(50, 100, "cosine") - 0.5) < 1e-12
-    assert lr_factor(100, 100, "cosine") < 1e-12 and lr_factor(25, 100, "cosine") > lr_factor(75, 100, "cosine")
-    with pytest.raises(ValueError, match="cosine"):
-        lr_factor(1, 10, "linear")
 
 
 def test_checkpoints_round_trip_prune_and_refuse_incomplete(tmp_path):

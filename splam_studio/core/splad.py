@@ -4,7 +4,7 @@ The training loop (`training/loop.py`) only adds the optimiser step and the EMA 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -17,19 +17,33 @@ from .student import student_F
 
 @dataclass(frozen=True)
 class SpladConfig:
-    method: str = "splam"  # "splam" (gamma ~ U[0, 1]) or "lcm" (gamma = 1): the only difference between the two
-    w: float = 8.0  # teacher guidance in the LCM form eps_c + w (eps_c - eps_u); authors' script: 8 (CFG 9)
-    num_ddim_steps: int = 50  # N: DDIM grid t_i = 20 (i + 1) - 1, so k_phi = T / N = 20
-    m: int = 1  # multiple estimation: k = m * k_phi (authors' script: m = 1, k = 20)
-    distance: Distance = "huber"  # pseudo-Huber, c = 0.001, as the authors and diffusers' LCM script
-    huber_c: float = 1e-3
-    gamma_one_prob: float = 0.0  # SPLAM: probability of gamma = 1 (the sampling point); 0 = the paper's U[0, 1]
-    gamma_scale: float = GAMMA_SCALE_PAPER  # emb(gamma) = guidance_embedding(gamma_scale (1 - gamma)); paper: 10
-    gamma_time: GammaTime = "t"  # student timestep at z_gamma: t for every gamma (paper) or "matched" to sigma_gamma
+    """The objective; each field's help is the trainer's flag help (training/cli.py builds --method, --w, ... from it)."""
+    method: str = field(default="splam", metadata={"help": "splam (gamma ~ U[0,1] on the SL-ODE) or lcm (gamma = 1; "
+                                                           "everything else identical)"})
+    w: float = field(default=8.0, metadata={"help": "teacher guidance w in the LCM form eps_c + w (eps_c - eps_u); "
+                                                    "8 = CFG 9 (authors)"})
+    num_ddim_steps: int = field(default=50, metadata={"help": "N of the DDIM grid t_i = 20 (i + 1) - 1; k_phi = 1000 / N"})
+    m: int = field(default=1, metadata={"help": "multiple estimation: m chained teacher DDIM steps, k = m * k_phi "
+                                                "(authors: m = 1, k = 20)"})
+    distance: Distance = field(default="huber", metadata={"help": "loss distance: huber (pseudo-Huber, c = 0.001, as "
+                                                                  "the authors and diffusers' LCM script) or l2"})
+    huber_c: float = field(default=1e-3, metadata={"help": "pseudo-Huber c, in latent units"})
+    gamma_one_prob: float = field(default=0.0, metadata={"help": "SPLAM: probability of gamma = 1, the point the "
+                                                                 "sampler uses (0 = the paper's U[0,1])"})
+    gamma_scale: float = field(default=GAMMA_SCALE_PAPER, metadata={
+        "help": "gamma embedding = guidance embedding of gamma_scale * (1 - gamma); 10 = the authors' "
+                "(gamma = 1 -> 0 at any scale)"})
+    gamma_time: GammaTime = field(default="t", metadata={
+        "help": "SPLAM: timestep the student sees at z_gamma: t (the paper, every gamma) or matched (the timestep of "
+                "z_gamma's own noise level, input rescaled onto the marginal)"})
     # diffusers' LCM recipe (LCM only): w ~ U[w_min, w_max] per sample, used by the teacher and embedded for student
     # and target (omega = w at gamma = 1). None = the fixed w above, unembedded (= SPLAM at gamma = 1)
-    w_min: float | None = None
-    w_max: float | None = None
+    w_min: float | None = field(default=None, metadata={
+        "help": "lcm only, diffusers' LCM recipe: draw w ~ U[w_min, w_max] per sample for the teacher and embed it "
+                "for the student (with --w-max; default: fixed --w, not embedded)"})
+    w_max: float | None = field(default=None, metadata={
+        "help": "upper end of the w range (with --w-min); the student then samples at CFG w + 1 (w from --w, inside "
+                "the range)"})
 
     def __post_init__(self):
         if self.method not in ("splam", "lcm"):

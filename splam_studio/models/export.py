@@ -383,14 +383,15 @@ def export_kohya_lora(lora_state_dict_or_unet: Any, out_path: str | Path, *, tea
     diffusers' `load_lora_weights` refuses diff keys in SD1.x kohya files: diffusers users load `export_diffusers_lora`'s
     file. From a run folder, pass `teacher` (W is the teacher's). README: "Use your student in A1111 / Forge / ComfyUI".
     """
+    from diffusers.utils import convert_state_dict_to_kohya
+
     sd, alphas = _peft_lora_state(lora_state_dict_or_unet)
     delta = _lora_unet_fold(lora_state_dict_or_unet, teacher, omega)
-    kohya: dict[str, torch.Tensor] = {}
+    # diffusers names the layers (lora_unet_<module>.lora_down / .lora_up); its .alpha is the rank, a scale of 1, which
+    # is exact only for lora_alpha = r: each module's own alpha (peft's lora_alpha, alpha_pattern) replaces it
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v.detach().float().contiguous().cpu() for k, v in sd.items()})
     for module, alpha in alphas.items():
-        name = "lora_unet_" + module.replace(".", "_")
-        kohya[f"{name}.lora_down.weight"] = sd[f"{module}.lora_A.weight"].detach().float().contiguous().cpu()
-        kohya[f"{name}.lora_up.weight"] = sd[f"{module}.lora_B.weight"].detach().float().contiguous().cpu()
-        kohya[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        kohya[f"lora_unet_{module.replace('.', '_')}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     if delta is not None:
         if f"{KOHYA_FOLD}.lora_down.weight" in kohya:
             raise ValueError(f"{FOLD_MODULE} carries LoRA layers: kohya loaders apply one patch kind per module, so the "

@@ -174,19 +174,23 @@ MUTANTS: dict[str, list[Mutant]] = {
         M("latent MSE summed", 'return (a.float() - b.float()).pow(2).flatten(1).mean(1)\n', 'return (a.float() - b.float()).pow(2).flatten(1).sum(1)\n'),
     ],
     "training/checkpoints.py": [
-        M("a checkpoint missing tensors is not refused", "    if missing:\n        raise CheckpointError", "    if False:\n        raise CheckpointError"),
-        M("snapshots keeping the online student", "for k, v in target.state_dict().items() if k in trainable}\n    return atomic_write",
-          "for k, v in student.state_dict().items() if k in trainable}\n    return atomic_write"),
-        M("checkpoint target from the student", "for k, v in target.state_dict().items() if k in trainable},\n              tmp / \"target.safetensors\")",
-          "for k, v in student.state_dict().items() if k in trainable},\n              tmp / \"target.safetensors\")"),
-        M("target restored from the student file", 'target.load_state_dict(load_file(ckpt / "target.safetensors")',
-          'target.load_state_dict(load_file(ckpt / "student.safetensors")'),
+        M("a checkpoint missing tensors is not refused", 'if missing or extra:\n        raise CheckpointError(f"{kind} does not match',
+          'if extra:\n        raise CheckpointError(f"{kind} does not match'),
+        M("a checkpoint missing a file is not refused", '    if missing:\n        raise CheckpointError(f"it lacks',
+          '    if False:\n        raise CheckpointError(f"it lacks'),
+        M("snapshots keeping the online student", "for k, v in target.state_dict().items() if k in trainable}\n    try:",
+          "for k, v in student.state_dict().items() if k in trainable}\n    try:"),
+        M("checkpoint target from the student", "for k, v in target.state_dict().items() if k in student_sd}",
+          "for k, v in student.state_dict().items() if k in student_sd}"),
+        M("target restored from the student file", 'target.load_state_dict(ck["target"], strict=False)',
+          'target.load_state_dict(ck["student"], strict=False)'),
         M("one checkpoint too many kept", "if p.is_dir())[:-keep]:", "if p.is_dir())[:-keep - 1]:"),
         M("latest is the oldest", "return done[-1] if done else None", "return done[0] if done else None"),
         M("incomplete checkpoints resumed", 'glob("step-*") if (p / "state.json").is_file())', 'glob("step-*"))'),
-        M("loss scale not restored", '        grad_scaler.load_state_dict(state["grad_scaler"])', "        pass"),
+        M("loss scale not restored", '            grad_scaler.load_state_dict(ck["state"]["grad_scaler"])', "            pass"),
         M("snapshots in fp32", "v.detach().cpu().half().contiguous()", "v.detach().cpu().contiguous()"),
-        M("optimiser state not restored", "    _load_optimizer(opt, load_file(", "    (lambda *a: None)(opt, load_file("),
+        M("optimiser state not restored", '        _load_optimizer(opt, ck["opt_tensors"], ck["opt_meta"])', "        pass"),
+        M("a checkpoint past --max-steps accepted", "if max_steps is not None and ck[\"step\"] > max_steps:", "if False:"),
     ],
     "training/data.py": [
         M("is_relative_to(root) traversal guard removed", "if not path.is_relative_to(self.root) or not path.is_file():",
@@ -207,6 +211,54 @@ MUTANTS: dict[str, list[Mutant]] = {
         M("collate keeps None", "kept = [b for b in batch if b is not None]", "kept = [b for b in batch]"),
         M("map-style data not shuffled", "shuffle=shuffle and not iterable", "shuffle=False"),
     ],
+    "training/loop.py": [
+        M("EMA decay mu passed as 1 - mu", "ema_update(m.target, acc.unwrap_model(m.student), cfg.ema_decay)",
+          "ema_update(m.target, acc.unwrap_model(m.student), 1 - cfg.ema_decay)"),
+        M("the online student exported instead of theta^-", "exports = export_run(self.run_dir, m.target,",
+          "exports = export_run(self.run_dir, self.acc.unwrap_model(m.student),"),
+        M("the same t, eps and gamma every step", "step_generator(cfg.seed, step, micro, acc.process_index)",
+          "step_generator(cfg.seed, 0, 0, acc.process_index)"),
+        M("the step generator ignores the rank", "step * 104729 + micro * 31 + rank)", "step * 104729 + micro * 31)"),
+        M("every rank reading the same batch", "off = (pos * self.world + self.rank) * self.bs", "off = (pos * self.world) * self.bs"),
+        M("each epoch the same permutation", "manual_seed(self.seed * 1_000_003 + epoch)", "manual_seed(self.seed * 1_000_003)"),
+        M("no gradient clipping", "        acc.clip_grad_norm_(params, cfg.max_grad_norm)\n", "        pass\n"),
+        M("--cond-proj-lr-scale ignored", '"lr": cfg.lr * cfg.cond_proj_lr_scale}', '"lr": cfg.lr}'),
+        M("--lr-schedule cosine never applied", "else cfg.lr_schedule\n", "else \"constant\"\n"),
+        M("--lr-warmup-steps ignored", "num_warmup_steps=cfg.lr_warmup_steps,", "num_warmup_steps=0,"),
+        M("a resumed schedule restarts at step 0", "lr_scheduler = make_lr_scheduler(opt, cfg, start)",
+          "lr_scheduler = make_lr_scheduler(opt, cfg, 0)"),
+        M("a skipped step does not advance the schedule", "            trail.skipped(step)\n            advance_schedule(lr_scheduler)\n",
+          "            trail.skipped(step)\n"),
+        M("the LoRA run's gamma projection left frozen", "student.time_embedding.cond_proj.requires_grad_(True)",
+          "student.time_embedding.cond_proj.requires_grad_(False)"),
+        M("run_name never validated", "if self.run_name is not None and not valid_run_name(self.run_name):", "if False:"),
+        M("unreadable items kept in the live collate", "kw = dict(collate_fn=collate_drop_none,", "kw = dict(collate_fn=None,"),
+        M("stale .tmp-* checkpoints never cleaned", "                shutil.rmtree(stale, ignore_errors=True)", "                pass"),
+        M("the NaN skip decided per rank", '        finite = acc.reduce(finite, "min")', "        pass"),
+        M("an unreadable batch decided per rank", 'return acc.reduce(torch.tensor(float(flag), device=acc.device), "min").item() >= 1',
+          "return flag"),
+        M("--grad-accum ignored", "gradient_accumulation_steps=cfg.grad_accum,", "gradient_accumulation_steps=1,"),
+        M("EMA on every micro-step", "        if not acc.sync_gradients:\n            continue\n        ema_update",
+          "        ema_update"),
+        M("a resumed sampler starts at step 0", "cfg.seed, start * cfg.grad_accum, acc.process_index,", "cfg.seed, 0, acc.process_index,"),
+        M("a streamed source not fast-forwarded on resume", "start * cfg.grad_accum, cfg.batch_size", "0, cfg.batch_size"),
+        M("a finite stream not read again", "            it = iter(loader)\n            batch = next(it, end)", "            return"),
+        M("max_bad_steps off by one", "if self.bad_in_row >= self.cfg.max_bad_steps:", "if self.bad_in_row > self.cfg.max_bad_steps:"),
+        M("the bad-step count never reset", "        self.bad_in_row = 0\n        self.losses.append(loss)", "        self.losses.append(loss)"),
+        M("checkpoint_every ignored", "if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:", "if step == cfg.max_steps:"),
+        M("the lr range not checked", '"lr": 0 < self.lr < 1,', '"lr": True,'),
+        M("a --resume that changes the run not refused", "    if bad:\n        raise TrainError(f\"--resume continues run",
+          "    if False:\n        raise TrainError(f\"--resume continues run"),
+        M("flat settings not routed to their section", "mine = {k: v for k, v in flat.items() if _SECTION_OF[k] == sec}",
+          "mine = {k: v for k, v in flat.items() if _SECTION_OF[k] == sec and sec != 'optimisation'}"),
+    ],
+    "training/latents.py": [
+        M("latents not multiplied by the VAE scaling factor", ".latent_dist.sample(generator=generator) * sf).float()",
+          ".latent_dist.sample(generator=generator)).float()"),
+        M("cached latents not multiplied by the VAE scaling factor", "std.to(vae_dtype) * eps) * sf).float()",
+          "std.to(vae_dtype) * eps)).float()"),
+        M("cached draw without its std", "(mean.to(vae_dtype) + std.to(vae_dtype) * eps)", "(mean.to(vae_dtype) + 0 * eps)"),
+    ],
 }
 
 # the test modules of tests/ that reach each file; fast, sharp ones first (pytest runs with -x)
@@ -223,6 +275,8 @@ TESTS: dict[str, list[str]] = {
     "core/metrics.py": ["test_core_mutants"],
     "training/checkpoints.py": ["test_checkpoints"],
     "training/data.py": ["test_data"],
+    "training/loop.py": ["test_loop"],
+    "training/latents.py": ["test_loop", "test_latents"],
 }
 
 
@@ -347,7 +401,8 @@ def markdown(results: list[FileResult]) -> str:
 
 
 def write_json(path: Path, results: list[FileResult], command: str, seconds: int) -> None:
-    """Merge this run's files into the result file: files not run this time keep their last result."""
+    """Merge this run's files into the result file: files not run this time keep their last result (and the file its
+    note, which BENCHMARKS.md quotes)."""
     old = json.loads(path.read_text()) if path.is_file() else {}
     files = {f["file"]: f for f in old.get("files", [])}
     for r in results:
@@ -355,7 +410,7 @@ def write_json(path: Path, results: list[FileResult], command: str, seconds: int
                          "survived": r.count("survived"), "stale": r.count("stale"), "seconds": round(sum(o.seconds for o in r.outcomes)),
                          "command": command, "run_seconds": seconds, "mutants": [asdict(o) for o in r.outcomes]}
     rows = list(files.values())
-    out = {"killed": sum(f["killed"] for f in rows), "total": sum(len(f["mutants"]) for f in rows),
+    out = {"note": old.get("note", ""), "killed": sum(f["killed"] for f in rows), "total": sum(len(f["mutants"]) for f in rows),
            "markdown": markdown_rows(rows), "files": rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")

@@ -1,7 +1,8 @@
 """SPLAD distillation from the command line: `python -m splam_studio.training --preset shapes --method splam`
 (the same as `python train_cli.py ...` in a checkout, or the `splam-train` console script).
 
-Flags map one-to-one onto `splam_studio.training.loop.TrainConfig`; presets fill defaults.
+Flags map one-to-one onto the settings of `splam_studio.training.loop.TrainConfig` (flat; their help is each
+field's metadata); presets fill defaults.
 Multi-GPU: `accelerate launch -m splam_studio.training ...` (or `accelerate launch train_cli.py ...`).
 """
 from __future__ import annotations
@@ -18,70 +19,10 @@ from splam_studio.training.quiet import quiet_libraries
 
 quiet_libraries()  # before the libraries are imported: only warnings a user can act on are printed
 
-from splam_studio.training.loop import Interrupted, TrainConfig, TrainError, recorded_config, run, stop_report  # noqa: E402
+from splam_studio.training.loop import (SECTIONS, Interrupted, TrainConfig, TrainError, flat_fields,  # noqa: E402
+                                        recorded_config, run, stop_report)
 from splam_studio.store.runs import default_run_name, weights_dir  # noqa: E402
 from splam_studio.training.device import configure_threads  # noqa: E402
-
-HELP = {
-    "teacher": "teacher: embedded name (shapes), diffusers folder, single-file SD1.5 .safetensors, or hub id",
-    "teacher_config": "local diffusers folder holding the model configs for a single-file teacher (needed offline)",
-    "data": "data: image folder with .txt captions, folder with metadata.jsonl, datasets name/path, .tar shards (path/glob/URL), or 'shapes'",
-    "prompts": "prompts file (one a line, or JSON lines {\"prompt\", \"negative_prompt\"}): the teacher makes its own z_0 "
-               "(guided DDIM at --w, --num-ddim-steps); replaces --data. Stored once under <output-dir>/.cache, shared by runs",
-    "images_per_prompt": "teacher-made images per prompt with --prompts",
-    "cache_latents": "encode each image (VAE posterior) and caption once into <output-dir>/.cache instead of at every step "
-                     "(a finite --data source; keyed by the VAE, text encoder, resolution and data files)",
-    "method": "splam (gamma ~ U[0,1] on the SL-ODE) or lcm (gamma = 1; everything else identical)",
-    "run_name": "checkpoints go to <output-dir>/<run-name> (default: <method>-<timestamp>)",
-    "output_dir": "where runs are written (default: $SPLAM_WEIGHTS_DIR, else weights/ of the checkout, else ./weights; the studio lists the same folder)",
-    "w": "teacher guidance w in the LCM form eps_c + w (eps_c - eps_u); 8 = CFG 9 (authors)",
-    "num_ddim_steps": "N of the DDIM grid; k_phi = 1000 / N",
-    "m": "multiple estimation: m chained teacher DDIM steps, k = m * k_phi",
-    "distance": "loss distance: huber (pseudo-Huber, c = 0.001) or l2",
-    "huber_c": "pseudo-Huber c, in latent units",
-    "ema_decay": "mu of the EMA target theta^- (authors: 0.95)",
-    "save_fp16": "store the exported student in fp16 (half the size; it loads in the teacher's dtype)",
-    "export_merged": "also write the merged stock forms: <run>.safetensors for a LoRA student (LoRA fused, gamma = 1 "
-                     "folded) and stock_diffusers/ (a diffusers pipeline without cond_proj, for kohya sd-scripts and "
-                     "ComfyUI); a full student always gets <run>.safetensors, a LoRA student lora_kohya.safetensors "
-                     "(A1111, Forge, ComfyUI) and lora_diffusers.safetensors (diffusers)",
-    "cond_proj_lr_scale": "learning rate of the gamma projection (cond_proj) relative to --lr",
-    "gamma_one_prob": "SPLAM: probability of gamma = 1, the point the sampler uses (0 = the paper's U[0,1])",
-    "gamma_scale": "gamma embedding = guidance embedding of gamma_scale * (1 - gamma); 10 = the authors' (gamma = 1 -> 0 at any scale)",
-    "w_min": "lcm only, diffusers' LCM recipe: draw w ~ U[w_min, w_max] per sample for the teacher and embed it for the student (with --w-max; default: fixed --w, not embedded)",
-    "w_max": "upper end of the w range (with --w-min); the student then samples at CFG w + 1 (w from --w, inside the range)",
-    "gamma_time": "SPLAM: timestep the student sees at z_gamma: t (the paper, every gamma) or matched (the timestep of z_gamma's own noise level, input rescaled onto the marginal)",
-    "init_from": "start the student from a finished full-UNet student run (folder or name), e.g. SPLAM after an LCM warm start",
-    "cond_proj_init": "initialisation of the gamma projection: fresh (authors) or zero (student starts as the teacher)",
-    "max_steps": "optimiser steps",
-    "batch_size": "images per step and process",
-    "grad_accum": "gradient accumulation steps per optimiser step",
-    "lr": "learning rate (full fine-tune ~1e-5; LoRA ~1e-4)",
-    "lr_schedule": "constant, or cosine (decays to 0 at --max-steps; a constant lr drifts past the best point)",
-    "weight_decay": "AdamW weight decay",
-    "max_grad_norm": "gradient clipping norm",
-    "lora_rank": "0 = full fine-tune; > 0 = LoRA of this rank (peft), exported in diffusers and kohya formats",
-    "use_8bit_adam": "8-bit AdamW from bitsandbytes (CUDA)",
-    "gradient_checkpointing": "trade compute for memory in the student UNet (activations about 0.44x; the sd15 preset turns it on)",
-    "resolution": "training resolution in pixels (default: the teacher's native size)",
-    "caption_column": "caption column of a datasets source",
-    "image_column": "image column of a datasets source",
-    "num_workers": "DataLoader worker processes",
-    "shapes_size": "number of images drawn from the Shapes generator when --data shapes",
-    "device": "auto (CUDA, then MPS, then CPU), cuda, mps or cpu",
-    "precision": "auto (CUDA: bf16 if supported else fp16; otherwise fp32), no, fp16 or bf16",
-    "seed": "seed of everything (data order, noise, gamma): two runs with the same seed are identical",
-    "allow_pickle": "allow loading pickle checkpoints (.ckpt/.bin/.pt): they can run arbitrary code; off by default",
-    "checkpoint_every": "save a resumable checkpoint every N steps (atomic)",
-    "keep_checkpoints": "how many resumable checkpoints to keep",
-    "validate_every": "save a validation grid every N steps (0 = at the end only)",
-    "validation_prompts": "prompts of the validation grid (repeat the flag)",
-    "snapshot_every": "keep the EMA student every N steps in snapshots/ for convergence curves (0 = off)",
-    "log_every": "TensorBoard logging interval in steps",
-    "max_bad_steps": "stop after this many non-finite losses in a row",
-    "resume": "continue the run of --run-name: 'latest' or a checkpoint folder",
-    "overwrite": "replace an existing run of the same name; the old one is moved to <output-dir>/.trash/, not deleted",
-}
 
 PRESETS: dict[str, dict] = {
     # the embedded Shapes students: CPU-sized, same budget for both methods (benchmarks/sweep.json measures why):
@@ -112,6 +53,8 @@ def _flag_type(tp):
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         return _flag_type(args[0])
+    if origin is typing.Literal:  # the objective's choices (core.slode.Distance, GammaTime): checked by SpladConfig
+        return type(args[0])
     return tp
 
 
@@ -137,13 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores the machine's load leaves "
                                                "idle, at least 1; or SPLAM_THREADS, which the studio sets)")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
+    hints = {sec: typing.get_type_hints(cls) for sec, cls in SECTIONS.items()}
+    for sec, f in flat_fields():
         flag = "--" + f.name.replace("_", "-")
-        tp = _flag_type(hints[f.name])
+        tp = _flag_type(hints[sec][f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        text = HELP[f.name]
-        if text is not argparse.SUPPRESS and f.name != "validation_prompts":
+        text = f.metadata["help"]
+        if f.name != "validation_prompts":
             text += _default_help(f.name, default)
         if tp is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
@@ -197,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve(args)
         if args.print_config:
-            print(json.dumps(dataclasses.asdict(cfg), indent=2))
+            print(json.dumps(cfg.flat(), indent=2))
             return 0
         configure_threads(args.threads)
         run(cfg)

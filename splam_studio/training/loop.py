@@ -9,15 +9,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import math
 import os
 import shutil
 import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,100 +42,158 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
                 "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 
 
-LR_SCHEDULES = ("constant", "cosine")
-
-
-def lr_factor(step: int, max_steps: int, schedule: str = "constant") -> float:
-    """Multiplier of the base learning rate at optimiser step `step` (0-based): 1, or cosine from 1 to 0."""
-    if schedule == "constant":
-        return 1.0
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(step, max_steps) / max_steps))
-    raise ValueError(f"unknown lr_schedule {schedule!r}; choose one of {LR_SCHEDULES}")
+LR_SCHEDULES = ("constant", "cosine")  # diffusers' get_scheduler names (with warmup: constant_with_warmup, cosine)
 
 
 class TrainError(RuntimeError):
     """A run that cannot start or must stop; the message says why and what to change."""
 
 
-@dataclass
+# ---------------------------------------------------------------- the config: objective, inputs, optimisation, run
+
+def arg(default, help: str):
+    """A config field whose default is documented where it is declared; `help` is its CLI flag's help (cli.py)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What is distilled from what: the teacher and the data its z_0 come from."""
+    teacher: str = arg("shapes", "teacher: embedded name (shapes), diffusers folder, single-file SD1.5 .safetensors, "
+                                 "or hub id")
+    teacher_config: str | None = arg(None, "local diffusers folder holding the model configs for a single-file teacher "
+                                           "(needed offline)")
+    data: str = arg("shapes", "data: image folder with .txt captions, folder with metadata.jsonl, datasets name/path, "
+                              ".tar shards (path/glob/URL), or 'shapes'")
+    prompts: str | None = arg(None, "prompts file (one a line, or JSON lines {\"prompt\", \"negative_prompt\"}): the "
+                                    "teacher makes its own z_0 (guided DDIM at --w, --num-ddim-steps); replaces --data. "
+                                    "Stored once under <output-dir>/.cache, shared by runs")
+    images_per_prompt: int = arg(1, "teacher-made images per prompt with --prompts")
+    cache_latents: bool = arg(False, "encode each image (VAE posterior) and caption once into <output-dir>/.cache "
+                                     "instead of at every step (a finite --data source; keyed by the VAE, text encoder, "
+                                     "resolution and data files)")
+    resolution: int | None = arg(None, "training resolution in pixels (default: the teacher's native size)")
+    caption_column: str | None = arg(None, "caption column of a datasets source")
+    image_column: str | None = arg(None, "image column of a datasets source")
+    num_workers: int = arg(0, "DataLoader worker processes")
+    shapes_size: int = arg(20000, "number of images drawn from the Shapes generator when --data shapes")
+
+
+@dataclass(frozen=True)
+class Optimisation:
+    """The student theta, its target theta^- and how theta is optimised."""
+    init_from: str | None = arg(None, "start the student from a finished full-UNet student run (folder or name), e.g. "
+                                      "SPLAM after an LCM warm start")
+    cond_proj_init: str = arg("fresh", "initialisation of the gamma projection: fresh (authors) or zero (student "
+                                       "starts as the teacher at every gamma)")
+    ema_decay: float = arg(0.95, "mu of the EMA target theta^- (authors: 0.95)")
+    lora_rank: int = arg(0, "0 = full fine-tune; > 0 = LoRA of this rank (peft), exported in diffusers and kohya formats")
+    max_steps: int = arg(1000, "optimiser steps")
+    batch_size: int = arg(8, "images per step and process")
+    grad_accum: int = arg(1, "gradient accumulation steps per optimiser step")
+    lr: float = arg(1e-5, "learning rate (full fine-tune ~1e-5; LoRA ~1e-4)")
+    lr_schedule: str = arg("constant", "constant, or cosine (decays to 0 at --max-steps; a constant lr drifts past the "
+                                       "best point); diffusers' get_scheduler")
+    lr_warmup_steps: int = arg(0, "linear warm-up of the lr from 0 over this many steps (diffusers' LCM script: 500)")
+    cond_proj_lr_scale: float = arg(1.0, "learning rate of the gamma projection (cond_proj) relative to --lr")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    use_8bit_adam: bool = arg(False, "8-bit AdamW from bitsandbytes (CUDA)")
+    gradient_checkpointing: bool = arg(False, "trade compute for memory in the student UNet (activations about 0.44x; "
+                                              "the sd15 preset turns it on)")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where the run lives, on what it runs, and its trail: checkpoints, validation, logs, exports."""
+    run_name: str | None = arg(None, "checkpoints go to <output-dir>/<run-name> (default: <method>-<timestamp>)")
+    output_dir: str = arg("weights", "where runs are written (default: $SPLAM_WEIGHTS_DIR, else weights/ of the "
+                                     "checkout, else ./weights; the studio lists the same folder)")
+    device: str = arg("auto", "auto (CUDA, then MPS, then CPU), cuda, mps or cpu")
+    precision: str = arg("auto", "auto (CUDA: bf16 if supported else fp16; otherwise fp32), no, fp16 or bf16")
+    seed: int = arg(0, "seed of everything (data order, noise, gamma): two runs with the same seed are identical")
+    allow_pickle: bool = arg(False, "allow loading pickle checkpoints (.ckpt/.bin/.pt): they can run arbitrary code; "
+                                    "off by default")
+    checkpoint_every: int = arg(250, "save a resumable checkpoint every N steps (atomic)")
+    keep_checkpoints: int = arg(2, "how many resumable checkpoints to keep")
+    validate_every: int = arg(0, "save a validation grid every N steps (0 = at the end only)")
+    snapshot_every: int = arg(0, "keep the EMA student every N steps in snapshots/ for convergence curves (0 = off)")
+    validation_prompts: list[str] = arg([], "prompts of the validation grid (repeat the flag)")
+    log_every: int = arg(10, "TensorBoard logging interval in steps")
+    max_bad_steps: int = arg(5, "stop after this many non-finite losses in a row")
+    resume: str | None = arg(None, "continue the run of --run-name: 'latest' or a checkpoint folder")
+    overwrite: bool = arg(False, "replace an existing run of the same name; the old one is moved to "
+                                 "<output-dir>/.trash/, not deleted")
+    save_fp16: bool = arg(False, "store the exported student in fp16 (half the size; it loads in the teacher's dtype)")
+    export_merged: bool = arg(False, "also write the merged stock forms: <run>.safetensors for a LoRA student (LoRA "
+                                     "fused, gamma = 1 folded) and stock_diffusers/ (a diffusers pipeline without "
+                                     "cond_proj, for kohya sd-scripts and ComfyUI); a full student always gets "
+                                     "<run>.safetensors, a LoRA student lora_kohya.safetensors (A1111, Forge, ComfyUI) "
+                                     "and lora_diffusers.safetensors (diffusers)")
+
+
+SECTIONS = {"objective": SpladConfig, "inputs": Inputs, "optimisation": Optimisation, "run": RunOptions}
+
+
+def flat_fields() -> list[tuple[str, dataclasses.Field]]:
+    """(section, field) of every setting, in the order of the CLI's flags and training_config.json's keys."""
+    return [(sec, f) for sec, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+_SECTION_OF = {f.name: sec for sec, f in flat_fields()}  # flat name -> its section
+
+
+@dataclass(frozen=True, init=False)
 class TrainConfig:
-    # what to distil from what
-    teacher: str = "shapes"  # embedded name, diffusers folder, single-file .safetensors or hub id
-    teacher_config: str | None = None  # local diffusers folder with the configs of a single-file teacher (offline)
-    data: str = "shapes"  # image folder, metadata.jsonl folder, datasets name/path, tar shards, or "shapes"
-    prompts: str | None = None  # prompts file: the teacher makes its own z_0 (replaces --data); no images needed
-    images_per_prompt: int = 1  # teacher-made images per prompt with --prompts
-    cache_latents: bool = False  # encode each image and caption once (frozen VAE and text encoder), not every step
-    method: str = "splam"  # splam | lcm (gamma = 1, all else identical)
-    run_name: str | None = None  # weights/<run_name>; default: <method>-<timestamp>
-    output_dir: str = "weights"
-    # Algorithm 1
-    w: float = 8.0  # teacher CFG in the LCM form (8 = CFG 9, authors' script)
-    num_ddim_steps: int = 50  # N; k_phi = 1000 / N = 20
-    m: int = 1  # multiple estimation, k = m k_phi
-    distance: str = "huber"  # huber (c = 0.001) | l2
-    huber_c: float = 1e-3
-    ema_decay: float = 0.95  # mu of the target theta^-
-    cond_proj_init: str = "fresh"  # fresh (authors) | zero (student starts as the teacher at every gamma)
-    gamma_one_prob: float = 0.0  # SPLAM: share of samples at gamma = 1, the sampling point; 0 = the paper's U[0, 1]
-    cond_proj_lr_scale: float = 1.0  # learning rate of the gamma projection relative to lr
-    gamma_scale: float = 10.0  # emb(gamma) = guidance embedding of gamma_scale (1 - gamma); 10 = the authors'
-    gamma_time: str = "t"  # timestep the student sees at z_gamma: t (the paper) | matched (sigma_gamma's own timestep)
-    w_min: float | None = None  # LCM only: w ~ U[w_min, w_max] per sample, embedded for the student (diffusers' recipe);
-    w_max: float | None = None  # None = fixed w, not embedded. A w-conditioned student samples at CFG w + 1
-    init_from: str | None = None  # start the student from a finished full-UNet run (e.g. an LCM warm start)
-    save_fp16: bool = False  # store the exported student in fp16 (half the size; loads in the teacher's dtype)
-    export_merged: bool = False  # also write the merged stock forms (models.export.export_run): LoRA fused single file, stock pipeline
-    # optimisation
-    max_steps: int = 1000
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-5  # full fine-tune; LoRA runs usually want ~1e-4
-    lr_schedule: str = "constant"  # constant | cosine (to 0 at max_steps): consistency training drifts at a constant lr
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lora_rank: int = 0  # 0 = full fine-tune; > 0 = LoRA of this rank through peft
-    use_8bit_adam: bool = False
-    gradient_checkpointing: bool = False
-    # data
-    resolution: int | None = None  # default: the teacher's native size
-    caption_column: str | None = None
-    image_column: str | None = None
-    num_workers: int = 0
-    shapes_size: int = 20000  # images drawn from the Shapes generator when data == "shapes"
-    # runtime
-    device: str = "auto"
-    precision: str = "auto"
-    seed: int = 0
-    allow_pickle: bool = False
-    # bookkeeping
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 2
-    validate_every: int = 0  # 0 = only at the end
-    snapshot_every: int = 0  # > 0: keep theta^- every N steps in snapshots/ (convergence curves); 0 = off
-    validation_prompts: list[str] = field(default_factory=list)
-    log_every: int = 10
-    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
-    resume: str | None = None  # "latest" or a checkpoint folder
-    overwrite: bool = False  # replace an existing run of the same name (the old one is moved to <output_dir>/.trash)
+    """A run's settings in four parts: the objective (core.splad.SpladConfig itself), its inputs, the optimisation and
+    the run. Built and read flat as well: TrainConfig(lr=1e-4, method="lcm"), cfg.lr, cfg.flat(); the CLI's flags and
+    training_config.json are the flat names."""
+    objective: SpladConfig
+    inputs: Inputs
+    optimisation: Optimisation
+    run: RunOptions
+
+    def __init__(self, objective: SpladConfig | None = None, inputs: Inputs | None = None,
+                 optimisation: Optimisation | None = None, run: RunOptions | None = None, **flat):
+        unknown = sorted(set(flat) - set(_SECTION_OF))
+        if unknown:
+            raise TypeError(f"TrainConfig got unknown settings {unknown}")
+        given = {"objective": objective, "inputs": inputs, "optimisation": optimisation, "run": run}
+        for sec, cls in SECTIONS.items():
+            mine = {k: v for k, v in flat.items() if _SECTION_OF[k] == sec}
+            try:  # SpladConfig checks the objective as it is built: one owner of those checks
+                part = dataclasses.replace(given[sec], **mine) if given[sec] is not None else cls(**mine)
+            except ValueError as e:
+                raise TrainError(str(e)) from None
+            object.__setattr__(self, sec, part)
+
+    def __getattr__(self, name: str):
+        """The flat view: cfg.lr is cfg.optimisation.lr."""
+        sec = _SECTION_OF.get(name)
+        if sec is None:
+            raise AttributeError(f"TrainConfig has no setting {name!r}")
+        return getattr(object.__getattribute__(self, sec), name)
+
+    def flat(self) -> dict:
+        """{name: value} of every setting: what --print-config shows and training_config.json records."""
+        return {k: v for sec in SECTIONS for k, v in dataclasses.asdict(getattr(self, sec)).items()}
 
     def validate(self) -> None:
+        """The ranges of inputs, optimisation and run (the objective checked itself when built); one TrainError."""
         checks = {
-            "method": self.method in ("splam", "lcm"),
-            "distance": self.distance in ("huber", "l2"),
             "cond_proj_init": self.cond_proj_init in ("fresh", "zero"),
             "max_steps": self.max_steps >= 1,
             "batch_size": self.batch_size >= 1,
             "grad_accum": self.grad_accum >= 1,
             "lr": 0 < self.lr < 1,
             "lr_schedule": self.lr_schedule in LR_SCHEDULES,
+            "lr_warmup_steps": self.lr_warmup_steps >= 0,
             "ema_decay": 0 <= self.ema_decay <= 1,
             "gamma_one_prob": 0 <= self.gamma_one_prob <= 1,
             "cond_proj_lr_scale": self.cond_proj_lr_scale > 0,
-            "gamma_scale": self.gamma_scale > 0,
-            "m": self.m >= 1,
-            "num_ddim_steps": 1 <= self.num_ddim_steps <= 1000,
+            "num_ddim_steps": self.num_ddim_steps <= 1000,
             "lora_rank": self.lora_rank >= 0,
             "images_per_prompt": self.images_per_prompt >= 1,
             "checkpoint_every": self.checkpoint_every >= 1,
@@ -142,15 +201,11 @@ class TrainConfig:
             "num_workers": self.num_workers >= 0,
             "snapshot_every": self.snapshot_every >= 0,
             "resolution": self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
+            "overwrite": not (self.overwrite and self.resume),  # continue a run or replace it, not both
         }
-        checks["overwrite"] = not (self.overwrite and self.resume)  # continue a run or replace it, not both
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise TrainError(f"invalid config values: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
-        try:  # the objective's own checks (the w range among them) have one owner: SpladConfig
-            self.splad()
-        except ValueError as e:
-            raise TrainError(str(e)) from None
         if self.w_min is not None and not self.w_min <= self.w <= self.w_max:
             raise TrainError(f"need 0 <= w_min <= w <= w_max (w is the guidance the student samples at, CFG w + 1), "
                              f"got w_min={self.w_min}, w={self.w}, w_max={self.w_max}")
@@ -158,9 +213,7 @@ class TrainConfig:
             raise TrainError(f"run_name must be a plain folder name (letters, digits, . _ -), got {self.run_name!r}")
 
     def splad(self) -> SpladConfig:
-        return SpladConfig(method=self.method, w=self.w, num_ddim_steps=self.num_ddim_steps, m=self.m,
-                           distance=self.distance, huber_c=self.huber_c, gamma_one_prob=self.gamma_one_prob,
-                           gamma_scale=self.gamma_scale, gamma_time=self.gamma_time, w_min=self.w_min, w_max=self.w_max)
+        return self.objective
 
 
 # ---------------------------------------------------------------- data order (exactly resumable)
@@ -182,20 +235,6 @@ class StepBatchSampler(torch.utils.data.Sampler):
             perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
             off = (pos * self.world + self.rank) * self.bs
             yield perm[off: off + self.bs].tolist()
-
-
-# ---------------------------------------------------------------- the run
-
-FAULT_ENV = "SPLAM_FAULT_INJECTION"  # tests only: "nan@<step>,<step>..." makes those steps' loss NaN
-
-
-def _fault_steps(spec: str | None) -> set[int]:
-    """The steps whose loss a test forces to NaN ($SPLAM_FAULT_INJECTION); none in a user's run."""
-    if not spec:
-        return set()
-    if not spec.startswith("nan@"):
-        raise TrainError(f"{FAULT_ENV} must look like 'nan@3,4', got {spec!r}")
-    return {int(x) for x in spec[4:].split(",") if x}
 
 
 # ---------------------------------------------------------------- the run folder and its trail
@@ -258,7 +297,7 @@ def recorded_config(run_dir: Path) -> dict | None:
         return None
     if not isinstance(rec, dict):
         return None
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = {f.name for _, f in flat_fields()}
     out = {k: v for k, v in rec.items() if k in names}
     if "batch_size_requested" in rec:
         out["batch_size"] = rec["batch_size_requested"]
@@ -279,7 +318,7 @@ def _same(name: str, old, new) -> bool:
 def resume_conflicts(cfg: TrainConfig, recorded: dict, used: dict | None = None) -> list[str]:
     """'--flag new (the run has old)' for each field where cfg asks for another value than the run's own."""
     out = []
-    for f in dataclasses.fields(TrainConfig):
+    for _, f in flat_fields():
         k = f.name
         if k in RESUME_MAY_CHANGE or k not in recorded:
             continue
@@ -368,19 +407,21 @@ def stop_report(run_dir: Path, *, restored: bool = False, output_dir_flag: str |
     return f"the last complete checkpoint is {last[0]} (step {last[1]}); continue this run with: {cmd}"
 
 
-def run(cfg: TrainConfig, log=print) -> Path:
+def run(cfg: TrainConfig, log=print, loss_fn=None) -> Path:
     """Train; returns the run folder under output_dir. Resumable with cfg.resume = 'latest'.
 
     The run's folder is locked while it trains (a second trainer is refused, naming the live one: store.runs.live_owner).
     An existing run is refused unless cfg.resume or cfg.overwrite; a resume keeps the run's own settings
     (resume_conflicts). A run that fails or is stopped (Ctrl-C, SIGTERM) before its first checkpoint leaves no folder
     behind, and an overwritten run is put back. Disk and permission faults end in one TrainError sentence.
+    loss_fn: the objective, splad_loss's signature (default splad_loss); tests inject faults through it, as EDM's
+    training_loop takes its loss_fn.
     """
     cfg.validate()
     cfg = dataclasses.replace(cfg, run_name=cfg.run_name or default_run_name(cfg.method))
     run_dir = Path(cfg.output_dir) / cfg.run_name
     if not _is_main_process():  # rank 0 owns the folder: its lock, its claim and its clean-up
-        return _train(cfg, log)
+        return _train(cfg, run_dir, log, loss_fn)
     if run_dir.exists() and not run_dir.is_dir():
         raise TrainError(f"{run_dir} is a file, not a run folder; choose another --run-name or --output-dir")
     fresh = holds_only_the_lock(run_dir)  # no run of this name yet: a failure before a checkpoint removes the folder
@@ -401,7 +442,7 @@ def run(cfg: TrainConfig, log=print) -> Path:
             except RunBusy as e:
                 raise TrainError(f"{e}; the previous run stays in {aside}") from None
         with _signals(_raise_interrupted):
-            return _train(cfg, log)
+            return _train(cfg, run_dir, log, loss_fn)
     except BaseException as e:
         restored = False
         owned = bool(locks) and (aside is None or len(locks) == 2)
@@ -514,38 +555,54 @@ def on_all_ranks(flag: bool, acc) -> bool:
     return acc.reduce(torch.tensor(float(flag), device=acc.device), "min").item() >= 1
 
 
-def optimizer_step(acc, opt, params, step: int, cfg: TrainConfig) -> float:
-    """Clip the gradient norm to max_grad_norm (on the micro-step that syncs), set each group's lr to its initial_lr x
-    lr_factor(step), step and zero the gradients; returns the first group's lr."""
+def make_lr_scheduler(opt, cfg: TrainConfig, start: int = 0):
+    """diffusers' get_scheduler over the groups' initial_lr: constant or cosine to 0 at max_steps, after a linear
+    warm-up of lr_warmup_steps; positioned at step `start` (a resumed run continues its schedule)."""
+    from diffusers.optimization import get_scheduler
+
+    name = "constant_with_warmup" if cfg.lr_schedule == "constant" and cfg.lr_warmup_steps else cfg.lr_schedule
+    return get_scheduler(name, opt, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_steps,
+                         last_epoch=start - 1)
+
+
+def advance_schedule(lr_scheduler) -> None:
+    """The schedule moves on one step; also for a skipped step, where torch would warn that the optimiser did not step."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        lr_scheduler.step()
+
+
+def optimizer_step(acc, opt, params, step: int, cfg: TrainConfig, lr_scheduler=None) -> float:
+    """Clip the gradient norm to max_grad_norm (on the micro-step that syncs), step at the lr the schedule set for
+    `step`, zero the gradients and advance the schedule; returns the lr this step used (the first group's)."""
+    if lr_scheduler is not None and lr_scheduler.last_epoch != step:
+        raise RuntimeError(f"the lr schedule is at step {lr_scheduler.last_epoch}, the loop at {step}")
     if acc.sync_gradients:
         acc.clip_grad_norm_(params, cfg.max_grad_norm)
-    for g in opt.param_groups:
-        g["lr"] = g["initial_lr"] * lr_factor(step, cfg.max_steps, cfg.lr_schedule)
+    lr = opt.param_groups[0]["lr"]
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return opt.param_groups[0]["lr"]
+    if acc.sync_gradients and lr_scheduler is not None:
+        advance_schedule(lr_scheduler)
+    return lr
 
 
-def _train(cfg: TrainConfig, log=print) -> Path:
-    """The loop of `run` (which owns the run folder's life)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+# ---------------------------------------------------------------- the run in parts: set-up, loader, step, bookkeeping
 
-    from .data import build_dataset, collate_drop_none, fit_batch_size
+@dataclass
+class Models:
+    """What set-up builds: the frozen teacher pipeline in the runtime's dtypes, its schedule, theta and theta^- (fp32)."""
+    pipe: Any
+    schedule: NoiseSchedule
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    target: torch.nn.Module
+    uncond_1: torch.Tensor  # (1, L, D): the empty prompt's text embedding
 
-    cfg.validate()
-    requested_batch = cfg.batch_size  # recorded: a small data set clamps the batch, a resume compares the asked one
-    rt = resolve_runtime(cfg.device, cfg.precision)
-    run_name = cfg.run_name or default_run_name(cfg.method)
-    run_dir = Path(cfg.output_dir) / run_name
-    acc = Accelerator(mixed_precision=rt.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                      cpu=rt.device.type == "cpu", log_with="tensorboard", project_dir=str(run_dir / "logs"))
-    set_seed(cfg.seed)
-    device = acc.device
 
-    # ---- 1. models and optimiser (dtypes: device.py): frozen teacher, text encoder and VAE in the runtime's dtypes; student and theta^- fp32
+def setup_models(cfg: TrainConfig, rt, device: torch.device) -> Models:
+    """Teacher, text encoder and VAE frozen (dtypes: device.py); the student from the teacher, theta^- its copy."""
     pipe = load_teacher(cfg.teacher, torch_dtype=torch.float32, allow_pickle=cfg.allow_pickle, config=cfg.teacher_config)
-    schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     teacher = pipe.unet.requires_grad_(False).eval()
     student = make_student(pipe, teacher, cfg)
     target = make_target(student)
@@ -553,167 +610,247 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     pipe.text_encoder.requires_grad_(False).to(device, rt.weight_dtype)
     pipe.vae.requires_grad_(False).to(device, rt.vae_dtype)
     target.to(device)
+    with torch.no_grad():
+        uncond_1 = encode_text(pipe, [""], device)
+    return Models(pipe, NoiseSchedule.from_scheduler(pipe.scheduler), teacher, student, target, uncond_1)
 
-    params = trainable_parameters(student)  # what the gradient norm is clipped over
-    opt = make_optimizer(student, cfg)
 
-    # ---- 2. resume (before data, so the sampler starts at the right step), validated; free space for the run
-    ckpt_bytes, export_bytes = estimate_bytes(student, opt, lora=cfg.lora_rank > 0, fp16_export=cfg.save_fp16)
-    free = free_bytes(run_dir)
-    if acc.is_main_process and free is not None and free < 2 * ckpt_bytes + export_bytes:
+def _warn_if_disk_short(run_dir: Path, m: Models, opt, cfg: TrainConfig, log) -> None:
+    ckpt_bytes, export_bytes = estimate_bytes(m.student, opt, lora=cfg.lora_rank > 0, fp16_export=cfg.save_fp16)
+    free, need = free_bytes(run_dir), 2 * ckpt_bytes + export_bytes
+    if free is not None and free < need:
         log(f"warning: {run_dir} has {human_bytes(free)} free, less than two checkpoints and the export need "
-            f"(about {human_bytes(2 * ckpt_bytes + export_bytes)}); the run will stop at the checkpoint that does not fit")
-    start = 0
-    if cfg.resume:
-        try:
-            ckpt, start = resume_checkpoint(run_dir, cfg.resume, student, target, opt, acc.scaler, cfg.max_steps, log)
-        except CheckpointError as e:
-            raise TrainError(str(e)) from None
-        if ckpt is None:
-            log(f"resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
-        else:
-            log(f"resume: {ckpt.name}, continuing at step {start}")
+            f"(about {human_bytes(need)}); the run will stop at the checkpoint that does not fit")
+
+
+def _resume(cfg: TrainConfig, run_dir: Path, m: Models, opt, acc, log) -> int:
+    """The step the run continues at: 0, or that of the checkpoint --resume names (student, theta^-, optimiser loaded)."""
+    if not cfg.resume:
+        return 0
+    try:
+        ckpt, start = resume_checkpoint(run_dir, cfg.resume, m.student, m.target, opt, acc.scaler, cfg.max_steps, log)
+    except CheckpointError as e:
+        raise TrainError(str(e)) from None
+    if ckpt is None:
+        log(f"resume: no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+    else:
+        log(f"resume: {ckpt.name}, continuing at step {start}")
     if start >= cfg.max_steps:
         log(f"already at step {start} >= max_steps {cfg.max_steps}; nothing to do")
+    return start
 
-    # ---- 3. data
-    vae_scale = vae_scale_factor(pipe.vae)
-    resolution = cfg.resolution or teacher.config.sample_size * vae_scale
-    dataset, store = _latent_source(cfg, pipe, acc, resolution, log)
+
+def make_loader(cfg: TrainConfig, dataset, start: int, acc, log) -> tuple[torch.utils.data.DataLoader, int, int]:
+    """(loader, batches to fast-forward, batch size) at micro-step start x grad_accum; collate_drop_none drops unreadable
+    items. Map-style data: StepBatchSampler (each rank its slice, each epoch its permutation; a small data set clamps
+    the batch). A streamed source: read in order, fast-forwarded on resume."""
+    from .data import collate_drop_none, fit_batch_size
+
+    kw = dict(collate_fn=collate_drop_none, num_workers=cfg.num_workers)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, **kw), start * cfg.grad_accum, cfg.batch_size
+    batch_size, note = fit_batch_size(len(dataset), cfg.batch_size, acc.num_processes)
+    if note:
+        log(note)
+    sampler = StepBatchSampler(len(dataset), batch_size, cfg.seed, start * cfg.grad_accum, acc.process_index,
+                               acc.num_processes)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **kw), 0, batch_size
+
+
+def batches(loader, skip: int, acc, source: str, counter=None):
+    """The loader's batches, endlessly: a finite streamed source starts a new pass when it ends (StepBatchSampler never
+    does); None for a batch without one readable item on any rank (all ranks move on together). Stops with one
+    sentence after two epochs' worth of such batches in a row."""
+    from .data import DataError
+
+    it, end = iter(loader), object()
+    for _ in range(skip):  # a streamed source: fast-forward to the resumed position
+        next(it, None)
+    unreadable, most = 0, 2 * getattr(loader.batch_sampler, "per_epoch", 50)
+    while True:
+        batch = next(it, end)
+        if batch is end:
+            it = iter(loader)
+            batch = next(it, end)
+            if batch is end:
+                raise TrainError(f"data source {source!r} yielded no usable batch (see the skip counts above)")
+        if on_all_ranks(batch is not None, acc):
+            unreadable = 0
+            yield batch
+            continue
+        unreadable += 1
+        if unreadable >= most:
+            raise DataError(f"{unreadable} batches in a row had no readable item "
+                            f"({counter.summary() if counter is not None else 'no skip counts'}); "
+                            "replace or remove those files")
+        yield None
+
+
+def train_step(m: Models, batch: dict, gen: torch.Generator, splad: SpladConfig, acc, opt, params, step: int,
+               cfg: TrainConfig, rt, lr_scheduler, loss_fn) -> tuple[torch.Tensor, float] | None:
+    """Algorithm 1 on one micro-batch: z_0 and text (step 1), loss_fn (steps 2-6, core/splad.py), backward, and on the
+    syncing micro-step the optimiser step. (loss, lr used), or None when the loss is non-finite on some rank: the
+    gradients are dropped and every rank skips the step."""
+    with acc.accumulate(m.student):
+        z_0, cond, uncond = encode_batch(m.pipe, batch, m.uncond_1, gen, rt.vae_dtype)
+        with acc.autocast():
+            loss = loss_fn(splad, m.schedule, m.student, m.target, m.teacher, z_0, cond, uncond, gen)
+        if not finite_on_all_ranks(loss, acc):
+            opt.zero_grad(set_to_none=True)
+            return None
+        acc.backward(loss)
+        return loss, optimizer_step(acc, opt, params, step, cfg, lr_scheduler)
+
+
+def resolved_config(cfg: TrainConfig, run_name: str, resolution: int, requested_batch: int, m: Models, rt, acc,
+                    dataset, store) -> dict:
+    """training_config.json: the flat settings (batch_size as used, batch_size_requested as asked: a resume compares
+    that one) and what the run derived: resolution, k, gamma sampling, devices, dtypes, the teacher's scheduler, the
+    latent store."""
+    dtypes = (("student", acc.unwrap_model(m.student).dtype), ("target", m.target.dtype), ("teacher", m.teacher.dtype),
+              ("text_encoder", m.pipe.text_encoder.dtype), ("vae", m.pipe.vae.dtype))
+    return {**cfg.flat(), "run_name": run_name, "resolution": resolution, "batch_size_requested": requested_batch,
+            "gamma_sampling": ("constant 1" if cfg.method != "splam" else "uniform[0,1]" if not cfg.gamma_one_prob
+                               else f"1 with p={cfg.gamma_one_prob:g}, else uniform[0,1]"),
+            "k": cfg.m * (m.schedule.T // cfg.num_ddim_steps), "mixed_precision": rt.mixed_precision,
+            "device": str(acc.device), "processes": acc.num_processes,
+            "dtypes": {k: str(v).removeprefix("torch.") for k, v in dtypes},
+            "teacher_scheduler": dict(m.pipe.scheduler.config),
+            "latent_store": None if store is None else {"folder": f".cache/{store.root.name}", "kind": store.manifest["kind"],
+                                                        "items": len(dataset), "seconds_here": round(store.seconds, 1)}}
+
+
+class Trail:
+    """The run's bookkeeping on the main process: the run folder, progress bar, stats.jsonl, TensorBoard, checkpoints,
+    snapshots and validation grids (other ranks keep only the counts)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, resolved: dict, start: int, acc, log):
+        from tqdm.auto import tqdm
+
+        self.cfg, self.run_dir, self.acc, self.log, self.main = cfg, run_dir, acc, log, acc.is_main_process
+        self.bad_in_row = self.bad_total = 0
+        self.losses: list[float] = []
+        self.t0 = time.time()
+        if self.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in (run_dir / "checkpoints").glob(".tmp-*"):  # a write interrupted by a crash or kill -9
+                shutil.rmtree(stale, ignore_errors=True)
+            write_json(run_dir / TRAINING_CONFIG, resolved)
+            acc.init_trackers("splad", config={k: v for k, v in resolved.items() if isinstance(v, (int, float, str, bool))})
+        self.stats = StepLog(run_dir, cfg, start) if self.main else None
+        self.bar = tqdm(total=cfg.max_steps, initial=start, disable=not self.main, desc=f"{cfg.method} {run_dir.name}",
+                        dynamic_ncols=True, file=sys.stderr)
+
+    def skipped(self, step: int) -> None:
+        """A non-finite loss at `step`: counted and logged; too many in a row stop the run."""
+        self.bad_in_row += 1
+        self.bad_total += 1
+        self.log(f"step {step}: non-finite loss, step skipped ({self.bad_in_row} in a row, {self.bad_total} total)")
+        if self.bad_in_row >= self.cfg.max_bad_steps:
+            raise TrainError(f"{self.bad_in_row} non-finite losses in a row at step {step}; stopped. The last good "
+                             f"checkpoint in {self.run_dir / 'checkpoints'} is intact; lower --lr or check the data")
+        self.bar.update(1)
+
+    def stepped(self, step: int, loss: float, lr: float, m: Models, opt) -> None:
+        """Optimiser step `step` done (1-based): stats.jsonl (the lr it used, as diffusers' LCM script logs it),
+        TensorBoard every log_every, checkpoint, snapshot and validation at their intervals."""
+        cfg, acc = self.cfg, self.acc
+        self.bad_in_row = 0
+        self.losses.append(loss)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4g}")
+        if self.stats is not None:
+            self.stats.step(step, loss, lr=lr)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            acc.log({"loss": sum(self.losses) / len(self.losses), "bad_steps": self.bad_total}, step=step)
+            self.losses.clear()
+        if not self.main:
+            return
+        student = acc.unwrap_model(m.student)
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            save_checkpoint(self.run_dir, step, student, m.target, opt, cfg.keep_checkpoints,
+                            acc.scaler.state_dict() if acc.scaler is not None else None)
+        if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+            save_snapshot(self.run_dir, step, student, m.target)
+        if cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.max_steps:
+            _validate(m.pipe, m.target, cfg, self.run_dir, step)
+
+    def finish(self, step: int, start: int, m: Models, resolved: dict, counter) -> None:
+        """The end: theta^- exported (as in the LCM script; models/export.py decides the forms), the last validation
+        grid, the done line."""
+        self.bar.close()
+        self.acc.wait_for_everyone()
+        if not self.main:
+            return
+        exports = export_run(self.run_dir, m.target, m.pipe, resolved, merged=self.cfg.export_merged)
+        if start < self.cfg.max_steps:
+            _validate(m.pipe, m.target, self.cfg, self.run_dir, step)
+        names = {k: str(v.relative_to(self.run_dir)) for k, v in exports.items()}  # paths inside the run folder
+        seconds = time.time() - self.t0
+        self.stats.write({"event": "done", "step": step, "seconds": round(seconds, 1), "exports": names})
+        skipped = f"; data: {counter.summary()}" if counter is not None else ""
+        forms = ", ".join(f"{k}: {v}" for k, v in names.items())
+        self.log(f"done: {step} steps in {seconds:.1f}s, {self.bad_total} skipped non-finite steps{skipped}; student in "
+                 f"{self.run_dir} ({forms})")
+
+
+def _train(cfg: TrainConfig, run_dir: Path, log=print, loss_fn=None) -> Path:
+    """The loop of `run` (which checked cfg, named the run and owns its folder's life): set-up, loader, steps."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    loss_fn = loss_fn or splad_loss  # looked up now: a test may wrap the module's splad_loss
+    # ---- 1. set-up: runtime, models, optimiser, resume (before the data: the sampler starts at its step), schedule
+    rt = resolve_runtime(cfg.device, cfg.precision)
+    acc = Accelerator(mixed_precision=rt.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                      cpu=rt.device.type == "cpu", log_with="tensorboard", project_dir=str(run_dir / "logs"))
+    set_seed(cfg.seed)
+    m = setup_models(cfg, rt, acc.device)
+    params = trainable_parameters(m.student)  # what the gradient norm is clipped over
+    opt = make_optimizer(m.student, cfg)
+    if acc.is_main_process:
+        _warn_if_disk_short(run_dir, m, opt, cfg, log)
+    start = _resume(cfg, run_dir, m, opt, acc, log)
+    lr_scheduler = make_lr_scheduler(opt, cfg, start)
+    # ---- 2. data and loader
+    resolution = cfg.resolution or m.teacher.config.sample_size * vae_scale_factor(m.pipe.vae)
+    dataset, store = _latent_source(cfg, m.pipe, acc, resolution, log)
     if store is not None and not cfg.validation_prompts:  # validate on the run's own captions, not a preset's
         cfg = dataclasses.replace(cfg, validation_prompts=dataset.captions(4))
-    counter = getattr(dataset, "counter", None)
-    loader_kw = dict(collate_fn=collate_drop_none, num_workers=cfg.num_workers)  # drops unreadable items (None)
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, **loader_kw)
-        skip = start * cfg.grad_accum  # batches to fast-forward
-    else:
-        batch_size, note = fit_batch_size(len(dataset), cfg.batch_size, acc.num_processes)
-        if note:
-            log(note)
-            cfg = dataclasses.replace(cfg, batch_size=batch_size)
-        sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start * cfg.grad_accum,
-                                   acc.process_index, acc.num_processes)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **loader_kw)
-        skip = 0
-
-    student, opt = acc.prepare(student, opt)
-    # ---- 4. bookkeeping: the resolved config, trackers, stats.jsonl, fault hook (tests only)
-    resolved = {**dataclasses.asdict(cfg), "run_name": run_name, "resolution": resolution,
-                "batch_size_requested": requested_batch, "gamma_sampling":
-                ("constant 1" if cfg.method != "splam" else "uniform[0,1]" if not cfg.gamma_one_prob
-                 else f"1 with p={cfg.gamma_one_prob:g}, else uniform[0,1]"), "k": cfg.m * (schedule.T // cfg.num_ddim_steps),
-                "mixed_precision": rt.mixed_precision, "device": str(device), "processes": acc.num_processes,
-                "dtypes": {k: str(v).removeprefix("torch.") for k, v in (("student", acc.unwrap_model(student).dtype), ("target", target.dtype),
-                           ("teacher", teacher.dtype), ("text_encoder", pipe.text_encoder.dtype), ("vae", pipe.vae.dtype))},
-                "teacher_scheduler": dict(pipe.scheduler.config),
-                "latent_store": None if store is None else {"folder": f".cache/{store.root.name}", "kind": store.manifest["kind"],
-                                                            "items": len(dataset), "seconds_here": round(store.seconds, 1)}}
-    if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (run_dir / "checkpoints").glob(".tmp-*"):  # a write interrupted by a crash or kill -9
-            shutil.rmtree(stale, ignore_errors=True)
-        write_json(run_dir / TRAINING_CONFIG, resolved)
-        acc.init_trackers("splad", config={k: v for k, v in resolved.items() if isinstance(v, (int, float, str, bool))})
-
-    stats = StepLog(run_dir, cfg, start) if acc.is_main_process else None
-    with torch.no_grad():
-        uncond_1 = encode_text(pipe, [""], device)  # (1, L, D)
-    splad = cfg.splad()
-    faults = _fault_steps(os.environ.get(FAULT_ENV))
-    bad_in_row = bad_total = 0
-    step = start
-    t0, losses = time.time(), []
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.max_steps, initial=start, disable=not acc.is_main_process, desc=f"{cfg.method} {run_name}",
-               dynamic_ncols=True, file=sys.stderr)
-    data_iter = iter(loader)
-    for _ in range(skip):  # iterable data: fast-forward to the resumed position
-        next(data_iter, None)
-    micro, end = 0, object()
+    loader, skip, batch_size = make_loader(cfg, dataset, start, acc, log)
+    requested, cfg = cfg.batch_size, dataclasses.replace(cfg, batch_size=batch_size)  # a small data set clamps it
+    m.student, opt = acc.prepare(m.student, opt)
+    # ---- 3. bookkeeping: the resolved config, trackers, stats.jsonl, progress
+    resolved = resolved_config(cfg, run_dir.name, resolution, requested, m, rt, acc, dataset, store)
+    trail = Trail(cfg, run_dir, resolved, start, acc, log)
     if acc.is_main_process:  # one warning before the first step when the estimated need exceeds the device (memory.py)
-        warn_if_short(acc.unwrap_model(student), pipe, resolution=resolution, batch=cfg.batch_size, device=device,
+        warn_if_short(acc.unwrap_model(m.student), m.pipe, resolution=resolution, batch=cfg.batch_size, device=acc.device,
                       mixed_precision=rt.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing,
                       use_8bit_adam=cfg.use_8bit_adam, log=log)
-    # ---- 5. the step (Algorithm 1 in core/splad.py), logging, validation and checkpoints
-    # batches in a row without one readable item before the run stops: two epochs' worth hold a whole epoch
-    unreadable, max_unreadable = 0, 2 * getattr(loader.batch_sampler, "per_epoch", 50)
+    # ---- 4. the steps: Algorithm 1 per micro-batch, step 7 (EMA) per optimiser step
+    splad, counter = cfg.splad(), getattr(dataset, "counter", None)
+    step, micro = start, 0
+    source = batches(loader, skip, acc, cfg.data, counter)
     while step < cfg.max_steps:
-        batch = next(data_iter, end)
-        if batch is end:  # a finite streamed source ended (map-style data's StepBatchSampler never does): next pass
-            data_iter = iter(loader)
-            batch = next(data_iter, end)
-            if batch is end:
-                raise TrainError(f"data source {cfg.data!r} yielded no usable batch (see the skip counts above)")
-        if not on_all_ranks(batch is not None, acc):  # a batch of only unreadable items (counted), on any rank: all move on
-            unreadable += 1
-            if unreadable >= max_unreadable:
-                from .data import DataError
-
-                raise DataError(f"{unreadable} batches in a row had no readable item (at step {step}; "
-                                f"{counter.summary() if counter is not None else 'no skip counts'}); "
-                                "replace or remove those files")
+        batch = next(source)
+        if batch is None:  # no readable item on some rank: the next batch, with fresh randomness
             micro += 1
             continue
-        unreadable = 0
-        gen = step_generator(cfg.seed, step, micro, acc.process_index)
-        with acc.accumulate(student):
-            z_0, cond, uncond = encode_batch(pipe, batch, uncond_1, gen, rt.vae_dtype)  # 1. z_0; text
-            with acc.autocast():
-                loss = splad_loss(splad, schedule, student, target, teacher, z_0, cond, uncond, gen)
-            if step in faults:
-                loss = loss * float("nan")
-            if not finite_on_all_ranks(loss, acc):
-                bad_in_row += 1
-                bad_total += 1
-                opt.zero_grad(set_to_none=True)
-                log(f"step {step}: non-finite loss, step skipped ({bad_in_row} in a row, {bad_total} total)")
-                if bad_in_row >= cfg.max_bad_steps:
-                    raise TrainError(f"{bad_in_row} non-finite losses in a row at step {step}; stopped. "
-                                     f"The last good checkpoint in {run_dir / 'checkpoints'} is intact; lower --lr or check the data")
-                micro = 0
-                step += 1
-                bar.update(1)
-                continue
-            bad_in_row = 0
-            acc.backward(loss)
-            lr = optimizer_step(acc, opt, params, step, cfg)
+        out = train_step(m, batch, step_generator(cfg.seed, step, micro, acc.process_index), splad, acc, opt, params,
+                         step, cfg, rt, lr_scheduler, loss_fn)
+        if out is None:  # a non-finite loss: the whole step is skipped on every rank, its schedule step too
+            trail.skipped(step)
+            advance_schedule(lr_scheduler)
+            step, micro = step + 1, 0
+            continue
         micro += 1
         if not acc.sync_gradients:
             continue
-        micro = 0
-        ema_update(target, acc.unwrap_model(student), cfg.ema_decay)  # 7. theta^- <- mu theta^- + (1 - mu) theta
-        step += 1
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4g}")
-        if stats is not None:
-            stats.step(step, loss.item(), lr=lr)  # the lr this step used (its first group's), as diffusers' LCM script logs it
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            acc.log({"loss": sum(losses) / len(losses), "bad_steps": bad_total}, step=step)
-            losses.clear()
-        if acc.is_main_process and (step % cfg.checkpoint_every == 0 or step == cfg.max_steps):
-            save_checkpoint(run_dir, step, acc.unwrap_model(student), target, opt, cfg.keep_checkpoints,
-                            acc.scaler.state_dict() if acc.scaler is not None else None)
-        if acc.is_main_process and cfg.snapshot_every and step % cfg.snapshot_every == 0:
-            save_snapshot(run_dir, step, acc.unwrap_model(student), target)
-        if acc.is_main_process and cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.max_steps:
-            _validate(pipe, target, cfg, run_dir, step)
-    # ---- 6. the end: final checkpoint and export
-    bar.close()
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        # theta^- is the exported student, as in the LCM script; models/export.py decides which forms it takes
-        exports = export_run(run_dir, target, pipe, resolved, merged=cfg.export_merged)
-        if start < cfg.max_steps:
-            _validate(pipe, target, cfg, run_dir, step)
-        skipped = f"; data: {counter.summary()}" if counter is not None else ""
-        names = {k: str(v.relative_to(run_dir)) for k, v in exports.items()}  # paths inside the run folder ("." = it)
-        stats.write({"event": "done", "step": step, "seconds": round(time.time() - t0, 1), "exports": names})
-        forms = ", ".join(f"{k}: {v}" for k, v in names.items())
-        log(f"done: {step} steps in {time.time() - t0:.1f}s, {bad_total} skipped non-finite steps{skipped}; student in "
-            f"{run_dir} ({forms})")
+        ema_update(m.target, acc.unwrap_model(m.student), cfg.ema_decay)  # 7. theta^- <- mu theta^- + (1 - mu) theta
+        step, micro = step + 1, 0
+        trail.stepped(step, out[0].item(), out[1], m, opt)
+    # ---- 5. the end: export theta^-, the last validation, the done line
+    trail.finish(step, start, m, resolved, counter)
     acc.end_training()
     return run_dir
 
@@ -764,7 +901,7 @@ def _validate(pipe, student, cfg: TrainConfig, run_dir: Path, step: int) -> Path
     rows = []
     for steps in (1, 2, 4):
         rows.append(generate(pipe, prompt=prompts, sampler="lcm", steps=steps, seed=cfg.seed, unet=student,
-                             student_guidance_scale=sampling_guidance(dataclasses.asdict(cfg))).images)
+                             student_guidance_scale=sampling_guidance(cfg.flat())).images)
     w, h = rows[0][0].size
     grid = Image.new("RGB", (w * len(prompts), h * len(rows)))
     for r, imgs in enumerate(rows):
