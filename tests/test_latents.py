@@ -89,8 +89,10 @@ def test_teacher_data_is_the_teachers_guided_ddim_run(pipe, tmp_path):
             assert ds[i]["caption"] == items[i].prompt
             torch.testing.assert_close(ds[i]["z_0"], ref[j], rtol=0, atol=1e-6)
             with torch.no_grad():
-                torch.testing.assert_close(ds[i]["cond"], encode_text(pipe, [items[i].prompt])[0], rtol=0, atol=0)
-                torch.testing.assert_close(ds[i]["uncond"], encode_text(pipe, [items[i].negative])[0], rtol=0, atol=0)
+                # batch-size invariance of float32 matmuls is not guaranteed: rounding-level tolerance, far below
+                # the distance between two prompts' embeddings
+                torch.testing.assert_close(ds[i]["cond"], encode_text(pipe, [items[i].prompt])[0], rtol=0, atol=1e-6)
+                torch.testing.assert_close(ds[i]["uncond"], encode_text(pipe, [items[i].negative])[0], rtol=0, atol=1e-6)
     # guidance really reaches the data: w = 0 (CFG 1) makes other latents
     other = _store(pipe, tmp_path, w=0.0).dataset()
     assert (other[0]["z_0"] - ds[0]["z_0"]).abs().max() > 1e-3
