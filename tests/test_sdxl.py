@@ -1,0 +1,74 @@
+"""The SDXL path on tiny SDXL-shaped pipelines (tests/tiny.py): the conditioning equals StableDiffusionXLPipeline's,
+the SPLAD step sees it in every branch, and the studio's student samples as a stock SDXL pipeline + LCMScheduler."""
+import pytest
+import torch
+
+from splam_studio.core.teacher import (TextCondition, added_conditioning, as_condition, empty_condition, encode_condition,
+                                       time_ids, uncond_like)
+from splam_studio.shapes.tokenizer import MAX_LENGTH
+from tests.tiny import make_tiny_pipeline, make_tiny_xl_pipeline
+
+CAPTIONS = ["one small red circle at the left on a black background", "two big blue squares"]
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory):
+    return make_tiny_xl_pipeline(tmp_path_factory.mktemp("xl"))
+
+
+@pytest.fixture(scope="module")
+def xl_nozeros(tmp_path_factory):
+    return make_tiny_xl_pipeline(tmp_path_factory.mktemp("xl0"), force_zeros_for_empty_prompt=False)
+
+
+# ---- 1. the conditioning equals the pipeline's -------------------------------------------------------------------------
+def test_family_is_read_from_the_teacher(xl, tmp_path):
+    assert added_conditioning(xl)
+    sd = make_tiny_pipeline(tmp_path)
+    assert not added_conditioning(sd)
+    assert torch.is_tensor(encode_condition(sd, CAPTIONS))  # SD1.5 keeps its plain tensor c
+
+
+@torch.no_grad()
+def test_prompt_embeds_and_pooled_equal_encode_prompt(xl):
+    c = encode_condition(xl, CAPTIONS)
+    embeds, neg, pooled, neg_pooled = xl.encode_prompt(CAPTIONS, device="cpu", do_classifier_free_guidance=True)
+    assert c.embeds.shape == (2, MAX_LENGTH, 80) and c.pooled.shape == (2, 24)
+    assert torch.equal(c.embeds, embeds) and torch.equal(c.pooled, pooled)
+    u = uncond_like(empty_condition(xl), c)
+    assert torch.equal(u.embeds, neg) and torch.equal(u.pooled, neg_pooled)
+    assert not u.embeds.any() and not u.pooled.any()  # force_zeros_for_empty_prompt: zeros, as the pipeline
+
+
+@torch.no_grad()
+def test_unconditional_branch_without_force_zeros_encodes_the_empty_prompt(xl_nozeros):
+    c = encode_condition(xl_nozeros, CAPTIONS)
+    _, neg, _, neg_pooled = xl_nozeros.encode_prompt(CAPTIONS, device="cpu", do_classifier_free_guidance=True)
+    u = uncond_like(empty_condition(xl_nozeros), c)  # "" encoded once at batch 1, repeated per sample
+    assert neg.abs().sum() > 0 and torch.equal(u.embeds, neg)
+    torch.testing.assert_close(u.pooled, neg_pooled, rtol=0, atol=1e-6)  # the pipeline's batch-2 matmul rounds apart
+    _, neg_1, _, neg_pooled_1 = xl_nozeros.encode_prompt(CAPTIONS[:1], device="cpu", do_classifier_free_guidance=True)
+    assert torch.equal(u.embeds[:1], neg_1) and torch.equal(u.pooled[:1], neg_pooled_1)  # same batch: bit for bit
+
+
+def test_time_ids_equal_get_add_time_ids(xl):
+    orig, crop, target = (24, 40), (3, 5), (16, 16)
+    ref = xl._get_add_time_ids(orig, crop, target, torch.float32, text_encoder_projection_dim=24)
+    assert torch.equal(time_ids(orig, crop, target), ref)
+    per_sample = time_ids(torch.tensor([[24, 40], [16, 16]]), torch.tensor([[3, 5], [0, 0]]), target)
+    assert torch.equal(per_sample[0], ref[0]) and per_sample.shape == (2, 6)
+    c = encode_condition(xl, CAPTIONS)  # the default: native size, uncropped, as the pipeline at its default size
+    assert torch.equal(c.time_ids, xl._get_add_time_ids((16, 16), (0, 0), (16, 16), torch.float32, 24).expand(2, -1))
+    u = uncond_like(empty_condition(xl), encode_condition(xl, CAPTIONS, size=per_sample))
+    assert torch.equal(u.time_ids, per_sample)  # each uncond sample carries its own sample's time ids
+
+
+def test_unet_kwargs_and_batching():
+    c = TextCondition(torch.ones(2, 3, 4), torch.ones(2, 5), torch.ones(2, 6))
+    kw = c.cat(c).unet_kwargs(torch.float16)
+    assert kw["encoder_hidden_states"].shape == (4, 3, 4) and kw["added_cond_kwargs"]["time_ids"].dtype == torch.float16
+    assert set(as_condition(torch.ones(2, 3, 4)).unet_kwargs(torch.float32)) == {"encoder_hidden_states"}
+    with pytest.raises(ValueError, match="both pooled"):
+        TextCondition(torch.ones(2, 3, 4), torch.ones(2, 5))
+    with pytest.raises(ValueError, match="SDXL condition with an SD one"):
+        c.cat(as_condition(torch.ones(2, 3, 4)))
