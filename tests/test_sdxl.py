@@ -72,3 +72,74 @@ def test_unet_kwargs_and_batching():
         TextCondition(torch.ones(2, 3, 4), torch.ones(2, 5))
     with pytest.raises(ValueError, match="SDXL condition with an SD one"):
         c.cat(as_condition(torch.ones(2, 3, 4)))
+
+
+# ---- 2. the SPLAD step sees the conditioning in every branch ------------------------------------------------------------
+class _Added(torch.nn.Module):
+    """A UNet called as SD1.5 is (encoder_hidden_states only) that adds the SDXL conditioning of the TextCondition whose
+    embeds it is given: so tests/test_core_mutants.py's plain-ops reference step runs on an SDXL UNet unchanged."""
+
+    def __init__(self, unet, *conds: TextCondition):
+        super().__init__()
+        self.unet, self.conds = unet, conds
+
+    def forward(self, z, t, encoder_hidden_states, **kw):
+        c = next(c for c in self.conds if c.embeds is encoder_hidden_states)
+        return self.unet(z, t, **c.unet_kwargs(self.unet.dtype), **kw)
+
+
+@pytest.fixture(scope="module")
+def xl_models(xl):
+    from splam_studio.core.student import build_student, make_target
+
+    teacher = xl.unet.requires_grad_(False)
+    student = build_student(teacher, "fresh", generator=torch.Generator().manual_seed(0))
+    target = make_target(student)
+    with torch.no_grad():  # a target apart from the student, as after some EMA steps
+        g = torch.Generator().manual_seed(9)
+        for p in target.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+        sizes = time_ids(torch.tensor([[24, 40], [16, 16]]), torch.tensor([[3, 5], [0, 0]]), (16, 16))
+        cond = encode_condition(xl, CAPTIONS, size=sizes)
+        uncond = uncond_like(empty_condition(xl), cond)
+    z_0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    return teacher, student, target, cond, uncond, z_0
+
+
+def _loss(xl_models, cond=None, uncond=None, method="splam", seed=2):
+    from splam_studio.core.schedule import NoiseSchedule
+    from splam_studio.core.splad import SpladConfig, splad_loss
+
+    teacher, student, target, c, u, z_0 = xl_models
+    with torch.no_grad():
+        return splad_loss(SpladConfig(method=method), NoiseSchedule.from_scheduler(sdxl_sched()), student, target, teacher,
+                          z_0, cond or c, uncond or u, torch.Generator().manual_seed(seed))
+
+
+def sdxl_sched():
+    from tests.tiny import sdxl_scheduler
+
+    return sdxl_scheduler()
+
+
+@pytest.mark.parametrize("method,seed", [("splam", 2), ("lcm", 3)])
+def test_sdxl_splad_loss_equals_the_reference_step_with_each_branch_conditioned(xl_models, method, seed):
+    from tests.test_core_mutants import reference_splad_loss
+
+    teacher, student, target, cond, uncond, z_0 = xl_models
+    ours = _loss(xl_models, method=method, seed=seed)
+    ref = reference_splad_loss(_Added(teacher, cond, uncond), _Added(student, cond), _Added(target, cond), z_0,
+                               cond.embeds, uncond.embeds, seed, method)
+    assert ref.item() > 0 and torch.allclose(ours, ref, rtol=2e-5, atol=0), (ours.item(), ref.item())
+
+
+def test_wrong_pooled_or_uncond_time_ids_change_the_loss(xl_models):
+    """The plumbing is not dead: each piece of the added conditioning moves the loss."""
+    _, _, _, cond, uncond, _ = xl_models
+    base = _loss(xl_models)
+    swapped_pooled = TextCondition(cond.embeds, cond.pooled.flip(0), cond.time_ids)
+    wrong_uncond_ids = TextCondition(uncond.embeds, uncond.pooled, time_ids((16, 16), (0, 0), (16, 16)).expand(2, -1))
+    wrong_cond_ids = TextCondition(cond.embeds, cond.pooled, uncond.time_ids.flip(0))
+    for c, u in ((swapped_pooled, None), (None, wrong_uncond_ids), (wrong_cond_ids, None)):
+        changed = _loss(xl_models, cond=c, uncond=u)
+        assert abs(changed.item() - base.item()) > 1e-4 * base.item(), (changed.item(), base.item())
