@@ -143,3 +143,68 @@ def test_wrong_pooled_or_uncond_time_ids_change_the_loss(xl_models):
     for c, u in ((swapped_pooled, None), (None, wrong_uncond_ids), (wrong_cond_ids, None)):
         changed = _loss(xl_models, cond=c, uncond=u)
         assert abs(changed.item() - base.item()) > 1e-4 * base.item(), (changed.item(), base.item())
+
+
+# ---- 3. the studio's SDXL student samples as a stock StableDiffusionXLPipeline + LCMScheduler -----------------------------
+XL_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "conv1", "time_emb_proj"]
+
+
+def xl_lora_student(pipe, seed: int = 4):
+    """The tiny SDXL teacher + a fresh gamma projection + a random LoRA (what an SDXL LoRA run exports)."""
+    from peft import LoraConfig
+
+    from splam_studio.core.student import build_student
+
+    student = build_student(pipe.unet, "fresh", generator=torch.Generator().manual_seed(seed))
+    student.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=XL_LORA_TARGETS, init_lora_weights="gaussian"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return student.eval()
+
+
+def _images(pipe, latents):
+    from splam_studio.core.sampler import decode_latents
+
+    ims = decode_latents(pipe, latents)
+    return torch.stack([torch.tensor(list(im.getdata()), dtype=torch.float32) for im in ims]) / 127.5 - 1
+
+
+def _stock_lcm(pipe, z_T, seed, steps=4, prompts=CAPTIONS):
+    """A stock StableDiffusionXLPipeline + LCMScheduler at guidance 1 from the noise z_T (re-noising from seed + 1)."""
+    from diffusers import LCMScheduler
+
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    return pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=1.0, latents=z_T.clone(),
+                generator=torch.Generator("cpu").manual_seed(seed + 1), output_type="latent").images
+
+
+@torch.no_grad()
+def test_lora_student_with_folded_gamma_samples_as_a_stock_sdxl_pipeline(xl, tmp_path):
+    from splam_studio.core.metrics import psnr
+    from splam_studio.core.sampler import consistency_sample, generate, initial_noise
+    from splam_studio.core.schedule import NoiseSchedule
+    from splam_studio.core.student import clean_fn
+    from splam_studio.models import export as X
+
+    seed, student = 11, xl_lora_student(xl)
+    studio = generate(xl, prompt=CAPTIONS, sampler="lcm", steps=4, seed=seed, unet=student, decode=False).latents
+    z_T = initial_noise(seed, len(CAPTIONS), xl.unet, 16, 16, 2)
+    schedule = NoiseSchedule.from_scheduler(xl.scheduler)
+    own = consistency_sample(clean_fn(student, encode_condition(xl, CAPTIONS), schedule), schedule, z_T, 4,
+                             torch.Generator("cpu").manual_seed(seed + 1))  # the studio's own sampler and UNet call
+    lora = X.export_diffusers_lora(student, tmp_path / "lora.safetensors")
+    stock = make_tiny_xl_pipeline(tmp_path / "stock")
+    stock.load_lora_weights(str(lora))
+    ref = _stock_lcm(stock, z_T, seed)
+    ref_img = _images(xl, ref)
+    for got, what in ((studio, "studio generate"), (own, "consistency_sample")):
+        diff, db = (got - ref).abs().max().item(), psnr(_images(xl, got), ref_img).min().item()
+        print(f"{what} vs stock SDXL + LCMScheduler: latent max diff {diff:.2e}, PSNR {db:.1f} dB")
+        assert diff < 1e-3 and db >= 40, (what, diff, db)
+    bare = make_tiny_xl_pipeline(tmp_path / "bare")  # control: the LoRA without the gamma fold samples another image
+    X.save_student(tmp_path / "run", student, lora=True, config={"lora_rank": 4})
+    bare.load_lora_weights(str(tmp_path / "run" / "lora"), weight_name=X.LORA_WEIGHTS)
+    assert (_stock_lcm(bare, z_T, seed) - ref).abs().max() > 1e-2

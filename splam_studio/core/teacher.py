@@ -70,6 +70,10 @@ class TextCondition:
             kw["added_cond_kwargs"] = {"text_embeds": self.pooled.to(dtype), "time_ids": self.time_ids.to(dtype)}
         return kw
 
+    def to(self, *args, **kwargs) -> "TextCondition":
+        """Every tensor moved / cast as `torch.Tensor.to`, so a TextCondition goes where a tensor c goes."""
+        return self.map(lambda x: x.to(*args, **kwargs))
+
     def map(self, fn) -> "TextCondition":
         """fn applied to every tensor (device and dtype moves, indexing)."""
         return TextCondition(fn(self.embeds), *(None if x is None else fn(x) for x in (self.pooled, self.time_ids)))
@@ -161,3 +165,57 @@ def uncond_like(uncond_1: Condition, cond: Condition) -> Condition:
     if not isinstance(uncond_1, TextCondition):
         return uncond_1.expand(n, -1, -1)
     return TextCondition(uncond_1.embeds.expand(n, -1, -1), uncond_1.pooled.expand(n, -1), as_condition(cond).time_ids)
+
+
+# ---- the same conditioning, through a stock pipeline ------------------------------------------------------------
+def pipeline_class(pipe):
+    """The stock diffusers pipeline of the teacher's family: StableDiffusionXLPipeline or StableDiffusionPipeline."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if added_conditioning(pipe) else StableDiffusionPipeline
+
+
+def text_encoders(pipe) -> dict:
+    """The pipeline's text encoders by component name (text_encoder, and SDXL's text_encoder_2)."""
+    names = ("text_encoder", "text_encoder_2") if added_conditioning(pipe) else ("text_encoder",)
+    return {k: getattr(pipe, k) for k in names}
+
+
+def pipeline_conditions(pipe, prompt: list[str], device, guided: bool,
+                        negative_prompt: list[str] | None = None) -> tuple[Condition, Condition | None]:
+    """(c, c_uncond) from the pipeline's own `encode_prompt` (c_uncond None unless guided); SDXL's with the
+    pipeline's default time ids (native size, uncropped)."""
+    out = pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+                             negative_prompt=negative_prompt)
+    if not added_conditioning(pipe):
+        return out[0], out[1]
+    embeds, neg, pooled, neg_pooled = out
+    hw = native_size(pipe)
+    ids = time_ids((hw, hw), (0, 0), (hw, hw)).to(pooled.device).expand(len(prompt), -1)
+    return TextCondition(embeds, pooled, ids), (TextCondition(neg, neg_pooled, ids) if guided else None)
+
+
+def pipeline_kwargs(cond: Condition, uncond: Condition | None) -> dict:
+    """The stock pipeline call's text arguments for (c, c_uncond): prompt embeds, and SDXL's pooled embeds and sizes.
+
+    A stock SDXL pipeline takes one original size, crop and target size for the whole batch: cond's first sample's.
+    """
+    c = as_condition(cond)
+    kw = {"prompt_embeds": c.embeds}
+    if uncond is not None:
+        kw["negative_prompt_embeds"] = as_condition(uncond).embeds
+    if c.pooled is None:
+        return kw
+    ids = [int(v) for v in c.time_ids[0].tolist()]
+    if not (c.time_ids == c.time_ids[:1]).all():
+        raise ValueError("a stock SDXL pipeline call takes one size / crop conditioning for the whole batch")
+    kw.update(pooled_prompt_embeds=c.pooled, original_size=tuple(ids[0:2]), crops_coords_top_left=tuple(ids[2:4]),
+              target_size=tuple(ids[4:6]))
+    if uncond is not None:
+        u = as_condition(uncond)
+        kw["negative_pooled_prompt_embeds"] = u.pooled
+        u_ids = [int(v) for v in u.time_ids[0].tolist()]
+        if u_ids != ids:
+            kw.update(negative_original_size=tuple(u_ids[0:2]), negative_crops_coords_top_left=tuple(u_ids[2:4]),
+                      negative_target_size=tuple(u_ids[4:6]))
+    return kw
