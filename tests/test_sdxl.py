@@ -172,13 +172,13 @@ def _images(pipe, latents):
     return torch.stack([torch.tensor(list(im.getdata()), dtype=torch.float32) for im in ims]) / 127.5 - 1
 
 
-def _stock_lcm(pipe, z_T, seed, steps=4, prompts=CAPTIONS):
+def _stock_lcm(pipe, z_T, seed, steps=4, prompts=CAPTIONS, **sizes):
     """A stock StableDiffusionXLPipeline + LCMScheduler at guidance 1 from the noise z_T (re-noising from seed + 1)."""
     from diffusers import LCMScheduler
 
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     return pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=1.0, latents=z_T.clone(),
-                generator=torch.Generator("cpu").manual_seed(seed + 1), output_type="latent").images
+                generator=torch.Generator("cpu").manual_seed(seed + 1), output_type="latent", **sizes).images
 
 
 @torch.no_grad()
@@ -193,15 +193,16 @@ def test_lora_student_with_folded_gamma_samples_as_a_stock_sdxl_pipeline(xl, tmp
     studio = generate(xl, prompt=CAPTIONS, sampler="lcm", steps=4, seed=seed, unet=student, decode=False).latents
     z_T = initial_noise(seed, len(CAPTIONS), xl.unet, 16, 16, 2)
     schedule = NoiseSchedule.from_scheduler(xl.scheduler)
-    own = consistency_sample(clean_fn(student, encode_condition(xl, CAPTIONS), schedule), schedule, z_T, 4,
+    sizes = dict(original_size=(24, 40), crops_coords_top_left=(3, 5), target_size=(16, 16))  # not palindromic
+    c = encode_condition(xl, CAPTIONS, size=time_ids(*sizes.values()))
+    own = consistency_sample(clean_fn(student, c, schedule), schedule, z_T, 4,
                              torch.Generator("cpu").manual_seed(seed + 1))  # the studio's own sampler and UNet call
     lora = X.export_diffusers_lora(student, tmp_path / "lora.safetensors")
     stock = make_tiny_xl_pipeline(tmp_path / "stock")
     stock.load_lora_weights(str(lora))
     ref = _stock_lcm(stock, z_T, seed)
-    ref_img = _images(xl, ref)
-    for got, what in ((studio, "studio generate"), (own, "consistency_sample")):
-        diff, db = (got - ref).abs().max().item(), psnr(_images(xl, got), ref_img).min().item()
+    for got, want, what in ((studio, ref, "studio generate"), (own, _stock_lcm(stock, z_T, seed, **sizes), "consistency_sample")):
+        diff, db = (got - want).abs().max().item(), psnr(_images(xl, got), _images(xl, want)).min().item()
         print(f"{what} vs stock SDXL + LCMScheduler: latent max diff {diff:.2e}, PSNR {db:.1f} dB")
         assert diff < 1e-3 and db >= 40, (what, diff, db)
     bare = make_tiny_xl_pipeline(tmp_path / "bare")  # control: the LoRA without the gamma fold samples another image
