@@ -66,6 +66,11 @@ def load_teacher(source: str | Path, *, torch_dtype: torch.dtype = torch.float32
     SD1.5 configs cannot be fetched from the hub).
     """
     source = str(source)
+    if source not in EMBEDDED:  # the family is read from the source: SDXL folders, single files and hub repos
+        from .sdxl import is_sdxl_source, load_sdxl_teacher
+
+        if is_sdxl_source(source):
+            return load_sdxl_teacher(source, torch_dtype=torch_dtype, allow_pickle=allow_pickle, config=config)
     if source in EMBEDDED:
         path = (weights or weights_dir()) / EMBEDDED[source]
         if not path.is_dir():

@@ -25,6 +25,7 @@ from splam_studio.training.device import configure_threads  # noqa: E402
 HELP = {
     "teacher": "teacher: embedded name (shapes), diffusers folder, single-file SD1.5 .safetensors, or hub id",
     "teacher_config": "local diffusers folder holding the model configs for a single-file teacher (needed offline)",
+    "vae": "a diffusers VAE folder replacing the teacher's (e.g. a fixed fp16 SDXL VAE); by default the VAE runs in fp32 under fp16",
     "data": "data: image folder with .txt captions, folder with metadata.jsonl, datasets name/path, .tar shards (path/glob/URL), or 'shapes'",
     "prompts": "prompts file (one a line, or JSON lines {\"prompt\", \"negative_prompt\"}): the teacher makes its own z_0 "
                "(guided DDIM at --w, --num-ddim-steps); replaces --data. Stored once under <output-dir>/.cache, shared by runs",
@@ -103,6 +104,12 @@ PRESETS: dict[str, dict] = {
     # 14.1 GiB without checkpointing; a 16 GB GPU fits it, a 12 GB one only at batch 1-2. On a CPU (fp32) ~19 GiB.
     "sd15": dict(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", max_steps=4000, batch_size=8, grad_accum=1,
                  lr=1e-4, lora_rank=64, w=8.0, gradient_checkpointing=True, resolution=512, checkpoint_every=500,
+                 validate_every=500, validation_prompts=["a photo of a cat", "a watercolor painting of a lighthouse"]),
+    # SDXL base (the teacher of the released SPLAM / LCM SDXL LoRAs) at its native 1024 px: LoRA rank 64 and gradient
+    # checkpointing, as diffusers' LCM-LoRA SDXL script; batch 2 x 4 accumulated (8 per step). The family is read from
+    # the teacher, so any SDXL folder, hub id or single file (+ --teacher-config offline) takes this preset.
+    "sdxl": dict(teacher="stabilityai/stable-diffusion-xl-base-1.0", max_steps=4000, batch_size=2, grad_accum=4,
+                 lr=1e-4, lora_rank=64, w=8.0, gradient_checkpointing=True, resolution=1024, checkpoint_every=500,
                  validate_every=500, validation_prompts=["a photo of a cat", "a watercolor painting of a lighthouse"]),
 }
 

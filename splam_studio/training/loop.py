@@ -30,7 +30,7 @@ from .memory import warn_if_short
 from ..core.schedule import NoiseSchedule
 from ..core.splad import SpladConfig, splad_loss
 from ..core.student import build_student, ema_update, make_target
-from ..core.teacher import cfg_scale, encode_text, vae_scale_factor
+from ..core.teacher import added_conditioning, cfg_scale, empty_condition, text_encoders, vae_scale_factor
 from ..models.export import export_run
 from ..models.loading import load_student, load_teacher, sampling_guidance
 from ..store.runs import (TRAINING_CONFIG, RunBusy, RunLock, StepLog, default_run_name, holds_only_the_lock,
@@ -62,6 +62,7 @@ class TrainConfig:
     # what to distil from what
     teacher: str = "shapes"  # embedded name, diffusers folder, single-file .safetensors or hub id
     teacher_config: str | None = None  # local diffusers folder with the configs of a single-file teacher (offline)
+    vae: str | None = None  # a diffusers VAE folder replacing the teacher's (e.g. a fixed fp16 SDXL VAE)
     data: str = "shapes"  # image folder, metadata.jsonl folder, datasets name/path, tar shards, or "shapes"
     prompts: str | None = None  # prompts file: the teacher makes its own z_0 (replaces --data); no images needed
     images_per_prompt: int = 1  # teacher-made images per prompt with --prompts
@@ -545,12 +546,17 @@ def _train(cfg: TrainConfig, log=print) -> Path:
 
     # ---- 1. models and optimiser (dtypes: device.py): frozen teacher, text encoder and VAE in the runtime's dtypes; student and theta^- fp32
     pipe = load_teacher(cfg.teacher, torch_dtype=torch.float32, allow_pickle=cfg.allow_pickle, config=cfg.teacher_config)
+    if cfg.vae:
+        from ..models.sdxl import load_vae
+
+        pipe.vae = load_vae(cfg.vae)
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     teacher = pipe.unet.requires_grad_(False).eval()
     student = make_student(pipe, teacher, cfg)
     target = make_target(student)
     teacher.to(device, rt.weight_dtype)
-    pipe.text_encoder.requires_grad_(False).to(device, rt.weight_dtype)
+    for te in text_encoders(pipe).values():  # SDXL: both
+        te.requires_grad_(False).to(device, rt.weight_dtype)
     pipe.vae.requires_grad_(False).to(device, rt.vae_dtype)
     target.to(device)
 
@@ -618,7 +624,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
 
     stats = StepLog(run_dir, cfg, start) if acc.is_main_process else None
     with torch.no_grad():
-        uncond_1 = encode_text(pipe, [""], device)  # (1, L, D)
+        uncond_1 = empty_condition(pipe, device)  # (1, L, D); SDXL a TextCondition (zeros with force_zeros_for_empty_prompt)
     splad = cfg.splad()
     faults = _fault_steps(os.environ.get(FAULT_ENV))
     bad_in_row = bad_total = 0
@@ -724,6 +730,8 @@ def _latent_source(cfg: TrainConfig, pipe, acc, resolution: int, log) -> tuple[t
     from .data import build_dataset
 
     root = Path(cfg.output_dir) / ".cache"
+    if added_conditioning(pipe) and (cfg.prompts or cfg.cache_latents):
+        raise TrainError("--prompts and --cache-latents store SD1.5 text embeddings only; an SDXL teacher trains on --data")
     if cfg.prompts:
         native = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
         if resolution != native:
@@ -738,7 +746,7 @@ def _latent_source(cfg: TrainConfig, pipe, acc, resolution: int, log) -> tuple[t
             f"CFG {cfg_scale(cfg.w):g}{per}; in {root.name}/{store.root.name}")
         return dataset, store
     dataset = build_dataset(cfg.data, resolution, caption_column=cfg.caption_column, image_column=cfg.image_column,
-                            seed=cfg.seed, num_examples=cfg.shapes_size)
+                            seed=cfg.seed, num_examples=cfg.shapes_size, size_conditioning=added_conditioning(pipe))
     if not cfg.cache_latents:
         return dataset, None
     identity = {"data": cfg.data, "files": files_identity(cfg.data), "resolution": resolution, "seed": cfg.seed,
