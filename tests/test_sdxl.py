@@ -209,3 +209,117 @@ def test_lora_student_with_folded_gamma_samples_as_a_stock_sdxl_pipeline(xl, tmp
     X.save_student(tmp_path / "run", student, lora=True, config={"lora_rank": 4})
     bare.load_lora_weights(str(tmp_path / "run" / "lora"), weight_name=X.LORA_WEIGHTS)
     assert (_stock_lcm(bare, z_T, seed) - ref).abs().max() > 1e-2
+
+
+# ---- 4. the trainer on a tiny SDXL teacher; 5. the exports SDXL tools load ------------------------------------------------
+@pytest.fixture(scope="module")
+def xl_world(tmp_path_factory, xl):
+    """The tiny SDXL teacher as a diffusers folder, and captioned images of several sizes (random crops vary)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("xl-world")
+    xl.save_pretrained(root / "teacher", safe_serialization=True)
+    data = root / "data"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i, (w, h) in enumerate([(16, 16), (24, 16), (16, 28), (32, 20)] * 2):
+        arr = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(CAPTIONS[i % 2])
+    return root
+
+
+def test_data_records_original_size_and_random_crop(xl_world):
+    from splam_studio.training.data import build_dataset, time_ids_of
+
+    ds = build_dataset(str(xl_world / "data"), 16, size_conditioning=True, seed=1)
+    items = [ds[i] for i in range(len(ds))]
+    sizes = {tuple(e["original_size"].tolist()) for e in items}
+    assert sizes == {(16, 16), (16, 24), (28, 16), (20, 32)}  # (h, w) before the resize
+    for e in items:
+        h, w = e["original_size"].tolist()
+        top, left = e["crop_top_left"].tolist()
+        nh, nw = (16, round(w * 16 / h)) if h <= w else (round(h * 16 / w), 16)
+        assert e["pixel_values"].shape == (3, 16, 16) and 0 <= top <= nh - 16 and 0 <= left <= nw - 16
+    assert any(e["crop_top_left"].sum() > 0 for e in items)  # crops are drawn, not centred
+    again = build_dataset(str(xl_world / "data"), 16, size_conditioning=True, seed=1)
+    assert all(torch.equal(again[i]["crop_top_left"], items[i]["crop_top_left"]) for i in range(len(ds)))
+    batch = {"original_size": torch.stack([e["original_size"] for e in items[:2]]),
+             "crop_top_left": torch.stack([e["crop_top_left"] for e in items[:2]])}
+    ids = time_ids_of(batch, 16)
+    assert ids.shape == (2, 6) and torch.equal(ids[:, :2], batch["original_size"].float())
+    assert torch.equal(ids[:, 2:4], batch["crop_top_left"].float()) and (ids[:, 4:] == 16).all()
+    assert "original_size" not in build_dataset(str(xl_world / "data"), 16)[0]  # SD1.5 data as before
+
+
+def test_sdxl_folder_teacher_loads_as_an_sdxl_pipeline(xl_world, xl):
+    from diffusers import StableDiffusionXLPipeline
+
+    from splam_studio.models.loading import load_teacher
+
+    pipe = load_teacher(str(xl_world / "teacher"))
+    assert isinstance(pipe, StableDiffusionXLPipeline) and added_conditioning(pipe)
+    with torch.no_grad():
+        a, b = encode_condition(pipe, CAPTIONS), encode_condition(xl, CAPTIONS)
+    assert torch.equal(a.embeds, b.embeds) and torch.equal(a.pooled, b.pooled)
+
+
+def _train_cli(world, out, *extra):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["--preset", "sdxl", "--teacher", str(world / "teacher"), "--data", str(world / "data"), "--output-dir", str(out),
+            "--resolution", "16", "--lora-rank", "4", "--batch-size", "2", "--grad-accum", "1", "--checkpoint-every", "1",
+            "--validate-every", "0", "--device", "cpu", "--precision", "bf16", "--run-name", "xl", "--export-merged",
+            "--validation-prompts", CAPTIONS[0], *extra]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(root / "train_cli.py"), *args], capture_output=True, text=True, cwd=root,
+                          env=env, timeout=300)
+
+
+def _sample(pipe, unet=None, seed=5):
+    from splam_studio.core.sampler import generate
+
+    return generate(pipe, prompt=CAPTIONS, sampler="lcm", steps=4, seed=seed, unet=unet, decode=False).latents
+
+
+def test_train_cli_sdxl_lora_bf16_steps_export_resume(xl_world, tmp_path):
+    """--preset sdxl (resolution and rank overridden for the CPU) on the tiny SDXL folder teacher: 2 steps, exports,
+    resume to 3; each export loads back through diffusers' own SDXL loaders and samples as the studio's student."""
+    import json
+
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    from splam_studio.models.loading import load_student, load_teacher
+
+    r = _train_cli(xl_world, tmp_path, "--max-steps", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _train_cli(xl_world, tmp_path, "--max-steps", "3", "--resume", "latest")
+    assert r.returncode == 0 and "continuing at step 2" in r.stdout + r.stderr, r.stderr[-3000:]
+    run = tmp_path / "xl"
+    cfg = json.loads((run / "training_config.json").read_text())
+    assert cfg["lora_rank"] == 4 and cfg["gradient_checkpointing"] and cfg["mixed_precision"] == "bf16"
+    assert cfg["dtypes"]["teacher"] == "bfloat16" and cfg["dtypes"]["student"] == "float32"
+    done = [json.loads(x) for x in (run / "stats.jsonl").read_text().splitlines() if '"done"' in x][-1]
+    assert done["step"] == 3 and set(done["exports"]) == {"run", "kohya_lora", "diffusers_lora", "single_file", "stock_diffusers"}
+    with safe_open(str(run / "lora_kohya.safetensors"), framework="pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["modelspec.architecture"].startswith("stable-diffusion-xl")
+    assert "lora_unet_time_embed_0.diff_b" in keys and any(k.startswith("lora_unet_output_blocks_") for k in keys)
+    assert not any("down_blocks" in k or "up_blocks" in k for k in keys)  # sgm names, as kohya's SDXL networks
+    pipe = load_teacher(str(xl_world / "teacher"))
+    studio = _sample(pipe, load_student(str(run), pipe))
+    stock = load_teacher(str(xl_world / "teacher"))
+    stock.load_lora_weights(str(run / done["exports"]["diffusers_lora"]))
+    merged = StableDiffusionXLPipeline.from_single_file(str(run / done["exports"]["single_file"]),
+                                                        config=str(xl_world / "teacher"), local_files_only=True)
+    folder = StableDiffusionXLPipeline.from_pretrained(str(run / "stock_diffusers"), local_files_only=True)
+    for p, what in ((stock, "diffusers LoRA"), (merged, "merged SDXL single file"), (folder, "stock SDXL folder")):
+        diff = (_sample(p) - studio).abs().max().item()
+        print(f"{what}: latent max diff {diff:.2e}")
+        assert diff < 1e-3, (what, diff)
+    assert (_sample(pipe) - studio).abs().max() > 1e-2  # the teacher itself samples another image

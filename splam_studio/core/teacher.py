@@ -63,6 +63,10 @@ class TextCondition:
     def __len__(self) -> int:
         return len(self.embeds)
 
+    @property
+    def device(self) -> torch.device:
+        return self.embeds.device
+
     def unet_kwargs(self, dtype: torch.dtype) -> dict:
         """The UNet call's text arguments in the UNet's dtype: encoder_hidden_states, and SDXL's added_cond_kwargs."""
         kw = {"encoder_hidden_states": self.embeds.to(dtype)}

@@ -711,7 +711,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     acc.wait_for_everyone()
     if acc.is_main_process:
         # theta^- is the exported student, as in the LCM script; models/export.py decides which forms it takes
-        exports = export_run(run_dir, target, pipe, resolved, merged=cfg.export_merged)
+        exports = export_run(run_dir, target, _export_teacher(cfg, pipe), resolved, merged=cfg.export_merged)
         if start < cfg.max_steps:
             _validate(pipe, target, cfg, run_dir, step)
         skipped = f"; data: {counter.summary()}" if counter is not None else ""
@@ -722,6 +722,20 @@ def _train(cfg: TrainConfig, log=print) -> Path:
             f"{run_dir} ({forms})")
     acc.end_training()
     return run_dir
+
+
+def _export_teacher(cfg: TrainConfig, pipe):
+    """The teacher whose frozen parts (VAE, text encoders) go into the stock exports: `pipe` when training kept them in
+    fp32, else a fresh fp32 load on the CPU (the in-place cast to the runtime's dtype rounded them)."""
+    frozen = [pipe.vae, *text_encoders(pipe).values()]
+    if all(next(m.parameters()).dtype == torch.float32 for m in frozen):
+        return pipe
+    fresh = load_teacher(cfg.teacher, torch_dtype=torch.float32, allow_pickle=cfg.allow_pickle, config=cfg.teacher_config)
+    if cfg.vae:
+        from ..models.sdxl import load_vae
+
+        fresh.vae = load_vae(cfg.vae)
+    return fresh
 
 
 def _latent_source(cfg: TrainConfig, pipe, acc, resolution: int, log) -> tuple[torch.utils.data.Dataset, LatentStore | None]:
