@@ -323,3 +323,95 @@ def test_train_cli_sdxl_lora_bf16_steps_export_resume(xl_world, tmp_path):
         print(f"{what}: latent max diff {diff:.2e}")
         assert diff < 1e-3, (what, diff)
     assert (_sample(pipe) - studio).abs().max() > 1e-2  # the teacher itself samples another image
+
+
+def test_sgm_key_names_invert_diffusers_own_sdxl_converters(xl):
+    """unet_to_ldm (with SDXL's label_emb) and openclip_to_ldm are exactly undone by diffusers' single-file converters."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint
+
+    from splam_studio.models.export import unet_to_ldm
+    from splam_studio.models.sdxl import SDXL_LDM_PREFIXES, openclip_to_ldm
+
+    want = xl.unet.state_dict()
+    back = convert_ldm_unet_checkpoint(unet_to_ldm(xl.unet), dict(xl.unet.config))
+    assert back.keys() == want.keys() and all(torch.equal(back[k], want[k]) for k in want)
+    want = {k: v for k, v in xl.text_encoder_2.state_dict().items() if not k.endswith("position_ids")}
+    back = convert_open_clip_checkpoint(xl.text_encoder_2, openclip_to_ldm(xl.text_encoder_2), SDXL_LDM_PREFIXES["text_encoder_2"])
+    assert back.keys() == want.keys() and all(torch.equal(back[k], want[k]) for k in want)
+
+
+def _kohya_apply_sgm(unet, path, names):
+    """A1111 / ComfyUI's arithmetic through the sgm names: W += (alpha / r) up @ down, W += diff, b += diff_b."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    unet, sd = copy.deepcopy(unet), load_file(str(path))
+    modules = dict(unet.named_modules())
+    by_kohya = {v: modules[k] for k, v in names.items()}
+    with torch.no_grad():
+        for key in sd:
+            stem, _, kind = key.partition(".")
+            mod = by_kohya[stem]
+            if kind == "lora_down.weight":
+                down, up = sd[key], sd[f"{stem}.lora_up.weight"]
+                mod.weight += float(sd[f"{stem}.alpha"]) / down.shape[0] * (up.flatten(1) @ down.flatten(1)).reshape(mod.weight.shape)
+            elif kind == "diff":
+                mod.weight += sd[key]
+            elif kind == "diff_b":
+                mod.bias += sd[key]
+    return unet
+
+
+def _unet_out(unet, cond, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999, 259])
+    with torch.no_grad():
+        return unet(z, t, **cond.unet_kwargs(torch.float32)).sample
+
+
+def test_kohya_sdxl_lora_round_trip(xl, tmp_path):
+    """The kohya SDXL LoRA: sgm key names, SDXL metadata, the gamma = 1 fold as diff_b; applied as A1111 / ComfyUI apply
+    it, it is the folded student; without a gamma input, diffusers' own kohya SDXL converter loads it as our LoRA."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from splam_studio.models import export as X
+    from splam_studio.models.sdxl import kohya_sdxl_names
+
+    student, names = xl_lora_student(xl), kohya_sdxl_names(xl.unet)
+    path = X.export_kohya_lora(student, tmp_path / "k.safetensors", config={"run_name": "k", "resolution": 1024})
+    sd = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["modelspec.resolution"] == "1024x1024"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora" and meta["splam_gamma_fold"] == "diff_b"
+    assert {k.partition(".")[0] for k in sd} <= set(names.values())
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in sd  # kohya's own spelling
+    assert "lora_unet_output_blocks_0_0_emb_layers_1.lora_up.weight" in sd and "lora_unet_time_embed_0.diff_b" in sd
+    cond = encode_condition(xl, CAPTIONS, size=time_ids((24, 40), (3, 5), (16, 16)))
+    folded = X.fold_cond_proj(student)
+    applied = _kohya_apply_sgm(xl.unet, path, names)
+    torch.testing.assert_close(_unet_out(applied, cond), _unet_out(folded, cond), rtol=0, atol=1e-5)
+    assert (_unet_out(xl.unet, cond) - _unet_out(folded, cond)).abs().max() > 1e-2  # the LoRA and the fold matter
+    # diffusers' load_lora_weights reads kohya SDXL files through its sgm-name converter: the same LoRA on a UNet
+    # without gamma input (a plain SDXL LoRA, alpha 8 at rank 4) loads as ours
+    plain_unet = lora_without_gamma(xl.unet, student)
+    plain = X.export_kohya_lora(plain_unet, tmp_path / "plain.safetensors")
+    assert not any(".diff" in k for k in load_file(str(plain)))
+    stock = make_tiny_xl_pipeline(tmp_path / "stock")
+    stock.load_lora_weights(str(plain))
+    torch.testing.assert_close(_unet_out(stock.unet, cond), _unet_out(plain_unet, cond), rtol=0, atol=1e-5)
+    assert (_unet_out(plain_unet, cond) - _unet_out(xl.unet, cond)).abs().max() > 1e-2
+
+
+def lora_without_gamma(teacher, student):
+    """The student's LoRA adapter on a copy of the teacher UNet (no gamma projection)."""
+    import copy
+
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    out = copy.deepcopy(teacher)
+    out.add_adapter(student.peft_config["default"])
+    set_peft_model_state_dict(out, get_peft_model_state_dict(student))
+    return out.eval()
