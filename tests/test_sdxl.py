@@ -415,3 +415,55 @@ def lora_without_gamma(teacher, student):
     out.add_adapter(student.peft_config["default"])
     set_peft_model_state_dict(out, get_peft_model_state_dict(student))
     return out.eval()
+
+
+def test_single_file_sdxl_teacher_loads_offline_with_a_config_folder(xl_world, xl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from splam_studio.models.export import save_single_file
+    from splam_studio.models.loading import ModelLoadError, load_teacher
+
+    path = save_single_file(xl, tmp_path / "teacher.safetensors")
+    pipe = load_teacher(str(path), config=str(xl_world / "teacher"))
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    for c in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        want, got = getattr(xl, c).state_dict(), getattr(pipe, c).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items() if not k.endswith("position_ids")), c
+    with pytest.raises(ModelLoadError, match="SDXL folder"):
+        load_teacher(str(path), config=str(tmp_path))
+
+
+def test_full_sdxl_student_exports_a_single_file_that_samples_as_the_studio(xl_world, xl, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from splam_studio.core.student import build_student
+    from splam_studio.models import export as X
+    from splam_studio.models.loading import load_student
+
+    student = build_student(xl.unet, "fresh", generator=torch.Generator().manual_seed(2)).eval()
+    with torch.no_grad():  # as after training: the whole UNet moved, the gamma projection large
+        g = torch.Generator().manual_seed(3)
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    out = X.export_run(tmp_path / "full", student, xl, {"lora_rank": 0, "run_name": "full"})
+    assert set(out) == {"run", "single_file"}
+    studio = _sample(xl, load_student(out["run"], xl))
+    stock = StableDiffusionXLPipeline.from_single_file(str(out["single_file"]), config=str(xl_world / "teacher"),
+                                                       local_files_only=True)
+    diff = (_sample(stock) - studio).abs().max().item()
+    assert diff < 1e-3, diff
+
+
+def test_a_training_batch_carries_its_size_conditioning_into_both_branches(xl_world, xl):
+    """latents.batch_latents (the loop's encode_batch): c with each sample's time ids, c_uncond the zeroed empty prompt
+    with the same ids."""
+    from splam_studio.training.data import build_dataset, collate_drop_none, time_ids_of
+    from splam_studio.training.latents import batch_latents
+
+    ds = build_dataset(str(xl_world / "data"), 16, size_conditioning=True, seed=1)
+    batch = collate_drop_none([ds[i] for i in range(3)])
+    z_0, cond, uncond = batch_latents(batch, xl, torch.device("cpu"), torch.float32, torch.Generator().manual_seed(0),
+                                      empty_condition(xl))
+    assert z_0.shape == (3, 4, 8, 8) and torch.equal(cond.time_ids, time_ids_of(batch, 16))
+    assert torch.equal(uncond.time_ids, cond.time_ids) and not uncond.pooled.any()
+    assert len({tuple(r.tolist()) for r in cond.time_ids}) > 1  # the samples differ
