@@ -148,7 +148,7 @@ def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32):
     from .loading import ModelLoadError, _check_loaded, _one_line
 
     try:
-        vae, info = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True,
+        vae, info = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, use_safetensors=True,
                                                   output_loading_info=True)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"--vae {folder}: not a diffusers AutoencoderKL folder ({_one_line(e)})") from None

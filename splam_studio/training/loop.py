@@ -33,6 +33,7 @@ from ..core.student import build_student, ema_update, make_target
 from ..core.teacher import added_conditioning, cfg_scale, empty_condition, text_encoders, vae_scale_factor
 from ..models.export import export_run
 from ..models.loading import load_student, load_teacher, sampling_guidance
+from ..models.sdxl import load_vae
 from ..store.runs import (TRAINING_CONFIG, RunBusy, RunLock, StepLog, default_run_name, holds_only_the_lock,
                           read_training_config, valid_run_name)
 
@@ -547,8 +548,6 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     # ---- 1. models and optimiser (dtypes: device.py): frozen teacher, text encoder and VAE in the runtime's dtypes; student and theta^- fp32
     pipe = load_teacher(cfg.teacher, torch_dtype=torch.float32, allow_pickle=cfg.allow_pickle, config=cfg.teacher_config)
     if cfg.vae:
-        from ..models.sdxl import load_vae
-
         pipe.vae = load_vae(cfg.vae)
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     teacher = pipe.unet.requires_grad_(False).eval()
@@ -732,8 +731,6 @@ def _export_teacher(cfg: TrainConfig, pipe):
         return pipe
     fresh = load_teacher(cfg.teacher, torch_dtype=torch.float32, allow_pickle=cfg.allow_pickle, config=cfg.teacher_config)
     if cfg.vae:
-        from ..models.sdxl import load_vae
-
         fresh.vae = load_vae(cfg.vae)
     return fresh
 
