@@ -106,14 +106,14 @@ def xl_models(xl):
     return teacher, student, target, cond, uncond, z_0
 
 
-def _loss(xl_models, cond=None, uncond=None, method="splam", seed=2):
+def _loss(xl_models, cond=None, uncond=None, method="splam", seed=2, **splad):
     from splam_studio.core.schedule import NoiseSchedule
     from splam_studio.core.splad import SpladConfig, splad_loss
 
     teacher, student, target, c, u, z_0 = xl_models
     with torch.no_grad():
-        return splad_loss(SpladConfig(method=method), NoiseSchedule.from_scheduler(sdxl_sched()), student, target, teacher,
-                          z_0, cond or c, uncond or u, torch.Generator().manual_seed(seed))
+        return splad_loss(SpladConfig(method=method, **splad), NoiseSchedule.from_scheduler(sdxl_sched()), student, target,
+                          teacher, z_0, cond or c, uncond or u, torch.Generator().manual_seed(seed))
 
 
 def sdxl_sched():
@@ -131,6 +131,12 @@ def test_sdxl_splad_loss_equals_the_reference_step_with_each_branch_conditioned(
     ref = reference_splad_loss(_Added(teacher, cond, uncond), _Added(student, cond), _Added(target, cond), z_0,
                                cond.embeds, uncond.embeds, seed, method)
     assert ref.item() > 0 and torch.allclose(ours, ref, rtol=2e-5, atol=0), (ours.item(), ref.item())
+
+
+def test_diffusers_w_range_recipe_runs_on_sdxl(xl_models):
+    """LCM with w ~ U[w_min, w_max], embedded for student and target (diffusers' SDXL LCM recipe), on the SDXL step."""
+    ranged, fixed = _loss(xl_models, method="lcm", w_min=3.0, w_max=15.0), _loss(xl_models, method="lcm")
+    assert torch.isfinite(ranged) and abs(ranged.item() - fixed.item()) > 1e-4 * fixed.item()
 
 
 def test_wrong_pooled_or_uncond_time_ids_change_the_loss(xl_models):
