@@ -310,6 +310,7 @@ def test_train_cli_sdxl_lora_bf16_steps_export_resume(xl_world, tmp_path):
     cfg = json.loads((run / "training_config.json").read_text())
     assert cfg["lora_rank"] == 4 and cfg["gradient_checkpointing"] and cfg["mixed_precision"] == "bf16"
     assert cfg["dtypes"]["teacher"] == "bfloat16" and cfg["dtypes"]["student"] == "float32"
+    assert sorted(p.name for p in (run / "validation").glob("*.png")) == ["step-0000002.png", "step-0000003.png"]
     done = [json.loads(x) for x in (run / "stats.jsonl").read_text().splitlines() if '"done"' in x][-1]
     assert done["step"] == 3 and set(done["exports"]) == {"run", "kohya_lora", "diffusers_lora", "single_file", "stock_diffusers"}
     with safe_open(str(run / "lora_kohya.safetensors"), framework="pt") as f:
@@ -473,3 +474,15 @@ def test_a_training_batch_carries_its_size_conditioning_into_both_branches(xl_wo
     assert z_0.shape == (3, 4, 8, 8) and torch.equal(cond.time_ids, time_ids_of(batch, 16))
     assert torch.equal(uncond.time_ids, cond.time_ids) and not uncond.pooled.any()
     assert len({tuple(r.tolist()) for r in cond.time_ids}) > 1  # the samples differ
+
+
+def test_a_broken_sdxl_folder_is_refused_in_one_sentence(xl_world, tmp_path):
+    import shutil
+
+    from splam_studio.models.loading import ModelLoadError, load_teacher
+
+    broken = tmp_path / "broken"
+    shutil.copytree(xl_world / "teacher", broken)
+    shutil.rmtree(broken / "text_encoder_2")
+    with pytest.raises(ModelLoadError, match=r"not an SDXL pipeline: missing \['text_encoder_2'\]"):
+        load_teacher(str(broken))

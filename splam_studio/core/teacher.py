@@ -1,5 +1,9 @@
 """The teacher driver: one owner each for text encoding, the guidance conventions and the VAE's spatial scale.
 
+Text conditioning c of both families (SD1.5 / 2.x: a tensor; SDXL: a `TextCondition` with pooled embeddings and size
+/ crop time ids), read from the teacher, is built here and only here (`encode_condition`, `empty_condition`,
+`uncond_like`, `pipeline_conditions`); the core passes it to UNet calls through `as_condition(c).unet_kwargs`.
+
 Guidance: the paper (and LCM) write the guided teacher as eps_u + (w + 1)(eps_c - eps_u) = eps_c + w (eps_c - eps_u);
 a diffusers pipeline takes the CFG scale s = w + 1. `cfg_scale` and `lcm_w` convert between the two.
 """
