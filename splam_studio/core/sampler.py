@@ -19,7 +19,7 @@ from diffusers import (
 )
 
 from .schedule import NoiseSchedule, coef, lcm_timesteps
-from .teacher import vae_scale_factor
+from .teacher import pipeline_class, pipeline_conditions, pipeline_kwargs, text_encoders, vae_scale_factor
 
 # F(z, t) -> estimate of the clean end, for integer timesteps t of shape (B,) (a student at gamma = 1).
 CleanFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -98,19 +98,19 @@ def generate(pipe: StableDiffusionPipeline, *, prompt: list[str], sampler: str, 
     device, dtype = placement(unet)
     # 1. text embeddings from the pipeline's own encoder, then in the UNet's dtype
     cfg = guidance_scale > 1 and not is_student
-    cond, uncond = pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt)
+    cond, uncond = pipeline_conditions(pipe, prompt, device, cfg, negative_prompt)
     cond, uncond = cond.to(dtype), (uncond.to(dtype) if uncond is not None else None)
     # 2. the stock pipeline's loop on those embeddings; it casts them to its text encoder's dtype, so a text encoder
     #    of another dtype stays out of it (the pipeline then takes the UNet's dtype)
-    te = pipe.text_encoder if placement(pipe.text_encoder)[1] == dtype else None
-    p = StableDiffusionPipeline(**{**pipe.components, "unet": unet, "text_encoder": te,
-                                   "scheduler": make_scheduler(sampler, pipe.scheduler.config)})
+    tes = {k: te if placement(te)[1] == dtype else None for k, te in text_encoders(pipe).items()}
+    p = pipeline_class(pipe)(**{**pipe.components, "unet": unet, **tes,
+                                "scheduler": make_scheduler(sampler, pipe.scheduler.config)})
     p.set_progress_bar_config(disable=True)
     vae_scale = vae_scale_factor(pipe.vae)
     size = unet.config.sample_size * vae_scale
     z_T = initial_noise(seed, len(prompt), unet, size, size, vae_scale).to(device, dtype)
     g = torch.Generator("cpu").manual_seed(int(seed) + 1)  # re-noising of multistep sampling
-    out = p(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps, guidance_scale=guidance_scale,
+    out = p(**pipeline_kwargs(cond, uncond), num_inference_steps=steps, guidance_scale=guidance_scale,
             latents=z_T, generator=g, output_type="latent", height=size, width=size)
     # 3. decode on the device; the returned latents are a float32 CPU copy
     images = decode_latents(pipe, out.images) if decode else []

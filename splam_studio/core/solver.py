@@ -12,20 +12,24 @@ import torch
 
 from .consistency import x0_from_eps
 from .schedule import NoiseSchedule, coef
+from .teacher import Condition, as_condition
 
 # eps_phi(z, t) -> eps: the teacher's (guided) noise prediction at integer timesteps t of shape (B,).
 TeacherEps = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def guided_eps(unet: torch.nn.Module, cond: torch.Tensor, uncond: torch.Tensor, w: float | torch.Tensor) -> TeacherEps:
-    """eps_c + w (eps_c - eps_u) from ONE batched UNet call over [cond; uncond]; w a float or per sample (B,)."""
+def guided_eps(unet: torch.nn.Module, cond: Condition, uncond: Condition, w: float | torch.Tensor) -> TeacherEps:
+    """eps_c + w (eps_c - eps_u) from ONE batched UNet call over [cond; uncond]; w a float or per sample (B,).
+
+    cond, uncond: text embeddings (B, L, D), or SDXL TextConditions (each branch with its own pooled embeds and time ids).
+    """
     dtype = unet.dtype
+    both = as_condition(cond).cat(as_condition(uncond))  # (2B, L, D), SDXL: pooled (2B, P), time ids (2B, 6)
 
     def eps_fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         zz = torch.cat([z, z]).to(dtype)  # (2B, C, H, W)
         tt = torch.cat([t, t])
-        ehs = torch.cat([cond, uncond]).to(dtype)  # (2B, L, D)
-        eps_c, eps_u = unet(zz, tt, encoder_hidden_states=ehs).sample.to(z.dtype).chunk(2)
+        eps_c, eps_u = unet(zz, tt, **both.unet_kwargs(dtype)).sample.to(z.dtype).chunk(2)
         w_ = coef(w, eps_c) if torch.is_tensor(w) else w  # (B, 1, 1, 1) in eps's dtype: no float64 in the model
         return eps_c + w_ * (eps_c - eps_u)
 

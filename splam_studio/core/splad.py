@@ -13,6 +13,7 @@ from .schedule import NoiseSchedule, coef, ddim_grid
 from .slode import GAMMA_SCALE_PAPER, GAMMA_TIMES, Distance, GammaTime, sample_gamma, sample_w, splam_loss
 from .solver import guided_eps, solve
 from .student import student_F
+from .teacher import Condition
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,12 @@ def splad_loss(
     target: UNet2DConditionModel,
     teacher: UNet2DConditionModel,
     z_0: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    cond: Condition,
+    uncond: Condition,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Steps 1-6 of Algorithm 1 for clean latents z_0 (B, C, h, w) and text embeddings cond, uncond (B, L, D)."""
+    """Steps 1-6 of Algorithm 1 for clean latents z_0 (B, C, h, w) and text conditions cond, uncond: embeddings
+    (B, L, D), or SDXL TextConditions (core.teacher), each branch with its own pooled embeds and time ids."""
     B = z_0.shape[0]
     # 1. grid time t, s = t - k, and z_t = alpha(t) z_0 + sigma(t) eps
     grid = ddim_grid(schedule.T, cfg.num_ddim_steps)

@@ -14,6 +14,7 @@ from diffusers import UNet2DConditionModel
 
 from .consistency import ConsistencyFn, EpsModel, consistency_function
 from .slode import GAMMA_EMBED_DIM, GAMMA_SCALE_PAPER, gamma_embedding
+from .teacher import Condition, as_condition
 
 CondProjInit = Literal["fresh", "zero"]
 
@@ -48,7 +49,7 @@ def build_student(
     return student.float()
 
 
-def unet_eps_model(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tensor,
+def unet_eps_model(unet: UNet2DConditionModel, encoder_hidden_states: Condition,
                    gamma_scale: float = GAMMA_SCALE_PAPER, w_c: torch.Tensor | float | None = None) -> EpsModel:
     """eps_theta(z, t, gamma) of a student UNet (or its DDP wrapper); casts to the UNet dtype at the boundary and back.
 
@@ -59,17 +60,18 @@ def unet_eps_model(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tens
     dim, dtype = base.config.time_cond_proj_dim, base.dtype
     if dim is None:
         raise ValueError("UNet has no time_cond_proj_dim: build the student with build_student()")
+    c = as_condition(encoder_hidden_states)  # the text condition c: embeddings, and SDXL's pooled embeds and time ids
 
     def eps(z: torch.Tensor, t: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         cond = gamma_embedding(gamma, dim, gamma_scale, w_c).to(dtype).to(z.device)
         t_in = t.float() if t.is_floating_point() else t  # a continuous t (gamma_time "matched"); MPS has no float64
-        out = unet(z.to(dtype), t_in.to(z.device), encoder_hidden_states=encoder_hidden_states.to(dtype), timestep_cond=cond)
+        out = unet(z.to(dtype), t_in.to(z.device), **c.unet_kwargs(dtype), timestep_cond=cond)
         return out.sample.to(z.dtype)
 
     return eps
 
 
-def student_F(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tensor,
+def student_F(unet: UNet2DConditionModel, encoder_hidden_states: Condition,
               gamma_scale: float = GAMMA_SCALE_PAPER, w_c: torch.Tensor | float | None = None) -> ConsistencyFn:
     """F_theta(z, t, gamma; sigma, alpha) for a student UNet and text condition c (guidance offset w_c, if any)."""
     return consistency_function(unet_eps_model(unet, encoder_hidden_states, gamma_scale, w_c))
@@ -90,7 +92,7 @@ def ema_update(target: torch.nn.Module, online: torch.nn.Module, mu: float = 0.9
         p_t.lerp_(p.detach().to(p_t.dtype), 1.0 - mu)
 
 
-def clean_fn(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tensor, schedule,
+def clean_fn(unet: UNet2DConditionModel, encoder_hidden_states: Condition, schedule,
              w_c: torch.Tensor | float | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """F(z, t) of a student at gamma = 1 (sampling and the error bound): sigma(t), alpha(t) of the schedule.
 
@@ -102,8 +104,10 @@ def clean_fn(unet: UNet2DConditionModel, encoder_hidden_states: torch.Tensor, sc
         if w_c is not None:
             raise ValueError("w_c needs a student with time_cond_proj_dim (a w-conditioned UNet); this UNet has none")
 
+        c = as_condition(encoder_hidden_states)
+
         def eps(z: torch.Tensor, t: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-            out = unet(z.to(unet.dtype), t.to(z.device), encoder_hidden_states=encoder_hidden_states.to(unet.dtype))
+            out = unet(z.to(unet.dtype), t.to(z.device), **c.unet_kwargs(unet.dtype))
             return out.sample.to(z.dtype)
 
         F = consistency_function(eps)

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from ..core.slode import guidance_embedding
 from ..store.atomic import atomic_write, fsync_tree, replace_dir
 from ..store.runs import TRAINING_CONFIG
+from .sdxl import KOHYA_SDXL_BASE, SDXL_LORA_ARCHITECTURE, is_sdxl_unet, kohya_sdxl_names, sdxl_single_file_state
 
 LDM_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.transformer."}
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -93,7 +94,8 @@ def fold_cond_proj(unet: UNet2DConditionModel, omega: float = 0.0) -> UNet2DCond
 _UNET_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
                 ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
 _UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL: text_time
 _VAE_ATTN = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
 
 
@@ -172,8 +174,12 @@ def save_single_file(pipe: StableDiffusionPipeline, path: str | Path, unet: UNet
     if unet.config.time_cond_proj_dim is not None or has_lora(unet):
         raise ValueError("a single file holds a stock UNet: fold the student's gamma input first "
                          "(models.export.fold_cond_proj), which also fuses a LoRA")
-    sd = {**{k: v.to(dtype or v.dtype) for k, v in unet_to_ldm(unet).items()}, **vae_to_ldm(pipe.vae),
-          **text_encoder_to_ldm(pipe.text_encoder)}
+    if is_sdxl_unet(unet):  # SDXL: sgm names, both text encoders (models/sdxl.py)
+        sd = {k: v.to(dtype or v.dtype) if k.startswith(LDM_PREFIXES["unet"]) else v
+              for k, v in sdxl_single_file_state(pipe, unet).items()}
+    else:
+        sd = {**{k: v.to(dtype or v.dtype) for k, v in unet_to_ldm(unet).items()}, **vae_to_ldm(pipe.vae),
+              **text_encoder_to_ldm(pipe.text_encoder)}
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
     path = Path(path)
     atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
@@ -185,8 +191,14 @@ def save_stock_pipeline(pipe: StableDiffusionPipeline, unet: UNet2DConditionMode
     if unet.config.time_cond_proj_dim is not None or has_lora(unet):
         raise ValueError("a stock pipeline holds a stock UNet: fold the student first (models.export.fold_cond_proj)")
     out_dir = Path(out_dir)
-    stock = StableDiffusionPipeline(**{**pipe.components, "unet": unet, "safety_checker": None,
-                                       "feature_extractor": None}, requires_safety_checker=False)
+    if is_sdxl_unet(unet):
+        from diffusers import StableDiffusionXLPipeline
+
+        stock = StableDiffusionXLPipeline(**{**pipe.components, "unet": unet},
+                                          force_zeros_for_empty_prompt=pipe.config.get("force_zeros_for_empty_prompt", True))
+    else:
+        stock = StableDiffusionPipeline(**{**pipe.components, "unet": unet, "safety_checker": None,
+                                           "feature_extractor": None}, requires_safety_checker=False)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         stock.save_pretrained(str(tmp), safe_serialization=True)
@@ -346,7 +358,7 @@ def _lora_unet_fold(source: Any, teacher: UNet2DConditionModel | None, omega: fl
 
 
 def kohya_metadata(alphas: dict[str, float], sd: dict[str, torch.Tensor], config: dict | None = None,
-                   title: str | None = None) -> dict[str, str]:
+                   title: str | None = None, sdxl: bool = False) -> dict[str, str]:
     """`ss_*` (kohya sd-scripts, shown by A1111 / Forge) and `modelspec.*` (Stability's model spec) metadata."""
     import time
 
@@ -366,6 +378,8 @@ def kohya_metadata(alphas: dict[str, float], sd: dict[str, torch.Tensor], config
                       ("seed", "ss_seed"), ("batch_size", "ss_batch_size_per_device")):
         if cfg.get(key) is not None:
             meta[name] = str(cfg[key])
+    if sdxl:
+        meta.update(ss_base_model_version=KOHYA_SDXL_BASE, **{"modelspec.architecture": SDXL_LORA_ARCHITECTURE})
     if res:
         meta["ss_resolution"] = f"({res}, {res})"
         meta["modelspec.resolution"] = f"{res}x{res}"
@@ -387,19 +401,30 @@ def export_kohya_lora(lora_state_dict_or_unet: Any, out_path: str | Path, *, tea
 
     sd, alphas = _peft_lora_state(lora_state_dict_or_unet)
     delta = _lora_unet_fold(lora_state_dict_or_unet, teacher, omega)
-    # diffusers names the layers (lora_unet_<module>.lora_down / .lora_up); its .alpha is the rank, a scale of 1, which
-    # is exact only for lora_alpha = r: each module's own alpha (peft's lora_alpha, alpha_pattern) replaces it
-    kohya = convert_state_dict_to_kohya({f"unet.{k}": v.detach().float().contiguous().cpu() for k, v in sd.items()})
-    for module, alpha in alphas.items():
-        kohya[f"lora_unet_{module.replace('.', '_')}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    unet = lora_state_dict_or_unet if isinstance(lora_state_dict_or_unet, torch.nn.Module) else teacher
+    names = kohya_sdxl_names(unet) if unet is not None and is_sdxl_unet(unet) else None  # SDXL: sgm names
+    fold = names[FOLD_MODULE] if names else KOHYA_FOLD
+    if names is None:
+        # SD1.x: diffusers names the layers (lora_unet_<module>.lora_down / .lora_up); its .alpha is the rank, a scale
+        # of 1, which is exact only for lora_alpha = r: each module's own alpha (peft's lora_alpha, alpha_pattern)
+        # replaces it
+        kohya = convert_state_dict_to_kohya({f"unet.{k}": v.detach().float().contiguous().cpu() for k, v in sd.items()})
+        for module, alpha in alphas.items():
+            kohya[f"lora_unet_{module.replace('.', '_')}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    else:  # SDXL: kohya's sgm block names (input_blocks / middle_block / output_blocks), which diffusers does not write
+        kohya = {}
+        for module, alpha in alphas.items():
+            kohya[f"{names[module]}.lora_down.weight"] = sd[f"{module}.lora_A.weight"].detach().float().contiguous().cpu()
+            kohya[f"{names[module]}.lora_up.weight"] = sd[f"{module}.lora_B.weight"].detach().float().contiguous().cpu()
+            kohya[f"{names[module]}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     if delta is not None:
-        if f"{KOHYA_FOLD}.lora_down.weight" in kohya:
+        if f"{fold}.lora_down.weight" in kohya:
             raise ValueError(f"{FOLD_MODULE} carries LoRA layers: kohya loaders apply one patch kind per module, so the "
                              "gamma = 1 fold cannot travel beside them; leave time_embedding.linear_1 out of the LoRA targets")
-        kohya[f"{KOHYA_FOLD}.diff_b"] = delta.contiguous()
-        kohya[f"{KOHYA_FOLD}.diff"] = torch.zeros(delta.shape[0], _fold_in_features(lora_state_dict_or_unet, teacher))
+        kohya[f"{fold}.diff_b"] = delta.contiguous()
+        kohya[f"{fold}.diff"] = torch.zeros(delta.shape[0], _fold_in_features(lora_state_dict_or_unet, teacher))
     out_path = Path(out_path)
-    meta = kohya_metadata(alphas, sd, config, title=out_path.stem)
+    meta = kohya_metadata(alphas, sd, config, title=out_path.stem, sdxl=names is not None)
     meta["splam_gamma_fold"] = "diff_b" if delta is not None else "none"
     atomic_write(out_path, lambda tmp: save_file(kohya, str(tmp), metadata=meta))
     return out_path

@@ -60,12 +60,18 @@ def _hub_offline() -> bool:
 # ---- teachers --------------------------------------------------------------------------------------------------
 def load_teacher(source: str | Path, *, torch_dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
                  config: str | Path | None = None, weights: Path | None = None) -> StableDiffusionPipeline:
-    """An SD1.5-shaped StableDiffusionPipeline from an embedded name, a diffusers folder, a single file or a hub id.
+    """An SD1.5-shaped StableDiffusionPipeline from an embedded name, a diffusers folder, a single file or a hub id;
+    an SDXL source (folder, single file, hub repo: `models.sdxl.is_sdxl_source`) gives a StableDiffusionXLPipeline.
 
     `config` is a local diffusers folder giving the component configs for a single-file checkpoint (offline the
     SD1.5 configs cannot be fetched from the hub).
     """
     source = str(source)
+    if source not in EMBEDDED:  # the family is read from the source: SDXL folders, single files and hub repos
+        from .sdxl import is_sdxl_source, load_sdxl_teacher
+
+        if is_sdxl_source(source):
+            return load_sdxl_teacher(source, torch_dtype=torch_dtype, allow_pickle=allow_pickle, config=config)
     if source in EMBEDDED:
         path = (weights or weights_dir()) / EMBEDDED[source]
         if not path.is_dir():

@@ -45,6 +45,12 @@ PRESETS: dict[str, dict] = {
     "sd15": dict(teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", max_steps=4000, batch_size=8, grad_accum=1,
                  lr=1e-4, lora_rank=64, w=8.0, gradient_checkpointing=True, resolution=512, checkpoint_every=500,
                  validate_every=500, validation_prompts=["a photo of a cat", "a watercolor painting of a lighthouse"]),
+    # SDXL base (the teacher of the released SPLAM / LCM SDXL LoRAs) at its native 1024 px: LoRA rank 64 and gradient
+    # checkpointing, as diffusers' LCM-LoRA SDXL script; batch 2 x 4 accumulated (8 per step). The family is read from
+    # the teacher, so any SDXL folder, hub id or single file (+ --teacher-config offline) takes this preset.
+    "sdxl": dict(teacher="stabilityai/stable-diffusion-xl-base-1.0", max_steps=4000, batch_size=2, grad_accum=4,
+                 lr=1e-4, lora_rank=64, w=8.0, gradient_checkpointing=True, resolution=1024, checkpoint_every=500,
+                 validate_every=500, validation_prompts=["a photo of a cat", "a watercolor painting of a lighthouse"]),
 }
 
 

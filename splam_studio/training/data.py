@@ -123,15 +123,54 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
-    """Shorter side to `resolution` (bicubic, antialiased), then the centre square."""
+def resize_shorter(img: Image.Image, resolution: int) -> Image.Image:
+    """Shorter side to `resolution` (bicubic, antialiased); the longer keeps the aspect ratio."""
     w, h = img.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BICUBIC)
+    return img.resize((nw, nh), Image.BICUBIC) if (nw, nh) != (w, h) else img
+
+
+def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
+    """Shorter side to `resolution` (bicubic, antialiased), then the centre square."""
+    img = resize_shorter(img, resolution)
+    nw, nh = img.size
     left, top = (nw - resolution) // 2, (nh - resolution) // 2
     return img.crop((left, top, left + resolution, top + resolution))
+
+
+@dataclass(frozen=True)
+class SizeConditionedCrop:
+    """SDXL's data recipe (diffusers' SDXL training scripts): shorter side to `resolution`, a random square crop, and
+    the conditioning SDXL's time ids take, recorded per sample: the original size (h, w) and the crop's top-left
+    corner (top, left) in the resized image. The crop is drawn from (seed, the item's name): the same item gets the
+    same crop in every epoch and on resume. Pass it as a dataset's `resolution`."""
+    resolution: int
+    seed: int = 0
+
+    def frame(self, img: Image.Image, key: str) -> dict:
+        """{"pixel_values" (3, R, R), "original_size" (2,), "crop_top_left" (2,)} of an RGB image."""
+        import random
+
+        w, h = img.size
+        img = resize_shorter(img, self.resolution)
+        nw, nh = img.size
+        rng = random.Random(f"{self.seed}:{key}")  # str seeds hash with sha512: stable across processes
+        top, left = rng.randint(0, nh - self.resolution), rng.randint(0, nw - self.resolution)
+        crop = img.crop((left, top, left + self.resolution, top + self.resolution))
+        return {"pixel_values": image_to_tensor(crop), "original_size": torch.tensor([h, w]),
+                "crop_top_left": torch.tensor([top, left])}
+
+
+def time_ids_of(batch: dict, resolution: int) -> torch.Tensor:
+    """SDXL add_time_ids (B, 6) of a batch: its recorded original sizes and crops, the target size resolution;
+    a batch without them (a source that renders at the training size) is its own original, uncropped."""
+    from ..core.teacher import time_ids
+
+    R = (resolution, resolution)
+    if "original_size" not in batch:
+        return time_ids(R, (0, 0), R)
+    return time_ids(batch["original_size"], batch["crop_top_left"], R)
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -176,9 +215,10 @@ def probe_image(path: Path, counter: SkipCounter, where: str, max_pixels: int = 
     return True
 
 
-def load_pixels(src: str | Path | bytes, resolution: int, counter: SkipCounter, where: str,
-                max_pixels: int = MAX_PIXELS) -> torch.Tensor | None:
-    """(3, R, R) in [-1, 1], or None (counted) when the image cannot be used."""
+def load_pixels(src: str | Path | bytes, resolution: "int | SizeConditionedCrop", counter: SkipCounter, where: str,
+                max_pixels: int = MAX_PIXELS) -> torch.Tensor | dict | None:
+    """(3, R, R) in [-1, 1] (a SizeConditionedCrop: its dict with the size conditioning), or None (counted) when
+    the image cannot be used."""
     try:
         img = open_image(src, max_pixels)
     except (_TooLarge, Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -187,6 +227,8 @@ def load_pixels(src: str | Path | bytes, resolution: int, counter: SkipCounter, 
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError):
         counter.skip(CORRUPT, where)
         return None
+    if isinstance(resolution, SizeConditionedCrop):
+        return resolution.frame(to_rgb(img), where)
     return image_to_tensor(resize_center_crop(to_rgb(img), resolution))
 
 
@@ -209,9 +251,12 @@ def decode_caption(raw: bytes | str | None, counter: SkipCounter, where: str) ->
     return text
 
 
-def make_example(pixels: torch.Tensor | None, caption: str | None) -> dict | None:
+def make_example(pixels: torch.Tensor | dict | None, caption: str | None) -> dict | None:
+    """{"pixel_values", "caption"}, plus the size conditioning when `pixels` is a SizeConditionedCrop's dict."""
     if pixels is None or caption is None:
         return None
+    if isinstance(pixels, dict):
+        return {**pixels, "caption": caption}
     return {"pixel_values": pixels, "caption": caption}
 
 
@@ -495,13 +540,19 @@ def _looks_like_shards(source: str) -> bool:
 def build_dataset(source: str, resolution: int, *, caption_column: str | None = None,
                   image_column: str | None = None, seed: int = 0, split: str = "train",
                   num_examples: int | None = None, max_pixels: int = MAX_PIXELS,
-                  shuffle_buffer: int = 0) -> Dataset | IterableDataset:
-    """The dataset for `source` (see the module docstring); raises DataError listing the valid forms."""
+                  shuffle_buffer: int = 0, size_conditioning: bool = False) -> Dataset | IterableDataset:
+    """The dataset for `source` (see the module docstring); raises DataError listing the valid forms.
+
+    size_conditioning (SDXL teachers): image files are randomly cropped and each sample records its original size
+    and crop corner (`SizeConditionedCrop`); the Shapes world renders at the training size (no keys: `time_ids_of`).
+    """
     if not isinstance(resolution, int) or resolution < 8:
         raise DataError(f"resolution must be an integer >= 8, got {resolution!r}")
     source = str(source).strip()
     if source == "shapes" or source.startswith("shapes:"):
         return _shapes(source, resolution, seed, split, num_examples)
+    if size_conditioning:
+        resolution = SizeConditionedCrop(resolution, seed)
     path = Path(source).expanduser()
     if path.is_dir():
         return _local_folder(path, resolution, caption_column, image_column, split, max_pixels, shuffle_buffer, seed)

@@ -33,7 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..core.sampler import generate
-from ..core.teacher import cfg_scale, encode_text
+from ..core.teacher import cfg_scale, encode_condition, encode_text, uncond_like, vae_scale_factor
+from .data import time_ids_of
 from ..store.atomic import atomic_write, write_json
 
 log = logging.getLogger(__name__)
@@ -369,8 +370,8 @@ def batch_latents(batch: dict, pipe, device: torch.device, vae_dtype: torch.dtyp
             z_0 = (pipe.vae.encode(px).latent_dist.sample(generator=generator) * sf).float()
         if "cond" in batch:
             cond = batch["cond"].to(device, te_dtype)
-        else:
-            cond = encode_text(pipe, batch["caption"], device)
-        n = z_0.shape[0]
-        uncond = batch["uncond"].to(device, te_dtype) if "uncond" in batch else uncond_1.expand(n, -1, -1)
+        else:  # SDXL: with the batch's size / crop time ids at the target size of z_0
+            size = time_ids_of(batch, z_0.shape[-1] * vae_scale_factor(pipe.vae))
+            cond = encode_condition(pipe, batch["caption"], device, size)
+        uncond = batch["uncond"].to(device, te_dtype) if "uncond" in batch else uncond_like(uncond_1, cond)
     return z_0, cond, uncond

@@ -31,9 +31,10 @@ from .memory import warn_if_short
 from ..core.schedule import NoiseSchedule
 from ..core.splad import SpladConfig, splad_loss
 from ..core.student import build_student, ema_update, make_target
-from ..core.teacher import cfg_scale, encode_text, vae_scale_factor
+from ..core.teacher import added_conditioning, cfg_scale, empty_condition, text_encoders, vae_scale_factor
 from ..models.export import export_run
 from ..models.loading import load_student, load_teacher, sampling_guidance
+from ..models.sdxl import load_vae
 from ..store.runs import (TRAINING_CONFIG, RunBusy, RunLock, StepLog, default_run_name, holds_only_the_lock,
                           read_training_config, valid_run_name)
 
@@ -65,6 +66,8 @@ class Inputs:
                                  "or hub id")
     teacher_config: str | None = arg(None, "local diffusers folder holding the model configs for a single-file teacher "
                                            "(needed offline)")
+    vae: str | None = arg(None, "a diffusers VAE folder replacing the teacher's (e.g. a fixed fp16 SDXL VAE); by "
+                                "default the VAE runs in fp32 under fp16")
     data: str = arg("shapes", "data: image folder with .txt captions, folder with metadata.jsonl, datasets name/path, "
                               ".tar shards (path/glob/URL), or 'shapes'")
     prompts: str | None = arg(None, "prompts file (one a line, or JSON lines {\"prompt\", \"negative_prompt\"}): the "
@@ -597,21 +600,24 @@ class Models:
     teacher: torch.nn.Module
     student: torch.nn.Module
     target: torch.nn.Module
-    uncond_1: torch.Tensor  # (1, L, D): the empty prompt's text embedding
+    uncond_1: Any  # the empty prompt's condition: (1, L, D) embeddings, SDXL a TextCondition
 
 
 def setup_models(cfg: TrainConfig, rt, device: torch.device) -> Models:
     """Teacher, text encoder and VAE frozen (dtypes: device.py); the student from the teacher, theta^- its copy."""
     pipe = load_teacher(cfg.teacher, torch_dtype=torch.float32, allow_pickle=cfg.allow_pickle, config=cfg.teacher_config)
+    if cfg.vae:
+        pipe.vae = load_vae(cfg.vae)
     teacher = pipe.unet.requires_grad_(False).eval()
     student = make_student(pipe, teacher, cfg)
     target = make_target(student)
     teacher.to(device, rt.weight_dtype)
-    pipe.text_encoder.requires_grad_(False).to(device, rt.weight_dtype)
+    for te in text_encoders(pipe).values():  # SDXL: both
+        te.requires_grad_(False).to(device, rt.weight_dtype)
     pipe.vae.requires_grad_(False).to(device, rt.vae_dtype)
     target.to(device)
-    with torch.no_grad():
-        uncond_1 = encode_text(pipe, [""], device)
+    with torch.no_grad():  # (1, L, D); SDXL a TextCondition (zeros with force_zeros_for_empty_prompt)
+        uncond_1 = empty_condition(pipe, device)
     return Models(pipe, NoiseSchedule.from_scheduler(pipe.scheduler), teacher, student, target, uncond_1)
 
 
@@ -782,7 +788,8 @@ class Trail:
         self.acc.wait_for_everyone()
         if not self.main:
             return
-        exports = export_run(self.run_dir, m.target, m.pipe, resolved, merged=self.cfg.export_merged)
+        exports = export_run(self.run_dir, m.target, _export_teacher(self.cfg, m.pipe), resolved,
+                             merged=self.cfg.export_merged)
         if start < self.cfg.max_steps:
             _validate(m.pipe, m.target, self.cfg, self.run_dir, step)
         names = {k: str(v.relative_to(self.run_dir)) for k, v in exports.items()}  # paths inside the run folder
@@ -855,12 +862,26 @@ def _train(cfg: TrainConfig, run_dir: Path, log=print, loss_fn=None) -> Path:
     return run_dir
 
 
+def _export_teacher(cfg: TrainConfig, pipe):
+    """The teacher whose frozen parts (VAE, text encoders) go into the stock exports: `pipe` when training kept them in
+    fp32, else a fresh fp32 load on the CPU (the in-place cast to the runtime's dtype rounded them)."""
+    frozen = [pipe.vae, *text_encoders(pipe).values()]
+    if all(next(m.parameters()).dtype == torch.float32 for m in frozen):
+        return pipe
+    fresh = load_teacher(cfg.teacher, torch_dtype=torch.float32, allow_pickle=cfg.allow_pickle, config=cfg.teacher_config)
+    if cfg.vae:
+        fresh.vae = load_vae(cfg.vae)
+    return fresh
+
+
 def _latent_source(cfg: TrainConfig, pipe, acc, resolution: int, log) -> tuple[torch.utils.data.Dataset, LatentStore | None]:
     """The run's data: teacher data from --prompts, the latent cache of --data with --cache-latents, or --data as is.
     Stores are made by the main process first (the others then find them complete) under <output_dir>/.cache."""
     from .data import build_dataset
 
     root = Path(cfg.output_dir) / ".cache"
+    if added_conditioning(pipe) and (cfg.prompts or cfg.cache_latents):
+        raise TrainError("--prompts and --cache-latents store SD1.5 text embeddings only; an SDXL teacher trains on --data")
     if cfg.prompts:
         native = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
         if resolution != native:
@@ -875,7 +896,7 @@ def _latent_source(cfg: TrainConfig, pipe, acc, resolution: int, log) -> tuple[t
             f"CFG {cfg_scale(cfg.w):g}{per}; in {root.name}/{store.root.name}")
         return dataset, store
     dataset = build_dataset(cfg.data, resolution, caption_column=cfg.caption_column, image_column=cfg.image_column,
-                            seed=cfg.seed, num_examples=cfg.shapes_size)
+                            seed=cfg.seed, num_examples=cfg.shapes_size, size_conditioning=added_conditioning(pipe))
     if not cfg.cache_latents:
         return dataset, None
     identity = {"data": cfg.data, "files": files_identity(cfg.data), "resolution": resolution, "seed": cfg.seed,
