@@ -531,7 +531,7 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from .data import build_dataset, collate_drop_none, fit_batch_size
+    from .data import build_dataset, collate_drop_none, first_captions, fit_batch_size
 
     cfg.validate()
     requested_batch = cfg.batch_size  # recorded: a small data set clamps the batch, a resume compares the asked one
@@ -580,8 +580,8 @@ def _train(cfg: TrainConfig, log=print) -> Path:
     vae_scale = vae_scale_factor(pipe.vae)
     resolution = cfg.resolution or teacher.config.sample_size * vae_scale
     dataset, store = _latent_source(cfg, pipe, acc, resolution, log)
-    if store is not None and not cfg.validation_prompts:  # validate on the run's own captions, not a preset's
-        cfg = dataclasses.replace(cfg, validation_prompts=dataset.captions(4))
+    if not cfg.validation_prompts:  # validate on the run's own captions (data.first_captions), not a preset's
+        cfg = dataclasses.replace(cfg, validation_prompts=dataset.captions(4) if store is not None else first_captions(dataset, 4))
     counter = getattr(dataset, "counter", None)
     loader_kw = dict(collate_fn=collate_drop_none, num_workers=cfg.num_workers)  # drops unreadable items (None)
     if isinstance(dataset, torch.utils.data.IterableDataset):
