@@ -121,9 +121,11 @@ def test_embedded_teacher_trains_with_the_shapes_preset_whatever_the_data(weight
     assert folder_run.validation_prompts == []  # not the preset's Shapes prompts: the trainer takes the folder's captions
 
 
-def test_other_teachers_get_sd15_with_measured_gamma_sampling(weights, other_teacher, folder):
+def test_other_teachers_get_sd15_with_measured_gamma_sampling(weights, other_teacher, folder, monkeypatch):
     r = recipe(other_teacher, weights)
     assert r.preset == "sd15" and native_px(other_teacher) == 16
+    monkeypatch.chdir(weights.parent)  # a hub id is never read as a folder, even where one of that name exists
+    assert native_px("weights/shapes-teacher") is None and native_px(Path("weights/shapes-teacher")) == 16
     cfg = _config(Trainer(weights, {}).command(other_teacher, "shapes", "splam", 8, "r", 4))
     assert cfg.gamma_one_prob == 0.8 and cfg.cond_proj_init == "zero"  # not the U[0, 1] that collapsed (BENCHMARKS.md)
     assert (cfg.lora_rank, cfg.lr, cfg.w, cfg.gradient_checkpointing) == (64, 1e-4, 8.0, True)  # the sd15 preset

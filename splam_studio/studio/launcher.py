@@ -85,14 +85,23 @@ OTHER_WHY = ("the `sd15` preset (the authors' SD1.5 hyper-parameters: LoRA rank 
 
 def native_px(source: str | Path) -> int | None:
     """The teacher's native image size from its configs (unet sample_size x the VAE's downsampling), read without
-    loading weights: a diffusers folder, or a hub id whose configs are in the local Hugging Face cache; else None."""
+    loading weights: a diffusers folder (a Path, or an absolute one), or a hub id whose configs are in the local
+    Hugging Face cache (a hub id is never read as a folder); else None."""
+    local = isinstance(source, Path) or os.path.isabs(str(source))
+
     def config(name: str) -> dict | None:
-        path = Path(source) / name / "config.json"
-        if not path.is_file() and isinstance(source, str) and not Path(source).is_absolute() and source.count("/") == 1:
+        if local:
+            path = Path(source) / name / "config.json"
+        else:
             from huggingface_hub import try_to_load_from_cache
 
-            cached = try_to_load_from_cache(source, f"{name}/config.json")
-            path = Path(cached) if isinstance(cached, str) else path
+            try:
+                cached = try_to_load_from_cache(str(source), f"{name}/config.json")
+            except ValueError:  # not a hub id by huggingface_hub's rules (HFValidationError)
+                cached = None
+            if not isinstance(cached, str):
+                return None
+            path = Path(cached)
         try:
             value = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):

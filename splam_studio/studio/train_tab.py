@@ -119,8 +119,8 @@ def train_tab(studio: Studio, demo: gr.Blocks, model_inputs: list, menus) -> Non
         return (*view(trainer.status(_owner(request))), msg)
 
     def on_stop(request: gr.Request):
-        msg = trainer.stop(owner=_owner(request))
-        return (*view(trainer.status(_owner(request))), msg)
+        msg = trainer.stop(owner=_owner(request))  # "Stopping ..." shows in the status line; a refusal as the notice
+        return (*view(trainer.status(_owner(request))), "" if msg.startswith("Stopping") else msg)
 
     def on_load(request: gr.Request):
         return view(trainer.status(_owner(request)))
@@ -178,6 +178,8 @@ def train_tab(studio: Studio, demo: gr.Blocks, model_inputs: list, menus) -> Non
         for c in choices:
             c.change(lambda t, d, m: recipe_note(studio, t, d, m), choices, t_recipe, api_visibility="private",
                      queue=False)
+        t_prompts.input(lambda text, d: TYPED_PROMPTS if (text or "").strip() else d, [t_prompts, t_data], t_data,
+                        api_visibility="private", queue=False)  # typing prompts picks them as the data
         start.click(on_start, [*choices, t_steps, t_batch, t_name, t_prompts, t_images], [*outputs, t_notice],
                     api_visibility="private")
         stop.click(on_stop, None, [*outputs, t_notice], api_visibility="private")
