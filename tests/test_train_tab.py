@@ -7,6 +7,7 @@ Real runs are tiny `python -m splam_studio.training` subprocesses on the tiny pi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -191,6 +192,19 @@ def test_generation_progress_is_read_from_the_trainer_bar():
     assert stage_progress(["step 1"]) is None
 
 
+def test_a_prompts_file_from_the_command_line_is_a_data_choice(weights, tmp_path):
+    listed = tmp_path / "my-prompts.txt"
+    listed.write_text("\n".join(CAPTIONS) + "\n")
+    s = Studio(weights, data_dirs={"list": listed}, warm_up=False)
+    assert s.trainer.data_choices() == ["shapes", "list"] and s.trainer.prompts_file("list") == listed.resolve()
+    assert s.trainer.prompts_file("shapes") is None
+    cfg = _config(s.trainer.command(weights / "shapes-teacher", "shapes", "splam", 8, "r", 4,
+                                    prompts=s.trainer.prompts_file("list"), images_per_prompt=3))
+    assert (cfg.prompts, cfg.images_per_prompt, cfg.validation_prompts) == (str(listed.resolve()), 3, [])
+    note = recipe_note(s, "shapes-teacher", "list", "splam")
+    assert "prompts file `list`" in note and str(tmp_path) not in note
+
+
 @pytest.mark.slow
 def test_typed_prompts_run_from_the_tab(weights):
     t = Trainer(weights, {})
@@ -247,7 +261,7 @@ def test_stop_names_the_real_checkpoint_and_a_resume_of_this_run(weights):
     argv = cmd.split()[3:] + ["--max-steps", str(step + 1)]
     out = subprocess.run([sys.executable, "-m", "splam_studio.training", *argv], cwd=weights.parent,
                          capture_output=True, text=True, timeout=240,
-                         env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"continuing at step {step}" in out.stdout + out.stderr
     cfg = read_training_config(run)
@@ -289,5 +303,5 @@ def test_bad_input_is_one_notice_and_no_error_badges(weights):
                         (("shapes-teacher", "shapes", "splam", "many", 2, "y-run", "", 1), "must be a number")]:
         out = on_start(*args, request)  # returns, never raises gr.Error (which badges every output red)
         assert len(out) == N_VIEW + 1
-        assert all(isinstance(o, type(gr.skip())) and o == gr.skip() for o in out[:N_VIEW])
+        assert all(o == gr.skip() for o in out[:N_VIEW])  # every other output keeps what it shows
         assert out[-1].startswith("⚠️") and match in out[-1] and str(weights) not in out[-1]
