@@ -26,7 +26,8 @@ from splam_studio.studio.logic import Studio, StudioError
 from splam_studio.studio.train_tab import N_VIEW, recipe_note, validation_note
 from splam_studio.training.checkpoints import last_checkpoint
 from splam_studio.training.cli import build_parser, resolve
-from splam_studio.training.data import CaptionFolderDataset, MetadataFolderDataset, build_dataset, first_captions
+from splam_studio.training.data import (CaptionFolderDataset, HFImageTextDataset, MetadataFolderDataset, build_dataset,
+                                        first_captions)
 from tests.test_app import REPO, make_fake_weights
 
 torch.set_num_threads(1)
@@ -161,6 +162,12 @@ def test_first_captions_read_the_folder_without_its_images(folder, tmp_path):
     ds = build_dataset(str(meta), 16)
     assert isinstance(ds, MetadataFolderDataset) and first_captions(ds, 4) == CAPTIONS[::-1]
     assert len(first_captions(build_dataset("shapes:10", 16), 4)) == 4
+    import datasets
+
+    png = (folder / "img0.png").read_bytes()
+    hf = datasets.Dataset.from_dict({"image": [{"bytes": png, "path": None}] * 4, "text": ["", *CAPTIONS]},
+                                    features=datasets.Features(image=datasets.Image(), text=datasets.Value("string")))
+    assert first_captions(HFImageTextDataset(hf, 16), 4) == CAPTIONS  # the empty caption is no prompt
 
 
 def test_validation_panel_says_why_it_is_empty():

@@ -78,8 +78,8 @@ def validation_note(s: TrainStatus) -> str:
         return ("No validation grid yet: the run has not started training (it is loading the teacher and the data)."
                 if s.running else "No validation grid: the run ended before it started training.")
     if not s.validation_prompts:
-        return ("No validation grid: the run has no validation prompts (its data has no captions to take them from, "
-                "and none were given).")
+        return ("No validation grid: the run has no validation prompts (its data gave no captions to take them from: "
+                "images without captions, or shards that cannot be read ahead).")
     first = f"step {s.validate_every}" if s.validate_every else "the end"
     if s.running:
         return f"No validation grid yet: the first comes at {first} (and one at the end)."

@@ -75,7 +75,8 @@ HELP = {
     "checkpoint_every": "save a resumable checkpoint every N steps (atomic)",
     "keep_checkpoints": "how many resumable checkpoints to keep",
     "validate_every": "save a validation grid every N steps (0 = at the end only)",
-    "validation_prompts": "prompts of the validation grid (repeat the flag)",
+    "validation_prompts": "prompts of the validation grid (repeat the flag; default: the first 4 captions of the data, "
+                          "or a preset's prompts when the data is the preset's own)",
     "snapshot_every": "keep the EMA student every N steps in snapshots/ for convergence curves (0 = off)",
     "log_every": "TensorBoard logging interval in steps",
     "max_bad_steps": "stop after this many non-finite losses in a row",
