@@ -542,8 +542,9 @@ def _local_folder(path: Path, resolution: int, caption_column: str | None, image
 
 
 def first_captions(dataset, n: int) -> list[str]:
-    """The first n distinct non-empty captions of a local folder or the Shapes data, read without decoding an image
-    (the validation prompts of a run that names none); [] for other sources, whose captions cost a pass to read."""
+    """The first n distinct non-empty captions of a local folder, a `datasets` source or the Shapes data, read
+    without decoding an image (the validation prompts of a run that names none); [] for streamed shards, which
+    cannot be read ahead."""
     from ..shapes.grammar import ShapesDataset
 
     counter = SkipCounter("captions")  # a caption that cannot be read is not a validation prompt; nothing is counted
@@ -552,6 +553,9 @@ def first_captions(dataset, n: int) -> list[str]:
         texts = (decode_caption(t.read_bytes() if t.is_file() else None, counter, "") for t in raw)
     elif isinstance(dataset, MetadataFolderDataset):
         texts = (decode_caption(c, counter, "") for _path, c in dataset.entries)
+    elif isinstance(dataset, HFImageTextDataset):  # the caption column alone, of the first rows
+        rows = dataset.ds.select(range(min(len(dataset.ds), 64 * n))).select_columns([dataset.caption_column])
+        texts = (decode_caption(row[dataset.caption_column], counter, "") for row in rows)
     elif isinstance(dataset, ShapesDataset):
         texts = (spec.caption() for spec in dataset.specs)
     else:
