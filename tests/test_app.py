@@ -247,17 +247,6 @@ def test_finished_run_is_reaped_without_polling(weights):
     assert s.trainer.proc.returncode == 0
 
 
-def test_train_stop(weights):
-    s = Studio(weights)
-    s.start_training("shapes-teacher", "shapes", "splam", 10_000, "stopped-run", 2)
-    assert s.trainer.stop(grace_s=5) .startswith("Stopping")
-    deadline = time.time() + 30
-    while s.trainer.running() and time.time() < deadline:
-        time.sleep(0.2)
-    assert not s.trainer.running() and s.trainer.status().state == "stopped"
-    assert s.trainer.stop() == "No run is going."
-
-
 # ---- the app, end to end ------------------------------------------------------------------------------------------
 def test_cli_defaults():
     sys.path.insert(0, str(REPO))

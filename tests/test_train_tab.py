@@ -275,8 +275,7 @@ def test_stop_names_the_real_checkpoint_and_a_resume_of_this_run(weights):
     assert (cfg["method"], cfg["batch_size_requested"], cfg["data"], cfg["max_steps"]) == ("lcm", 2, "shapes", step + 1)
 
 
-@pytest.mark.slow
-def test_stop_before_the_first_checkpoint_leaves_nothing(weights):
+def test_stop_before_the_first_checkpoint_leaves_nothing(weights):  # was test_app.py's test_train_stop
     t = Trainer(weights, {})
     t.start(weights / "shapes-teacher", "shapes", "splam", 10_000, "stop-early", 2)
     run = weights / "stop-early"
