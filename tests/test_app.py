@@ -198,28 +198,6 @@ def test_local_models_from_the_cli(weights):
 
 
 # ---- training runs ----------------------------------------------------------------------------------------------
-def test_trainer_rejects_bad_runs(studio, weights):
-    t = studio.trainer
-    for name, match in [("../evil", "invalid run name"), ("a/b", "invalid run name"), ("shapes-x", "reserved"),
-                        ("shapes-teacher", "reserved")]:
-        with pytest.raises(StudioError, match=match):
-            t.start("shapes", "shapes", "splam", 1, name)
-    (weights / "taken").mkdir()
-    with pytest.raises(StudioError, match="already exists"):
-        t.start("shapes", "shapes", "splam", 1, "taken")
-    with pytest.raises(StudioError, match="unknown data '/etc'"):
-        t.start("shapes", "/etc", "splam", 1, "x1")
-    with pytest.raises(StudioError, match="unknown method"):
-        t.start("shapes", "shapes", "ddpm", 1, "x1")
-    with pytest.raises(StudioError, match="unknown teacher"):
-        studio.start_training("../../etc", "shapes", "splam", 1, "x1")
-    allowed = Trainer(weights, {"mine": weights})
-    assert allowed.data_choices() == ["shapes", "mine"]
-    cmd = allowed.command("T", str(weights), "lcm", 8, "r", 4)
-    assert cmd[1:4] == ["-u", "-m", "splam_studio.training"] and "--preset" not in cmd
-    assert cmd[cmd.index("--output-dir") + 1] == str(weights) and cmd[cmd.index("--validate-every") + 1] == "2"
-
-
 def test_stats_and_log_as_a_person_reads_them(tmp_path):
     stats = tmp_path / "stats.jsonl"
     stats.write_text('{"event": "start", "step": 0, "max_steps": 2}\n{"step": 1, "loss": 0.5, "it_s": 2.0, '
@@ -267,17 +245,6 @@ def test_finished_run_is_reaped_without_polling(weights):
         time.sleep(0.5)
     assert not Path(f"/proc/{pid}").exists(), "the finished trainer was left a zombie"
     assert s.trainer.proc.returncode == 0
-
-
-def test_train_stop(weights):
-    s = Studio(weights)
-    s.start_training("shapes-teacher", "shapes", "splam", 10_000, "stopped-run", 2)
-    assert s.trainer.stop(grace_s=5) .startswith("Stopping")
-    deadline = time.time() + 30
-    while s.trainer.running() and time.time() < deadline:
-        time.sleep(0.2)
-    assert not s.trainer.running() and s.trainer.status().state == "stopped"
-    assert s.trainer.stop() == "No run is going."
 
 
 # ---- the app, end to end ------------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--splam", help="SPLAM student: a run name, a hub id (e.g. alimama-creative/slam-sd1.5) or a folder")
     p.add_argument("--lcm", help="LCM student: a run name, a hub id (e.g. SimianLuo/LCM_Dreamshaper_v7) or a folder")
     p.add_argument("--data-dir", action="append", default=[], metavar="[NAME=]PATH",
-                   help="an image folder the Train tab may use (repeat the flag); the page only sees NAME")
+                   help="an image folder, or a prompts file (.txt / .jsonl, one prompt a line), the Train tab may "
+                        "use (repeat the flag); the page only sees NAME")
     train = p.add_mutually_exclusive_group()
     train.add_argument("--no-train", dest="train", action="store_false", default=None,
                        help="hide the Train tab (default on Hugging Face Spaces, --host 0.0.0.0 and --share)")
@@ -243,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.data_dir:
         name, _, path = item.rpartition("=") if "=" in item else ("", "", item)
         path = Path(path).expanduser()
-        if not path.is_dir():
-            print(f"error: --data-dir {item!r} is not a folder", file=sys.stderr)
+        if not (path.is_dir() or (path.is_file() and path.suffix in (".txt", ".jsonl"))):
+            print(f"error: --data-dir {item!r} is neither a folder nor a prompts file (.txt, .jsonl)", file=sys.stderr)
             return 2
         data_dirs[name or path.name] = path
     shared = shared_server(args.host, args.share)

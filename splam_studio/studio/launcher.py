@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..training.quiet import NOISE
-from ..store.atomic import write_json
+from ..store.atomic import atomic_write, write_json
 from ..store.runs import STATS, default_run_name, read_stats, valid_run_name
 from .validation import StudioError, clamp_int
 
@@ -45,6 +45,115 @@ DEFAULT_SIGNALS = ("import os, signal, sys; [signal.signal(s, signal.SIG_DFL) fo
                    "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Z0-9]")  # terminal colours and cursor moves
+# a data-preparation bar of the trainer (training/latents.py) at its last redraw: "teacher data:  40%|###  | 2/5 [00:03<00:04, ...]"
+STAGE_BAR = re.compile(r"^(teacher data|latent cache):\s*(\d+)%\|[^|]*\|\s*(\d+)/(\d+)\s*\[([^<\]]*)<?([^,\]]*)")
+
+# Prompts typed on the page (`--prompts`): the data choice, and the limits a visitor's text is held to
+TYPED_PROMPTS = "prompts typed below"
+PROMPTS_FILE = ".prompts.txt"  # <weights>/.studio-logs/<run>.prompts.txt: the typed prompts, handed to the trainer
+MAX_PROMPTS_CHARS = 100_000  # the whole box
+MAX_PROMPTS = 1000  # prompts in the box
+IMAGES_PER_PROMPT = (1, 16)
+MAX_TEACHER_IMAGES = 4096  # prompts x images per prompt: the teacher-made data a page's run may ask for
+SHAPES_TEACHER = "shapes-teacher"  # the embedded teacher's folder under weights/ (models.loading.EMBEDDED)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The trainer settings the Train tab uses for a teacher: a preset of the trainer's CLI, the flags over it, and why."""
+
+    preset: str
+    flags: tuple[str, ...]
+    why: str
+
+
+# The Shapes world's measured recipe: the `shapes` preset (lr 1e-5, w 6.5, p(gamma = 1) 0.8, the gamma projection
+# from zero at 30x lr; BENCHMARKS.md, "SPLAM against LCM over training seeds" and "SL-ODE variants").
+SHAPES_RECIPE = Recipe("shapes", (), "the embedded Shapes teacher's own recipe, measured in BENCHMARKS.md: lr 1e-5, w 6.5 "
+                       "(CFG 7.5), p(gamma = 1) 0.8 and the gamma projection from zero at 30x lr (with the paper's "
+                       "U[0, 1], p = 0, SPLAM collapsed on this world; 0.8 gave the lowest 2- and 4-step FID over "
+                       "3 seeds)")
+# Any other teacher: the `sd15` preset (the authors' SD1.5 hyper-parameters: LoRA 64, lr 1e-4, w 8, gradient
+# checkpointing; memory estimated in training/memory.py) with the gamma sampling measured on the Shapes world, since
+# the preset's p(gamma = 1) 0 is the U[0, 1] that collapsed there. Not measured on an SD1.5 teacher here (no GPU).
+OTHER_FLAGS = ("--gamma-one-prob", "0.8", "--cond-proj-init", "zero")
+OTHER_WHY = ("the `sd15` preset (the authors' SD1.5 hyper-parameters: LoRA rank 64, lr 1e-4, w 8 = CFG 9, gradient "
+             "checkpointing; about 12.4 GiB at batch 8 in bf16) with p(gamma = 1) 0.8 and the gamma projection from "
+             "zero, as measured on the Shapes world (BENCHMARKS.md: the preset's p = 0, the paper's U[0, 1], "
+             "collapsed there); this recipe was not measured on an SD1.5 teacher here")
+
+
+def native_px(source: str | Path) -> int | None:
+    """The teacher's native image size from its configs (unet sample_size x the VAE's downsampling), read without
+    loading weights: a diffusers folder (a Path, or an absolute one), or a hub id whose configs are in the local
+    Hugging Face cache (a hub id is never read as a folder); else None."""
+    local = isinstance(source, Path) or os.path.isabs(str(source))
+
+    def config(name: str) -> dict | None:
+        if local:
+            path = Path(source) / name / "config.json"
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            try:
+                cached = try_to_load_from_cache(str(source), f"{name}/config.json")
+            except ValueError:  # not a hub id by huggingface_hub's rules (HFValidationError)
+                cached = None
+            if not isinstance(cached, str):
+                return None
+            path = Path(cached)
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    unet, vae = config("unet"), config("vae")
+    try:
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def recipe(source: str | Path, weights: Path) -> Recipe:
+    """The recipe for a resolved teacher: `shapes` for the embedded Shapes teacher, else `sd15` with SPLAM's measured
+    gamma sampling, at the teacher's native size when its configs say it (the preset's 512 px otherwise)."""
+    if str(source) == "shapes" or Path(source).resolve() == (Path(weights) / SHAPES_TEACHER).resolve():
+        return SHAPES_RECIPE
+    px = native_px(source)
+    if px is None:
+        return Recipe("sd15", OTHER_FLAGS, OTHER_WHY + "; 512 px, the preset's size (the teacher's configs could not "
+                      "be read here)")
+    return Recipe("sd15", OTHER_FLAGS + ("--resolution", str(px)), OTHER_WHY + f"; {px} px, the teacher's native size")
+
+
+def check_prompts(text, images_per_prompt, notices: list[str]) -> tuple[str, int]:
+    """The typed prompts as a prompts file's text (latents.read_prompts reads it) and the images per prompt, within
+    the page's limits; StudioError naming the line for text the trainer would refuse."""
+    from ..training.latents import LatentDataError, read_prompts
+
+    if not isinstance(text, str) or not text.strip():
+        raise StudioError(f"data {TYPED_PROMPTS!r} needs prompts: type one a line (or JSON lines "
+                          '{"prompt": ..., "negative_prompt": ...}) in the Prompts box')
+    if len(text) > MAX_PROMPTS_CHARS:
+        raise StudioError(f"the prompts are {len(text)} characters; at most {MAX_PROMPTS_CHARS} are taken from the page")
+    n = clamp_int("images per prompt", images_per_prompt, IMAGES_PER_PROMPT, notices)
+    text = "\n".join(line.rstrip() for line in text.replace("\r\n", "\n").split("\n")) + "\n"
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # the trainer's own parser, so the page refuses what it would refuse
+        path = Path(tmp) / "prompts.txt"
+        path.write_text(text, encoding="utf-8")
+        try:
+            prompts = read_prompts(path)
+        except LatentDataError as e:
+            raise StudioError(str(e).replace(str(path), "the Prompts box")) from None
+    if len(prompts) > MAX_PROMPTS:
+        raise StudioError(f"{len(prompts)} prompts; at most {MAX_PROMPTS} are taken from the page")
+    if len(prompts) * n > MAX_TEACHER_IMAGES:
+        raise StudioError(f"{len(prompts)} prompts x {n} images = {len(prompts) * n} teacher-made images; at most "
+                          f"{MAX_TEACHER_IMAGES} from the page: fewer prompts or images per prompt")
+    return text, n
 
 
 def format_duration(seconds: float | None) -> str:
@@ -78,6 +187,8 @@ class TrainStatus:
     total_steps: int | None = None
     it_s: float | None = None
     eta_s: float | None = None
+    validation_prompts: list[str] | None = None  # as the run recorded them (None: no training_config.json yet)
+    validate_every: int | None = None  # the run's validation cadence in steps (0: at the end only), as recorded
 
     @property
     def running(self) -> bool:
@@ -234,27 +345,46 @@ class Trainer:
         self._record(run.name).unlink(missing_ok=True)
 
     # -- start, stop, shutdown ------------------------------------------------------------------------------------
-    def command(self, teacher: str | Path, data: str, method: str, steps: int, run_name: str, batch_size: int) -> list[str]:
-        """The trainer's command line (`python -m splam_studio.training`) for a run (teacher and data already resolved by the caller)."""
-        cmd = [sys.executable, "-u", "-m", "splam_studio.training"]
-        if data == "shapes":
-            cmd += ["--preset", "shapes", "--shapes-size", str(min(20000, max(256, steps * batch_size)))]
-        cmd += ["--teacher", str(teacher), "--data", data, "--method", method, "--max-steps", str(steps),
+    def command(self, teacher: str | Path, data: str, method: str, steps: int, run_name: str, batch_size: int, *,
+                prompts: Path | None = None, images_per_prompt: int = 1) -> list[str]:
+        """The trainer's command line (`python -m splam_studio.training`) for a run: the teacher's recipe (`recipe`),
+        then the page's choices. Teacher and data come resolved by the caller: 'shapes' or a folder, or a prompts
+        file (`prompts`, which replaces the data)."""
+        r = recipe(teacher, self.weights)
+        cmd = [sys.executable, "-u", "-m", "splam_studio.training", "--preset", r.preset, *r.flags]
+        if prompts is not None:
+            cmd += ["--prompts", str(prompts), "--images-per-prompt", str(images_per_prompt)]
+        else:
+            cmd += ["--data", data]
+            if data == "shapes":
+                cmd += ["--shapes-size", str(min(20000, max(256, steps * batch_size)))]
+        cmd += ["--teacher", str(teacher), "--method", method, "--max-steps", str(steps),
                 "--batch-size", str(batch_size), "--run-name", run_name, "--output-dir", str(self.weights),
                 "--checkpoint-every", str(max(1, steps // 2)), "--validate-every", str(max(1, steps // 4)),
                 "--snapshot-every", "0"]
         return cmd
 
+    def prompts_file(self, data: str) -> Path | None:
+        """The prompts file a data choice names (a --data-dir entry that is a file), else None."""
+        path = self.data_dirs.get(data)
+        return path if path is not None and path.is_file() else None
+
     def start(self, teacher: str | Path, data: str, method: str, steps, run_name: str, batch_size=32,
-              owner: str | None = None) -> str:
+              owner: str | None = None, *, prompts: str = "", images_per_prompt=1) -> str:
         """Start a run for `owner`; StudioError if the owner (or the server) has a live run, the page's runs used
-        their disk quota, or an input is invalid."""
+        their disk quota, or an input is invalid. With data TYPED_PROMPTS, `prompts` is the Prompts box's text: it is
+        checked (check_prompts), written to <weights>/.studio-logs/<run>.prompts.txt and trained on with --prompts."""
         notices: list[str] = []
         if method not in METHODS:
             raise StudioError(f"unknown method {method!r}; choose one of {list(METHODS)}")
-        if data not in self.data_choices():
-            raise StudioError(f"unknown data {data!r}; choose one of {self.data_choices()} (folders are allowed "
-                              "only from the command line: --data-dir NAME=PATH)")
+        if data not in self.data_choices() and data != TYPED_PROMPTS:
+            raise StudioError(f"unknown data {data!r}; choose one of {self.data_choices() + [TYPED_PROMPTS]} (folders "
+                              "and prompts files are allowed only from the command line: --data-dir NAME=PATH)")
+        typed = None
+        if data == TYPED_PROMPTS:
+            typed, images_per_prompt = check_prompts(prompts, images_per_prompt, notices)
+        elif self.prompts_file(data) is not None:
+            images_per_prompt = clamp_int("images per prompt", images_per_prompt, IMAGES_PER_PROMPT, notices)
         steps = clamp_int("training steps", steps, TRAIN_STEPS, notices)
         batch_size = clamp_int("batch size", batch_size, TRAIN_BATCH, notices)
         run_name = (run_name or "").strip() or default_run_name(method)
@@ -264,7 +394,7 @@ class Trainer:
             raise StudioError("run names starting with 'shapes-' are reserved for the embedded models; pick another")
         if (self.weights / run_name).exists():
             raise StudioError(f"a run named {run_name!r} already exists under weights/; pick another name")
-        data_arg = data if data == "shapes" else str(self.data_dirs[data])
+        data_arg = data if data in ("shapes", TYPED_PROMPTS) else str(self.data_dirs[data])
         with self._lock:
             if self._closed:
                 raise StudioError("the studio is shutting down; no new run starts")
@@ -283,7 +413,12 @@ class Trainer:
             log_path = self.logs / f"{run_name}.log"
             env = {**os.environ, "PYTHONUNBUFFERED": "1",
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(self.package_root), os.environ.get("PYTHONPATH")]))}
-            cmd = self.command(teacher, data_arg, method, steps, run_name, batch_size)
+            prompts_path = self.prompts_file(data)
+            if typed is not None:
+                prompts_path = atomic_write(self.logs / f"{run_name}{PROMPTS_FILE}",
+                                            lambda tmp: tmp.write_text(typed, encoding="utf-8"))
+            cmd = self.command(teacher, data_arg, method, steps, run_name, batch_size, prompts=prompts_path,
+                               images_per_prompt=images_per_prompt)
             with open(log_path, "wb") as log:
                 # own session = own process group (Stop and shutdown signal the group); cwd is the logs folder,
                 # which holds no folders, so no relative name (a hub id) can reach a folder on this machine
@@ -296,7 +431,9 @@ class Trainer:
                                                 "owner": owner, "total_steps": steps, "started": time.time()})
             threading.Thread(target=self._watch, args=(run,), daemon=True).start()
         note = f" ({'; '.join(notices)})" if notices else ""
-        return f"Started {method} run `{run_name}`: {steps} steps, batch {batch_size}, data {data}{note}."
+        per = f" x {images_per_prompt} images each" if prompts_path is not None else ""
+        return (f"Started {method} run `{run_name}`: {steps} steps, batch {batch_size}, data {data}{per}, preset "
+                f"{recipe(teacher, self.weights).preset}{note}.")
 
     def _signal(self, run: Run, sig: int) -> None:
         """`sig` to the run's process group (the trainer and its workers), if it is still that run."""
@@ -394,7 +531,7 @@ class Trainer:
             loss = _num(last.get("loss"))
             progress = f"step {last['step']}/{total}" + (f", loss {loss:.4g}" if loss is not None else "")
         else:
-            progress = "loading the teacher and the data…"
+            progress = stage_progress(lines) or "loading the teacher and the data…"
         if rc is None:
             speed = f" · {it_s:.2f} it/s · ETA {format_duration(eta)}" if it_s else ""
             state, msg = ("stopping" if stopped else "running"), f"`{run_name}` {progress}{speed}"
@@ -403,12 +540,11 @@ class Trainer:
         elif rc == "gone" and not stopped:
             state = "done" if done else "ended"
             msg = (f"Last run `{run_name}` finished ({progress}); it is in the model lists." if done else
-                   f"Last run `{run_name}` ended at {progress} (the studio was restarted or the run stopped); "
-                   f"continue it with `python -m splam_studio.training --run-name {run_name} --resume latest`.")
+                   f"Last run `{run_name}` ended at {progress} (the studio was restarted or the run stopped): "
+                   f"{self.left_behind(run_name)}.")
         elif stopped:
             why = " when the runs started from this page reached their disk quota" if quota_hit else ""
-            state, msg = "stopped", (f"`{run_name}` stopped{why} ({progress}). Its last checkpoint is in "
-                                     f"weights/{run_name}/checkpoints; continue with `python -m splam_studio.training --resume latest`.")
+            state, msg = "stopped", f"`{run_name}` stopped{why} ({progress}): {self.left_behind(run_name)}."
         elif rc == 0:
             state, msg = "done", f"`{run_name}` finished ({progress}); it is now in the model lists."
         else:
@@ -416,7 +552,55 @@ class Trainer:
             state, msg = "failed", f"`{run_name}` failed (exit {rc}): {err[:300]}"
         if busy and rc is not None:
             msg += f" {busy}"
-        return TrainStatus(state, msg, run_name, losses, validation, "\n".join(lines[-15:]), total, it_s, eta)
+        return TrainStatus(state, msg, run_name, losses, validation, "\n".join(lines[-15:]), total, it_s, eta,
+                           *_validation_settings(self.weights / run_name))
+
+    def left_behind(self, run_name: str) -> str:
+        """What an ended run left, in the trainer's words (training.loop.stop_report): its last checkpoint (path under
+        weights/) and step with the command that resumes this very run from its own training_config.json, or that
+        there is none and whether its folder is gone."""
+        from ..training.loop import stop_report
+
+        run_dir = self.weights / run_name
+        if run_dir.is_dir() and live_owner_of(run_dir):
+            return f"its trainer still holds weights/{run_name} (it is finishing); reload in a moment"
+        return self.public(stop_report(run_dir, output_dir_flag=str(self.weights)))
+
+
+def stage_progress(lines: list[str]) -> str | None:
+    """The trainer's data preparation before its first step (teacher data from --prompts, the latent cache) from its
+    progress bar in the log: 'making teacher data: 2/5 images (40%), 0:03 so far, 0:04 left'; None when there is none."""
+    for line in reversed(lines):
+        m = STAGE_BAR.match(line.strip())
+        if m:
+            stage, pct, done, total, spent, left = m.groups()
+            times = f", {spent.strip()} so far" + (f", {left.strip()} left" if left.strip() not in ("", "?") else "")
+            return f"making {stage}: {done}/{total} images ({pct}%){times}"
+        if line.startswith(("teacher data:", "latent cache:")):  # the stage's closing line: it is done
+            return None
+    return None
+
+
+def live_owner_of(run_dir: Path) -> bool:
+    """Whether a live trainer holds the run's folder (store.runs.live_owner asks the OS)."""
+    from ..store.runs import live_owner
+
+    return live_owner(run_dir) is not None
+
+
+def _validation_settings(run_dir: Path) -> tuple[list[str] | None, int | None]:
+    """(validation prompts, validate_every) as the run recorded them in its training_config.json; None for each that
+    is not there (before the trainer wrote the file, or a damaged one)."""
+    from ..store.runs import read_training_config
+
+    try:
+        rec = read_training_config(run_dir)
+    except (OSError, ValueError):
+        rec = None
+    rec = rec if isinstance(rec, dict) else {}
+    prompts, every = rec.get("validation_prompts"), rec.get("validate_every")
+    return ([p for p in prompts if isinstance(p, str)] if isinstance(prompts, list) else None,
+            every if isinstance(every, int) and not isinstance(every, bool) else None)
 
 
 def _num(value) -> float | None:

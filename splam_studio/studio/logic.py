@@ -536,11 +536,12 @@ class Studio:
         return f"Loaded teacher `{teacher}`, SPLAM `{splam}`, LCM `{lcm}`."
 
     def start_training(self, teacher: str, data: str, method: str, steps, run_name: str, batch_size=32,
-                       owner: str | None = None) -> str:
+                       owner: str | None = None, **data_options) -> str:
         """Start a distillation run for `owner` (a browser session) from a listed teacher (resolved here, so the UI
-        never passes a path; a hub id reaches the trainer as a hub id, run from a folder that holds no folders)."""
+        never passes a path; a hub id reaches the trainer as a hub id, run from a folder that holds no folders).
+        data_options: the typed prompts and images per prompt (launcher.Trainer.start)."""
         kind, source = self.resolve(teacher, "teacher")
-        return self.trainer.start(source, data, method, steps, run_name, batch_size, owner=owner)
+        return self.trainer.start(source, data, method, steps, run_name, batch_size, owner=owner, **data_options)
 
     # -- compare ------------------------------------------------------------------------------------------------
     def compare(self, prompt: str, negative_prompt: str = "", seed=0, student_steps=4, teacher_steps=25,

@@ -15,11 +15,11 @@ from ..models.model_sets import MODEL_SETS, gpu_seconds
 from ..models.loading import ModelLoadError
 from ..shapes.grammar import spec_from_caption
 from .colors import METHOD_COLORS, tint
-from .launcher import METHODS, TRAIN_BATCH, format_duration
 from .logic import (
     DEFAULT_GUIDANCE, GUIDANCE, N_GRID, ROLE_TITLE, SEED, STRIDE, STUDENT_STEPS, TEACHER_SAMPLERS, TEACHER_STEPS,
     Studio, StudioError, measured_note, public_text,
 )
+from .train_tab import train_tab
 
 log = logging.getLogger("splam_studio.studio.ui")
 
@@ -64,7 +64,6 @@ CSS = """
   #eb-grid .icon-button-wrapper { display: none; }  /* they would cover the t labels of the small grid */
 }
 """
-TRAIN_POLL_S = 2.0
 _PUBLIC = [public_text]  # what a visitor may read of a message: build_ui puts its studio's path scrubber here
 
 
@@ -357,7 +356,7 @@ def build_ui(studio: Studio, *, train: bool = True) -> gr.Blocks:
 
         set_dd.change(on_model_set, set_dd, [*model_inputs, set_about, prompt, eb_prompt], api_name="model_set")
         if train:
-            _train_tab(studio, demo, model_inputs, menus)
+            train_tab(studio, demo, model_inputs, menus)
     return demo
 
 
@@ -379,77 +378,3 @@ def _int(value, bounds) -> int:
 def _with(choices: list, value) -> list:
     names = [c[1] if isinstance(c, tuple) else c for c in choices]
     return choices if value is None or value in names else [*choices, value]
-
-
-def _owner(request: gr.Request | None) -> str | None:
-    """The browser session a Train-tab call comes from: runs belong to it (launcher.Trainer, on a shared server)."""
-    return getattr(request, "session_hash", None) if request is not None else None
-
-
-def _train_tab(studio: Studio, demo: gr.Blocks, model_inputs: list, menus) -> None:
-    trainer = studio.trainer
-
-    def view(s, runs_before=None):
-        """Every Train-tab output for status `s` (also after a page reload): text, chart, grids, log, button."""
-        speed = f"{s.it_s:.2f} it/s · ETA {format_duration(s.eta_s)}" if s.running and s.it_s else ""
-        gallery = [(str(p), c) for p, c in s.validation]
-        busy = s.state == "busy"  # another visitor's run holds the server's training slot
-        return (s.message, speed, s.loss_frame(), gallery, s.log_tail, gr.Button(interactive=not s.running and not busy),
-                gr.Button(interactive=s.running), gr.Timer(active=s.running or busy))
-
-    @user_errors
-    def on_start(teacher, data, method, steps, batch_size, run_name, request: gr.Request):
-        msg = studio.start_training(teacher, data, method, steps, run_name, batch_size, owner=_owner(request))
-        gr.Info(msg)
-        return view(trainer.status(_owner(request)))
-
-    def on_stop(request: gr.Request):
-        trainer.stop(owner=_owner(request))
-        return view(trainer.status(_owner(request)))
-
-    def on_load(request: gr.Request):
-        return view(trainer.status(_owner(request)))
-
-    def listed():
-        return [studio.menu(role) for role in ("teacher", "splam", "lcm")]
-
-    def on_poll(seen, teacher, splam, lcm, request: gr.Request):
-        s = trainer.status(_owner(request))
-        now = listed()  # a run enters the menus when its student is exported, at the end
-        lists = menus((teacher, splam, lcm)) if now != seen else (gr.skip(),) * 3
-        return (*view(s), now, *lists)
-
-    with gr.Tab("Train"):
-        gr.Markdown("Distil your own student. The run is a `python -m splam_studio.training` subprocess (one at a time); its checkpoint "
-                    "lands in `weights/<run name>/` and then appears in the model lists. A batch larger than the data "
-                    "set shrinks to fit.")
-        with gr.Row():
-            t_teacher = gr.Dropdown(studio.menu("teacher"), value=studio.default("teacher"), label="Teacher",
-                                    min_width=200)
-            t_data = gr.Dropdown(trainer.data_choices(), value="shapes", label="Data", min_width=200,
-                                 info="'shapes' or a folder allowed on the command line (--data-dir NAME=PATH)")
-            t_method = gr.Radio(list(METHODS), value="splam", label="Method", min_width=160)
-        with gr.Row():
-            t_steps = gr.Number(label="Steps", value=200, precision=0, minimum=1, min_width=120)
-            t_batch = gr.Slider(*TRAIN_BATCH, value=32, step=1, label="Batch size", min_width=200)
-            t_name = gr.Textbox(label="Run name", placeholder="my-splam (default: <method>-<time>)", min_width=200)
-        with gr.Row():
-            start = gr.Button("Start", variant="primary", elem_id="train-start")
-            stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="train-stop")
-        t_status = gr.Markdown(elem_id="train-status")
-        t_speed = gr.Markdown(elem_id="train-speed")
-        with gr.Row():
-            t_loss = gr.LinePlot(x="step", y="loss", title="Training loss", x_title="step", y_title="loss",
-                                 height=280, min_width=300, elem_id="train-loss")
-            t_val = gr.Gallery(label="Validation samples (rows: 1, 2, 4 steps)", columns=2, height=280,
-                               elem_classes="panel", min_width=300)
-        t_log = gr.Textbox(label="Log (tail)", lines=8, max_lines=8, autoscroll=True)
-        runs_seen = gr.State(listed())
-        timer = gr.Timer(TRAIN_POLL_S, active=False)
-        outputs = [t_status, t_speed, t_loss, t_val, t_log, start, stop, timer]
-        start.click(on_start, [t_teacher, t_data, t_method, t_steps, t_batch, t_name], outputs,
-                    api_visibility="private")
-        stop.click(on_stop, None, outputs, api_visibility="private")
-        timer.tick(on_poll, [runs_seen, *model_inputs], [*outputs, runs_seen, *model_inputs],
-                   api_visibility="private", show_progress="hidden")
-        demo.load(on_load, None, outputs, api_visibility="private")

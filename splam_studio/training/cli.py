@@ -121,8 +121,11 @@ def _resume_values(values: dict) -> dict:
 
 def resolve(args: argparse.Namespace) -> TrainConfig:
     """Preset, then the flags given; with --resume the run's own settings under both. The run name is fixed here."""
-    values = dict(PRESETS.get(args.preset or "", {}))
+    preset = PRESETS.get(args.preset or "", {})
+    values = dict(preset)
     values.update({k: v for k, v in vars(args).items() if k not in ("preset", "print_config", "threads") and v is not None})
+    if args.validation_prompts is None and (values.get("prompts") or values.get("data") != preset.get("data")):
+        values.pop("validation_prompts", None)  # a preset's prompts describe its data: the run's own captions are used
     values.setdefault("output_dir", str(weights_dir()))  # the studio's folder: one rule (store.runs)
     if values.get("resume"):
         values = _resume_values(values)

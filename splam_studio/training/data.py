@@ -592,6 +592,34 @@ def _local_folder(path: Path, resolution: int, caption_column: str | None, image
     return CaptionFolderDataset(path, resolution, max_pixels)
 
 
+def first_captions(dataset, n: int) -> list[str]:
+    """The first n distinct non-empty captions of a local folder, a `datasets` source or the Shapes data, read
+    without decoding an image (the validation prompts of a run that names none); [] for streamed shards, which
+    cannot be read ahead."""
+    from ..shapes.grammar import ShapesDataset
+
+    counter = SkipCounter("captions")  # a caption that cannot be read is not a validation prompt; nothing is counted
+    if isinstance(dataset, CaptionFolderDataset):
+        raw = (p.with_suffix(".txt") for p in dataset.files)
+        texts = (decode_caption(t.read_bytes() if t.is_file() else None, counter, "") for t in raw)
+    elif isinstance(dataset, MetadataFolderDataset):
+        texts = (decode_caption(c, counter, "") for _path, c in dataset.entries)
+    elif isinstance(dataset, HFImageTextDataset):  # the caption column alone, of the first rows
+        rows = dataset.ds.select(range(min(len(dataset.ds), 64 * n))).select_columns([dataset.caption_column])
+        texts = (decode_caption(row[dataset.caption_column], counter, "") for row in rows)
+    elif isinstance(dataset, ShapesDataset):
+        texts = (spec.caption() for spec in dataset.specs)
+    else:
+        return []
+    out: list[str] = []
+    for text in texts:
+        if text and text not in out:
+            out.append(text)
+            if len(out) == n:
+                break
+    return out
+
+
 # ---- batching ----------------------------------------------------------------------------------------------------
 def fit_batch_size(n: int, batch_size: int, world: int = 1) -> tuple[int, str | None]:
     """(batch size, note): a batch larger than a small data set shrinks to what one step can draw, with a note."""

@@ -123,7 +123,9 @@ class RunOptions:
     keep_checkpoints: int = arg(2, "how many resumable checkpoints to keep")
     validate_every: int = arg(0, "save a validation grid every N steps (0 = at the end only)")
     snapshot_every: int = arg(0, "keep the EMA student every N steps in snapshots/ for convergence curves (0 = off)")
-    validation_prompts: list[str] = arg([], "prompts of the validation grid (repeat the flag)")
+    validation_prompts: list[str] = arg([], "prompts of the validation grid (repeat the flag; default: the "
+                                                 "first 4 captions of the data, or a preset's prompts when the data is "
+                                                 "the preset's own)")
     log_every: int = arg(10, "TensorBoard logging interval in steps")
     max_bad_steps: int = arg(5, "stop after this many non-finite losses in a row")
     resume: str | None = arg(None, "continue the run of --run-name: 'latest' or a checkpoint folder")
@@ -806,6 +808,8 @@ def _train(cfg: TrainConfig, run_dir: Path, log=print, loss_fn=None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from .data import first_captions
+
     loss_fn = loss_fn or splad_loss  # looked up now: a test may wrap the module's splad_loss
     # ---- 1. set-up: runtime, models, optimiser, resume (before the data: the sampler starts at its step), schedule
     rt = resolve_runtime(cfg.device, cfg.precision)
@@ -822,8 +826,9 @@ def _train(cfg: TrainConfig, run_dir: Path, log=print, loss_fn=None) -> Path:
     # ---- 2. data and loader
     resolution = cfg.resolution or m.teacher.config.sample_size * vae_scale_factor(m.pipe.vae)
     dataset, store = _latent_source(cfg, m.pipe, acc, resolution, log)
-    if store is not None and not cfg.validation_prompts:  # validate on the run's own captions, not a preset's
-        cfg = dataclasses.replace(cfg, validation_prompts=dataset.captions(4))
+    if not cfg.validation_prompts:  # validate on the run's own captions (data.first_captions), not a preset's
+        cfg = dataclasses.replace(cfg, validation_prompts=dataset.captions(4) if store is not None
+                                  else first_captions(dataset, 4))
     loader, skip, batch_size = make_loader(cfg, dataset, start, acc, log)
     requested, cfg = cfg.batch_size, dataclasses.replace(cfg, batch_size=batch_size)  # a small data set clamps it
     m.student, opt = acc.prepare(m.student, opt)
