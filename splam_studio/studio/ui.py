@@ -21,7 +21,7 @@ import gradio as gr
 
 from ..models.model_sets import MODEL_SETS, gpu_seconds, zero_gpu
 from ..models.loading import ModelLoadError
-from ..shapes.grammar import ATTRIBUTE_VALUES, FILLERS, SHAPE_PLURALS, VOCAB, spec_from_caption
+from ..shapes.grammar import ATTRIBUTE_VALUES, FILLERS, SHAPE_PLURALS, spec_from_caption
 from .colors import METHOD_COLORS, tint
 from .launcher import METHODS, TRAIN_BATCH, format_duration
 from .logic import (
@@ -66,7 +66,10 @@ CSS = """
 #history .grid-wrap { padding-top: 30px; }
 #history .grid-container { grid-template-columns: repeat(auto-fill, minmax(210px, 1fr)) !important;
   grid-auto-rows: auto !important; }
-#history .thumbnail-item { aspect-ratio: 3 / 1 !important; height: auto !important; }
+#history .thumbnail-item { aspect-ratio: auto !important; height: auto !important; display: flex; flex-direction: column; }
+#history .thumbnail-item img { aspect-ratio: 3 / 1; height: auto !important; }
+#history .caption-label { position: static; white-space: normal; max-width: 100%; opacity: 1; border: none;
+  background: none; padding: 2px 4px; }  /* the whole caption: prompt, seed, steps, time tell entries apart */
 #eb-summary table { display: block; max-width: 100%; overflow-x: auto; }
 #eb-legend .eb-item { white-space: nowrap; }
 #eb-summary th:first-child, #eb-summary td:first-child { white-space: nowrap; }
