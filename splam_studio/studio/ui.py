@@ -350,7 +350,7 @@ def _compare_tab(studio: Studio, models: Models):
     return prompt, vocabulary
 
 
-def _compare_settings() -> list:
+def _compare_settings() -> dict:
     """The Settings accordion, its inputs by name (seed, student_steps, teacher_steps, guidance, sampler, negative)."""
     with gr.Accordion("Settings", open=False):
         with gr.Row():
@@ -372,10 +372,9 @@ def _px(studio: Studio, teacher) -> int:
     return pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
-def _compare_events(studio: Studio, v: CompareView, go, examples, api_button) -> None:
-    """Generate (page and /compare), the heat-map toggle, the history, the examples and the slider."""
-    # ZeroGPU runs each @gpu call in a forked worker: models load (and stay cached) in this process first, with
-    # progress shown; only the sampling borrows the GPU, for a duration sized to the call (all timed rounds).
+def _compare_runner(studio: Studio):
+    """run(args, progress) -> CompareResult: models loaded here with progress, the sampling on the GPU (ZeroGPU runs
+    each @gpu call in a forked worker, for a duration sized to all its rounds); the models stay cached here."""
     def compare_seconds(prompt, negative_prompt, seed, student_steps, teacher_steps, guidance_scale, sampler,
                         teacher, splam, lcm, progress=None) -> int:  # spaces.GPU calls it with the task's arguments
         per_round = _int(teacher_steps, TEACHER_STEPS) + 2 * _int(student_steps, STUDENT_STEPS) + 3
@@ -395,6 +394,13 @@ def _compare_events(studio: Studio, v: CompareView, go, examples, api_button) ->
         if sampling is None:
             progress(LOADING[1], desc="teacher, LCM and SPLAM in interleaved timed rounds (on the GPU)")
         return compare_on_gpu(*args, sampling)
+
+    return run
+
+
+def _compare_events(studio: Studio, v: CompareView, go, examples, api_button) -> None:
+    """Generate (page and /compare), the examples, the history, the heat-map toggle and the slider."""
+    run = _compare_runner(studio)
 
     @user_errors
     def api_compare(prompt, negative_prompt, seed, student_steps, teacher_steps, guidance_scale, sampler,
@@ -430,35 +436,38 @@ def _compare_events(studio: Studio, v: CompareView, go, examples, api_button) ->
         if not isinstance(evt.index, int) or not 0 <= evt.index < len(history):
             return (gr.skip(),) * (11 + len(v.inputs))
         entry = history[evt.index]
-        restored = [entry["inputs"][i] for i in range(len(v.inputs))]
-        return (*shown(entry, show_diff), "", entry["images"], gr.skip(), gr.skip(), *restored)
+        return (*shown(entry, show_diff), "", entry["images"], gr.skip(), gr.skip(), *entry["inputs"])
 
-    def on_show_diff(show, images):
-        images = images or {}
-        return [images.get(f"{role}-diff" if show else role) or gr.skip() for role in ("lcm", "splam")]
-
-    def on_slider(images, left, right):
-        images = images or {}
-        a, b = images.get(left.lower()), images.get(right.lower())
-        return (a, b) if a is not None and b is not None else None
-
-    page_inputs = [*v.inputs, v.show_diff, v.history_state]
+    page_inputs, slider = [*v.inputs, v.show_diff, v.history_state], [v.images_state, *v.slider_sides]
     go.click(on_compare, page_inputs, v.outputs(), api_visibility="private", concurrency_id="generate",
-             ).then(on_slider, [v.images_state, *v.slider_sides], v.slider, api_visibility="private")
+             ).then(on_slider, slider, v.slider, api_visibility="private")
     for button, text in zip(examples, EXAMPLES):  # an example fills the prompt, runs it, and shows the results
         button.click(None, None, None, js=SCROLL_TO_COMPARE)
         button.click(lambda t=text: t, None, v.inputs[0], api_visibility="private", queue=False).then(
             on_compare, page_inputs, v.outputs(), api_visibility="private", concurrency_id="generate").then(
-            on_slider, [v.images_state, *v.slider_sides], v.slider, api_visibility="private")
+            on_slider, slider, v.slider, api_visibility="private")
     api_button.click(api_compare, v.inputs, [*v.panels, *v.captions, v.summary], api_name="compare",
                      concurrency_id="generate")
     v.history.select(on_history, [v.history_state, v.show_diff], [*v.outputs()[:-3], v.images_state, v.history_state,
                      v.history, *v.inputs], api_visibility="private", queue=False).then(
-        on_slider, [v.images_state, *v.slider_sides], v.slider, api_visibility="private")
+        on_slider, slider, v.slider, api_visibility="private")
     v.show_diff.change(on_show_diff, [v.show_diff, v.images_state], v.panels[1:], api_visibility="private",
                        queue=False)
     for dd in v.slider_sides:
-        dd.change(on_slider, [v.images_state, *v.slider_sides], v.slider, api_visibility="private")
+        dd.change(on_slider, slider, v.slider, api_visibility="private")
+
+
+def on_show_diff(show: bool, images: dict) -> list:
+    """The students' panels as heat maps (show) or images, from the shown result's files."""
+    images = images or {}
+    return [images.get(f"{role}-diff" if show else role) or gr.skip() for role in ("lcm", "splam")]
+
+
+def on_slider(images: dict, left: str, right: str):
+    """The A/B slider's two images, by panel title."""
+    images = images or {}
+    a, b = images.get(left.lower()), images.get(right.lower())
+    return (a, b) if a is not None and b is not None else None
 
 
 def history_entry(r, inputs: list) -> dict:
