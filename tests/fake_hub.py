@@ -1,7 +1,7 @@
 """A Hugging Face cache holding tiny replicas of every repo the model sets name, laid out as the hub serves them.
 
 HF_HUB_CACHE/models--owner--name/{refs/main, blobs/<sha256>, snapshots/<rev>/<file> -> ../../blobs/<sha256>}, the
-same layout `huggingface-cli download` leaves; with HF_HUB_OFFLINE=1 the hub libraries read only this.
+same layout `hf download` leaves; with HF_HUB_OFFLINE=1 the hub libraries read only this.
 
 Each replica has its real repo's file layout (which folders and weight files exist), with tiny SD-shaped models:
   teachers (Lykon/dreamshaper-7, stable-diffusion-v1-5/stable-diffusion-v1-5): a full StableDiffusionPipeline,

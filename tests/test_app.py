@@ -170,7 +170,7 @@ def test_wrong_kind_and_offline_hub(studio):
         studio.compare(PROMPT, teacher="shapes-splam")
     with pytest.raises(StudioError, match="is a teacher, not a SPLAM student"):
         studio.compare(PROMPT, splam="shapes-teacher")
-    with pytest.raises(StudioError, match="huggingface-cli download alimama-creative/slam-sd1.5") as e:
+    with pytest.raises(StudioError, match="hf download alimama-creative/slam-sd1.5") as e:
         studio.compare(PROMPT, splam="alimama-creative/slam-sd1.5")
     assert "OSError" not in str(e.value) and str(e.value).count(". ") == 0  # one sentence, no stack of errors
     with pytest.raises(StudioError, match="offline"):
@@ -339,7 +339,7 @@ def test_app_end_to_end(app_url):
         ((PROMPT, "", 7, 2, 3, 7.5, "ddim", "../../etc/passwd", *models[1:]), "/compare", "unknown teacher"),
         ((PROMPT, "", 7, 2, 3, 7.5, "ddim", models[0], "/etc/passwd", models[2]), "/compare", "unknown SPLAM"),
         ((PROMPT, "", 7, 2, 3, 7.5, "ddim", models[0], "alimama-creative/slam-sd1.5", models[2]), "/compare",
-         "huggingface-cli download"),
+         "hf download"),
         ((PROMPT, "", 7, 2, 3, 7.5, "ddim", "shapes-splam", *models[1:]), "/compare", "not a teacher"),
         ((" ", 7, 1, 7.5, *models), "/error_bound", "enter a prompt"),
         ((PROMPT, 7, 1, 7.5, "..", *models[1:]), "/error_bound", "unknown teacher"),

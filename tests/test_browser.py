@@ -51,11 +51,12 @@ def _open(browser, url, width):
     return page
 
 
-def _generate(page):
-    """Click Generate and wait until the SPLAM panel shows a new image and every caption is filled."""
+def _generate(page, button="#generate"):
+    """Click Generate (or another button that runs a comparison) and wait until the SPLAM panel shows a new image and
+    every caption is filled."""
     src = "document.querySelector('#panel-splam img') ? document.querySelector('#panel-splam img').src : ''"
     before = page.evaluate(src)
-    page.locator("#generate").click()
+    page.locator(button).first.click()
     page.wait_for_function(f"b => ({src}) !== b", arg=before, timeout=WAIT)
     page.locator("#caption-splam").get_by_text("faster").wait_for(timeout=30_000)
     page.wait_for_timeout(500)
@@ -88,11 +89,29 @@ def _screenshot(page, name: str, *, full_page: bool = False, selector: str | Non
     return image
 
 
+def _in_view(page, selector) -> bool:
+    """Whether the element lies whole within the first screen (the viewport at scroll 0)."""
+    b, vp = _box(page, selector), page.viewport_size
+    return b is not None and b["x"] >= 0 and b["y"] >= 0 and b["x"] + b["width"] <= vp["width"] \
+        and b["y"] + b["height"] <= vp["height"]
+
+
 @pytest.mark.parametrize("width", ["laptop", "phone"])
 def test_compare_layout(browser, app_url, width):
     page = _open(browser, app_url, width)
     try:
-        _generate(page)
+        page.wait_for_timeout(500)
+        _screenshot(page, f"browser-first-screen-{width}")
+        assert _in_view(page, "#prompt") and _in_view(page, "#generate")  # the first screen: type and go
+        assert page.locator("#vocabulary").get_by_text("cross(es)").is_visible()  # the grammar's words, by the prompt
+        if width == "phone":  # an example below the results fills the prompt, runs, and brings the results into view
+            example = "#examples button >> nth=3"
+            text = page.locator(example).inner_text().strip()
+            _generate(page, example)
+            assert page.locator("#prompt textarea").input_value() == text
+            assert abs(_box(page, "#compare-row")["y"]) < 60, _box(page, "#compare-row")  # scrolled to it
+        else:
+            _generate(page)
         page.locator("#history").scroll_into_view_if_needed()
         page.wait_for_function("() => { const i = document.querySelector('#history img'); "
                                "return i && i.complete && i.naturalWidth > 0; }", timeout=30_000)
@@ -121,8 +140,10 @@ def test_compare_layout(browser, app_url, width):
                 assert b["y"] + b["height"] <= vp["height"], (r, b)
                 assert b["width"] >= 250, (r, b)
             assert boxes["teacher"]["x"] < boxes["lcm"]["x"] < boxes["splam"]["x"]
-        else:  # top to bottom: the first result right under the button, each result full width
-            assert 0 < boxes["teacher"]["y"] - (button["y"] + button["height"]) < 200, (button, boxes)
+        else:  # top to bottom: the first result under the button (past the vocabulary line and Settings) and on
+            # the first screen, each result full width
+            assert 0 < boxes["teacher"]["y"] - (button["y"] + button["height"]) < 260, (button, boxes)
+            assert boxes["teacher"]["y"] < vp["height"] - 100, boxes["teacher"]
             assert boxes["teacher"]["y"] < boxes["lcm"]["y"] < boxes["splam"]["y"]
             for b in boxes.values():
                 assert b["width"] >= 0.75 * vp["width"] and b["x"] + b["width"] <= vp["width"]
@@ -162,6 +183,17 @@ def test_bad_input_keeps_results_and_names_the_field(browser, app_url):
         page.locator("#compare-notice").get_by_text("seed -5 is outside").wait_for(timeout=30_000)
         assert page.locator("#panel-splam img").first.get_attribute("src") != src
         assert page.locator("#history img").count() == 2
+        captions = page.locator("#history").inner_text()
+        assert "seed 0" in captions and "green star" in captions and "red circle" in captions  # told apart
+        latest = page.locator("#panel-splam img").first.get_attribute("src")
+        page.locator("#history .thumbnail-item").nth(1).click()  # the older one: the first prompt, seed 0
+        page.wait_for_function("b => document.querySelector('#panel-splam img').src !== b", arg=latest, timeout=30_000)
+        assert "red circle" in page.locator("#prompt textarea").input_value()
+        assert page.locator("#panel-splam img").first.get_attribute("src") == src  # that result, as it was shown
+        page.locator("#history .thumbnail-item").nth(0).click()
+        page.wait_for_function("b => document.querySelector('#panel-splam img').src === b", arg=latest,
+                               timeout=30_000)
+        assert "green star" in page.locator("#prompt textarea").input_value()
         before = page.locator("#panel-splam img").first.get_attribute("src")
         page.locator("#show-diff input").check()
         page.wait_for_function("b => document.querySelector('#panel-splam img').src !== b", arg=before,
@@ -182,8 +214,22 @@ def test_error_bound_tab(browser, app_url, width):
         page.locator("#eb-grid img").first.wait_for(timeout=30_000)
         page.wait_for_timeout(800)
         _screenshot(page, f"browser-error-bound-{width}", full_page=True)
+        vp_w = VIEWPORTS[width]["width"]
         grid = _box(page, "#eb-grid img")
-        assert grid["x"] >= 0 and grid["x"] + grid["width"] <= VIEWPORTS[width]["width"]  # every column in view
+        assert grid["x"] >= 0 and grid["x"] + grid["width"] <= vp_w  # every column in view
+        assert page.evaluate("document.documentElement.scrollWidth") <= vp_w  # nothing runs off to the side
+        for part in ("#eb-summary table", "#eb-legend"):  # the table and the legend fit the width, whole
+            box = _box(page, part)
+            assert box["x"] >= 0 and box["x"] + box["width"] <= vp_w, (part, box)
+        for part in ("#eb-summary table", "#eb-legend [data-testid=markdown]"):  # nothing cut off inside them
+            assert page.evaluate("s => { const e = document.querySelector(s); return e.scrollWidth <= e.clientWidth + 1; }",
+                                 part), part
+        lines = page.evaluate("[...document.querySelectorAll('#eb-summary td:first-child, #eb-summary th:first-child')]"
+                              ".map(c => { const r = document.createRange(); r.selectNodeContents(c); "
+                              "return new Set([...r.getClientRects()].map(q => Math.round(q.top))).size; })")
+        assert lines and all(n == 1 for n in lines), lines  # 'student', 'SPLAM' on one line each, not 'stude / nt'
+        legend = page.locator("#eb-legend").inner_text()
+        assert all(s in legend for s in ("LCM bound", "LCM real error", "SPLAM bound", "SPLAM real error"))
         plots = _box(page, "#eb-plot"), _box(page, "#eb-terms")
         if width == "phone":
             assert plots[1]["y"] >= plots[0]["y"] + plots[0]["height"] - 1  # stacked

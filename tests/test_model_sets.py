@@ -287,5 +287,5 @@ def test_gpu_calls_are_sized_and_wrapped(monkeypatch, tmp_path):
     finally:
         monkeypatch.delitem(sys.modules, "spaces")
         importlib.reload(ui)
-    assert seen == [("compare_on_gpu", S.gpu_seconds(IMAGE_PX, 3 + 2 * 2 + 3)),
+    assert seen == [("compare_on_gpu", S.gpu_seconds(IMAGE_PX, 4 * (3 + 2 * 2 + 3))),  # 1 warm-up + 3 timed rounds
                     ("error_bound_on_gpu", S.gpu_seconds(IMAGE_PX, 50 + 2 * 11 + 13))]

@@ -44,7 +44,8 @@ GUIDANCE = (1.0, 20.0)  # CFG in the usual `uncond + s (cond - uncond)` form; 1 
 SEED = (0, 2**31 - 1)
 STRIDE = (1, 5)  # sub-path length k = stride * k_phi (k_phi = 20 on the 50-point DDIM grid)
 MAX_PROMPT_CHARS = 500
-LATENCY_RUNS = 3  # each panel is timed this many times; the median is shown, with the range
+LATENCY_RUNS = 3  # timed rounds: each panel once per round, interleaved; the median is shown, with the range
+LATENCY_WARMUP = 1  # rounds run first and not counted: the first call at a shape pays one-off allocations
 TEACHER_SAMPLERS = ("ddim", "dpm++", "unipc")
 DEFAULT_GUIDANCE = 7.5  # the Shapes students were distilled at w = 6.5, i.e. CFG 7.5
 N_GRID = 50  # DDIM grid of the error bound; k_phi = 1000 / 50 = 20
@@ -52,6 +53,7 @@ TRAJECTORY_CACHE = 8  # teacher trajectories kept for the error bound (one 512 p
 LOCAL_PREFIX = "local:"  # names of models given as paths on the command line
 
 Progress = Callable[[float, str], None]
+Clock = Callable[[], float]  # seconds, monotonic (time.perf_counter); tests inject a fake one
 
 
 def _no_progress(fraction: float, desc: str) -> None:
@@ -105,6 +107,8 @@ class Panel:
     latent_mse: float | None = None  # students: mean squared latent difference to the teacher's final latent
     heatmap: object = None  # students: |image - teacher image| as a heat map (PIL)
     latent: object = field(default=None, repr=False)  # (1, C, h, w) final latent
+    unet_calls: int | None = None  # UNet evaluations per image (unet_calls())
+    warmup_ms: list[float] = field(default_factory=list)  # the untimed warm-up runs, ms; not in latency_runs
 
     @property
     def title(self) -> str:
@@ -122,12 +126,21 @@ class Panel:
             return f"{self.latency_ms:.0f} ms (1 run)"
         return f"{self.latency_ms:.0f} ms ({min(runs):.0f}–{max(runs):.0f} ms, {len(runs)} runs)"
 
+    def calls_text(self) -> str:
+        """'50 UNet calls (25 steps × 2, CFG)' / '2 UNet calls': the work behind one image."""
+        if self.unet_calls is None:
+            return ""
+        n = f"{self.unet_calls} UNet call{'s' if self.unet_calls != 1 else ''}"
+        return n + (" (%d steps × 2, CFG)" % self.steps if self.unet_calls == 2 * self.steps else "")
+
     def metrics(self) -> str:
-        """The panel's headline: speed-up, latency, and for students the distance to the teacher's image."""
+        """The panel's headline: speed-up, latency, UNet calls, and for students the distance to the teacher's image."""
         parts = []
         if self.speedup:
             parts.append(f"**{self.speedup:.1f}× faster**")
         parts.append(self.latency_text())
+        if self.unet_calls is not None:
+            parts.append(self.calls_text())
         if self.psnr_db is not None:
             parts.append(f"**PSNR {self.psnr_db:.1f} dB** to the teacher")
         if self.latent_mse is not None:
@@ -149,18 +162,26 @@ class CompareResult:
     prompt: str
     panels: list[Panel]  # teacher, lcm, splam
     notices: list[str] = field(default_factory=list)
+    same_architecture: bool = False  # the two students' UNets have one config: the same work per UNet call
+    elapsed_s: float | None = None  # wall time of the whole comparison (all rounds), for the history
 
     def panel(self, role: str) -> Panel:
         return next(p for p in self.panels if p.role == role)
 
     def summary(self) -> str:
         t = self.panel("teacher")
-        parts = [f"**{p.title}** {p.latency_ms:.0f} ms" + (f" ({p.speedup:.1f}× faster)" if p.speedup else "")
-                 for p in self.panels]
-        return (f"Prompt: “{self.prompt}” · seed {t.seed} · same initial noise for all three. "
-                + " · ".join(parts) + f". Latency: median of {len(t.latency_runs) or 1} runs of text encoding + "
-                "sampling + VAE decode on this machine. PSNR: the student's image against the teacher's (higher = "
-                "closer; ∞ = identical).")
+        rounds = len(t.latency_runs) or 1
+        warm = len(t.warmup_ms)
+        parts = [f"**{p.title}** {p.latency_text()}, {p.calls_text() or 'UNet calls unknown'}"
+                 + (f", {p.speedup:.1f}× faster" if p.speedup else "") for p in self.panels]
+        how = (f"median and range of {rounds} interleaved round{'s' if rounds != 1 else ''} (teacher, LCM, SPLAM in "
+               "turn, so a change of this machine's load hits all three alike"
+               + (f"; {'a first warm-up round' if warm == 1 else f'{warm} warm-up rounds'} not counted" if warm else "")
+               + "), each a whole image: text encoding + sampling + VAE decode")
+        return (f"Prompt: “{self.prompt}” · seed {t.seed} · same initial noise for all three.  \n"
+                + " · ".join(parts) + f".  \nLatency: {how}. "
+                + latency_verdict(self.panel("lcm"), self.panel("splam"), self.same_architecture)
+                + "  \nPSNR: the student's image against the teacher's (higher = closer; ∞ = identical).")
 
     def history_item(self) -> tuple[object, str]:
         """(teacher | LCM | SPLAM side by side, caption) for the history strip."""
@@ -172,8 +193,43 @@ class CompareResult:
         strip = Image.new("RGB", (3 * w + 2 * gap, h), (255, 255, 255))
         for i, im in enumerate(images):
             strip.paste(im.convert("RGB"), (i * (w + gap), 0))
+        return strip, self.history_caption()
+
+    def history_caption(self) -> str:
+        """'“two small …” · seed 3 · teacher 25 ddim / students 2 steps · 4.1 s': what tells one entry from another."""
         t, s = self.panel("teacher"), self.panel("splam")
-        return strip, f"seed {t.seed} · {s.steps} student step{'s' if s.steps != 1 else ''} · {self.prompt[:80]}"
+        prompt = self.prompt if len(self.prompt) <= 60 else self.prompt[:59] + "…"
+        took = f" · {self.elapsed_s:.1f} s" if self.elapsed_s is not None else ""
+        return (f"“{prompt}” · seed {t.seed} · teacher {t.steps} {t.sampler} / students {s.steps} "
+                f"step{'s' if s.steps != 1 else ''}{took}")
+
+
+def unet_calls(role: str, steps: int, guidance_scale: float) -> int:
+    """UNet evaluations for one image: a guided teacher (CFG > 1) evaluates cond and uncond at each step (diffusers
+    batches the pair, two images' work), an unguided one and a student one per step."""
+    return steps * 2 if role == "teacher" and guidance_scale > 1 else steps
+
+
+def latency_verdict(a: Panel, b: Panel, same_architecture: bool) -> str:
+    """One sentence on whether two students' latencies differ beyond their runs' spread (the range of the timed runs)."""
+    ra, rb = a.latency_runs or [a.latency_ms], b.latency_runs or [b.latency_ms]
+    same = same_architecture and a.unet_calls is not None and a.unet_calls == b.unet_calls
+    who = f"{a.title} and {b.title}: " + ("same architecture and UNet calls; " if same else "")
+    if len(ra) < 2 or len(rb) < 2:
+        return who + "one timed run each, too few to tell a difference from noise."
+    if min(ra) <= max(rb) and min(rb) <= max(ra):
+        return who + (f"their times overlap ({_range(ra)} and {_range(rb)}), so the difference is noise."
+                      if same else f"their times overlap ({_range(ra)} and {_range(rb)}), so these runs cannot tell "
+                      "them apart.")
+    fast, slow = (a, b) if a.latency_ms < b.latency_ms else (b, a)
+    gap = f"{fast.title} is faster by {slow.latency_ms - fast.latency_ms:.0f} ms and the times do not overlap " \
+          f"({_range(ra)} and {_range(rb)})"
+    return who + gap + ("; for the same work, that comes from this machine (its load, caches), not from the method."
+                        if same else ".")
+
+
+def _range(runs: list[float]) -> str:
+    return f"{min(runs):.0f}–{max(runs):.0f} ms"
 
 
 @dataclass
@@ -547,9 +603,11 @@ class Studio:
     def compare(self, prompt: str, negative_prompt: str = "", seed=0, student_steps=4, teacher_steps=25,
                 guidance_scale=DEFAULT_GUIDANCE, sampler: str = "ddim", *, teacher: str | None = None,
                 splam: str | None = None, lcm: str | None = None, progress: Progress = _no_progress,
-                repeats: int = LATENCY_RUNS) -> CompareResult:
-        """Teacher, LCM and SPLAM from the same initial noise of `seed`, each timed `repeats` times (median shown);
-        each student's image is measured against the teacher's (PSNR, latent MSE, a difference heat map)."""
+                repeats: int = LATENCY_RUNS, warmup: int = LATENCY_WARMUP, clock: Clock = time.perf_counter
+                ) -> CompareResult:
+        """Teacher, LCM and SPLAM from the same initial noise of `seed`, timed in `repeats` interleaved rounds after
+        `warmup` uncounted ones (median and range shown); each student's image is measured against the teacher's
+        (PSNR, latent MSE, a difference heat map)."""
         notices: list[str] = []
         prompt = clean_prompt(prompt, notices)
         negative_prompt = clean_prompt(negative_prompt, notices, what="negative prompt", required=False)
@@ -560,33 +618,51 @@ class Studio:
         sampler = check_sampler(sampler)
         teacher, splam, lcm = (teacher or self.default("teacher"), splam or self.default("splam"),
                                lcm or self.default("lcm"))
+        started = clock()
 
         progress(0.02, "loading models")
         pipe = self.teacher(teacher)
-        students = {"lcm": (lcm, self.student(lcm, teacher, "lcm")), "splam": (splam, self.student(splam, teacher, "splam"))}
+        names = {"lcm": lcm, "splam": splam}
+        unets = {role: self.student(name, teacher, role) for role, name in names.items()}
+        g = {role: self.sampling_guidance(name, role) for role, name in names.items()}
+        steps = {"teacher": teacher_steps, "lcm": student_steps, "splam": student_steps}
+        fns = {"teacher": lambda: generate(pipe, prompt=[prompt], sampler=sampler, steps=teacher_steps, seed=seed,
+                                           guidance_scale=guidance_scale, negative_prompt=[negative_prompt])}
+        for role in names:
+            fns[role] = (lambda r: lambda: generate(pipe, prompt=[prompt], sampler="lcm", steps=student_steps,
+                                                    seed=seed, unet=unets[r], student_guidance_scale=g[r]))(role)
 
-        progress(0.15, f"teacher: {teacher_steps} {sampler} steps")
-        panels: list[Panel] = []
-        out, runs = _timed(lambda: generate(pipe, prompt=[prompt], sampler=sampler, steps=teacher_steps, seed=seed,
-                                            guidance_scale=guidance_scale, negative_prompt=[negative_prompt]), repeats)
-        ref = Panel("teacher", teacher, sampler, teacher_steps, seed, guidance_scale, statistics.median(runs),
-                    out.images[0], negative_prompt=negative_prompt, latency_runs=runs, latent=out.latents)
-        panels.append(ref)
-        for i, (role, (name, unet)) in enumerate(students.items()):
-            progress(0.6 + 0.2 * i, f"{ROLE_TITLE[role]}: {student_steps} step{'s' if student_steps > 1 else ''}")
-            g = self.sampling_guidance(name, role)
-            out, runs = _timed(lambda: generate(pipe, prompt=[prompt], sampler="lcm", steps=student_steps, seed=seed,
-                                                unet=unet, student_guidance_scale=g), repeats)
+        rounds = max(0, int(warmup)) + max(1, int(repeats))
+        what = {"teacher": f"{teacher_steps} {sampler} steps", "lcm": f"{student_steps} step{'s' if student_steps > 1 else ''}"}
+        what["splam"] = what["lcm"]
+
+        def stage(i: int, r: int, role: str) -> None:
+            kind = "warm-up" if r < warmup else "timed"
+            progress(0.05 + 0.85 * i / (3 * rounds), f"round {r + 1}/{rounds} ({kind}): {ROLE_TITLE[role]}, "
+                     f"{what[role]} + VAE decode")
+
+        t = interleaved(fns, repeats, warmup=warmup, clock=clock, on_call=stage)
+        progress(0.92, "comparing each student to the teacher (PSNR, latent MSE, heat maps)")
+        out = t.outputs["teacher"]
+        ref = Panel("teacher", teacher, sampler, teacher_steps, seed, guidance_scale, statistics.median(t.runs["teacher"]),
+                    out.images[0], negative_prompt=negative_prompt, latency_runs=t.runs["teacher"], latent=out.latents,
+                    unet_calls=unet_calls("teacher", teacher_steps, guidance_scale), warmup_ms=t.warmup["teacher"])
+        panels = [ref]
+        for role, name in names.items():
+            out, runs = t.outputs[role], t.runs[role]
             ms = statistics.median(runs)
-            panels.append(Panel(role, name, "lcm", student_steps, seed, g, ms, out.images[0],
+            panels.append(Panel(role, name, "lcm", student_steps, seed, g[role], ms, out.images[0],
                                 baked_guidance=self.baked_guidance(name), speedup=ref.latency_ms / max(ms, 1e-6),
                                 latency_runs=runs, psnr_db=image_psnr(out.images[0], ref.image),
-                                latent_mse=float(latent_mse(out.latents, ref.latent)[0]), latent=out.latents))
+                                latent_mse=float(latent_mse(out.latents, ref.latent)[0]), latent=out.latents,
+                                unet_calls=unet_calls(role, steps[role], g[role]), warmup_ms=t.warmup[role]))
         scale = max(float(_abs_diff(p.image, ref.image).max()) for p in panels[1:])  # one scale for both maps
         for p in panels[1:]:
             p.heatmap = difference_heatmap(p.image, ref.image, scale)
         progress(1.0, "done")
-        return CompareResult(prompt=prompt, panels=panels, notices=notices)
+        return CompareResult(prompt=prompt, panels=panels, notices=notices,
+                             same_architecture=same_architecture(unets["lcm"], unets["splam"]),
+                             elapsed_s=clock() - started)
 
     # -- error bound --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -697,17 +773,49 @@ def _warm_up(pipe, unet) -> None:
     generate(pipe, prompt=[""], sampler="lcm" if unet is not None else "ddim", steps=1, seed=0, unet=unet)
 
 
-def _timed(fn: Callable[[], object], repeats: int = 1) -> tuple[object, list[float]]:
-    """(the first run's output, wall milliseconds of each of `repeats` runs); runs are identical by seed."""
-    first, runs = None, []
-    for _ in range(max(1, int(repeats))):
-        t0 = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        runs.append((time.perf_counter() - t0) * 1000)
-        first = out if first is None else first
-    return first, runs
+@dataclass
+class Timings:
+    """What `interleaved` measured: each function's first output, and its timed and warm-up runs in ms."""
+
+    outputs: dict[str, object]
+    runs: dict[str, list[float]]
+    warmup: dict[str, list[float]]
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # CUDA runs asynchronously: a run ends when its kernels have
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, *, warmup: int = 0, clock: Clock = time.perf_counter,
+                sync: Callable[[], None] = _sync, on_call: Callable[[int, int, str], None] | None = None) -> Timings:
+    """Run every function once per round, round-robin in the dict's order (a, b, c, a, b, c, ...), `warmup` rounds
+    uncounted and then `repeats` timed: a load that comes and goes on the machine then falls on all of them alike,
+    not on whichever ran while it lasted. on_call(i, round, key) is called before each call (progress)."""
+    repeats, warmup = max(1, int(repeats)), max(0, int(warmup))
+    outputs: dict[str, object] = {}
+    runs: dict[str, list[float]] = {k: [] for k in fns}
+    warm: dict[str, list[float]] = {k: [] for k in fns}
+    i = 0
+    for r in range(warmup + repeats):
+        for key, fn in fns.items():
+            if on_call is not None:
+                on_call(i, r, key)
+            t0 = clock()
+            out = fn()
+            sync()
+            ms = (clock() - t0) * 1000
+            (warm if r < warmup else runs)[key].append(ms)
+            outputs.setdefault(key, out)  # runs are identical by seed: the first output stands for all
+            i += 1
+    return Timings(outputs, runs, warm)
+
+
+def same_architecture(a, b) -> bool:
+    """Whether two UNets have one config (the private `_…` keys aside): the same work per call."""
+    def arch(unet) -> dict:
+        return {k: v for k, v in dict(getattr(unet, "config", {})).items() if not str(k).startswith("_")}
+    return arch(a) == arch(b)
 
 
 def _pixels(image):
@@ -804,13 +912,13 @@ def check_hub(repo: str, what: str) -> None:
     """Fail in about a second, in one sentence, for a hub model that is neither cached nor reachable."""
     if not hub_cached(repo) and not hub_reachable():
         raise StudioError(f"The {what} {repo!r} is not in this machine's Hugging Face cache and the hub cannot be "
-                          f"reached (offline): run `huggingface-cli download {repo}` where there is network, or start "
+                          f"reached (offline): run `hf download {repo}` where there is network, or start "
                           "the app with a local folder (--teacher / --splam / --lcm PATH).")
 
 
 def _hub_hint(message: str, repo: str) -> str:
     return (f"{message}. Offline or behind a firewall, hub models cannot be fetched: download it where there is "
-            f"network (`huggingface-cli download {repo}`), or start the app with a local folder (--teacher PATH).")
+            f"network (`hf download {repo}`), or start the app with a local folder (--teacher PATH).")
 
 
 def _load_hub_student(repo: str, pipe):
