@@ -50,6 +50,11 @@ def request(url: str, *, method: str = "GET", body=None, headers=None) -> tuple[
         return -1, {}, str(e).encode()
 
 
+def said(code: int) -> str:
+    """An HTTP status as the table shows it; -1 is a connection the server closed before the body was sent."""
+    return "connection closed mid-body" if code == -1 else str(code)
+
+
 def chunks(total: int, size: int = 1 << 20):
     for _ in range(total // size):
         yield b"x" * size
@@ -154,17 +159,17 @@ def attacks(url: str, proc: subprocess.Popen, where: dict) -> list[tuple[str, st
     code = request(url + "gradio_api/queue/join", method="POST", body=chunks(150 << 20),
                    headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})[0]
     grew = rss_mb(proc.pid) - before
-    row("150 MB request body (chunked)", "413, memory flat", f"{code}, RSS {grew:+.0f} MB",
+    row("150 MB request body (chunked)", "413, memory flat", f"{said(code)}, RSS {grew:+.0f} MB",
         code in (413, -1) and grew < 50)
     code = request(url + "gradio_api/queue/join", method="POST", body=b"{}", headers={
         "Content-Type": "application/json", "Content-Length": str(150 << 20)})[0]
-    row("declared 150 MB Content-Length", "413", str(code), code in (413, -1))
+    row("declared 150 MB Content-Length", "413", said(code), code in (413, -1))
     boundary = "b" + uuid.uuid4().hex
     head = f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.bin\"\r\n\r\n".encode()
     body = head + b"y" * (100 << 20) + f"\r\n--{boundary}--\r\n".encode()
     code = request(url + "gradio_api/upload", method="POST", body=body,
                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})[0]
-    row("100 MB upload to /gradio_api/upload (no file input)", "refused (404/413)", str(code), code in (404, 413, -1))
+    row("100 MB upload to /gradio_api/upload (no file input)", "refused (404/413)", said(code), code in (404, 413, -1))
     small = head + b"y" * 1000 + f"\r\n--{boundary}--\r\n".encode()
     code = request(url + "gradio_api/upload", method="POST", body=small,
                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})[0]
