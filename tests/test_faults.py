@@ -1,11 +1,11 @@
 """Faults that must never destroy or trust bad state: a second trainer on a live run, a full or read-only disk,
 damaged checkpoints, an interrupted --overwrite, and --resume flags that would change the run.
 
-Fast parts run the trainer in-process (`loop.run`) on the tiny teacher. The race and the signals use real
-train_cli.py subprocesses for the trainers that are raced or signalled; the trainers that must be refused, and the
-resume that a message prints, run train_cli's main() in the test's own process (another process than the live
-trainer's, as the lock needs, without a second interpreter's start-up). The disk-full case runs on a real small tmpfs where `mount` works (root), and also with
-ENOSPC injected at the write everywhere."""
+Fast parts run the trainer in-process (`loop.run`) on the tiny teacher. The race and the signals use a real
+train_cli.py subprocess for the trainer that is raced or signalled from outside; the trainers that must be refused,
+the resume that a message prints and the runs stopped at a known step run train_cli's main() in the test's own process
+(another process than the live trainer's, as the lock needs, without a second interpreter's start-up). The disk-full
+case runs on a real small tmpfs where `mount` works (root), and also with ENOSPC injected at the write everywhere."""
 import errno
 import json
 import os
@@ -120,7 +120,8 @@ def _steps(run: Path) -> int:
 
 def test_two_trainers_race_and_sigterm_restores_the_overwritten_run(world, tmp_path, monkeypatch, capsys):
     """Trainer A (a subprocess) overwrites run 'mine' and trains; B (--overwrite) and C (--resume latest), from this
-    process, on the live run are refused with one sentence naming A's pid, and change nothing; SIGTERM to A before its first checkpoint puts the old run back."""
+    process, on the live run are refused with one sentence naming A's pid, and change nothing; SIGTERM to A before
+    its first checkpoint puts the old run back."""
     _fake_run(tmp_path / "mine")
     a, fa = _popen(world, tmp_path, "--run-name", "mine", "--overwrite", "--max-steps", "100000",
                    "--checkpoint-every", "100000", log=tmp_path / "a.log")

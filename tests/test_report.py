@@ -72,7 +72,8 @@ def test_server_attacks_section_follows_its_json(tmp_path):
     rows = [("`Host: evil.example`", "400", "400, echoed: no", True), ("seed 10**400", "one sentence", "a | b", False)]
     (folder / "server_attacks.json").write_text(json.dumps(results(rows, 12.3)))
     text = write_benchmarks_md(folder, tmp_path / "B.md").read_text()
-    assert "## The studio as a public server, attacked" in text and "`python -m splam_studio.tools.server_attacks`" in text
+    assert "## The studio as a public server, attacked" in text
+    assert "`python -m splam_studio.tools.server_attacks`" in text  # the command that measures it
     assert "| attack | must get | got | held |" in text
     assert "| `Host: evil.example` | 400 | 400, echoed: no | yes |" in text
     assert "| seed 10**400 | one sentence | a \\| b | NO |" in text  # a pipe in what came back stays in its cell

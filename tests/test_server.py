@@ -412,7 +412,7 @@ def test_launcher_waits_on_readiness_up_to_its_deadline(tmp_path, monkeypatch):
         assert "still importing" in str(e.value) and proc.poll() is None
         for bad in ("0", "-3", "soon"):
             monkeypatch.setenv("SPLAM_TEST_APP_READY_S", bad)
-            with pytest.raises(ValueError, match=f"SPLAM_TEST_APP_READY_S must be a positive number of seconds, got '{bad}'"):
+            with pytest.raises(ValueError, match=f"READY_S must be a positive number of seconds, got '{bad}'"):
                 ready_s()
         monkeypatch.delenv("SPLAM_TEST_APP_READY_S")
         assert ready_s() == 600

@@ -1,6 +1,7 @@
 """Attacks on a live studio served as a public server (issue 29), each with the answer it must get; a Markdown table.
 
-    python -m splam_studio.tools.server_attacks [--weights-dir weights] [--port 0] [--json benchmarks/server_attacks.json]
+    python -m splam_studio.tools.server_attacks [--weights-dir weights] [--port 0]
+        [--json benchmarks/server_attacks.json]
 
 Starts `python -m splam_studio.studio --host 0.0.0.0 --allow-train` on a free port (reached on 127.0.0.1, hub
 offline), in a working directory that holds a folder shaped like a hub id (`private/secret-teacher`, a copy of the
