@@ -7,14 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,9 +22,9 @@ from splam_studio.studio.launcher import Trainer, TrainStatus, clean_log
 from splam_studio.studio.logic import MAX_PROMPT_CHARS, Studio, StudioError, clamp_float, clamp_int, clean_prompt, image_psnr
 from splam_studio.store.runs import read_stats
 from splam_studio.core.student import build_student
+from tests.live import REPO, launch_app, stop_app  # noqa: F401 - the one launcher; other test files import it from here
 from tests.tiny import make_tiny_pipeline
 
-REPO = Path(__file__).resolve().parent.parent
 # One thread: on a busy 2-core machine torch's OpenMP threads spin against other processes and run ~50x slower.
 torch.set_num_threads(1)
 PROMPT = "one large red circle at the left on a black background"
@@ -256,47 +252,9 @@ def test_cli_defaults():
     assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_app(weights: Path, log_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """app.py in a subprocess on a free port; (process, url) once it answers HTTP."""
-    port = _free_port()
-    env = {**os.environ, "SPLAM_WEIGHTS_DIR": str(weights), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), *extra], cwd=str(REPO),
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"app did not answer within 120 s: {log_path.read_text()[-2000:]}")
-
-
-def stop_app(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 @pytest.fixture(scope="module")
-def app_url(weights, tmp_path_factory):
-    proc, url = launch_app(weights, tmp_path_factory.mktemp("app") / "app.log")
-    yield url
-    stop_app(proc)
+def app_url(plain_app):
+    return plain_app  # tests/conftest.py: one plain app for the session
 
 
 def test_app_end_to_end(app_url):

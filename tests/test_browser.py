@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_app import REPO, launch_app, make_fake_weights, stop_app
+from tests.test_app import REPO
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -23,14 +23,11 @@ pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app_url(request):
     if not CHROMIUM.exists():
         pytest.skip("no /usr/bin/chromium (apt-get install -y chromium)")
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    root = tmp_path_factory.mktemp("browser")
-    proc, url = launch_app(make_fake_weights(root / "weights"), root / "app.log")
-    yield url
-    stop_app(proc)
+    return request.getfixturevalue("plain_app")  # tests/conftest.py: the session's plain app
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
 """Faults that must never destroy or trust bad state: a second trainer on a live run, a full or read-only disk,
 damaged checkpoints, an interrupted --overwrite, and --resume flags that would change the run.
 
-Fast parts run the trainer in-process (`loop.run`) on the tiny teacher; the race and the signals use real
-train_cli.py subprocesses. The disk-full case runs on a real small tmpfs where `mount` works (root), and also with
-ENOSPC injected at the write everywhere."""
+Fast parts run the trainer in-process (`loop.run`) on the tiny teacher. The race and the signals use a real
+train_cli.py subprocess for the trainer that is raced or signalled from outside; the trainers that must be refused,
+the resume that a message prints and the runs stopped at a known step run train_cli's main() in the test's own process
+(another process than the live trainer's, as the lock needs, without a second interpreter's start-up). The disk-full
+case runs on a real small tmpfs where `mount` works (root), and also with ENOSPC injected at the write everywhere."""
 import errno
 import json
 import os
@@ -11,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from splam_studio.training import checkpoints as ck
 from splam_studio.training import loop
 from splam_studio.training.loop import TrainConfig, TrainError
 from tests import test_train
+from tests.live import poll_until
 
 world = test_train.world  # the tiny teacher and 12-image folder (module fixture)
 ROOT = test_train.ROOT
@@ -80,47 +82,61 @@ def test_lock_names_its_owner_and_dies_with_it(tmp_path):
     runs.RunLock.acquire(run_dir, wait_s=0.1).release()
 
 
-def _popen(world, out, *extra, log):
-    args = ["--teacher", str(world / "teacher"), "--data", str(world / "data"), "--output-dir", str(out),
+TRAINER_WAIT_S = 240  # for a step or a checkpoint of the tiny teacher on a busy machine
+
+
+def _args(world, out, *extra) -> list[str]:
+    return ["--teacher", str(world / "teacher"), "--data", str(world / "data"), "--output-dir", str(out),
             "--batch-size", "2", "--log-every", "1", "--device", "cpu", "--seed", "3", *extra]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _popen(world, out, *extra, log):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     fh = open(log, "w")
-    return subprocess.Popen([sys.executable, str(ROOT / "train_cli.py"), *args], stdout=fh, stderr=subprocess.STDOUT,
-                            cwd=ROOT, env=env), fh
+    return subprocess.Popen([sys.executable, str(ROOT / "train_cli.py"), *_args(world, out, *extra)], stdout=fh,
+                            stderr=subprocess.STDOUT, cwd=ROOT, env=env), fh
 
 
-def _wait(pred, proc, what, timeout=240):
-    deadline = time.time() + timeout
-    while not pred():
-        assert proc.poll() is None, f"the trainer ended before {what}"
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+def _in_process(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """train_cli.py's main() in this process (what `python train_cli.py ARGS` runs, without a second interpreter's
+    start-up): (exit code, stdout + stderr). One torch thread, and the thread variables it sets are put back after."""
+    from splam_studio.training import cli
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("SPLAM_THREADS", "1")
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    try:
+        code = cli.main([*args, "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return code, out.out + out.err
 
 
 def _steps(run: Path) -> int:
     return sum(1 for r in runs.read_stats(run / "stats.jsonl") if "loss" in r)
 
 
-def test_two_trainers_race_and_sigterm_restores_the_overwritten_run(world, tmp_path):
-    """Trainer A overwrites run 'mine' and trains; B (--overwrite) and C (--resume latest) on the live run are refused
-    with one sentence naming A's pid, and change nothing; SIGTERM to A before its first checkpoint puts the old run back."""
+def test_two_trainers_race_and_sigterm_restores_the_overwritten_run(world, tmp_path, monkeypatch, capsys):
+    """Trainer A (a subprocess) overwrites run 'mine' and trains; B (--overwrite) and C (--resume latest), from this
+    process, on the live run are refused with one sentence naming A's pid, and change nothing; SIGTERM to A before
+    its first checkpoint puts the old run back."""
     _fake_run(tmp_path / "mine")
     a, fa = _popen(world, tmp_path, "--run-name", "mine", "--overwrite", "--max-steps", "100000",
                    "--checkpoint-every", "100000", log=tmp_path / "a.log")
     try:
         run = tmp_path / "mine"
-        _wait(lambda: _steps(run) >= 1, a, "A's first step")
+        poll_until(lambda: _steps(run) >= 1, a, "A's first step", TRAINER_WAIT_S, tmp_path / "a.log")
         assert runs.live_owner(run)["pid"] == a.pid
-        b, fb = _popen(world, tmp_path, "--run-name", "mine", "--overwrite", "--max-steps", "3", log=tmp_path / "b.log")
-        c, fc = _popen(world, tmp_path, "--run-name", "mine", "--resume", "latest", log=tmp_path / "c.log")
-        assert b.wait(240) == 2 and c.wait(240) == 2
-        for log in ("b.log", "c.log"):
-            text = (tmp_path / log).read_text()
+        for flags in (("--overwrite", "--max-steps", "3"), ("--resume", "latest")):  # B, then C, from this process
+            code, text = _in_process(monkeypatch, capsys, *_args(world, tmp_path, "--run-name", "mine", *flags))
+            assert code == 2, text[-2000:]
             assert f"is being trained right now by process {a.pid} on host" in text, text[-2000:]
             assert "Traceback" not in text and len([x for x in text.splitlines() if x.startswith("error:")]) == 1
         assert a.poll() is None and runs.live_owner(run)["pid"] == a.pid  # A is untouched and still training
         n = _steps(run)
-        _wait(lambda: _steps(run) > n, a, "A's next step")
+        poll_until(lambda: _steps(run) > n, a, "A's next step", TRAINER_WAIT_S, tmp_path / "a.log")
         assert not (run / "keep.txt").exists() and len(list((tmp_path / ".trash").iterdir())) == 1
         a.send_signal(signal.SIGTERM)
         assert a.wait(120) == 128 + signal.SIGTERM
@@ -134,32 +150,46 @@ def test_two_trainers_race_and_sigterm_restores_the_overwritten_run(world, tmp_p
     assert runs.live_owner(run) is None
 
 
-def test_sigint_leaves_nothing_before_a_checkpoint_and_names_the_real_one_after(world, tmp_path):
+def _sigint_once(monkeypatch, when) -> None:
+    """A real SIGINT to this process, once per run, right after a step line for which when(run_dir) holds: the
+    in-process trainer meets it at a known point, through the same handling as a Ctrl-C in a terminal."""
+    real, fired = runs.StepLog.step, set()
+
+    def step(self, *a, **kw):
+        real(self, *a, **kw)
+        run_dir = self.path.parent
+        if run_dir.name not in fired and when(run_dir):
+            fired.add(run_dir.name)
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(runs.StepLog, "step", step)
+
+
+def test_sigint_leaves_nothing_before_a_checkpoint_and_names_the_real_one_after(world, tmp_path, monkeypatch, capsys):
     """SIGINT before the first checkpoint: no folder blocks the name, an overwritten run is back; SIGINT later: the
     message names the last checkpoint and its step, and the command it prints (no --teacher, --data or preset)
-    resumes that very run from it."""
+    resumes that very run from it. 'old' is a train_cli.py subprocess that gets SIGINT from outside at whatever it is
+    doing; 'new' and 'ck' run main() in this process (while 'old' starts up) and get it after a step line."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # a Ctrl-C here is a KeyboardInterrupt
     _fake_run(tmp_path / "old")
-    procs = {name: _popen(world, tmp_path, "--run-name", name, *extra, log=tmp_path / f"{name}.log")
-             for name, extra in [("new", ("--max-steps", "100000", "--checkpoint-every", "100000")),
-                                 ("old", ("--max-steps", "100000", "--checkpoint-every", "100000", "--overwrite")),
-                                 ("ck", ("--max-steps", "100000", "--checkpoint-every", "2", "--lora-rank", "2",
-                                         "--cond-proj-lr-scale", "10"))]}
+    old, fh = _popen(world, tmp_path, "--run-name", "old", "--max-steps", "100000", "--checkpoint-every", "100000",
+                     "--overwrite", log=tmp_path / "old.log")
     try:
-        for name, (p, _) in procs.items():
-            if name == "ck":
-                _wait(lambda: ck.last_checkpoint(tmp_path / "ck") is not None, p, "the first checkpoint")
-            else:
-                _wait(lambda: _steps(tmp_path / name) >= 1, p, "the first step")
-            p.send_signal(signal.SIGINT)
-        for name, (p, fh) in procs.items():
-            assert p.wait(120) == 130, (tmp_path / f"{name}.log").read_text()[-2000:]
-            fh.close()
+        _sigint_once(monkeypatch, lambda run: run.name == "new" or ck.last_checkpoint(run) is not None)
+        logs, codes = {}, {}
+        for name, extra in [("new", ("--checkpoint-every", "100000")),
+                            ("ck", ("--checkpoint-every", "2", "--lora-rank", "2", "--cond-proj-lr-scale", "10"))]:
+            codes[name], logs[name] = _in_process(monkeypatch, capsys, *_args(world, tmp_path, "--run-name", name,
+                                                                              "--max-steps", "100000", *extra))
+        poll_until(lambda: _steps(tmp_path / "old") >= 1, old, "old's first step", TRAINER_WAIT_S, tmp_path / "old.log")
+        old.send_signal(signal.SIGINT)
+        codes["old"] = old.wait(120)
     finally:
-        for p, fh in procs.values():
-            if p.poll() is None:
-                p.kill()
-            fh.close()
-    logs = {name: (tmp_path / f"{name}.log").read_text() for name in procs}
+        if old.poll() is None:
+            old.kill()
+        fh.close()
+    logs["old"] = (tmp_path / "old.log").read_text()
+    assert codes == {"new": 130, "ck": 130, "old": 130}, logs
     assert all("Traceback" not in t for t in logs.values()), logs
     assert not (tmp_path / "new").exists() and "the name 'new' is free" in logs["new"]
     assert (tmp_path / "old" / "keep.txt").read_text() == "the user's" and "previous run 'old' is back" in logs["old"]
@@ -169,10 +199,9 @@ def test_sigint_leaves_nothing_before_a_checkpoint_and_names_the_real_one_after(
     cmd = line.split("continue this run with: ")[1].split()
     assert cmd[:3] == ["python", "-m", "splam_studio.training"] and cmd[3:] == [
         "--run-name", "ck", "--resume", "latest", "--output-dir", str(tmp_path)]
-    r = subprocess.run([sys.executable, *cmd[1:], "--max-steps", str(step + 1)], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"continuing at step {step}" in r.stdout + r.stderr and "max_steps 100000 -> " in r.stdout + r.stderr
+    code, text = _in_process(monkeypatch, capsys, *cmd[3:], "--max-steps", str(step + 1))  # what `-m` runs: main()
+    assert code == 0, text[-3000:]
+    assert f"continuing at step {step}" in text and "max_steps 100000 -> " in text
     rec = json.loads((tmp_path / "ck" / "training_config.json").read_text())
     assert rec["max_steps"] == step + 1 and rec["lora_rank"] == 2 and rec["cond_proj_lr_scale"] == 10
     assert ck.last_checkpoint(tmp_path / "ck")[1] == step + 1

@@ -61,3 +61,20 @@ def test_plateau_and_seed_verdicts_are_computed_from_the_curves(tmp_path):
     assert "Verdict, splam (p(gamma = 1) 0.5) against lcm (" in text and "- 2 step(s): FID ratio 0.804, lower" in text
     assert "Verdict, splam (m 2) (p(gamma = 1) 0.5) against lcm (m 2) (" in text and "- 2 step(s): FID ratio 0.504, lower" in text
     assert "- splam (p(gamma = 1) 0.5): 2 step FID beats, MSE beats; 4 step FID beats, MSE MISSES" in text  # 0.41 < 0.45 < 0.451
+
+
+def test_server_attacks_section_follows_its_json(tmp_path):
+    from splam_studio.tools.server_attacks import results
+
+    folder = tmp_path / "benchmarks"
+    folder.mkdir()
+    assert "attacked" not in write_benchmarks_md(folder, tmp_path / "B.md").read_text()  # no JSON, no section
+    rows = [("`Host: evil.example`", "400", "400, echoed: no", True), ("seed 10**400", "one sentence", "a | b", False)]
+    (folder / "server_attacks.json").write_text(json.dumps(results(rows, 12.3)))
+    text = write_benchmarks_md(folder, tmp_path / "B.md").read_text()
+    assert "## The studio as a public server, attacked" in text
+    assert "`python -m splam_studio.tools.server_attacks`" in text  # the command that measures it
+    assert "| attack | must get | got | held |" in text
+    assert "| `Host: evil.example` | 400 | 400, echoed: no | yes |" in text
+    assert "| seed 10**400 | one sentence | a \\| b | NO |" in text  # a pipe in what came back stays in its cell
+    assert "- 1 of 2 attacks held; the run took 12 s" in text

@@ -30,7 +30,9 @@ from splam_studio.studio import logic as studio_module
 from splam_studio.studio.app import ServeLimits, allowed_hosts, shared_server
 from splam_studio.studio.launcher import LIVE, LOGS, Trainer, process_alive
 from splam_studio.studio.logic import Studio, StudioError
-from tests.test_app import PROMPT, REPO, _free_port, make_fake_weights, stop_app
+from splam_studio.tools.server_attacks import fn_index, queue_call
+from tests.live import REPO, launch_app, stop_app
+from tests.test_app import PROMPT, make_fake_weights
 
 FAKE_TRAINER = r'''
 import json, os, signal, subprocess, sys, time
@@ -383,34 +385,45 @@ def test_serving_policy(monkeypatch):
         assert not limits.host_ok(bad), bad
 
 
-def _app_weights(tmp_path_factory) -> Path:
-    return make_fake_weights(tmp_path_factory.mktemp("public") / "weights")
+# ---- the tests' one launcher (tests/live.py): readiness, not a fixed wait; the log shown on failure ---------------
+def test_launcher_fails_at_once_with_the_apps_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLAM_TEST_APP_READY_S", "120")
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError, match=r"exited with 2 before app.py --no-such-flag to answer") as e:
+        launch_app(tmp_path, tmp_path / "app.log", "--no-such-flag")
+    assert "unrecognized arguments: --no-such-flag" in str(e.value)  # the app's own stderr, from its log
+    assert time.monotonic() - t0 < 60  # not the 600 s deadline
 
 
-def launch_app(weights: Path, log_path: Path, *extra: str, timeout: float = 300) -> tuple[subprocess.Popen, str]:
-    """app.py on a free port (as tests/test_app.py starts it); polls until it answers, the log shown on failure."""
-    port = _free_port()
-    env = {**os.environ, "SPLAM_WEIGHTS_DIR": str(weights), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port), *extra], cwd=str(REPO),
-                            env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"app did not answer within {timeout:.0f} s: {log_path.read_text()[-2000:]}")
+def test_launcher_waits_on_readiness_up_to_its_deadline(tmp_path, monkeypatch):
+    log = tmp_path / "slow.log"
+    code = "import sys, time; print('still importing', flush=True); time.sleep(60)"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        from tests.live import poll_until, ready_s
+
+        calls = []
+        poll_until(lambda: calls.append(1) or len(calls) > 3, proc, "three polls", 30, log, step_s=0.01)
+        monkeypatch.setenv("SPLAM_TEST_APP_READY_S", "0.5")
+        assert ready_s() == 0.5
+        with pytest.raises(AssertionError, match=r"timed out after 0.5 s waiting for the answer") as e:
+            poll_until(lambda: False, proc, "the answer", ready_s(), log)
+        assert "still importing" in str(e.value) and proc.poll() is None
+        for bad in ("0", "-3", "soon"):
+            monkeypatch.setenv("SPLAM_TEST_APP_READY_S", bad)
+            with pytest.raises(ValueError, match=f"READY_S must be a positive number of seconds, got '{bad}'"):
+                ready_s()
+        monkeypatch.delenv("SPLAM_TEST_APP_READY_S")
+        assert ready_s() == 600
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="module")
 def public_app(tmp_path_factory):
-    weights = _app_weights(tmp_path_factory)
+    weights = make_fake_weights(tmp_path_factory.mktemp("public") / "weights")
     log = tmp_path_factory.mktemp("public-log") / "app.log"
     proc, url = launch_app(weights, log, "--host", "0.0.0.0", "--allow-train")
     yield proc, url, weights, log
@@ -475,29 +488,7 @@ def test_request_and_upload_limits(public_app):
 
 
 def _queue_call(url: str, fn_index: int, data: list, session: str) -> list:
-    """One event through Gradio's queue, as the page sends it (join, then read the session's event stream)."""
-    body = json.dumps({"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None,
-                       "trigger_id": None}).encode()
-    req = urllib.request.Request(url + "gradio_api/queue/join", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        r.read()
-    with urllib.request.urlopen(url + f"gradio_api/queue/data?session_hash={session}", timeout=120) as r:
-        for raw in r:
-            line = raw.decode("utf-8", "replace").strip()
-            if line.startswith("data:"):
-                msg = json.loads(line[5:])
-                if msg.get("msg") == "process_completed":
-                    out = msg.get("output", {})
-                    if not msg.get("success", True) or "error" in out:
-                        raise RuntimeError(out.get("error"))
-                    return out["data"]
-    raise RuntimeError("no result")
-
-
-def _fn(url: str, name: str) -> int:
-    with urllib.request.urlopen(url + "config", timeout=30) as r:
-        config = json.loads(r.read())
-    return next(d["id"] for d in config["dependencies"] if d.get("api_name") == name)
+    return queue_call(url, fn_index, data, session, join_s=30, result_s=120)
 
 
 def test_seed_overflow_through_the_api(public_app):
@@ -515,7 +506,7 @@ def test_seed_overflow_through_the_api(public_app):
 def test_train_tab_ownership_then_sigterm_ends_the_run(public_app):
     """Last in the file: it ends the app. Two sessions: B can neither read, stop nor start beside A's run."""
     proc, url, weights, log = public_app
-    start, stop, load = _fn(url, "on_start"), _fn(url, "on_stop"), _fn(url, "on_load")
+    start, stop, load = fn_index(url, "on_start"), fn_index(url, "on_stop"), fn_index(url, "on_load")
     a, b = uuid.uuid4().hex[:11], uuid.uuid4().hex[:11]
     out = _queue_call(url, start, ["shapes-teacher", "shapes", "splam", 100_000, 2, "owned-run", "", 1], a)
     assert "owned-run" in out[0], out

@@ -6,6 +6,7 @@ Each section appears only when its JSON exists; every number comes from those fi
     benchmarks/teacher_history.json  earlier embedded teachers' teacher.json, each with its preset and commit
     benchmarks/trainer.json      python -m splam_studio.tools.trainer_bench  (SPLAM vs LCM step time and memory)
     benchmarks/reliability.json  python -m splam_studio.tools.reliability    (faults, bad input, load)
+    benchmarks/server_attacks.json python -m splam_studio.tools.server_attacks (the studio as a public server, attacked)
     benchmarks/trainer_cache.json python -m splam_studio.tools.trainer_bench --cache (a step with and without the latent cache)
     benchmarks/threads.json      python -m splam_studio.tools.threads_bench  (torch threads, idle and loaded)
     benchmarks/sweep.json        python -m splam_studio.tools.bench --curves RUN... (the recipe sweep, curves along training)
@@ -353,6 +354,8 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
               f"mutants killed ({mu['note']}). training/loop.py is not yet in its mutant list.", "", mu["markdown"], ""]
     if (rel := _load(folder, "reliability.json")):
         L += generic_section("Reliability", rel)
+    if (atk := _load(folder, "server_attacks.json")):
+        L += generic_section("The studio as a public server, attacked", atk)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text("\n".join(L).rstrip() + "\n")
     tmp.replace(out)

@@ -1,6 +1,7 @@
 """Attacks on a live studio served as a public server (issue 29), each with the answer it must get; a Markdown table.
 
     python -m splam_studio.tools.server_attacks [--weights-dir weights] [--port 0]
+        [--json benchmarks/server_attacks.json]
 
 Starts `python -m splam_studio.studio --host 0.0.0.0 --allow-train` on a free port (reached on 127.0.0.1, hub
 offline), in a working directory that holds a folder shaped like a hub id (`private/secret-teacher`, a copy of the
@@ -8,6 +9,8 @@ teacher) with a Hugging Face cache entry of that name, so the hub check passes a
 folders could produce images from it. Then: Host headers, request and upload sizes, the file route, model names, a
 huge seed, two browser sessions on the Train tab (through Gradio's queue protocol, as the page sends events), a
 broken byte in the live run's stats.jsonl, and SIGTERM of the studio with its trainer live.
+
+Prints the table and writes it to --json in the shape that `splam_studio.tools.report` renders into BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -48,19 +51,26 @@ def request(url: str, *, method: str = "GET", body=None, headers=None) -> tuple[
         return -1, {}, str(e).encode()
 
 
+def said(code: int) -> str:
+    """An HTTP status as the table shows it; -1 is a connection the server closed before the body was sent."""
+    return "connection closed mid-body" if code == -1 else str(code)
+
+
 def chunks(total: int, size: int = 1 << 20):
     for _ in range(total // size):
         yield b"x" * size
 
 
-def queue_call(url: str, fn_index: int, data: list, session: str) -> list:
-    """One event through Gradio's queue as the page sends it; RuntimeError(message) when the app refuses it."""
+def queue_call(url: str, fn_index: int, data: list, session: str, *, join_s: float = 60,
+               result_s: float = 300) -> list:
+    """One event through Gradio's queue as the page sends it (join, then read the session's event stream);
+    RuntimeError(message) when the app refuses it. join_s and result_s: the two requests' timeouts in seconds."""
     body = json.dumps({"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None,
                        "trigger_id": None}).encode()
     req = urllib.request.Request(url + "gradio_api/queue/join", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
+    with urllib.request.urlopen(req, timeout=join_s) as r:
         r.read()
-    with urllib.request.urlopen(url + f"gradio_api/queue/data?session_hash={session}", timeout=300) as r:
+    with urllib.request.urlopen(url + f"gradio_api/queue/data?session_hash={session}", timeout=result_s) as r:
         for raw in r:
             line = raw.decode("utf-8", "replace").strip()
             if line.startswith("data:"):
@@ -150,17 +160,17 @@ def attacks(url: str, proc: subprocess.Popen, where: dict) -> list[tuple[str, st
     code = request(url + "gradio_api/queue/join", method="POST", body=chunks(150 << 20),
                    headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})[0]
     grew = rss_mb(proc.pid) - before
-    row("150 MB request body (chunked)", "413, memory flat", f"{code}, RSS {grew:+.0f} MB",
+    row("150 MB request body (chunked)", "413, memory flat", f"{said(code)}, RSS {grew:+.0f} MB",
         code in (413, -1) and grew < 50)
     code = request(url + "gradio_api/queue/join", method="POST", body=b"{}", headers={
         "Content-Type": "application/json", "Content-Length": str(150 << 20)})[0]
-    row("declared 150 MB Content-Length", "413", str(code), code in (413, -1))
+    row("declared 150 MB Content-Length", "413", said(code), code in (413, -1))
     boundary = "b" + uuid.uuid4().hex
     head = f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.bin\"\r\n\r\n".encode()
     body = head + b"y" * (100 << 20) + f"\r\n--{boundary}--\r\n".encode()
     code = request(url + "gradio_api/upload", method="POST", body=body,
                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})[0]
-    row("100 MB upload to /gradio_api/upload (no file input)", "refused (404/413)", str(code), code in (404, 413, -1))
+    row("100 MB upload to /gradio_api/upload (no file input)", "refused (404/413)", said(code), code in (404, 413, -1))
     small = head + b"y" * 1000 + f"\r\n--{boundary}--\r\n".encode()
     code = request(url + "gradio_api/upload", method="POST", body=small,
                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})[0]
@@ -241,6 +251,20 @@ def attacks(url: str, proc: subprocess.Popen, where: dict) -> list[tuple[str, st
     return rows
 
 
+COLUMNS = ["attack", "must get", "got", "held"]
+
+
+def results(rows, seconds: float) -> dict:
+    """The attacks as a BENCHMARKS.md section (report.generic_section's shape): one table and a count."""
+    held = sum(r[3] for r in rows)
+    return {"description": "`python -m splam_studio.tools.server_attacks`: the studio served as a public server "
+                           "(`--host 0.0.0.0 --allow-train`, hub offline, reached on 127.0.0.1), attacked with real "
+                           "requests; each row is one attack, the answer it must get and the one it got.",
+            "tables": [{"title": "attacks on a live public studio", "columns": COLUMNS,
+                        "rows": [[attack, expect, got, "yes" if ok else "NO"] for attack, expect, got, ok in rows]}],
+            "notes": [f"{held} of {len(rows)} attacks held; the run took {seconds:.0f} s"]}
+
+
 def table(rows) -> str:
     lines = ["| attack | must get | got | held |", "|---|---|---|---|"]
     for attack, expect, got, held in rows:
@@ -255,8 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights-dir", default=str(ROOT / "weights"), help="holds shapes-teacher / -splam / -lcm")
     p.add_argument("--port", type=int, default=0, help="0: a free port")
+    p.add_argument("--json", default=str(ROOT / "benchmarks" / "server_attacks.json"),
+                   help="where the results go, for `python -m splam_studio.tools.report`")
     args = p.parse_args(argv)
     weights = Path(args.weights_dir)
+    missing = [name for name in MODELS if not (weights / name).is_dir()]
+    if missing:
+        print(f"error: {weights} has no {', '.join(missing)}", file=sys.stderr)
+        return 2
+    t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="server-attacks-") as tmp:
         where = prepare(weights, Path(tmp))
         port = args.port or free_port()
@@ -268,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
             if proc.poll() is None:
                 proc.kill()
     print(table(rows))
+    from splam_studio.store.atomic import write_json
+
+    print(f"wrote {write_json(args.json, results(rows, time.time() - t0))}", file=sys.stderr)
     return 0 if all(r[3] for r in rows) else 1
 
 
