@@ -351,7 +351,7 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
         L += generic_section("Trainer on an H200 (SD1.5-sized UNet, random weights)", gpu)
     if (mu := _load(folder, "mutation.json")):
         L += ["## Mutation check", "", f"`nice -n 10 python -m splam_studio.tools.mutation`: {mu['killed']} of {mu['total']} "
-              f"mutants killed ({mu['note']}). training/loop.py is not yet in its mutant list.", "", mu["markdown"], ""]
+              f"mutants killed ({mu['note']}).", "", mu["markdown"], ""]
     if (rel := _load(folder, "reliability.json")):
         L += generic_section("Reliability", rel)
     if (atk := _load(folder, "server_attacks.json")):
