@@ -125,7 +125,7 @@ def test_compare_layout(browser, app_url, width):
         try:  # on a loaded machine the images' layout can lag their arrival; the asserts below still decide
             page.wait_for_function("w => ['teacher', 'lcm', 'splam'].every(r => { const i = document.querySelector("
                                    "`#panel-${r} img`); return i && i.getBoundingClientRect().width >= w; })",
-                                   arg=min_w, timeout=15_000)
+                                   arg=min_w, timeout=60_000)
         except Exception as e:  # playwright's TimeoutError; the asserts below report what the layout is
             if type(e).__name__ != "TimeoutError":
                 raise
