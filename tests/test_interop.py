@@ -54,3 +54,11 @@ def test_the_section_renders_in_benchmarks_md(tmp_path):
     assert "| single file <run>.safetensors | kohya | yes | 6.00e-04 | 2.00e-04 | same | yes |" in text
     assert "| kohya LoRA without the fold | ComfyUI | yes | 3.00e-04 | 1.00e-04 | different | NO |" in text
     assert "| no: RuntimeError: x | - | - | error | yes |" in text and "- kohya-ss/sd-scripts: commit `abc`" in text
+
+
+def test_a_refusal_keeps_the_line_that_names_the_keys():
+    e = RuntimeError('Error(s) in loading state_dict for UNet2DConditionModel:\n\tUnexpected key(s) in state_dict: '
+                     '"time_embedding.cond_proj.weight". ')
+    s = I.error_summary(e)
+    assert s.startswith("RuntimeError: Error(s) in loading") and '"time_embedding.cond_proj.weight"' in s
+    assert I.error_summary(ValueError("one line")) == "ValueError: one line"

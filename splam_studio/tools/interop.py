@@ -77,6 +77,13 @@ def _stub_torchvision() -> None:
         setattr(sys.modules[parent], leaf, mod)
 
 
+SHIMS = ("kohya sd-scripts pins transformers 4.54, which cannot sit beside this project's diffusers 0.42 (huggingface_hub "
+         "< 1 against >= 1.32); under transformers 5 its imports and its text-encoder load need three shims, none on "
+         "the UNet's path: torchvision stubbed (a stub name that is used raises), transformers.CLIPFeatureExtractor "
+         "aliased to CLIPImageProcessor, and the \"text_model.\" prefix of kohya's converted CLIP keys stripped "
+         "(the text encoder is not compared). ComfyUI needs none (its own CLIP code)")
+
+
 def _alias_transformers_4() -> list[str]:
     """kohya pins transformers 4.54; under 5.x its lpw pipeline imports CLIPFeatureExtractor, removed in 5 (it was
     the old name of CLIPImageProcessor, and SD1.5 loading never builds one). Returns what was aliased."""
@@ -87,6 +94,27 @@ def _alias_transformers_4() -> list[str]:
     processor = transformers.CLIPImageProcessor
     sys.modules["transformers"].CLIPFeatureExtractor = processor  # the lazy module replaces itself on first use
     return ["transformers.CLIPFeatureExtractor = CLIPImageProcessor"]
+
+
+@contextlib.contextmanager
+def _clip_keys_for_transformers_5():
+    """kohya's single-file converter names the CLIP text encoder's weights as transformers 4 did ("text_model.*");
+    transformers 5's CLIPTextModel has no such prefix, so kohya's strict load_state_dict fails before it returns
+    the UNet. While kohya loads, the prefix is stripped where the model lacks it (the text encoder is not compared)."""
+    from transformers import CLIPTextModel
+
+    original = CLIPTextModel.load_state_dict
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        if not any(k.startswith("text_model.") for k in self.state_dict()):
+            state_dict = {k.removeprefix("text_model."): v for k, v in state_dict.items()}
+        return original(self, state_dict, *args, **kwargs)
+
+    CLIPTextModel.load_state_dict = load_state_dict
+    try:
+        yield
+    finally:
+        CLIPTextModel.load_state_dict = original
 
 
 @contextlib.contextmanager
@@ -137,6 +165,13 @@ def as_expected(r: dict, tol: float = 1e-2) -> bool:
     return (r["rel_rms"] < tol) == (r["expected"] == SAME)
 
 
+def error_summary(e: BaseException, width: int = 160) -> str:
+    """One line for a refusal: its first line, and torch's "Unexpected key(s)" line where it has one."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+    keys = next((ln for ln in lines[1:] if ln.startswith(("Unexpected key", "Missing key"))), "")
+    return f"{type(e).__name__}: {lines[0]} {keys}".strip()[:width]
+
+
 def compare(got: torch.Tensor, ref: torch.Tensor) -> dict:
     d = (got.float() - ref).abs()
     return {"max_abs": float(d.max()), "rel_rms": float(d.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())}
@@ -147,7 +182,7 @@ def kohya_unet(kohya: Path, source: Path):
     """kohya's train_util._load_target_model on a single file or a diffusers folder -> its (original) UNet."""
     _stub_torchvision()
     _alias_transformers_4()
-    with _on_path(kohya):
+    with _on_path(kohya), _clip_keys_for_transformers_5():
         from library import train_util
 
         args = argparse.Namespace(pretrained_model_name_or_path=str(source), v2=False, vae=None)
@@ -163,7 +198,7 @@ def kohya_eps(unet, x: dict) -> torch.Tensor:
 def kohya_lora_unet(kohya: Path, teacher_file: Path, lora_file: Path):
     """The teacher single file through kohya, the LoRA merged by kohya's networks.lora."""
     unet = kohya_unet(kohya, teacher_file)
-    with _on_path(kohya):
+    with _on_path(kohya), _clip_keys_for_transformers_5():
         from library import model_util
         from networks import lora as kohya_lora
         from safetensors.torch import load_file
@@ -257,7 +292,7 @@ def run(kohya: Path, comfy: Path, work: Path, log=print) -> list[dict]:
         del unet
     except Exception as e:  # noqa: BLE001 - the expected refusal, recorded
         r = {"loader": "kohya", "form": RUN_UNET, "expected": expectation("kohya", RUN_UNET),
-             "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+             "error": error_summary(e)}
         rows.append({**r, "as_expected": as_expected(r)})
         log(f"kohya    run unet/ folder: {r['error']}")
     m = comfy_model(comfy, _as_pipeline(work, out["run"] / "unet", teacher_dir), folder=True)
@@ -364,8 +399,7 @@ def main(argv=None) -> int:
         if not path.is_dir():
             print(f"error: {name}: {path} not found (give the repository's root)", file=sys.stderr)
             return 2
-    notes = [f"compatibility shims for the imports only: {', '.join(_alias_transformers_4() + ['torchvision stubbed'])}"
-             " (neither is on the SD1.5 loading path: a stub name that is used raises)"]
+    notes = [SHIMS]
     rows = run(a.kohya.resolve(), a.comfyui.resolve(), a.work)
     print(markdown(rows))
     if a.json:
