@@ -84,6 +84,13 @@ SHIMS = ("kohya sd-scripts pins transformers 4.54, which cannot sit beside this 
          "(the text encoder is not compared). ComfyUI needs none (its own CLIP code)")
 
 
+SETUP = ("On the CPU, in fp32 (the files are fp16, as save_fp16 writes them; the reference is the student rounded to "
+         "fp16). Random weights: the teacher from tools.gpu_check.build_pipeline('sd15'); the gamma projection's "
+         "init scaled by 10 (a trained one is larger than the fresh init); the LoRA r4, lora_B ~ 1e-3 N(0, 1). Probe: "
+         "batch 2 at 32 x 32 latents, t = 999 and 259, random text states. The controls' differences measure that "
+         "projection, not a trained student's (README: 8.5 % and 4.4 % rms for the embedded ones)")
+
+
 def _alias_transformers_4() -> list[str]:
     """kohya pins transformers 4.54; under 5.x its lpw pipeline imports CLIPFeatureExtractor, removed in 5 (it was
     the old name of CLIPImageProcessor, and SD1.5 loading never builds one). Returns what was aliased."""
@@ -399,7 +406,7 @@ def main(argv=None) -> int:
         if not path.is_dir():
             print(f"error: {name}: {path} not found (give the repository's root)", file=sys.stderr)
             return 2
-    notes = [SHIMS]
+    notes = [SETUP, SHIMS]
     rows = run(a.kohya.resolve(), a.comfyui.resolve(), a.work)
     print(markdown(rows))
     if a.json:
