@@ -11,8 +11,12 @@ models.export.export_run, and loads each through the other projects' own functio
            comfy.sd.load_lora_for_models + patch_model (the kohya LoRA).
 Each loaded UNet's eps at a few (z, t, text) points is compared with the studio's student at gamma = 1; the
 unfolded forms (the run's unet/ folder, the LoRA without its fold) are the controls. Their code is imported from the
-given paths only (nothing of it is copied here). torchvision is stubbed: the imported modules that use it are other
-model families', never called for SD1.5. Needs einops, torchsde, psutil, toml beside this project's environment.
+given paths only (nothing of it is copied here). kohya pins transformers 4.54, which cannot share a process with this
+project's diffusers; under transformers 5 three shims let its imports and its text-encoder load run (SHIMS, named in
+the output's notes); none is on the UNet's path. The trees import more than this project needs: opencv-python-headless
+(kohya's cv2), einops, torchsde, toml, imagesize, voluptuous, ftfy, aiohttp, yarl, alembic, sqlalchemy, av, spandrel,
+sentencepiece (not kornia: diffusers imports it when present, and it needs kornia_rs); install them in a separate
+venv (pip --no-deps) that also sees this project's site-packages (a .pth file), never torchvision. The run takes about 10 minutes and 10 GB on a CPU.
 """
 from __future__ import annotations
 
@@ -311,6 +315,7 @@ def run(kohya: Path, comfy: Path, work: Path, log=print) -> list[dict]:
     student = build_student(pipe.unet, "fresh", generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         student.time_embedding.cond_proj.weight.mul_(10.0)
+    torch.manual_seed(3)  # peft draws lora_A from the global generator
     student.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights="gaussian"))
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
