@@ -16,7 +16,8 @@ project's diffusers; under transformers 5 three shims let its imports and its te
 the output's notes); none is on the UNet's path. The trees import more than this project needs: opencv-python-headless
 (kohya's cv2), einops, torchsde, toml, imagesize, voluptuous, ftfy, aiohttp, yarl, alembic, sqlalchemy, av, spandrel,
 sentencepiece (not kornia: diffusers imports it when present, and it needs kornia_rs); install them in a separate
-venv (pip --no-deps) that also sees this project's site-packages (a .pth file), never torchvision. The run takes about 10 minutes and 10 GB on a CPU.
+venv (pip --no-deps) that also sees this project's site-packages (a .pth file), never torchvision. The run takes
+about 10 minutes and 10 GB on a CPU.
 """
 from __future__ import annotations
 
