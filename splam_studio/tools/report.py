@@ -352,6 +352,8 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
     if (mu := _load(folder, "mutation.json")):
         L += ["## Mutation check", "", f"`nice -n 10 python -m splam_studio.tools.mutation`: {mu['killed']} of {mu['total']} "
               f"mutants killed ({mu['note']}).", "", mu["markdown"], ""]
+    if (io := _load(folder, "interop.json")):
+        L += generic_section("Exports in kohya sd-scripts and ComfyUI", io)
     if (rel := _load(folder, "reliability.json")):
         L += generic_section("Reliability", rel)
     if (atk := _load(folder, "server_attacks.json")):
