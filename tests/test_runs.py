@@ -68,8 +68,8 @@ def test_help_shows_each_default_once_with_the_presets():
     text = train_cli.build_parser().format_help()
     assert "(default: None)" not in text
     flat = " ".join(text.split())
-    assert "(default 8; preset shapes: 32)" in flat  # --batch-size
-    assert "(default 1e-05; preset sd15: 0.0001)" in flat  # --lr (shapes uses the default)
+    assert "(default 8; preset sdxl: 2, shapes: 32)" in flat  # --batch-size
+    assert "(default 1e-05; preset sd15: 0.0001, sdxl: 0.0001)" in flat  # --lr (shapes uses the default)
     assert "--overwrite" in flat and ".trash" in flat
 
 
