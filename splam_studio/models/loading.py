@@ -183,14 +183,16 @@ def _check_loaded(info: dict, where: Path) -> None:
                              f"would be freshly initialised; use the versions pyproject.toml names (transformers, diffusers)")
 
 
-def _load_components(path: Path, dtype: torch.dtype, allow_pickle: bool) -> dict[str, Any]:
-    """unet, vae and text_encoder, each loaded with its loader's own report of missing / unexpected keys, checked."""
+def _load_components(path: Path, dtype: torch.dtype, allow_pickle: bool,
+                     names: tuple[str, ...] = ("unet", "vae", "text_encoder")) -> dict[str, Any]:
+    """The weighted components `names` (SD1.5: unet, vae, text_encoder), each loaded with its loader's own report of
+    missing / unexpected keys, checked."""
     import diffusers
     import transformers
 
     index = json.loads((path / "model_index.json").read_text())
     out: dict[str, Any] = {}
-    for name in ("unet", "vae", "text_encoder"):
+    for name in names:
         library, cls_name = index[name]
         cls = getattr(transformers if library == "transformers" else diffusers, cls_name)
         model, info = cls.from_pretrained(str(path / name), torch_dtype=dtype, use_safetensors=not allow_pickle,

@@ -83,21 +83,9 @@ def _check_folder(path: Path, allow_pickle: bool) -> None:
 
 def _components(path: Path, dtype: torch.dtype, allow_pickle: bool) -> dict[str, Any]:
     """The four weighted components, each loaded with its loader's report of missing / unexpected keys, checked."""
-    import diffusers
-    import transformers
+    from .loading import _load_components
 
-    from .loading import _check_loaded
-
-    index = json.loads((path / "model_index.json").read_text())
-    out = {}
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        library, cls_name = index[name]
-        cls = getattr(transformers if library == "transformers" else diffusers, cls_name)
-        model, info = cls.from_pretrained(str(path / name), torch_dtype=dtype, use_safetensors=not allow_pickle,
-                                          local_files_only=True, output_loading_info=True)
-        _check_loaded(info, path / name)
-        out[name] = model
-    return out
+    return _load_components(path, dtype, allow_pickle, ("unet", "vae", "text_encoder", "text_encoder_2"))
 
 
 def load_sdxl_teacher(source: str | Path, *, torch_dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
