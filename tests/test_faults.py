@@ -90,11 +90,27 @@ def _args(world, out, *extra) -> list[str]:
             "--batch-size", "2", "--log-every", "1", "--device", "cpu", "--seed", "3", *extra]
 
 
+def _terminal_signals() -> None:
+    """SIGINT and SIGTERM at their defaults, as in a terminal, also when the suite itself runs with them ignored (a
+    background job or nohup, whose SIG_IGN a child would inherit)."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_DFL)
+
+
 def _popen(world, out, *extra, log):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     fh = open(log, "w")
     return subprocess.Popen([sys.executable, str(ROOT / "train_cli.py"), *_args(world, out, *extra)], stdout=fh,
-                            stderr=subprocess.STDOUT, cwd=ROOT, env=env), fh
+                            stderr=subprocess.STDOUT, cwd=ROOT, env=env, preexec_fn=_terminal_signals), fh
+
+
+@pytest.fixture
+def ctrl_c():
+    """In this process SIGINT is a terminal's Ctrl-C (KeyboardInterrupt) for the test, also when the suite runs with
+    SIGINT ignored (a background job, nohup); put back after."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def _in_process(monkeypatch, capsys, *args) -> tuple[int, str]:
@@ -165,7 +181,8 @@ def _sigint_once(monkeypatch, when) -> None:
     monkeypatch.setattr(runs.StepLog, "step", step)
 
 
-def test_sigint_leaves_nothing_before_a_checkpoint_and_names_the_real_one_after(world, tmp_path, monkeypatch, capsys):
+def test_sigint_leaves_nothing_before_a_checkpoint_and_names_the_real_one_after(world, tmp_path, monkeypatch, capsys,
+                                                                               ctrl_c):
     """SIGINT before the first checkpoint: no folder blocks the name, an overwritten run is back; SIGINT later: the
     message names the last checkpoint and its step, and the command it prints (no --teacher, --data or preset)
     resumes that very run from it. 'old' is a train_cli.py subprocess that gets SIGINT from outside at whatever it is
