@@ -9,6 +9,7 @@ Each section appears only when its JSON exists; every number comes from those fi
     benchmarks/server_attacks.json python -m splam_studio.tools.server_attacks (the studio as a public server, attacked)
     benchmarks/trainer_cache.json python -m splam_studio.tools.trainer_bench --cache (a step with and without the latent cache)
     benchmarks/threads.json      python -m splam_studio.tools.threads_bench  (torch threads, idle and loaded)
+    benchmarks/compare_latency.json python -m splam_studio.tools.compare_latency (the Compare tab's latencies, idle and loaded)
     benchmarks/sweep.json        python -m splam_studio.tools.bench --curves RUN... (the recipe sweep, curves along training)
     benchmarks/seeds.json        python -m splam_studio.tools.bench --curves RUN... (SPLAM vs LCM, several training seeds)
 """
@@ -354,6 +355,8 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
               f"mutants killed ({mu['note']}).", "", mu["markdown"], ""]
     if (io := _load(folder, "interop.json")):
         L += generic_section("Exports in kohya sd-scripts and ComfyUI", io)
+    if (cl := _load(folder, "compare_latency.json")):
+        L += generic_section("Compare-tab latency: interleaved rounds, idle and loaded", cl)
     if (rel := _load(folder, "reliability.json")):
         L += generic_section("Reliability", rel)
     if (atk := _load(folder, "server_attacks.json")):
