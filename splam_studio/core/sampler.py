@@ -68,6 +68,7 @@ def initial_noise(seed: int, batch: int, unet: UNet2DConditionModel, height: int
 class Generation:
     images: list  # PIL images
     latents: torch.Tensor  # (B, C, h, w) final clean latents, float32 on the CPU
+    noise: torch.Tensor | None = None  # (B, C, h, w) the initial noise z_T they were made from, float32 on the CPU
 
 
 def placement(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -114,7 +115,7 @@ def generate(pipe: StableDiffusionPipeline, *, prompt: list[str], sampler: str, 
             latents=z_T, generator=g, output_type="latent", height=size, width=size)
     # 3. decode on the device; the returned latents are a float32 CPU copy
     images = decode_latents(pipe, out.images) if decode else []
-    return Generation(images=images, latents=out.images.float().cpu())
+    return Generation(images=images, latents=out.images.float().cpu(), noise=z_T.float().cpu())
 
 
 @torch.no_grad()

@@ -110,6 +110,31 @@ def ddim_grid(T: int = 1000, N: int = 50) -> torch.Tensor:
     return torch.arange(1, N + 1, dtype=torch.long) * k_phi - 1
 
 
+def sample_grid_t(grid: torch.Tensor, batch: int, generator: torch.Generator | None = None,
+                  top_prob: float = 0.0) -> torch.Tensor:
+    """t uniform on the DDIM grid (B,), long; with top_prob > 0 the top grid point (t = 999, where 1-step sampling
+    starts) is drawn with that probability, otherwise uniform. top_prob = 0 draws exactly as a plain uniform draw."""
+    if not 0.0 <= top_prob <= 1.0:
+        raise ValueError(f"top_prob must be in [0, 1], got {top_prob}")
+    t = grid[torch.randint(len(grid), (batch,), generator=generator)]
+    if top_prob > 0:
+        top = torch.rand(batch, generator=generator, dtype=torch.float64) < top_prob
+        t = torch.where(top, grid[-1], t)
+    return t
+
+
+def sub_path_k(t: torch.Tensor, k: int, k_high: int | None = None, t_high: int = 500) -> torch.Tensor:
+    """The k schedule: sub-path length k(t) per sample (B,), long. k everywhere (the paper), or k_high for t >= t_high:
+    fewer, longer sub-paths where 1-step sampling jumps far. k_high must be a multiple of k, so that s = t - k(t)
+    stays on the DDIM grid and the target's timestep is one the student trains at."""
+    t = torch.as_tensor(t).long()
+    if k_high is None:
+        return torch.full_like(t, k)
+    if k_high < k or k_high % k:
+        raise ValueError(f"k_high must be a multiple of k = {k} and at least k, got {k_high}")
+    return torch.where(t >= t_high, torch.full_like(t, k_high), torch.full_like(t, k))
+
+
 def lcm_timesteps(num_steps: int, T: int = 1000, original_steps: int = 50) -> list[int]:
     """Inference timesteps of diffusers' LCMScheduler: [999] / [999, 499] / [999, 759, 499, 259] for 1/2/4 steps."""
     if not 1 <= num_steps <= original_steps:

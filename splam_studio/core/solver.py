@@ -42,10 +42,14 @@ def ddim_step(z_t: torch.Tensor, eps: torch.Tensor, alpha_t, sigma_t, alpha_s, s
     return coef(alpha_s, z_t) * x0 + coef(sigma_s, z_t) * eps
 
 
-def solve(eps_fn: TeacherEps, schedule: NoiseSchedule, z_t: torch.Tensor, t: torch.Tensor, m: int, k_phi: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phi applied m times with step k_phi from t (clamped at 0): returns (zhat_s, s), s = max(t - m k_phi, 0)."""
-    if m < 1 or k_phi < 1:
+def solve(eps_fn: TeacherEps, schedule: NoiseSchedule, z_t: torch.Tensor, t: torch.Tensor, m: int,
+          k_phi: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phi applied m times with step k_phi from t (clamped at 0): returns (zhat_s, s), s = max(t - m k_phi, 0).
+
+    k_phi: one step size, or one per sample (B,) (a k schedule: longer sub-paths at high t, same m teacher calls)."""
+    if m < 1 or (torch.as_tensor(k_phi) < 1).any():
         raise ValueError(f"need m >= 1 and k_phi >= 1, got m={m}, k_phi={k_phi}")
+    k_phi = k_phi.to(t.device) if torch.is_tensor(k_phi) else k_phi
     z, t_j = z_t, t.long()
     for _ in range(m):
         s_j = (t_j - k_phi).clamp(min=0)

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import UNet2DConditionModel
 
-from .schedule import NoiseSchedule, coef, ddim_grid
-from .slode import GAMMA_SCALE_PAPER, GAMMA_TIMES, Distance, GammaTime, sample_gamma, sample_w, splam_loss
+from .schedule import NoiseSchedule, coef, ddim_grid, sample_grid_t, sub_path_k
+from .slode import GAMMA_SCALE_PAPER, GAMMA_TIMES, Distance, GammaTime, distance, sample_gamma, sample_w, splam_loss
 from .solver import guided_eps, solve
 from .student import student_F
 from .teacher import Condition
@@ -37,6 +37,18 @@ class SpladConfig:
     gamma_time: GammaTime = field(default="t", metadata={
         "help": "SPLAM: timestep the student sees at z_gamma: t (the paper, every gamma) or matched (the timestep of "
                 "z_gamma's own noise level, input rescaled onto the marginal)"})
+    # 1-step ablations (issue 25): a k schedule, timesteps weighted toward t = 999, and DMD's regression on the
+    # teacher's own (z_T, z_0) ODE pairs. Their defaults draw and compute exactly as the paper's Algorithm 1.
+    k_high: int | None = field(default=None, metadata={
+        "help": "k schedule: sub-paths of length k_high (a multiple of k = m * k_phi) from t >= --t-high, the paper's "
+                "k below (default: k everywhere)"})
+    t_high: int = field(default=500, metadata={"help": "where the k schedule's long sub-paths start (with --k-high)"})
+    t_top_prob: float = field(default=0.0, metadata={
+        "help": "probability of drawing the top grid timestep t = 999, where 1-step sampling starts (else uniform on "
+                "the grid; 0 = the paper)"})
+    regression: float = field(default=0.0, metadata={
+        "help": "weight of a regression of the 1-step student F(z_T, 999) onto the teacher's own z_0 from the same "
+                "noise z_T (DMD's paired loss); needs teacher data (--prompts), which stores each z_T"})
     # diffusers' LCM recipe (LCM only): w ~ U[w_min, w_max] per sample, used by the teacher and embedded for student
     # and target (omega = w at gamma = 1). None = the fixed w above, unembedded (= SPLAM at gamma = 1)
     w_min: float | None = field(default=None, metadata={
@@ -55,6 +67,12 @@ class SpladConfig:
             raise ValueError(f"gamma_scale must be > 0, got {self.gamma_scale}")
         if self.gamma_time not in GAMMA_TIMES:
             raise ValueError(f"gamma_time must be one of {GAMMA_TIMES}, got {self.gamma_time!r}")
+        if self.k_high is not None and self.k_high < 1:
+            raise ValueError(f"k_high must be a positive multiple of k = m * k_phi, got {self.k_high}")
+        if not 0.0 <= self.t_top_prob <= 1.0:
+            raise ValueError(f"t_top_prob must be in [0, 1], got {self.t_top_prob}")
+        if not self.regression >= 0:
+            raise ValueError(f"regression weight must be >= 0, got {self.regression}")
         if self.distance not in ("l2", "huber"):
             raise ValueError(f"distance must be 'l2' or 'huber', got {self.distance!r}")
         if (self.w_min is None) != (self.w_max is None):
@@ -81,25 +99,44 @@ def splad_loss(
     cond: Condition,
     uncond: Condition,
     generator: torch.Generator | None = None,
+    z_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Steps 1-6 of Algorithm 1 for clean latents z_0 (B, C, h, w) and text conditions cond, uncond: embeddings
-    (B, L, D), or SDXL TextConditions (core.teacher), each branch with its own pooled embeds and time ids."""
+    (B, L, D), or SDXL TextConditions (core.teacher), each branch with its own pooled embeds and time ids.
+
+    z_T: the initial noise the teacher made each z_0 from (teacher data), for cfg.regression > 0."""
     B = z_0.shape[0]
-    # 1. grid time t, s = t - k, and z_t = alpha(t) z_0 + sigma(t) eps
+    if cfg.regression > 0 and z_T is None:
+        raise ValueError("the regression term needs the teacher's (z_T, z_0) pairs: train on teacher data (--prompts)")
+    # 1. grid time t, s = t - k(t), and z_t = alpha(t) z_0 + sigma(t) eps
     grid = ddim_grid(schedule.T, cfg.num_ddim_steps)
     k_phi = schedule.T // cfg.num_ddim_steps
-    t = grid[torch.randint(len(grid), (B,), generator=generator)]
+    t = sample_grid_t(grid, B, generator, cfg.t_top_prob)
+    step = k_phi if cfg.k_high is None else sub_path_k(t, cfg.m * k_phi, cfg.k_high, cfg.t_high) // cfg.m
     eps = torch.randn(z_0.shape, generator=generator, dtype=z_0.dtype).to(z_0.device)
     z_t = coef(schedule.alpha(t), z_0) * z_0 + coef(schedule.sigma(t), z_0) * eps
     t_dev = t.to(z_0.device)
     # 2. teacher, no grad: zhat_s = m chained guided DDIM steps of size k_phi, at fixed w or w ~ U[w_min, w_max]
     w = sample_w(B, cfg.w_min, cfg.w_max, generator) if cfg.w_conditioned else cfg.w  # (B,) float64 or float
     with torch.no_grad():
-        zhat_s, s = solve(guided_eps(teacher, cond, uncond, w), schedule, z_t, t_dev, cfg.m, k_phi)
+        zhat_s, s = solve(guided_eps(teacher, cond, uncond, w), schedule, z_t, t_dev, cfg.m, step)
     # 3. gamma ~ U[0, 1] (SPLAM) or gamma = 1 (LCM)
     gamma = sample_gamma(B, generator, cfg.method, cfg.gamma_one_prob)
     # 4-6. student on the SL-ODE point, EMA target at (zhat_s, s, gamma = 1), distance; a drawn w is embedded in both
     w_c = w if cfg.w_conditioned else None
     F_student, F_target = student_F(student, cond, cfg.gamma_scale, w_c), student_F(target, cond, cfg.gamma_scale, w_c)
-    return splam_loss(F_student, F_target, schedule, z_t, zhat_s, t, s.cpu(), gamma, cfg.distance, cfg.huber_c,
+    loss = splam_loss(F_student, F_target, schedule, z_t, zhat_s, t, s.cpu(), gamma, cfg.distance, cfg.huber_c,
                       cfg.gamma_time)
+    if cfg.regression > 0:
+        loss = loss + cfg.regression * one_step_regression(F_student, schedule, z_T.to(z_0), z_0, cfg.distance, cfg.huber_c)
+    return loss
+
+
+def one_step_regression(F_student, schedule: NoiseSchedule, z_T: torch.Tensor, z_0: torch.Tensor,
+                        kind: Distance = "huber", huber_c: float = 1e-3) -> torch.Tensor:
+    """d(F_theta(z_T, T - 1, gamma = 1), z_0): the 1-step student from the teacher's initial noise z_T against the
+    teacher's own ODE solution z_0 from that noise (DMD's regression loss, on the pairs teacher data stores)."""
+    B = z_0.shape[0]
+    t = torch.full((B,), schedule.T - 1, dtype=torch.long)
+    pred = F_student(z_T, t, torch.ones(B, dtype=torch.float64), schedule.sigma(t), schedule.alpha(t))
+    return distance(pred, z_0, kind, huber_c)

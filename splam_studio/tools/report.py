@@ -129,8 +129,23 @@ def _recipe(cfg: dict) -> str:
     keys = ("lr", "lr_schedule", "ema_decay", "batch_size", "seed", "m", "gamma_one_prob", "gamma_scale", "gamma_time",
             "cond_proj_lr_scale", "huber_c", "w", "w_min", "w_max", "init_from")
     gamma_only = ("gamma_one_prob", "gamma_scale", "gamma_time", "cond_proj_lr_scale")  # meaningless at gamma = 1 (LCM)
-    return ", ".join(f"{k} {cfg[k]}" for k in keys if cfg.get(k) is not None
-                     and not (cfg.get("method") == "lcm" and k in gamma_only))
+    parts = [f"{k} {cfg[k]}" for k in keys if cfg.get(k) is not None
+             and not (cfg.get("method") == "lcm" and k in gamma_only)]
+    return ", ".join(parts + _one_step_recipe(cfg))
+
+
+def _one_step_recipe(cfg: dict) -> list[str]:
+    """The 1-step ablations' settings (issue 25) and teacher data, named only where they leave the paper's recipe."""
+    out = []
+    if cfg.get("k_high"):
+        out.append(f"k {cfg['k_high']} from t >= {cfg.get('t_high', 500)}")
+    if cfg.get("t_top_prob"):
+        out.append(f"p(t = 999) {cfg['t_top_prob']:g}")
+    if cfg.get("regression"):
+        out.append(f"regression {cfg['regression']:g}")
+    if cfg.get("prompts"):
+        out.append("teacher data (prompts only)")
+    return out
 
 
 def sweep_section(d: dict, title: str = "The recipe sweep", source: str = "`scripts/sweep.sh`") -> list[str]:
@@ -177,6 +192,8 @@ def seed_groups(d: dict) -> dict[str, list[dict]]:
             label += f" (gamma time {c['gamma_time']})"
         if c["method"] == "splam" and c.get("gamma_one_prob") is not None:
             label += f" (p(gamma = 1) {c['gamma_one_prob']:g})"
+        if (extra := _one_step_recipe(c)):
+            label += f" ({', '.join(extra)})"
         if c.get("w_min") is not None:
             label += f" (w ~ U[{c['w_min']:g}, {c['w_max']:g}])"
         groups.setdefault(label, []).append(r)
@@ -330,6 +347,8 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
             L += sweep_section(va, "SL-ODE variants past the paper", "`scripts/variants.sh`")
             if (folder / "variants.png").is_file():
                 L += ["![variants](benchmarks/variants.png)", ""]
+        if (os_ := _load(folder, "one_step.json")):
+            L += sweep_section(os_, "1-step ablations (issue 25)", "`scripts/one_step.sh`")
     if (tr := _load(folder, "trainer.json")):
         L += generic_section("Trainer: SPLAM vs LCM step time and memory", tr)
     if (tc := _load(folder, "trainer_cache.json")):

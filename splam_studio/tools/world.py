@@ -2,6 +2,7 @@
 
     python -m splam_studio.tools.world build --out weights --preset full
     python -m splam_studio.tools.world evaluate --weights weights
+    python -m splam_studio.tools.world prompts --n 2048 --out runs/shapes_prompts.txt   # for train_cli.py --prompts
 
 The recipe is `splam_studio.shapes.build` (presets in `shapes.recipe`); the measurements are `shapes.probes`.
 """
@@ -52,7 +53,19 @@ def main(argv: list[str] | None = None) -> None:
     gr = sub.add_parser("grid", parents=[common], help="a captioned grid of teacher samples (train and held-out captions)")
     gr.add_argument("--weights", default="weights", help="folder holding shapes-teacher/")
     gr.add_argument("--out", default="docs/teacher_grid.png", help="where the PNG goes")
+    pr = sub.add_parser("prompts", help="a prompts file of training-split captions, for train_cli.py --prompts")
+    pr.add_argument("--n", type=int, default=2048, help="captions (scenes drawn from the training split)")
+    pr.add_argument("--seed", type=int, default=12345, help="scene seed (the bench's captions are held-out ones)")
+    pr.add_argument("--out", required=True, help="the text file to write, one caption a line")
     args = ap.parse_args(argv)
+    if args.cmd == "prompts":
+        from ..shapes.grammar import sample_specs
+        from ..store.atomic import atomic_write
+
+        lines = "".join(spec.caption() + "\n" for spec in sample_specs(args.n, args.seed, "train"))
+        atomic_write(Path(args.out), lambda tmp: tmp.write_text(lines))
+        print(f"{args.n} training-split captions -> {args.out}")
+        return
     if args.cmd == "build" and args.print_config:
         print(json.dumps(asdict(PRESETS[args.preset]), indent=2))
         return

@@ -287,7 +287,7 @@ def teacher_data(pipe, prompts: list[Prompt], root: Path, *, w: float, steps: in
     items = [p for p in prompts for _ in range(images_per_prompt)]
     negatives = any(p.negative for p in prompts)
     manifest = {"kind": "teacher", "items": len(items), "shard_size": shard_size, "batch_size": batch_size,
-                "tensors": ["z_0", "cond"] + (["uncond"] if negatives else []),
+                "tensors": ["z_0", "z_T", "cond"] + (["uncond"] if negatives else []),
                 "key": {"unet": fingerprint(pipe.unet), "vae": fingerprint(pipe.vae), "text_encoder": fingerprint(pipe.text_encoder),
                         "scheduler": dict(pipe.scheduler.config), "w": w, "steps": steps, "seed": seed,
                         "images_per_prompt": images_per_prompt, "prompts": [[p.prompt, p.negative] for p in prompts]}}
@@ -301,6 +301,7 @@ def teacher_data(pipe, prompts: list[Prompt], root: Path, *, w: float, steps: in
             gen = generate(pipe, prompt=caps, sampler="ddim", steps=steps, seed=seed * 1_000_003 + b0,
                            guidance_scale=cfg_scale(w), negative_prompt=negs if negatives else None, decode=False)
             out["z_0"].append(gen.latents)
+            out["z_T"].append(gen.noise)  # the teacher's ODE pair (z_T, z_0): the regression term's data
             with torch.no_grad():
                 out["cond"].append(encode_text(pipe, caps).float().cpu())
                 if negatives:

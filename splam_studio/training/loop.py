@@ -74,6 +74,8 @@ class Inputs:
                                     "teacher makes its own z_0 (guided DDIM at --w, --num-ddim-steps); replaces --data. "
                                     "Stored once under <output-dir>/.cache, shared by runs")
     images_per_prompt: int = arg(1, "teacher-made images per prompt with --prompts")
+    prompts_seed: int | None = arg(None, "seed of the teacher data's initial noise (default: --seed); one value lets "
+                                         "runs of several seeds share one generation")
     cache_latents: bool = arg(False, "encode each image (VAE posterior) and caption once into <output-dir>/.cache "
                                      "instead of at every step (a finite --data source; keyed by the VAE, text encoder, "
                                      "resolution and data files)")
@@ -214,6 +216,9 @@ class TrainConfig:
         if self.w_min is not None and not self.w_min <= self.w <= self.w_max:
             raise TrainError(f"need 0 <= w_min <= w <= w_max (w is the guidance the student samples at, CFG w + 1), "
                              f"got w_min={self.w_min}, w={self.w}, w_max={self.w_max}")
+        if self.regression > 0 and not self.prompts:
+            raise TrainError(f"--regression {self.regression:g} regresses onto the teacher's own (z_T, z_0) pairs: it "
+                             "needs teacher data (--prompts FILE), not --data")
         if self.run_name is not None and not valid_run_name(self.run_name):
             raise TrainError(f"run_name must be a plain folder name (letters, digits, . _ -), got {self.run_name!r}")
 
@@ -702,7 +707,8 @@ def train_step(m: Models, batch: dict, gen: torch.Generator, splad: SpladConfig,
     with acc.accumulate(m.student):
         z_0, cond, uncond = encode_batch(m.pipe, batch, m.uncond_1, gen, rt.vae_dtype)
         with acc.autocast():
-            loss = loss_fn(splad, m.schedule, m.student, m.target, m.teacher, z_0, cond, uncond, gen)
+            pairs = {"z_T": batch["z_T"]} if splad.regression > 0 else {}  # teacher data's initial noise
+            loss = loss_fn(splad, m.schedule, m.student, m.target, m.teacher, z_0, cond, uncond, gen, **pairs)
         if not finite_on_all_ranks(loss, acc):
             opt.zero_grad(set_to_none=True)
             return None
@@ -893,7 +899,8 @@ def _latent_source(cfg: TrainConfig, pipe, acc, resolution: int, log) -> tuple[t
             raise TrainError(f"--prompts makes z_0 at the teacher's native size ({native} px); drop --resolution {resolution}")
         prompts = read_prompts(cfg.prompts)
         with acc.main_process_first():
-            store = teacher_data(pipe, prompts, root, w=cfg.w, steps=cfg.num_ddim_steps, seed=cfg.seed,
+            seed = cfg.seed if cfg.prompts_seed is None else cfg.prompts_seed
+            store = teacher_data(pipe, prompts, root, w=cfg.w, steps=cfg.num_ddim_steps, seed=seed,
                                  images_per_prompt=cfg.images_per_prompt, batch_size=cfg.batch_size)
         dataset = store.dataset()
         per = f", {store.seconds / store.n:.2f} s per image" if store.seconds else " (reused)"
