@@ -200,9 +200,10 @@ def test_models_flag():
     import app
 
     assert app.parse_args(["--models", "sd15"]).models == "sd15" and app.parse_args([]).models is None
-    r = subprocess.run([sys.executable, str(REPO / "app.py"), "--models", "sdxl"], capture_output=True, text=True,
+    assert app.parse_args(["--models", "sdxl"]).models == "sdxl"
+    r = subprocess.run([sys.executable, str(REPO / "app.py"), "--models", "sd3"], capture_output=True, text=True,
                        cwd=str(REPO), timeout=60)
-    assert r.returncode == 2 and "invalid choice: 'sdxl'" in r.stderr and "dreamshaper7" in r.stderr
+    assert r.returncode == 2 and "invalid choice: 'sd3'" in r.stderr and "dreamshaper7" in r.stderr
 
 
 def test_no_cuda_touched_at_import():
