@@ -170,3 +170,26 @@ def test_training_memory_counts_the_second_text_encoder(studio):
     need = warn_if_short(pipe.unet, pipe, resolution=16, batch=1, device=torch.device("cpu"), mixed_precision="no",
                          gradient_checkpointing=False, available=2**60, log=lambda *_: None)
     assert need.frozen == (unet + others) * 4
+
+
+def test_a_vae_that_overflowed_in_fp16_decodes_in_fp32_from_then_on(tmp_path):
+    """The SDXL VAE overflows in fp16 at every image: after the first fallback it is not decoded in fp16 again."""
+    from splam_studio.core.sampler import decode_latents
+    from tests.tiny import make_tiny_xl_pipeline
+
+    pipe = make_tiny_xl_pipeline(tmp_path)
+    pipe.vae.half()
+    decode, dtypes = pipe.vae.decode, []
+
+    def overflowing(z, *a, **k):  # an fp16 decode that overflows, as the SDXL VAE's does
+        dtypes.append(z.dtype)
+        out = decode(z, *a, **k)
+        if z.dtype == torch.float16:
+            out.sample.fill_(float("inf"))
+        return out
+
+    pipe.vae.decode = overflowing
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    first, second = decode_latents(pipe, z), decode_latents(pipe, z)
+    assert dtypes == [torch.float16, torch.float32, torch.float32] and pipe.vae.dtype == torch.float16
+    assert list(first[0].getdata()) == list(second[0].getdata())
