@@ -11,6 +11,13 @@ Each replica has its real repo's file layout (which folders and weight files exi
     that reads more than unet/ fails (the studio must share the teacher's);
   latent-consistency/lcm-lora-sdv1-5: pytorch_lora_weights.safetensors at the root, in the kohya-style key names
     (lora_unet_*.lora_down / lora_up / alpha) of the released file.
+`build_fake_xl_hub` adds the SDXL set's trio on the tiny SDXL pipeline (tests/tiny.py):
+  stabilityai/stable-diffusion-xl-base-1.0: a full StableDiffusionXLPipeline (two text encoders, text_time UNet) and,
+    as the real repo, single files at the root (sd_xl_base_1.0.safetensors, the offset LoRA) that are unreadable bytes:
+    the loader reads the diffusers folders only;
+  latent-consistency/lcm-lora-sdxl, alimama-creative/slam-lora-sdxl: pytorch_lora_weights.safetensors at the root,
+    one in kohya's SDXL names (lora_unet_input_blocks_*), one in diffusers' (unet.down_blocks.*.lora_A): the two
+    forms diffusers' StableDiffusionXLPipeline.lora_state_dict reads.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import torch
 
 from splam_studio.models.export import export_kohya_lora
 from splam_studio.core.student import build_student
-from tests.tiny import make_tiny_pipeline
+from tests.tiny import make_tiny_pipeline, make_tiny_xl_pipeline
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as refs/main holds
 TEACHERS = ("Lykon/dreamshaper-7", "stable-diffusion-v1-5/stable-diffusion-v1-5")
@@ -32,6 +39,9 @@ FULL_STUDENTS = {"SimianLuo/LCM_Dreamshaper_v7": ("Lykon/dreamshaper-7", 1),
                  "alimama-creative/slam-dreamshaper7": ("Lykon/dreamshaper-7", 2),
                  "alimama-creative/slam-sd1.5": ("stable-diffusion-v1-5/stable-diffusion-v1-5", 3)}
 LORAS = {"latent-consistency/lcm-lora-sdv1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+XL_TEACHER = "stabilityai/stable-diffusion-xl-base-1.0"
+XL_LORAS = {"latent-consistency/lcm-lora-sdxl": ("kohya", 5), "alimama-creative/slam-lora-sdxl": ("diffusers", 6)}
+XL_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "proj_in", "conv1", "time_emb_proj"]
 UNREADABLE = b"not weights: a loader that reads this file has read more than the student's UNet\n"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "time_emb_proj"]
 
@@ -110,6 +120,41 @@ def build_fake_hub(cache: Path) -> dict[str, Path]:
                     p.copy_(0.05 * torch.randn(p.shape, generator=g))
         out = staging / repo
         export_kohya_lora(unet, out / "pytorch_lora_weights.safetensors")
+        (out / "README.md").write_text("tiny replica of " + repo + "\n")
+        snapshots[repo] = _publish(out, cache, repo)
+    shutil.rmtree(staging, ignore_errors=True)
+    return snapshots
+
+
+def build_fake_xl_hub(cache: Path) -> dict[str, Path]:
+    """The SDXL set's three repos in `cache` (beside build_fake_hub's); repo id -> snapshot folder. Seeded."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from diffusers import StableDiffusionXLPipeline
+
+    cache = Path(cache)
+    staging = cache.parent / f"{cache.name}-xl-staging"
+    teacher = make_tiny_xl_pipeline(staging / "tok")
+    out = staging / XL_TEACHER
+    teacher.save_pretrained(str(out), safe_serialization=True)
+    for name in ("sd_xl_base_1.0.safetensors", "sd_xl_offset_example-lora_1.0.safetensors"):
+        (out / name).write_bytes(UNREADABLE)
+    snapshots = {XL_TEACHER: _publish(out, cache, XL_TEACHER)}
+    for repo, (form, seed) in XL_LORAS.items():
+        unet = make_tiny_xl_pipeline(staging / "tok2").unet  # the teacher's weights (seeded), a fresh module
+        rank = 4
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=2 * rank if form == "kohya" else rank,
+                                    target_modules=XL_LORA_TARGETS))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # a LoRA that changes the UNet (peft starts lora_B at zero)
+            for name, p in unet.named_parameters():
+                if "lora_" in name:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        out = staging / repo
+        if form == "kohya":
+            export_kohya_lora(unet, out / "pytorch_lora_weights.safetensors")
+        else:
+            StableDiffusionXLPipeline.save_lora_weights(str(out), unet_lora_layers=get_peft_model_state_dict(unet))
         (out / "README.md").write_text("tiny replica of " + repo + "\n")
         snapshots[repo] = _publish(out, cache, repo)
     shutil.rmtree(staging, ignore_errors=True)

@@ -13,7 +13,8 @@ import torch
 from splam_studio.models import model_sets as S
 from splam_studio.models.loading import ModelLoadError, load_hub_student, load_teacher
 from splam_studio.studio.logic import Studio, StudioError
-from tests.fake_hub import FULL_STUDENTS, LORAS, TEACHERS, UNREADABLE, build_fake_hub, repo_folder
+from tests.fake_hub import (FULL_STUDENTS, LORAS, TEACHERS, UNREADABLE, XL_LORAS, XL_TEACHER, build_fake_hub,
+                            repo_folder)
 from tests.test_app import IMAGE_PX, PROMPT, REPO, launch_app, make_fake_weights, stop_app
 
 torch.set_num_threads(1)
@@ -43,7 +44,7 @@ def studios(hub_cache, tmp_path_factory):
 
 # ---- the table and the default ----------------------------------------------------------------------------------
 def test_table_names_every_released_repo():
-    assert set(S.MODEL_SETS) == {"shapes", "dreamshaper7", "sd15"}
+    assert set(S.MODEL_SETS) == {"shapes", "dreamshaper7", "sd15", "sdxl"}  # sdxl: tests/test_sdxl_studio.py
     ds, sd = S.MODEL_SETS["dreamshaper7"], S.MODEL_SETS["sd15"]
     assert (ds.teacher, ds.lcm, ds.splam) == ("Lykon/dreamshaper-7", S.Student("SimianLuo/LCM_Dreamshaper_v7", "unet"),
                                               S.Student("alimama-creative/slam-dreamshaper7", "unet"))
@@ -51,13 +52,14 @@ def test_table_names_every_released_repo():
     assert (sd.lcm.kind, sd.splam.kind) == ("lora", "unet") and sd.splam.repo == "alimama-creative/slam-sd1.5"
     assert S.student_kind("latent-consistency/lcm-lora-sdv1-5") == "lora" and S.student_kind("a/b") is None
     assert not S.MODEL_SETS["shapes"].hub and ds.hub and sd.hub
-    # the fake cache replicates exactly the repos the table names
+    # the fake caches replicate exactly the repos the table names
     assert {r for m in S.MODEL_SETS.values() if m.hub for r in (m.teacher, m.lcm.repo, m.splam.repo)} == \
-        set(TEACHERS) | set(FULL_STUDENTS) | set(LORAS)
-    with pytest.raises(ValueError, match=r"unknown model set 'sdxl'; choose one of \['dreamshaper7', 'sd15', 'shapes'\]"):
-        S.get_model_set("sdxl")
+        set(TEACHERS) | set(FULL_STUDENTS) | set(LORAS) | {XL_TEACHER, *XL_LORAS}
+    with pytest.raises(ValueError, match=r"unknown model set 'sd3'; choose one of \['dreamshaper7', 'sd15', 'sdxl', "
+                       r"'shapes'\]"):
+        S.get_model_set("sd3")
     with pytest.raises(StudioError, match="unknown model set"):
-        Studio.for_model_set("sdxl")
+        Studio.for_model_set("sd3")
 
 
 @pytest.mark.parametrize("env, gpu, expected", [
@@ -198,9 +200,10 @@ def test_models_flag():
     import app
 
     assert app.parse_args(["--models", "sd15"]).models == "sd15" and app.parse_args([]).models is None
-    r = subprocess.run([sys.executable, str(REPO / "app.py"), "--models", "sdxl"], capture_output=True, text=True,
+    assert app.parse_args(["--models", "sdxl"]).models == "sdxl"
+    r = subprocess.run([sys.executable, str(REPO / "app.py"), "--models", "sd3"], capture_output=True, text=True,
                        cwd=str(REPO), timeout=60)
-    assert r.returncode == 2 and "invalid choice: 'sdxl'" in r.stderr and "dreamshaper7" in r.stderr
+    assert r.returncode == 2 and "invalid choice: 'sd3'" in r.stderr and "dreamshaper7" in r.stderr
 
 
 def test_no_cuda_touched_at_import():

@@ -118,14 +118,20 @@ def generate(pipe: StableDiffusionPipeline, *, prompt: list[str], sampler: str, 
     return Generation(images=images, latents=out.images.float().cpu(), noise=z_T.float().cpu())
 
 
+FP32_DECODE = "_splam_fp32_decode"  # set on a VAE once an fp16 decode of it overflowed
+
+
 @torch.no_grad()
 def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> list:
-    """VAE-decode clean latents (B, C, h, w) to PIL images; an fp16 decode that overflows is redone in fp32."""
+    """VAE-decode clean latents (B, C, h, w) to PIL images; an fp16 decode that overflows is redone in fp32, and that
+    VAE then decodes in fp32 straight away (the SDXL VAE overflows in fp16 at every image; stock SDXL upcasts it)."""
     vae = pipe.vae
     device, dtype = placement(vae)
     z = latents.to(device) / vae.config.scaling_factor
-    x = vae.decode(z.to(dtype)).sample
-    if dtype == torch.float16 and not torch.isfinite(x).all():  # the SD1.5 VAE can exceed fp16's range at 512 px
+    fp16 = dtype == torch.float16
+    x = None if fp16 and vae.__dict__.get(FP32_DECODE) else vae.decode(z.to(dtype)).sample
+    if fp16 and (x is None or not torch.isfinite(x).all()):  # the SD1.5 VAE can exceed fp16 at 512 px
         x = vae.float().decode(z.float()).sample
         vae.to(dtype)
+        vae.__dict__[FP32_DECODE] = True
     return pipe.image_processor.postprocess(x.float(), output_type="pil")

@@ -254,13 +254,25 @@ def _load_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool,
 
 def load_hub_teacher(repo_id: str, *, torch_dtype: torch.dtype = torch.float32,
                      allow_pickle: bool = False) -> StableDiffusionPipeline:
-    """An SD1.5 teacher from a hub repo (or the local Hugging Face cache), never from a local folder of that name.
+    """A teacher from a hub repo (or the local Hugging Face cache), never from a local folder of that name: SD1.5 /
+    2.x, or SDXL when the repo's model_index.json names an SDXL pipeline (`sdxl.hub_is_sdxl`).
 
     The repo is fetched into the cache by diffusers' download (the files from_pretrained would pick: safetensors,
     no safety checker), then loaded from that snapshot folder like any diffusers folder.
     """
+    from .sdxl import hub_is_sdxl, load_sdxl_teacher
+
     check_hub_id(repo_id)
     offline = _hub_offline()
+    if hub_is_sdxl(repo_id):
+        from diffusers import StableDiffusionXLPipeline
+
+        try:
+            folder = StableDiffusionXLPipeline.download(repo_id, use_safetensors=not allow_pickle, local_files_only=offline)
+        except Exception as e:  # noqa: BLE001
+            where = "not in the local cache and HF_HUB_OFFLINE is set" if offline else "download failed"
+            raise ModelLoadError(f"cannot load hub model {repo_id!r} ({where}): {_hub_failure(e)}") from None
+        return load_sdxl_teacher(folder, torch_dtype=torch_dtype, allow_pickle=allow_pickle)
     try:
         folder = StableDiffusionPipeline.download(
             repo_id, use_safetensors=not allow_pickle, local_files_only=offline, safety_checker=None,
@@ -283,7 +295,7 @@ def _finish(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
 
 
 # ---- students from the hub (or a Hugging Face cache; HF_HUB_OFFLINE=1 reads only the cache) ------------------------
-HubStudentKind = Literal["unet", "lora"]
+HubStudentKind = Literal["unet", "lora", "adapter"]
 
 
 def load_hub_student(repo_id: str, teacher_pipe: StableDiffusionPipeline, kind: HubStudentKind | None = None, *,
@@ -293,22 +305,25 @@ def load_hub_student(repo_id: str, teacher_pipe: StableDiffusionPipeline, kind: 
     kind "unet": the repo's unet/ only (a full pipeline repo such as SimianLuo/LCM_Dreamshaper_v7 or
     alimama-creative/slam-sd1.5; its text encoder and VAE stay unread, the teacher's are shared).
     kind "lora": pytorch_lora_weights.safetensors at the repo root (e.g. latent-consistency/lcm-lora-sdv1-5), fused
-    into a copy of the teacher UNet. None: try "unet", then "lora" (a hub id typed into the page).
+    into a copy of the teacher UNet. kind "adapter": the same file as a peft adapter on the teacher's own UNet, an
+    `adapters.AdapterStudent` (no UNet copy: the SDXL set's two LoRAs share one UNet). None: try "unet", then "lora"
+    (a hub id typed into the page).
     """
     kinds = (kind,) if kind is not None else ("unet", "lora")
+    loaders = {"unet": _hub_unet, "lora": _hub_lora, "adapter": _hub_adapter}
     errors = []
     for k in kinds:
         try:
-            loader = _hub_unet if k == "unet" else _hub_lora
-            return loader(repo_id, teacher_pipe.unet, allow_pickle).eval()
+            return loaders[k](repo_id, teacher_pipe, allow_pickle).eval()
         except ModelLoadError as e:
             errors.append(str(e))
     offline = " (HF_HUB_OFFLINE is set: only the local Hugging Face cache is read)" if _hub_offline() else ""
     raise ModelLoadError(f"cannot load student {repo_id!r}{offline}: " + "; ".join(errors))
 
 
-def _hub_unet(repo_id: str, teacher: UNet2DConditionModel, allow_pickle: bool) -> UNet2DConditionModel:
+def _hub_unet(repo_id: str, pipe, allow_pickle: bool) -> UNet2DConditionModel:
     """`<repo>/unet` of a full pipeline repo, checked against the teacher's architecture."""
+    teacher = pipe.unet
     weights = ["unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors.index.json",
                "unet/diffusion_pytorch_model-*-of-*.safetensors"]
     if allow_pickle:
@@ -328,24 +343,47 @@ def _hub_unet(repo_id: str, teacher: UNet2DConditionModel, allow_pickle: bool) -
     return unet.to(teacher.device)
 
 
-def _hub_lora(repo_id: str, teacher: UNet2DConditionModel, allow_pickle: bool) -> UNet2DConditionModel:
-    """The teacher UNet with the repo's LoRA fused in (a copy: the teacher itself stays as it was)."""
+def _hub_lora_state(repo_id: str, pipe, allow_pickle: bool) -> tuple[dict, dict | None]:
+    """(state, alphas) of the repo's LoRA file, read as the teacher family's stock pipeline reads it (kohya keys, sgm
+    or diffusers block names, or diffusers' own)."""
+    from ..core.teacher import pipeline_class
+
     names = [LORA_WEIGHTS] + (["pytorch_lora_weights.bin"] if allow_pickle else [])
     try:
         folder = _hub_snapshot(repo_id, names)
         name = next((n for n in names if (folder / n).is_file()), LORA_WEIGHTS)
-        state, alphas = StableDiffusionPipeline.lora_state_dict(
-            str(folder), weight_name=name, use_safetensors=name.endswith(".safetensors"), local_files_only=True)
+        return pipeline_class(pipe).lora_state_dict(  # unet_config: kohya's sgm block names mapped to this UNet's, as
+            str(folder), weight_name=name, use_safetensors=name.endswith(".safetensors"),  # load_lora_weights does
+            local_files_only=True, unet_config=pipe.unet.config)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"{repo_id} as a LoRA ({LORA_WEIGHTS}): {_hub_failure(e)}") from None
-    unet = copy.deepcopy(teacher)
+
+
+def _hub_lora(repo_id: str, pipe, allow_pickle: bool) -> UNet2DConditionModel:
+    """The teacher UNet with the repo's LoRA fused in (a copy: the teacher itself stays as it was)."""
+    from ..core.teacher import pipeline_class
+
+    state, alphas = _hub_lora_state(repo_id, pipe, allow_pickle)
+    unet = copy.deepcopy(pipe.unet)
     try:
-        StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet=unet, adapter_name="student")
+        pipeline_class(pipe).load_lora_into_unet(state, alphas, unet=unet, adapter_name="student")
         unet.fuse_lora()
         unet.unload_lora()
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"{repo_id} as a LoRA does not fit the teacher: {_one_line(e)}") from None
     return unet
+
+
+def _hub_adapter(repo_id: str, pipe, allow_pickle: bool):
+    """The repo's LoRA as a peft adapter on the teacher's own UNet (`adapters.share_lora`); the teacher runs with it off."""
+    from ..core.teacher import pipeline_class
+    from .adapters import adapter_name, share_lora
+
+    state, alphas = _hub_lora_state(repo_id, pipe, allow_pickle)
+    try:
+        return share_lora(pipe.unet, adapter_name(repo_id), state, alphas, pipeline_class(pipe))
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"{repo_id} as a LoRA adapter does not fit the teacher: {_one_line(e)}") from None
 
 
 # ---- students --------------------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ One table, `MODEL_SETS`, owns which released checkpoints belong together and how
   run    a run folder under weights/ (unet/ or lora/, see models.py): the embedded Shapes students;
   unet   a full StableDiffusionPipeline repo of which only unet/ is read (the UNet carries time_cond_proj);
   lora   a LoRA (pytorch_lora_weights.safetensors) fused into a copy of the teacher UNet; no time_cond_proj, so it
-         samples as LCM-LoRA is meant to: LCMScheduler at guidance 1, no embedding.
-The teacher's text encoder and VAE serve all three models. Which set a server shows first is decided by
+         samples as LCM-LoRA is meant to: LCMScheduler at guidance 1, no embedding;
+  adapter  the same LoRA file kept as a peft adapter on the teacher's own UNet (models/adapters.py): no UNet copy, the
+         LoRA layers run unfused. The SDXL set's two LoRAs share its one 2.6 B UNet this way.
+The teacher's text encoders and VAE serve all three models. Which set a server shows first is decided by
 `default_model_set()`: `dreamshaper7` on a Hugging Face Space with a GPU, `shapes` everywhere else.
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
-StudentKind = Literal["run", "unet", "lora"]
+StudentKind = Literal["run", "unet", "lora", "adapter"]
 SD_PROMPTS = (
     "a photo of a red fox in a snowy forest, golden hour",
     "a cozy cabin by a lake at dawn, mist over the water, highly detailed",
@@ -71,6 +73,14 @@ MODEL_SETS: dict[str, ModelSet] = {
         splam=Student("alimama-creative/slam-sd1.5", "unet"),
         resolution=512, teacher_guidance=7.5, gpu_precision="fp16", prompts=SD_PROMPTS,
         about="LCM here is LCM-LoRA (a LoRA on the teacher, no gamma/guidance input), not a full distilled UNet."),
+    "sdxl": ModelSet(
+        name="sdxl", title="Stable Diffusion XL (1024 px): SPLAM-LoRA vs LCM-LoRA",
+        teacher="stabilityai/stable-diffusion-xl-base-1.0",
+        lcm=Student("latent-consistency/lcm-lora-sdxl", "adapter"),
+        splam=Student("alimama-creative/slam-lora-sdxl", "adapter"),
+        resolution=1024, teacher_guidance=5.0, gpu_precision="fp16", prompts=SD_PROMPTS,
+        about="The released SDXL trio: two LoRAs on one shared SDXL base (one UNet in memory), both sampled with "
+              "LCMScheduler at guidance 1 (the SPLAM card uses 4 steps)."),
 }
 SPACE_GPU_DEFAULT = "dreamshaper7"  # what a Space visitor comes to see
 LOCAL_DEFAULT = "shapes"  # off Spaces (offline, nothing to download) and on the CPU, where 512 px SD takes minutes
@@ -122,13 +132,19 @@ def baked_guidance(repo: str) -> float | None:
     return next(iter(values)) if len(values) == 1 else None
 
 
-def gpu_seconds(resolution: int, unet_evals: int) -> int:
+SETUP_COVERS_GIB = 4.0  # the 15 s set-up covers moving this much weight to the GPU (an SD1.5 set in fp16: ~3.8 GiB)
+
+
+def gpu_seconds(resolution: int, unet_evals: int, weight_bytes: int = 0) -> int:
     """A spaces.GPU duration for `unet_evals` UNet calls (a CFG pair counts as one) at `resolution` px, with margin.
 
-    Budget: 0.15 s per SD1.5 UNet call at 512 px (an A100 takes well under that in fp16) plus 15 s for the first
-    call's CUDA set-up and weight transfer, scaled by pixel count for other sizes.
+    Budget: 0.15 s per SD1.5 UNet call at 512 px (an A100 takes well under that in fp16), scaled by pixel count for
+    other sizes (an SDXL call at 1024 px: 0.6 s; not yet measured on a GPU here), plus 15 s for the first
+    call's CUDA set-up and weight transfer, and 1 s per GiB of `weight_bytes` (every loaded model: for SDXL both
+    text encoders, the UNet and the LoRAs; `training.memory.weights_bytes`) beyond SETUP_COVERS_GIB.
     """
-    return int(15 + 0.15 * (resolution / 512) ** 2 * unet_evals) + 1
+    extra = max(0.0, weight_bytes / 2**30 - SETUP_COVERS_GIB)
+    return int(15 + extra + 0.15 * (resolution / 512) ** 2 * unet_evals) + 1
 
 
 __all__ = ["MODEL_SETS", "ModelSet", "Student", "baked_guidance", "default_model_set",

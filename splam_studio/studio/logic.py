@@ -25,6 +25,7 @@ from .colors import METHOD_COLORS, tint
 from .launcher import Trainer
 from .validation import StudioError, clamp_float, clamp_int
 from ..training.device import resolve_runtime
+from ..training.memory import weights_bytes
 from ..core.error_bound import ErrorBound, guided_trajectory, student_error_bounds
 from ..models.loading import (
     ModelLoadError, RunInfo, hub_cache_text, hub_id_problem, list_runs, load_hub_teacher, load_student, load_teacher,
@@ -34,7 +35,7 @@ from ..core.sampler import decode_latents, generate, initial_noise
 from ..core.metrics import latent_mse
 from ..core.schedule import NoiseSchedule
 from ..core.student import clean_fn
-from ..core.teacher import cfg_scale, lcm_w, vae_scale_factor
+from ..core.teacher import cfg_scale, lcm_w, pipeline_conditions, vae_scale_factor
 from ..store.runs import read_training_config, valid_run_name, weights_dir
 
 # ---- limits of the inputs (the UI's sliders use the same numbers) ---------------------------------------------
@@ -50,6 +51,7 @@ TEACHER_SAMPLERS = ("ddim", "dpm++", "unipc")
 DEFAULT_GUIDANCE = 7.5  # the Shapes students were distilled at w = 6.5, i.e. CFG 7.5
 N_GRID = 50  # DDIM grid of the error bound; k_phi = 1000 / 50 = 20
 TRAJECTORY_CACHE = 8  # teacher trajectories kept for the error bound (one 512 px SD trajectory: 51 x 64 KB latents)
+DECODE_PIXELS = 13 * 512 * 512  # VAE decode budget per call: the 13 thumbnails of a 512 px error bound at once
 LOCAL_PREFIX = "local:"  # names of models given as paths on the command line
 
 Progress = Callable[[float, str], None]
@@ -232,6 +234,31 @@ def _range(runs: list[float]) -> str:
     return f"{min(runs):.0f}–{max(runs):.0f} ms"
 
 
+def decode_chunk(px: int) -> int:
+    """Images per VAE decode call at `px`: DECODE_PIXELS of them at once (13 at 512 px, 3 at 1024 px, SDXL)."""
+    return max(1, DECODE_PIXELS // (px * px))
+
+
+@dataclass(frozen=True)
+class ErrorBoundCost:
+    """The work behind one error-bound plot, as the page states it."""
+
+    teacher_calls: int  # guided teacher steps (a batched cond/uncond pair each); 0 when the trajectory was reused
+    student_calls: int  # student evaluations F(z_t') for the bound, both students
+    extra_calls: int  # student evaluations for thumbnails at points the bound did not evaluate
+    decodes: int  # VAE decodes (the thumbnails and the teacher's z_0)
+    decode_chunk: int  # images per VAE call
+    px: int
+
+    def text(self) -> str:
+        calls = -(-self.decodes // self.decode_chunk)
+        teacher = (f"{self.teacher_calls} guided teacher steps" if self.teacher_calls else
+                   "no teacher steps (trajectory reused)")
+        return (f"Cost at {self.px} px: {teacher}, {self.student_calls + self.extra_calls} student UNet calls, "
+                f"{self.decodes} VAE decodes in {calls} call{'s' if calls != 1 else ''} (at most {self.decode_chunk} "
+                f"images each); a larger stride means fewer student calls.")
+
+
 @dataclass
 class ErrorBoundResult:
     prompt: str
@@ -243,6 +270,7 @@ class ErrorBoundResult:
     thumbnails: list[tuple[object, str]]  # (PIL image, caption): decoded F(z_t) along the trajectory
     notices: list[str] = field(default_factory=list)
     trajectory_reused: bool = False  # the teacher trajectory came from the cache (same teacher, prompt, seed, CFG)
+    cost: "ErrorBoundCost | None" = None  # the work this plot took
 
     def frame(self):
         """Long-format DataFrame (t, rms, series) of bound and real error, for gr.LinePlot."""
@@ -305,6 +333,8 @@ class ErrorBoundResult:
         lines.append("RMS over latent elements; smaller is better.")
         if self.trajectory_reused:
             lines.append("The teacher trajectory was reused from an earlier run with the same prompt, seed and guidance.")
+        if self.cost is not None:
+            lines.append(self.cost.text())
         return "\n".join(lines)
 
     def grid_image(self, cell: int = 96):
@@ -581,6 +611,13 @@ class Studio:
         except (StudioError, OSError, ValueError, KeyError, TypeError, AttributeError):
             return 1.0
 
+    def weights_bytes(self, teacher: str | None = None, splam: str | None = None, lcm: str | None = None) -> int:
+        """Bytes of the weights the three models hold, loading them if needed: every component of the teacher (SDXL:
+        both text encoders) and the students, a UNet that LoRA adapters share counted once (training.memory)."""
+        pipe = self.teacher(teacher)
+        modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+        return weights_bytes(*modules, self.student(splam, teacher, "splam"), self.student(lcm, teacher, "lcm"))
+
     def load_models(self, teacher: str, splam: str, lcm: str, progress: Progress = _no_progress) -> str:
         """Load (and cache) a teacher and two students; a one-line status, or StudioError saying what failed."""
         progress(0.1, f"loading teacher {teacher}")
@@ -627,7 +664,8 @@ class Studio:
         g = {role: self.sampling_guidance(name, role) for role, name in names.items()}
         steps = {"teacher": teacher_steps, "lcm": student_steps, "splam": student_steps}
         fns = {"teacher": lambda: generate(pipe, prompt=[prompt], sampler=sampler, steps=teacher_steps, seed=seed,
-                                           guidance_scale=guidance_scale, negative_prompt=[negative_prompt])}
+                                           guidance_scale=guidance_scale,
+                                           negative_prompt=[negative_prompt] if negative_prompt else None)}
         for role in names:
             fns[role] = (lambda r: lambda: generate(pipe, prompt=[prompt], sampler="lcm", steps=student_steps,
                                                     seed=seed, unet=unets[r], student_guidance_scale=g[r]))(role)
@@ -685,7 +723,9 @@ class Studio:
         students = {"LCM": self.student(lcm, teacher, "lcm"), "SPLAM": self.student(splam, teacher, "splam")}
         device = self.runtime.device
         schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
-        cond, uncond = pipe.encode_prompt([prompt], device, 1, True, [""])  # (1, L, D) each
+        # c and c_uncond from the teacher driver, as the stock pipeline builds them without a negative prompt (SD1.5:
+        # the encoded ""; SDXL: zeros under force_zeros_for_empty_prompt, with the pooled embeds and time ids)
+        cond, uncond = pipeline_conditions(pipe, [prompt], device, True, None)
 
         progress(0.1, f"teacher trajectory ({N_GRID} guided DDIM steps)")
         unet = pipe.unet
@@ -718,13 +758,17 @@ class Studio:
 
         progress(0.9, "decoding thumbnails")
         latents = torch.cat([traj[-1].float()] + list(Fs.values()))  # (1 + 2 n, C, h, w)
-        images = decode_latents(pipe, latents)
+        chunk = decode_chunk(size)
+        images = [im for i in range(0, len(latents), chunk) for im in decode_latents(pipe, latents[i:i + chunk])]
         thumbs = [(images[0], f"Teacher z_0 ({N_GRID}-step DDIM)")]
         for a, name in enumerate(Fs):
             thumbs += [(images[1 + a * len(show) + b], f"{name} F(z_t), t={times[j]}") for b, j in enumerate(show)]
         progress(1.0, "done")
+        cost = ErrorBoundCost(teacher_calls=0 if reused else N_GRID, student_calls=sum(len(c.F) for c in curves.values()),
+                              extra_calls=sum(j not in curves[n].F for n in Fs for j in show), decodes=len(latents),
+                              decode_chunk=chunk, px=size)
         return ErrorBoundResult(prompt=prompt, seed=seed, stride=stride, k=k, guidance=guidance_scale,
-                                curves=curves, thumbnails=thumbs, notices=notices, trajectory_reused=reused)
+                                curves=curves, thumbnails=thumbs, notices=notices, trajectory_reused=reused, cost=cost)
 
 
 def measured_note(benchmarks: Path | None = None) -> str:
@@ -922,8 +966,9 @@ def _hub_hint(message: str, repo: str) -> str:
 
 
 def _load_hub_student(repo: str, pipe):
-    """A student UNet from the hub, stored as model_sets.MODEL_SETS says (unet/ of a full pipeline, or a LoRA fused
-    into a copy of the teacher UNet); a repo no set lists is tried as each."""
+    """A student UNet from the hub, stored as model_sets.MODEL_SETS says (unet/ of a full pipeline, a LoRA fused into a
+    copy of the teacher UNet, or a LoRA adapter on the teacher's own UNet); a repo no set lists is tried as a UNet,
+    then as a fused LoRA."""
     from ..models.model_sets import student_kind
     from ..models.loading import load_hub_student
 

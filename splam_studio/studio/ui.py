@@ -377,7 +377,8 @@ def _compare_runner(studio: Studio):
     def compare_seconds(prompt, negative_prompt, seed, student_steps, teacher_steps, guidance_scale, sampler,
                         teacher, splam, lcm, progress=None) -> int:  # spaces.GPU calls it with the task's arguments
         per_round = _int(teacher_steps, TEACHER_STEPS) + 2 * _int(student_steps, STUDENT_STEPS) + 3
-        return gpu_seconds(_px(studio, teacher), (LATENCY_WARMUP + LATENCY_RUNS) * per_round)
+        return gpu_seconds(_px(studio, teacher), (LATENCY_WARMUP + LATENCY_RUNS) * per_round,
+                           studio.weights_bytes(teacher, splam, lcm))
 
     @gpu(duration=compare_seconds)
     def compare_on_gpu(prompt, negative_prompt, seed, student_steps, teacher_steps, guidance_scale, sampler,
@@ -508,7 +509,8 @@ def legend_html(colors: dict[str, str]) -> str:
 def _error_bound_tab(studio: Studio, models: Models):
     """The bound-vs-error plots and the F(z_t) grid; the prompt box, for the model-set switch."""
     def error_bound_seconds(prompt, seed, stride, guidance_scale, teacher, splam, lcm) -> int:
-        return gpu_seconds(_px(studio, teacher), N_GRID + 2 * (N_GRID // _int(stride, STRIDE) + 1) + 13)
+        return gpu_seconds(_px(studio, teacher), N_GRID + 2 * (N_GRID // _int(stride, STRIDE) + 1) + 13,
+                           studio.weights_bytes(teacher, splam, lcm))
 
     @gpu(duration=error_bound_seconds)
     def error_bound_on_gpu(prompt, seed, stride, guidance_scale, teacher, splam, lcm):
@@ -525,7 +527,8 @@ def _error_bound_tab(studio: Studio, models: Models):
                 "|F(z_t) − z_0| ≤ Σ |F(z_t′) − F(z_t′−k)|. SPLAM aims to shrink each term. "
                 "Cost: the teacher trajectory (50 guided steps) is computed once per teacher, prompt, seed and "
                 "guidance and then reused; a larger stride means fewer student evaluations (50 / stride + 1 "
-                "each), which matters at 512 px.")
+                "each), which matters at 512 px and more at 1024 px (SDXL), where each UNet call costs about 4× "
+                "a 512 px one and the 13 thumbnails are decoded 3 at a time. Each result states the work it took.")
     if (note := measured_note()):
         gr.Markdown(note, elem_id="error-bound-measured")
     with gr.Row(equal_height=True):

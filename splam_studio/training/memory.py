@@ -1,6 +1,6 @@
 """How much memory a training run needs, estimated before the first step, and the warning when the device has less.
 
-What a SPLAD step holds (loop.py): the frozen teacher UNet, text encoder and VAE in the runtime's weight dtype; the
+What a SPLAD step holds (loop.py): the frozen teacher UNet, text encoder(s) (SDXL: both) and VAE in the runtime's weight dtype; the
 student and its EMA target theta^- in fp32; gradients and AdamW's two moments for the trainable parameters (the whole
 UNet, or the LoRA layers and cond_proj); the activations the student's forward keeps for backward (the teacher and
 the target run without gradients). Activations are the only term that grows with batch and resolution:
@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from ..core.teacher import text_encoders
 
 GIB = 2**30
 # (unet parameters, latent pixels, elements kept per sample and latent pixel: no checkpointing, with checkpointing)
@@ -40,7 +42,7 @@ ACT_COEF, ACT_EXP, CKPT_FACTOR = _fit()
 class MemoryNeed:
     """Bytes per term and their total (with MARGIN)."""
 
-    frozen: int  # teacher UNet, text encoder, VAE
+    frozen: int  # teacher UNet, text encoder(s), VAE
     student: int  # student + theta^- in fp32
     optimiser: int  # gradients + AdamW moments of the trainable parameters
     activations: int
@@ -61,7 +63,7 @@ def estimate_need(*, unet_params: int, other_params: int, trainable_params: int,
     """Memory of one SPLAD training process, from parameter counts (pure).
 
     unet_params: the student UNet without LoRA layers (cond_proj included); lora_params: its LoRA layers (0 for a full
-    fine-tune); other_params: text encoder + VAE; trainable_params: the whole UNet for a full fine-tune, else the
+    fine-tune); other_params: text encoder(s) + VAE; trainable_params: the whole UNet for a full fine-tune, else the
     LoRA layers + cond_proj; weight_bytes / activation_bytes: 2 under fp16 / bf16 mixed precision, 4 in fp32;
     adam_state_bytes: 8 (two fp32 moments), 2 for 8-bit AdamW.
     """
@@ -103,8 +105,8 @@ def warn_if_short(student: torch.nn.Module, pipe, *, resolution: int, batch: int
     unet = sum(p.numel() for p in params) - lora
     trainable = sum(p.numel() for p in params if p.requires_grad)
     half = 2 if mixed_precision in ("fp16", "bf16") else 4
-    need = estimate_need(unet_params=unet, other_params=sum(p.numel() for m in (pipe.text_encoder, pipe.vae)
-                                                                for p in m.parameters()),
+    frozen = (*text_encoders(pipe).values(), pipe.vae)  # SDXL: both text encoders
+    need = estimate_need(unet_params=unet, other_params=sum(p.numel() for m in frozen for p in m.parameters()),
                          trainable_params=trainable, resolution=resolution, batch=batch, lora_params=lora,
                          vae_scale=2 ** (len(pipe.vae.config.block_out_channels) - 1), weight_bytes=half,
                          activation_bytes=half, gradient_checkpointing=gradient_checkpointing,
@@ -117,3 +119,16 @@ def warn_if_short(student: torch.nn.Module, pipe, *, resolution: int, batch: int
         log(f"warning: this run needs about {need.describe()}, more than the {have / GIB:.1f} GiB the {device.type} "
             f"has{'; try ' + ', '.join(hints) if hints else ''}")
     return need
+
+
+def weights_bytes(*modules: torch.nn.Module) -> int:
+    """Bytes of the distinct parameters and buffers of `modules`: a tensor that several of them share (a teacher UNet
+    under its LoRA adapters, models/adapters.py) counts once."""
+    seen, total = set(), 0
+    for m in modules:
+        for t in (*m.parameters(), *m.buffers()):
+            key = (t.device, t.data_ptr(), t.shape, t.dtype)
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+    return total
