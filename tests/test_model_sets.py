@@ -188,7 +188,7 @@ def test_space_default_and_switch_through_gradio_client(space_url):
         out = c.predict(prompt, "", 3, 1, 2, 7.5, "ddim", teacher, splam, lcm, api_name="/compare")
         assert m.lcm.repo in out[4] and m.splam.repo in out[5] and m.teacher in out[3]
     with pytest.raises(AppError, match="unknown model set|not in the list of choices"):
-        c.predict("sdxl", api_name="/model_set")
+        c.predict("sd3", api_name="/model_set")
 
 
 # ---- the entry point and the Space's files ------------------------------------------------------------------------

@@ -193,3 +193,30 @@ def test_a_vae_that_overflowed_in_fp16_decodes_in_fp32_from_then_on(tmp_path):
     first, second = decode_latents(pipe, z), decode_latents(pipe, z)
     assert dtypes == [torch.float16, torch.float32, torch.float32] and pipe.vae.dtype == torch.float16
     assert list(first[0].getdata()) == list(second[0].getdata())
+
+
+def test_compare_switches_adapters_outside_the_timed_calls(studio, monkeypatch):
+    """Each switch between teacher, LCM and SPLAM happens before a panel's clock starts (adapters.activate)."""
+    import time
+
+    from splam_studio.models.adapters import SharedAdapters
+
+    events, switch = [], SharedAdapters.switch
+
+    def clock():
+        events.append("clock")
+        return time.perf_counter()
+
+    def recording(self, adapter):
+        if adapter != self.active:
+            events.append("switch")
+        switch(self, adapter)
+
+    monkeypatch.setattr(SharedAdapters, "switch", recording)
+    studio.compare(PROMPT, seed=1, student_steps=1, teacher_steps=1, repeats=2, warmup=0, clock=clock)
+    clocks, inside = 0, []
+    for e in events:
+        clocks += e == "clock"
+        if e == "switch":
+            inside.append(clocks % 2 == 0)  # after `started` and a panel's start, before its end
+    assert len(inside) >= 6 and not any(inside), events

@@ -27,6 +27,7 @@ from .validation import StudioError, clamp_float, clamp_int
 from ..training.device import resolve_runtime
 from ..training.memory import weights_bytes
 from ..core.error_bound import ErrorBound, guided_trajectory, student_error_bounds
+from ..models.adapters import activate
 from ..models.loading import (
     ModelLoadError, RunInfo, hub_cache_text, hub_id_problem, list_runs, load_hub_teacher, load_student, load_teacher,
     resolve_run, sampling_guidance,
@@ -679,7 +680,13 @@ class Studio:
             progress(0.05 + 0.85 * i / (3 * rounds), f"round {r + 1}/{rounds} ({kind}): {ROLE_TITLE[role]}, "
                      f"{what[role]} + VAE decode")
 
-        t = interleaved(fns, repeats, warmup=warmup, clock=clock, on_call=stage)
+        models = {"teacher": pipe.unet, **unets}
+
+        def before(i: int, r: int, role: str) -> None:  # a LoRA adapter switch happens here, outside the timing
+            stage(i, r, role)
+            activate(models[role])
+
+        t = interleaved(fns, repeats, warmup=warmup, clock=clock, on_call=before)
         progress(0.92, "comparing each student to the teacher (PSNR, latent MSE, heat maps)")
         out = t.outputs["teacher"]
         ref = Panel("teacher", teacher, sampler, teacher_steps, seed, guidance_scale, statistics.median(t.runs["teacher"]),
