@@ -128,3 +128,27 @@ def test_compare_times_interleaved_rounds_with_an_injected_clock(tmp_path):
     assert "round 4/4 (timed): SPLAM, 2 steps + VAE decode" in stages
     assert any(s.startswith("comparing each student") for s in stages)
     assert "seed 3" in r.history_caption() and "teacher 3 ddim / students 2 steps" in r.history_caption()
+
+
+def test_one_step_students_are_labelled_beside_the_untrained_student(tmp_path):
+    """At 1 step each student's distance to the teacher stands beside the untrained student's: the bench's zero-gamma
+    student (the teacher UNet, no training) sampled from the same noise. At 2 steps no such label."""
+    from splam_studio.core.metrics import latent_mse
+    from splam_studio.studio.logic import image_psnr
+    from splam_studio.tools.bench import untrained_student
+
+    studio = Studio(make_fake_weights(tmp_path / "weights"))
+    r = studio.compare(PROMPT, seed=5, student_steps=1, teacher_steps=3, repeats=1, warmup=0)
+    t = r.panel("teacher")
+    pipe = studio.teacher("shapes-teacher")
+    raw = generate(pipe, prompt=[PROMPT], sampler="lcm", steps=1, seed=5, unet=untrained_student(pipe))
+    mse = float(latent_mse(raw.latents, t.latent)[0])
+    for p in r.panels[1:]:
+        assert p.untrained_mse == pytest.approx(mse, rel=1e-5, abs=1e-7)
+        assert p.untrained_psnr == pytest.approx(image_psnr(raw.images[0], t.image), abs=0.01)
+        word = "closer to" if p.latent_mse < mse else "**further from**"
+        assert f"{word} the teacher than no distillation (untrained student: latent MSE {mse:.3g}" in p.caption()
+    assert f"1 step: no distillation (the teacher UNet as a 1-step sampler, same noise) is at latent MSE {mse:.3g}" \
+        in r.summary()
+    two = studio.compare(PROMPT, seed=5, student_steps=2, teacher_steps=3, repeats=1, warmup=0)
+    assert all(p.untrained_mse is None for p in two.panels) and "no distillation" not in two.summary()

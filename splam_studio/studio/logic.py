@@ -112,6 +112,8 @@ class Panel:
     latent: object = field(default=None, repr=False)  # (1, C, h, w) final latent
     unet_calls: int | None = None  # UNet evaluations per image (unet_calls())
     warmup_ms: list[float] = field(default_factory=list)  # the untimed warm-up runs, ms; not in latency_runs
+    untrained_psnr: float | None = None  # 1-step students: the untrained student's PSNR / latent MSE to the teacher
+    untrained_mse: float | None = None  # (the teacher UNet as a 1-step LCM sampler, same noise): what it must beat
 
     @property
     def title(self) -> str:
@@ -148,7 +150,15 @@ class Panel:
             parts.append(f"**PSNR {self.psnr_db:.1f} dB** to the teacher")
         if self.latent_mse is not None:
             parts.append(f"latent MSE {self.latent_mse:.3g}")
+        if self.untrained_mse is not None:
+            parts.append(self.untrained_verdict())
         return " · ".join(parts)
+
+    def untrained_verdict(self) -> str:
+        """At 1 step: the student's distance to the teacher beside the untrained student's (no distillation)."""
+        better = self.latent_mse < self.untrained_mse
+        return (f"{'closer to' if better else '**further from**'} the teacher than no distillation "
+                f"(untrained student: latent MSE {self.untrained_mse:.3g}, PSNR {self.untrained_psnr:.1f} dB)")
 
     def caption(self) -> str:
         """Metrics, then the reproduction line: model, sampler, steps, guidance, seed (the prompt is shared)."""
@@ -184,7 +194,19 @@ class CompareResult:
         return (f"Prompt: “{self.prompt}” · seed {t.seed} · same initial noise for all three.  \n"
                 + " · ".join(parts) + f".  \nLatency: {how}. "
                 + latency_verdict(self.panel("lcm"), self.panel("splam"), self.same_architecture)
-                + "  \nPSNR: the student's image against the teacher's (higher = closer; ∞ = identical).")
+                + "  \nPSNR: the student's image against the teacher's (higher = closer; ∞ = identical)."
+                + self.untrained_line())
+
+    def untrained_line(self) -> str:
+        """At 1 step, each student beside the untrained student (the teacher UNet as a 1-step sampler, same noise)."""
+        students = [p for p in self.panels if p.role != "teacher" and p.untrained_mse is not None]
+        if not students:
+            return ""
+        u = students[0]
+        verdicts = ", ".join(f"{p.title} {p.latent_mse:.3g} ({'closer' if p.latent_mse < u.untrained_mse else 'further'})"
+                             for p in students)
+        return (f"  \n1 step: no distillation (the teacher UNet as a 1-step sampler, same noise) is at latent MSE "
+                f"{u.untrained_mse:.3g} / PSNR {u.untrained_psnr:.1f} dB to the teacher; {verdicts}.")
 
     def history_item(self) -> tuple[object, str]:
         """(teacher | LCM | SPLAM side by side, caption) for the history strip."""
@@ -701,6 +723,13 @@ class Studio:
                                 latency_runs=runs, psnr_db=image_psnr(out.images[0], ref.image),
                                 latent_mse=float(latent_mse(out.latents, ref.latent)[0]), latent=out.latents,
                                 unet_calls=unet_calls(role, steps[role], g[role]), warmup_ms=t.warmup[role]))
+        if student_steps == 1:  # the honest 1-step label: what one step of the teacher UNet itself gives
+            progress(0.95, "1 step: the untrained student (the teacher UNet as a 1-step sampler), for reference")
+            activate(pipe.unet)
+            raw = generate(pipe, prompt=[prompt], sampler="lcm", steps=1, seed=seed)
+            raw_psnr, raw_mse = image_psnr(raw.images[0], ref.image), float(latent_mse(raw.latents, ref.latent)[0])
+            for p in panels[1:]:
+                p.untrained_psnr, p.untrained_mse = raw_psnr, raw_mse
         scale = max(float(_abs_diff(p.image, ref.image).max()) for p in panels[1:])  # one scale for both maps
         for p in panels[1:]:
             p.heatmap = difference_heatmap(p.image, ref.image, scale)
