@@ -162,3 +162,16 @@ def test_regression_needs_teacher_data():
 
     with pytest.raises(TrainError, match="--prompts"):
         TrainConfig(regression=0.5).validate()
+
+
+def test_trainer_bench_times_every_one_step_term_on_one_student(pipe):
+    """`trainer_bench --one-step`: each variant is a valid SPLAD configuration; the regression's z_T reaches the loss."""
+    from splam_studio.tools.trainer_bench import ONE_STEP, VARIANTS, time_steps
+    from splam_studio.training.device import resolve_runtime
+
+    assert VARIANTS["splam + regression 0.25"]["regression"] == 0.25 and ONE_STEP[0] == "splam"
+    teacher, schedule = pipe.unet, NoiseSchedule.from_scheduler(pipe.scheduler)
+    text = (pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+    rows = time_steps(resolve_runtime("cpu", "no"), teacher, schedule, text, methods=ONE_STEP, batch=2, lora=0,
+                      checkpointing=False, steps=1)
+    assert [r["method"] for r in rows] == list(ONE_STEP) and all(r["step_s"] > 0 for r in rows)

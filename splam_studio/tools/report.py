@@ -8,6 +8,7 @@ Each section appears only when its JSON exists; every number comes from those fi
     benchmarks/reliability.json  python -m splam_studio.tools.reliability    (faults, bad input, load)
     benchmarks/server_attacks.json python -m splam_studio.tools.server_attacks (the studio as a public server, attacked)
     benchmarks/trainer_cache.json python -m splam_studio.tools.trainer_bench --cache (a step with and without the latent cache)
+    benchmarks/trainer_one_step.json python -m splam_studio.tools.trainer_bench --one-step (SPLAM with each 1-step term)
     benchmarks/threads.json      python -m splam_studio.tools.threads_bench  (torch threads, idle and loaded)
     benchmarks/compare_latency.json python -m splam_studio.tools.compare_latency (the Compare tab's latencies, idle and loaded)
     benchmarks/sweep.json        python -m splam_studio.tools.bench --curves RUN... (the recipe sweep, curves along training)
@@ -353,6 +354,8 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
         L += generic_section("Trainer: SPLAM vs LCM step time and memory", tr)
     if (tc := _load(folder, "trainer_cache.json")):
         L += generic_section("Trainer: the latent cache", tc)
+    if (to := _load(folder, "trainer_one_step.json")):
+        L += generic_section("Trainer: the 1-step terms (issue 25)", to)
     if (th := _load(folder, "threads.json")):
         L += generic_section("Threads on a shared CPU", th)
     if (lat := _load(folder, "latency_cpu.json")):

@@ -3,6 +3,7 @@
     python -m splam_studio.tools.trainer_bench                 # the embedded Shapes teacher on this machine
     python -m splam_studio.tools.trainer_bench --sd15 --batches 1 2 4   # an SD1.5-sized UNet, random weights (GPU)
     python -m splam_studio.tools.trainer_bench --cache [--sd15]          # a step with and without the latent cache
+    python -m splam_studio.tools.trainer_bench --one-step                # SPLAM with each 1-step term of issue 25
 
 Each configuration runs in its own subprocess (so peak memory is its own); SPLAM and LCM alternate.
 """
@@ -18,6 +19,16 @@ import time
 from pathlib import Path
 
 import torch
+
+# A timed configuration of SPLAD: a name -> SpladConfig fields. The 1-step terms (issue 25) at the ablations' values.
+VARIANTS: dict[str, dict] = {
+    "lcm": {"method": "lcm"},
+    "splam": {"method": "splam"},
+    "splam + regression 0.25": {"method": "splam", "regression": 0.25},
+    "splam + k 100 from t >= 500": {"method": "splam", "k_high": 100, "t_high": 500},
+    "splam + p(t = 999) 0.25": {"method": "splam", "t_top_prob": 0.25},
+}
+ONE_STEP = ("splam", "splam + regression 0.25", "splam + k 100 from t >= 500", "splam + p(t = 999) 0.25")
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -44,7 +55,8 @@ def make_student(teacher, lora: int, checkpointing: bool):
 
 def time_steps(rt, teacher, schedule, text_shape: tuple[int, int], *, methods=("lcm", "splam"), batch: int, lora: int,
                checkpointing: bool, steps: int) -> list[dict]:
-    """Median time of `steps` SPLAD steps (after one warm-up) per method, and peak memory, on one student.
+    """Median time of `steps` SPLAD steps (after one warm-up) per method (a VARIANTS name), and peak memory, on one
+    student.
 
     The methods alternate step by step on the same student, target and teacher, so they share the machine's state.
     Mixed precision as in training: autocast in rt's dtype; fp16 adds a GradScaler.
@@ -61,6 +73,7 @@ def time_steps(rt, teacher, schedule, text_shape: tuple[int, int], *, methods=("
     C, S = teacher.config.in_channels, teacher.config.sample_size
     (L, Dm), g = text_shape, torch.Generator().manual_seed(0)
     z_0 = torch.randn(batch, C, S, S, generator=g).to(dev)
+    z_T = torch.randn(batch, C, S, S, generator=g).to(dev)  # the regression's teacher noise (teacher data stores it)
     cond, uncond = torch.randn(batch, L, Dm, generator=g).to(dev, rt.weight_dtype), torch.zeros(batch, L, Dm).to(dev, rt.weight_dtype)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (torch.mps.synchronize if dev.type == "mps" else lambda: None)
     times: dict[str, list[float]] = {m: [] for m in methods}
@@ -72,7 +85,8 @@ def time_steps(rt, teacher, schedule, text_shape: tuple[int, int], *, methods=("
             sync()
             t0 = time.perf_counter()
             with torch.autocast(dev.type, dtype=rt.weight_dtype, enabled=rt.mixed_precision != "no"):
-                loss = splad_loss(SpladConfig(method=m), schedule, student, target, teacher, z_0, cond, uncond, g)
+                loss = splad_loss(SpladConfig(**VARIANTS[m]), schedule, student, target, teacher, z_0, cond, uncond, g,
+                                  z_T=z_T)
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -219,8 +233,8 @@ def _one(args) -> dict:
         pipe = load_teacher("shapes")
         teacher, schedule = pipe.unet, NoiseSchedule.from_scheduler(pipe.scheduler)
         L, D = pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size
-    return time_steps(rt, teacher, schedule, (L, D), methods=(args.method,), batch=args.batch, lora=args.lora,
-                      checkpointing=args.checkpointing, steps=args.steps)[0]
+    return time_steps(rt, teacher, schedule, (L, D), methods=tuple(args.method.split(",")), batch=args.batch,
+                      lora=args.lora, checkpointing=args.checkpointing, steps=args.steps)
 
 
 def main(argv=None) -> None:
@@ -235,9 +249,11 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="benchmarks/trainer.json")
     p.add_argument("--cache", action="store_true", help="time a step with and without the latent cache (-> --out, "
                    "default benchmarks/trainer_cache.json); with --sd15 adds the SD1.5-sized row at 512 px, batch 1")
+    p.add_argument("--one-step", action="store_true", help="SPLAM alone and with each 1-step term of issue 25 "
+                   "(-> --out, default benchmarks/trainer_one_step.json)")
     p.add_argument("--_one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_cache_one", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--method", default="splam", help=argparse.SUPPRESS)
+    p.add_argument("--method", default="splam", help=argparse.SUPPRESS)  # VARIANTS names, comma-separated
     p.add_argument("--batch", type=int, default=16, help=argparse.SUPPRESS)
     p.add_argument("--lora", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -251,24 +267,40 @@ def main(argv=None) -> None:
         return
     if a._one:
         a.checkpointing = a.checkpointing == "on"
+        if unknown := set(a.method.split(",")) - set(VARIANTS):
+            raise SystemExit(f"unknown variant(s) {sorted(unknown)}: choose from {sorted(VARIANTS)}")
         print("RESULT " + json.dumps(_one(a)))
         return
     ckpt = {"off": [False], "on": [True], "both": [False, True]}[a.checkpointing]
+    methods = ONE_STEP if a.one_step else ("lcm", "splam")
+    if a.one_step and a.out == "benchmarks/trainer.json":
+        a.out = "benchmarks/trainer_one_step.json"
+    def one(method: str, batch: int, lora: int, cp: bool) -> list[dict]:
+        cmd = [sys.executable, "-m", "splam_studio.tools.trainer_bench", "--_one", "--method", method, "--batch", str(batch),
+               "--lora", str(lora), "--steps", str(a.steps), "--checkpointing", "on" if cp else "off",
+               "--device", a.device, "--precision", a.precision] + (["--sd15"] if a.sd15 else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            print(out.stderr[-2000:], file=sys.stderr)
+            raise SystemExit(f"configuration failed: {' '.join(cmd)}")
+        print(line[7:])
+        return json.loads(line[7:])
+
     results = []
     for batch in a.batches:
         for lora in a.lora_ranks:
             for cp in ckpt:
-                for method in ("lcm", "splam"):
-                    cmd = [sys.executable, "-m", "splam_studio.tools.trainer_bench", "--_one", "--method", method, "--batch", str(batch),
-                           "--lora", str(lora), "--steps", str(a.steps), "--checkpointing", "on" if cp else "off",
-                           "--device", a.device, "--precision", a.precision] + (["--sd15"] if a.sd15 else [])
-                    out = subprocess.run(cmd, capture_output=True, text=True)
-                    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-                    if line is None:
-                        print(out.stderr[-2000:], file=sys.stderr)
-                        raise SystemExit(f"configuration failed: {' '.join(cmd)}")
-                    results.append(json.loads(line[7:]))
-                    print(results[-1])
+                if a.one_step:  # times: the variants alternating step by step in one process; memory: one each
+                    timed = one(",".join(methods), batch, lora, cp)
+                    for t in timed:
+                        t["peak_mib"] = one(t["method"], batch, lora, cp)[0]["peak_mib"]
+                    results += timed
+                    continue
+                for method in methods:
+                    results += one(method, batch, lora, cp)
+    if a.one_step:
+        return _write(a.out, one_step_doc(results, a))
     rows = []
     for r in results:
         if r["method"] == "splam":
@@ -285,9 +317,35 @@ def main(argv=None) -> None:
            "notes": ["SPLAM adds one sigma_gamma and one SL-ODE interpolation per step over LCM; the UNet calls are the same "
                      "(2 teacher, 1 student, 1 target), so the ratio should be close to 1."],
            "raw": results}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(doc, indent=2))
-    print(f"wrote {a.out}")
+    _write(a.out, doc)
+
+
+def one_step_doc(results: list[dict], a) -> dict:
+    """Step time and memory of SPLAM with each 1-step term, against plain SPLAM in the same configuration."""
+    keys = ("batch", "lora", "checkpointing")
+    rows = []
+    for r in results:
+        base = next(x for x in results if x["method"] == "splam" and all(x[k] == r[k] for k in keys))
+        rows.append([r["method"], r["batch"], r["lora"] or "full", "on" if r["checkpointing"] else "off",
+                     round(r["step_s"], 4), round(r["step_s"] / base["step_s"], 3), round(r["peak_mib"])])
+    model = "SD1.5-sized UNet (random weights, 64x64 latents)" if a.sd15 else "embedded Shapes teacher"
+    return {"description": f"`python -m splam_studio.tools.trainer_bench --one-step{' --sd15' if a.sd15 else ''}`: {model}, "
+                           f"device {results[0]['device']}, precision {results[0]['precision']}, median of {a.steps} steps "
+                           f"after a warm-up. Peak memory: {results[0]['peak_kind']}.",
+            "tables": [{"title": "SPLAM with the 1-step terms of issue 25: step time (s) and peak memory (MiB)",
+                        "columns": ["variant", "batch", "LoRA rank", "grad. ckpt", "s/step", "/ plain SPLAM", "MiB"],
+                        "rows": rows}],
+            "notes": ["Step times: the variants alternate step by step on one student in one process, so a change of "
+                      "the machine's load hits all alike; peak memory: each variant in its own process.",
+                      "The regression adds one student call, on z_T at t = 999, to the student's one (and its backward); "
+                      "the k schedule and the t-top draw change which t is drawn, not the work per step."],
+            "raw": results}
+
+
+def _write(out: str, doc: dict) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(doc, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
