@@ -11,10 +11,11 @@ Two sources of z_0 that the loop reads instead of running the VAE and the text e
 
 Both live under `<output_dir>/.cache/<kind>-<key>/`, shared by every run with the same key, so an LCM and a SPLAM
 run on the same prompts generate once. The key hashes everything the tensors depend on (the teacher's UNet, VAE and
-text encoder weights, the resolution, w, the DDIM steps, the prompts and the seed, or the data files' names, sizes
-and times): a changed input never reads stale latents. Shards (`shard-NNNNN.safetensors`) are written atomically
-one batch group at a time; a killed generation resumes at the first missing shard, and a shard that does not read
-back whole is named in the log and made again, never used.
+text encoder weights (SDXL: both text encoders), the resolution, w, the DDIM steps, the prompts and the seed, or the
+data files' names, sizes and times): a changed input never reads stale latents. SDXL teacher data stores the whole
+text condition (embeddings, pooled embeddings, time ids); the SDXL data recipe's per-sample crops are not cached.
+Shards (`shard-NNNNN.safetensors`) are written atomically one batch group at a time; a killed generation resumes at
+the first missing shard, and a shard that does not read back whole is named in the log and made again, never used.
 """
 from __future__ import annotations
 
