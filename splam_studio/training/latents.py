@@ -11,10 +11,11 @@ Two sources of z_0 that the loop reads instead of running the VAE and the text e
 
 Both live under `<output_dir>/.cache/<kind>-<key>/`, shared by every run with the same key, so an LCM and a SPLAM
 run on the same prompts generate once. The key hashes everything the tensors depend on (the teacher's UNet, VAE and
-text encoder weights, the resolution, w, the DDIM steps, the prompts and the seed, or the data files' names, sizes
-and times): a changed input never reads stale latents. Shards (`shard-NNNNN.safetensors`) are written atomically
-one batch group at a time; a killed generation resumes at the first missing shard, and a shard that does not read
-back whole is named in the log and made again, never used.
+text encoder weights (SDXL: both text encoders), the resolution, w, the DDIM steps, the prompts and the seed, or the
+data files' names, sizes and times): a changed input never reads stale latents. SDXL teacher data stores the whole
+text condition (embeddings, pooled embeddings, time ids); the SDXL data recipe's per-sample crops are not cached.
+Shards (`shard-NNNNN.safetensors`) are written atomically one batch group at a time; a killed generation resumes at
+the first missing shard, and a shard that does not read back whole is named in the log and made again, never used.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..core.sampler import generate
-from ..core.teacher import cfg_scale, encode_condition, encode_text, uncond_like, vae_scale_factor
+from ..core.teacher import (TextCondition, added_conditioning, cfg_scale, encode_condition, encode_text, native_size,
+                            uncond_like, vae_scale_factor)
 from .data import time_ids_of
 from ..store.atomic import atomic_write, write_json
 
@@ -126,7 +128,9 @@ class LatentStore:
 
     Tensors per shard: `index` (n,) the source items it holds (an unreadable image is left out); `z_0` (n, C, h, w)
     teacher latents, or `mean` / `std` (n, C, h, w) of the VAE posterior; `cond` (n, L, D) and, when negative prompts
-    were given, `uncond` (n, L, D). The captions travel in the shard's metadata.
+    were given, `uncond` (n, L, D). SDXL teacher data adds the rest of its `TextCondition` beside each: `cond_pooled`
+    (n, P) and `cond_time_ids` (n, 6) (and `uncond_pooled`, `uncond_time_ids`). The captions travel in the shard's
+    metadata.
     """
 
     def __init__(self, root: Path, manifest: dict):
@@ -275,22 +279,51 @@ class LatentDataset(torch.utils.data.Dataset):
 
 
 # ---- teacher data: z_0 made by the teacher from prompts ------------------------------------------------------------------
+ADDED = ("pooled", "time_ids")  # SDXL's added conditioning, stored as <branch>_pooled, <branch>_time_ids
+
+
+def condition_tensors(branch: str, c) -> dict[str, torch.Tensor]:
+    """A condition as store tensors: {branch: embeds}, and for SDXL {branch_pooled, branch_time_ids}; float32 CPU."""
+    if not isinstance(c, TextCondition):
+        return {branch: c.float().cpu()}
+    return {branch: c.embeds.float().cpu(), **{f"{branch}_{k}": getattr(c, k).float().cpu() for k in ADDED}}
+
+
+def stored_condition(batch: dict, branch: str, device: torch.device, dtype: torch.dtype):
+    """The condition stored under branch ("cond" / "uncond") of a batch: a tensor (SD1.5) or a TextCondition (SDXL),
+    embeddings in the text encoder's dtype, time ids float32 as `encode_condition` makes them."""
+    embeds = batch[branch].to(device, dtype)
+    if f"{branch}_pooled" not in batch:
+        return embeds
+    return TextCondition(embeds, batch[f"{branch}_pooled"].to(device, dtype),
+                         batch[f"{branch}_time_ids"].to(device, torch.float32))
+
+
 def teacher_data(pipe, prompts: list[Prompt], root: Path, *, w: float, steps: int, images_per_prompt: int, seed: int,
                  batch_size: int, shard_size: int = 64) -> LatentStore:
     """z_0 for every (prompt, image) pair from a guided DDIM run at CFG w + 1 (the distillation's w), in batches.
 
     Item i is prompt i // images_per_prompt; its initial noise comes from the seed of its batch within its shard, so a
-    resumed generation makes the same latents as an uninterrupted one.
+    resumed generation makes the same latents as an uninterrupted one. The stored c (and c_uncond with negative
+    prompts) is `encode_condition`'s: for SDXL with the time ids of the generation, native size uncropped as the
+    stock pipeline's default; without negative prompts the loop builds c_uncond as the pipeline did (`uncond_like`).
     """
     if images_per_prompt < 1:
         raise LatentDataError(f"images per prompt must be at least 1, got {images_per_prompt}")
     items = [p for p in prompts for _ in range(images_per_prompt)]
     negatives = any(p.negative for p in prompts)
+    xl = added_conditioning(pipe)
+    branches = ["cond"] + (["uncond"] if negatives else [])
+    suffixes = ("", *(f"_{k}" for k in ADDED)) if xl else ("",)
+    tensors = ["z_0", "z_T"] + [b + x for b in branches for x in suffixes]  # SD1.5: z_0, z_T, cond[, uncond]
+    key = {"unet": fingerprint(pipe.unet), "vae": fingerprint(pipe.vae), "text_encoder": fingerprint(pipe.text_encoder),
+           "scheduler": dict(pipe.scheduler.config), "w": w, "steps": steps, "seed": seed,
+           "images_per_prompt": images_per_prompt, "prompts": [[p.prompt, p.negative] for p in prompts]}
+    if xl:  # SD1.5 keys stay as they were: their stores keep being reused
+        key.update(text_encoder_2=fingerprint(pipe.text_encoder_2), size=native_size(pipe),
+                   force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
     manifest = {"kind": "teacher", "items": len(items), "shard_size": shard_size, "batch_size": batch_size,
-                "tensors": ["z_0", "z_T", "cond"] + (["uncond"] if negatives else []),
-                "key": {"unet": fingerprint(pipe.unet), "vae": fingerprint(pipe.vae), "text_encoder": fingerprint(pipe.text_encoder),
-                        "scheduler": dict(pipe.scheduler.config), "w": w, "steps": steps, "seed": seed,
-                        "images_per_prompt": images_per_prompt, "prompts": [[p.prompt, p.negative] for p in prompts]}}
+                "tensors": tensors, "key": key}
     store = LatentStore.open(Path(root) / f"teacher-{store_key(manifest)}", manifest)
 
     def make(rows: range) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -302,10 +335,10 @@ def teacher_data(pipe, prompts: list[Prompt], root: Path, *, w: float, steps: in
                            guidance_scale=cfg_scale(w), negative_prompt=negs if negatives else None, decode=False)
             out["z_0"].append(gen.latents)
             out["z_T"].append(gen.noise)  # the teacher's ODE pair (z_T, z_0): the regression term's data
-            with torch.no_grad():
-                out["cond"].append(encode_text(pipe, caps).float().cpu())
-                if negatives:
-                    out["uncond"].append(encode_text(pipe, negs).float().cpu())
+            with torch.no_grad():  # SDXL: time ids of the native size, uncropped, as the generation's pipeline call
+                for branch, texts in zip(branches, (caps, negs)):
+                    for k, v in condition_tensors(branch, encode_condition(pipe, texts)).items():
+                        out[k].append(v)
         tensors = {k: torch.cat(v) for k, v in out.items()}
         return {**tensors, "index": torch.tensor(list(rows), dtype=torch.long)}, [items[i].prompt for i in rows]
 
@@ -369,10 +402,10 @@ def batch_latents(batch: dict, pipe, device: torch.device, vae_dtype: torch.dtyp
         else:
             px = batch["pixel_values"].to(device, vae_dtype)
             z_0 = (pipe.vae.encode(px).latent_dist.sample(generator=generator) * sf).float()
-        if "cond" in batch:
-            cond = batch["cond"].to(device, te_dtype)
+        if "cond" in batch:  # stored: a tensor, or SDXL teacher data's TextCondition
+            cond = stored_condition(batch, "cond", device, te_dtype)
         else:  # SDXL: with the batch's size / crop time ids at the target size of z_0
             size = time_ids_of(batch, z_0.shape[-1] * vae_scale_factor(pipe.vae))
             cond = encode_condition(pipe, batch["caption"], device, size)
-        uncond = batch["uncond"].to(device, te_dtype) if "uncond" in batch else uncond_like(uncond_1, cond)
+        uncond = stored_condition(batch, "uncond", device, te_dtype) if "uncond" in batch else uncond_like(uncond_1, cond)
     return z_0, cond, uncond

@@ -31,7 +31,7 @@ from .memory import warn_if_short
 from ..core.schedule import NoiseSchedule
 from ..core.splad import SpladConfig, splad_loss
 from ..core.student import build_student, ema_update, make_target
-from ..core.teacher import added_conditioning, cfg_scale, empty_condition, text_encoders, vae_scale_factor
+from ..core.teacher import added_conditioning, cfg_scale, empty_condition, native_size, text_encoders, vae_scale_factor
 from ..models.export import export_run
 from ..models.loading import load_student, load_teacher, sampling_guidance
 from ..models.sdxl import load_vae
@@ -891,10 +891,12 @@ def _latent_source(cfg: TrainConfig, pipe, acc, resolution: int, log) -> tuple[t
     from .data import build_dataset
 
     root = Path(cfg.output_dir) / ".cache"
-    if added_conditioning(pipe) and (cfg.prompts or cfg.cache_latents):
-        raise TrainError("--prompts and --cache-latents store SD1.5 text embeddings only; an SDXL teacher trains on --data")
+    if added_conditioning(pipe) and cfg.cache_latents and not cfg.prompts:
+        raise TrainError("--cache-latents is not available for an SDXL teacher: its data recipe draws each sample's "
+                         "original-size / random-crop conditioning afresh, so one cached variant per image is not the "
+                         "recipe; train on plain --data, or make teacher data from a prompts file with --prompts FILE")
     if cfg.prompts:
-        native = pipe.unet.config.sample_size * vae_scale_factor(pipe.vae)
+        native = native_size(pipe)
         if resolution != native:
             raise TrainError(f"--prompts makes z_0 at the teacher's native size ({native} px); drop --resolution {resolution}")
         prompts = read_prompts(cfg.prompts)
