@@ -78,7 +78,7 @@ class Inputs:
                                          "runs of several seeds share one generation")
     cache_latents: bool = arg(False, "encode each image (VAE posterior) and caption once into <output-dir>/.cache "
                                      "instead of at every step (a finite --data source; keyed by the VAE, text encoder, "
-                                     "resolution and data files)")
+                                     "resolution and data files; SD1.5-family teachers: an SDXL recipe draws its crops afresh)")
     resolution: int | None = arg(None, "training resolution in pixels (default: the teacher's native size)")
     caption_column: str | None = arg(None, "caption column of a datasets source")
     image_column: str | None = arg(None, "image column of a datasets source")
