@@ -34,12 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", parents=[common], help="run the whole recipe")
     b.add_argument("--out", default="weights", help="folder for shapes-teacher/, shapes-evaluator/, recipe.json")
-    b.add_argument("--preset", default="full", choices=sorted(PRESETS), help="full: the shipped weights; tiny: a smoke run")
+    b.add_argument("--preset", default="full", choices=sorted(PRESETS),
+                   help="full: the shipped weights; tiny: a smoke run; xl: the Shapes-XL (SDXL) teacher; xl-tiny: its smoke run")
     b.add_argument("--print-config", action="store_true", help="print the resolved preset and exit")
     b.add_argument("--reuse-from", default=None,
                    help="a finished build folder: reuse its VAE and evaluator, train only text encoder + UNet")
     be = sub.add_parser("bench", parents=[common], help="time a few training steps of each stage")
     be.add_argument("--steps", type=int, default=6, help="timed steps per stage")
+    be.add_argument("--preset", default="full", choices=sorted(PRESETS), help="whose models and batch sizes to time")
     ev = sub.add_parser("evaluate", parents=[common], help="teacher quality per split -> benchmarks/teacher.json")
     ev.add_argument("--weights", default="weights", help="folder holding shapes-teacher/ and shapes-evaluator/")
     ev.add_argument("--n", type=int, default=1000, help="captions per split")
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "evaluate":
         evaluate(args.weights, args.n, args.steps, args.guidance, args.out, device=device)
     elif args.cmd == "bench":
-        bench(args.steps, device=device)
+        bench(args.steps, device=device, preset=args.preset)
     else:
         build(args.out, args.preset, log=lambda s: print(s, flush=True), reuse_from=args.reuse_from, device=device)
 
