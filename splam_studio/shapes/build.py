@@ -201,6 +201,8 @@ def build(out: str | Path, preset: WorldPreset | str = "full", log=print, reuse_
         text_encoder.to(device).eval().requires_grad_(False)
         text_encoder_2.to(device).eval().requires_grad_(False)
         conditions = _xl_conditions(make_pipeline(vae, text_encoder, tokenizer, unet, text_encoder_2), captions, size_ids)
+        record["stages"]["data"]["size_conditioning"]["distinct_time_ids_trained"] = len(
+            torch.unique(conditions[0].time_ids, dim=0))
         log(f"[unet] SDXL conditions of {len(captions)} captions (embeds {tuple(conditions[0].embeds.shape[1:])}, "
             f"pooled {conditions[0].pooled.shape[1]}) in {time.time() - t:.1f}s")
 
