@@ -61,7 +61,7 @@ def test_xl_tiny_build_is_a_stock_sdxl_folder_on_the_sd_builds_vae(world, xl):
     assert all(torch.equal(a, b) for a, b in zip(sd_vae.state_dict().values(), xl.vae.state_dict().values()))
     assert (out / "recipe.json").read_text() == sd_recipe
     saved = json.loads((out / "recipe-xl.json").read_text())
-    assert saved["stages"]["vae"]["reused_from"] == str(out) and saved["preset"]["arch"] == "xl"
+    assert saved["stages"]["vae"]["reused_from"] == str(out) and saved["arch"] == "xl"
     sc = record["stages"]["data"]["size_conditioning"]  # the UNet trained on the data's own varied time ids
     assert 0 < sc["plain_share"] < 1 and sc["cropped_share"] > 0 and sc["distinct_time_ids_trained"] > 3
     assert record["stages"]["unet"]["steps_done"] == 3 and set(record["stages"]["check"]) >= {"train", "heldout"}

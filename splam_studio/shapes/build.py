@@ -120,7 +120,7 @@ def build(out: str | Path, preset: WorldPreset | str = "full", log=print, reuse_
     device = torch.device(device)
     xl, smoke = p.arch == "xl", p.name.endswith("tiny")
     clock = Clock(p.deadline_s)
-    record: dict = {"preset": asdict(p), "torch_threads": torch.get_num_threads(), "device": str(device),
+    record: dict = {"preset": asdict(p), "arch": p.arch, "torch_threads": torch.get_num_threads(), "device": str(device),
                     "stages": {}}
     teacher_dir, eval_dir = out / TEACHER_DIRS[p.arch], out / "shapes-evaluator"
     if xl and reuse_from is None and (out / RECIPE_FILES["sd"]).is_file() and (out / TEACHER_DIRS["sd"] / "vae").is_dir():

@@ -8,6 +8,7 @@ measured.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -163,26 +164,34 @@ class WorldPreset:
     probe_every: int = 1000  # log a quick prompt-accuracy probe (32 captions, 20 steps) during UNet training
     deadline_s: float = 58 * 60  # safety: training stages stop early (and say so) past this wall time
     log_every: int = 100
-    # The pipeline family: "sd" a StableDiffusionPipeline (<out>/shapes-teacher), "xl" a StableDiffusionXLPipeline
-    # (<out>/shapes-xl-teacher, recipe-xl.json) on the SD build's VAE and evaluator when <out> holds them.
-    arch: str = "sd"
-    # SDXL size / crop conditioning of the xl training renders (grammar.draw_sizes): a share drawn at the native
-    # 64 px uncropped (what the default time ids ask for at sampling), a share rendered at a lower resolution and
-    # upscaled (original_size < 64), the rest rendered larger (up to xl_scale_max x) and randomly cropped to 64.
+    # The pipeline family (a class constant, so the fields and a build's recorded preset stay as they were):
+    # "sd" a StableDiffusionPipeline -> <out>/shapes-teacher; XLPreset's "xl" a StableDiffusionXLPipeline.
+    arch: ClassVar[str] = "sd"
+
+
+@dataclass
+class XLPreset(WorldPreset):
+    """Shapes-XL: SDXL's architecture -> <out>/shapes-xl-teacher and recipe-xl.json, on the SD build's VAE and
+    evaluator when <out> (or --reuse-from) holds them, and training renders that vary SDXL's size conditioning."""
+
+    arch: ClassVar[str] = "xl"
+    text_layers: int = 1  # layers of each encoder: the UNet reads the penultimate, here the word embeddings
+    # SDXL size / crop conditioning of the training renders (grammar.draw_size): a share drawn at the native 64 px
+    # uncropped (what the default time ids ask for at sampling), a share rendered at a lower resolution and upscaled
+    # (original_size < 64), the rest rendered larger (up to xl_scale_max x) and randomly cropped to 64.
     xl_plain: float = 0.4
     xl_lowres: float = 0.2
     xl_lowres_min: int = 32
     xl_scale_max: float = 1.5
 
     def __post_init__(self):
-        if self.arch not in ("sd", "xl"):
-            raise ValueError(f"arch must be 'sd' or 'xl', got {self.arch!r}")
-        if self.arch == "xl" and (self.text_layers < 1 or self.train_text_encoder):
+        if self.text_layers < 1 or self.train_text_encoder:
             raise ValueError("the xl teacher needs text_layers >= 1 (it reads the penultimate layer) and frozen encoders")
         if not (0 <= self.xl_plain and 0 <= self.xl_lowres and self.xl_plain + self.xl_lowres <= 1):
             raise ValueError(f"xl_plain + xl_lowres must lie in [0, 1], got {self.xl_plain} + {self.xl_lowres}")
         if not (8 <= self.xl_lowres_min <= 64 and self.xl_scale_max >= 1):
-            raise ValueError("need 8 <= xl_lowres_min <= 64 and xl_scale_max >= 1")
+            raise ValueError(f"need 8 <= xl_lowres_min <= 64 and xl_scale_max >= 1, got {self.xl_lowres_min}, "
+                             f"{self.xl_scale_max}")
 
 
 PRESETS = {
@@ -196,9 +205,9 @@ PRESETS = {
                         probe_every=2),
     # Shapes-XL: the SDXL architecture (two frozen text encoders, text_time conditioning) on the full build's VAE
     # and evaluator (`--reuse-from weights`, or <out> itself when it holds them); UNet steps sized by `world bench
-    # --preset xl` to ~40 min on 2 cores.
-    "xl": WorldPreset("xl", arch="xl", text_layers=1, unet_steps=XL_UNET_STEPS, deadline_s=42 * 60),
-    "xl-tiny": WorldPreset("xl-tiny", arch="xl", text_layers=1, n_train=64, vae_steps=2, vae_batch=8, eval_n=64,
-                           eval_steps=2, eval_batch=8, unet_steps=3, unet_batch=8, warmup=1, check_n=4, check_steps=2,
-                           log_every=1, probe_every=2),
+    # --preset xl` (XL_UNET_STEPS) to ~35 min on 2 cores, under the 42-min deadline.
+    "xl": XLPreset("xl", unet_steps=XL_UNET_STEPS, deadline_s=42 * 60),
+    "xl-tiny": XLPreset("xl-tiny", n_train=64, vae_steps=2, vae_batch=8, eval_n=64,
+                         eval_steps=2, eval_batch=8, unet_steps=3, unet_batch=8, warmup=1, check_n=4, check_steps=2,
+                         log_every=1, probe_every=2),
 }
