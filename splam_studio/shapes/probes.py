@@ -20,7 +20,7 @@ from .grammar import ATTRIBUTE_VALUES, ATTRIBUTES, POSITIONS, render, sample_spe
 from .recipe import PRESETS
 from ..core.metrics import feature_statistics, frechet_distance
 from ..core.sampler import generate
-from ..core.teacher import encode_text
+from ..core.teacher import as_condition, encode_condition
 from ..models.loading import load_teacher
 
 
@@ -70,12 +70,13 @@ def evaluate(weights: str | Path = "weights", n: int = 1000, steps: int = 50, gu
 def text_separation(pipe, n: int = 64, seed: int = 0) -> dict:
     """How far the text encoder's output moves when one attribute's word changes (all else equal).
 
-    Per attribute: mean over n captions and over the other values of |e' - e| / |e|, e the encoder output
-    (last hidden state) summed over the tokens from the changed word on. Near 0: the encoder hands the UNet
-    (almost) the same conditioning whatever the word, so the teacher cannot follow that attribute.
+    Per attribute: mean over n captions and over the other values of |e' - e| / |e|, e the encoder output the UNet
+    reads (SD: the last hidden state; SDXL: both encoders' penultimate states), summed over the tokens from the
+    changed word on. Near 0: the encoder hands the UNet (almost) the same conditioning whatever the word, so the
+    teacher cannot follow that attribute.
     """
-    def enc(captions: list[str]) -> torch.Tensor:
-        return encode_text(pipe, captions).float().cpu()  # (B, L, D)
+    def enc(captions: list[str]) -> torch.Tensor:  # what the UNet cross-attends to (SDXL: both encoders' embeds)
+        return as_condition(encode_condition(pipe, captions)).embeds.float().cpu()  # (B, L, D)
 
     specs = sample_specs(n, seed, "train")
     base = enc([s.caption() for s in specs])

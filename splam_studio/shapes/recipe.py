@@ -122,10 +122,10 @@ def build_xl_models(tokenizer, seed: int, text_layers: int):
 
 
 # ---- presets ---------------------------------------------------------------------------------------
-# Shapes-XL UNet steps: its step takes 0.55x the SD UNet's (measured alternating both at batch 64 on the shared 2
-# cores: no attention on the 8x8 level), so ~0.26 s/step against SD's 0.47: 7000 steps ~30 min, plus ~4 min of
-# rendering, encoding, probes and the final check.
-XL_UNET_STEPS = 7000
+# Shapes-XL UNet steps: its training step costs 0.68-0.70x the SD UNet's in CPU time (both at batch 64 on one
+# thread, alternating, 3 runs; no attention on the 8x8 level), so ~0.33 s/step against SD's measured 0.47: 6000 steps
+# ~33 min, plus ~3 min of rendering, encoding, probes and the final check.
+XL_UNET_STEPS = 6000
 
 
 @dataclass
