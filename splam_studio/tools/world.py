@@ -26,6 +26,13 @@ from ..shapes.recipe import PRESETS
 from ..training.device import pick_device
 
 
+_XL = recipe_build.TEACHER_DIRS["xl"]
+DEFAULT_OUT = {cmd: {recipe_build.TEACHER_DIRS["sd"]: sd, _XL: xl} for cmd, sd, xl in (
+    ("evaluate", "benchmarks/teacher.json", "benchmarks/teacher-xl.json"),
+    ("diagnose", "benchmarks/teacher.json", "benchmarks/teacher-xl.json"),
+    ("grid", "docs/teacher_grid.png", "docs/teacher_xl_grid.png"))}
+
+
 def main(argv: list[str] | None = None) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--threads", type=int, default=2, help="torch CPU threads (the build machine has 2 cores)")
@@ -52,14 +59,16 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--n", type=int, default=1000, help="captions per split")
     ev.add_argument("--steps", type=int, default=50, help="DDIM steps per image")
     ev.add_argument("--guidance", type=float, default=None, help="default: the recipe's guidance scale")
-    ev.add_argument("--out", default="benchmarks/teacher.json", help="where the JSON report goes")
+    ev.add_argument("--out", default=None,
+                    help="where the JSON report goes (default benchmarks/teacher.json; Shapes-XL: teacher-xl.json there)")
     dg = sub.add_parser("diagnose", parents=[common, teacher],
                         help="text-encoder separation per attribute -> printed, and into teacher.json")
     dg.add_argument("--weights", default="weights", help="folder holding shapes-teacher/")
-    dg.add_argument("--out", default="benchmarks/teacher.json", help="updated in place if it exists")
+    dg.add_argument("--out", default=None, help="updated in place if it exists (default: as evaluate's)")
     gr = sub.add_parser("grid", parents=[common, teacher], help="a captioned grid of teacher samples (train and held-out captions)")
     gr.add_argument("--weights", default="weights", help="folder holding shapes-teacher/")
-    gr.add_argument("--out", default="docs/teacher_grid.png", help="where the PNG goes")
+    gr.add_argument("--out", default=None, help="where the PNG goes (default docs/teacher_grid.png; Shapes-XL: "
+                                               "docs/teacher_xl_grid.png)")
     pr = sub.add_parser("prompts", help="a prompts file of training-split captions, for train_cli.py --prompts")
     pr.add_argument("--n", type=int, default=2048, help="captions (scenes drawn from the training split)")
     pr.add_argument("--seed", type=int, default=12345, help="scene seed (the bench's captions are held-out ones)")
@@ -78,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    if args.cmd in DEFAULT_OUT and args.out is None:  # each teacher its own report, so one never overwrites the other
+        args.out = DEFAULT_OUT[args.cmd][args.teacher]
     if args.cmd == "diagnose":
         sep = text_separation(load_teacher(str(Path(args.weights) / args.teacher)).to(device))
         print(json.dumps(sep, indent=2))
