@@ -2,6 +2,7 @@
 
     python -m splam_studio.tools.world build --out weights --preset full   # 48 min on 2 CPU cores
     python -m splam_studio.tools.world build --out /tmp/w --preset tiny     # seconds, for tests
+    python -m splam_studio.tools.world build --out weights --preset xl      # Shapes-XL, on weights' VAE and evaluator
     python -m splam_studio.tools.world bench                                # it/s of each stage
 
 Recipe (all seeds fixed; the presets are in `recipe`, the stages in `stages`):
@@ -14,6 +15,12 @@ Recipe (all seeds fixed; the presets are in `recipe`, the stages in `stages`):
      classifier-free guidance), AdamW and an EMA;
   6. save a StableDiffusionPipeline -> <out>/shapes-teacher, and measure prompt accuracy of 50-step
      DDIM at guidance 7.5 on train and held-out captions; write recipe.json beside the weights.
+
+Shapes-XL (`--preset xl`, arch "xl") runs the same stages with SDXL's architecture: two frozen text encoders of
+different widths (the second with a pooled projection) on the same tokenizer, a text_time UNet, and training renders
+at varied original size and crop whose SDXL time ids go with each sample (step 1); stages 2-4 are reused from the SD
+build in <out> (or --reuse-from) when there is one. It saves a StableDiffusionXLPipeline -> <out>/shapes-xl-teacher
+and writes recipe-xl.json.
 """
 
 from __future__ import annotations
@@ -27,13 +34,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .grammar import ShapesDataset, sample_specs
-from .recipe import PRESETS, WorldPreset, build_models
+from .grammar import RESOLUTION, ShapesDataset, sample_specs
+from .recipe import PRESETS, WorldPreset, build_models, build_xl_models
 from .stages import (Clock, encode_latents, fit_scaling_factor, to_pm1, train_evaluator, train_unet, train_vae,
                      vae_report)
 from .tokenizer import build_tokenizer
 from ..core.schedule import SD15_SCHEDULER_CONFIG
-from ..core.teacher import tokenize
+from ..core.teacher import TextCondition, empty_condition, encode_condition, tokenize
+
+TEACHER_DIRS = {"sd": "shapes-teacher", "xl": "shapes-xl-teacher"}  # <out>/<folder> of each arch's pipeline
+RECIPE_FILES = {"sd": "recipe.json", "xl": "recipe-xl.json"}  # the build record beside it
 
 
 def _reuse_stages(src: Path, eval_dir: Path, log, device: torch.device) -> tuple:
@@ -52,10 +62,17 @@ def _reuse_stages(src: Path, eval_dir: Path, log, device: torch.device) -> tuple
     return vae, float(vae.config.scaling_factor), stages
 
 
-def make_pipeline(vae, text_encoder, tokenizer, unet):
-    """A StableDiffusionPipeline of the four models with SD1.5's DDIM scheduler and no safety checker."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def make_pipeline(vae, text_encoder, tokenizer, unet, text_encoder_2=None):
+    """A StableDiffusionPipeline of the four models with SD1.5's DDIM scheduler and no safety checker; with
+    text_encoder_2 a StableDiffusionXLPipeline (both tokenizers the Shapes tokenizer, an empty prompt's embeddings
+    zeroed as SDXL base's `force_zeros_for_empty_prompt`, no watermark)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                         scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG),
+                                         force_zeros_for_empty_prompt=True, add_watermarker=False)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -74,12 +91,26 @@ def check_prompt_accuracy(pipe, evaluator, p: WorldPreset, split: str, seed: int
     return evaluator.prompt_accuracy(images, captions)
 
 
+def _xl_conditions(pipe, captions: list[str], size_ids: torch.Tensor, batch: int = 1024) -> tuple:
+    """(every caption's SDXL condition with its own time ids, the empty prompt's) by the teacher driver, as the
+    studio and a stock StableDiffusionXLPipeline build them; on the encoders' device."""
+    parts = []
+    with torch.no_grad():
+        for i in range(0, len(captions), batch):
+            parts.append(encode_condition(pipe, captions[i:i + batch], size=size_ids[i:i + batch]))
+        empty = empty_condition(pipe)  # zeros under force_zeros_for_empty_prompt; time ids replaced per sample
+    cat = TextCondition(*(torch.cat([getattr(c, k) for c in parts]) for k in ("embeds", "pooled", "time_ids")))
+    return cat, empty
+
+
 def build(out: str | Path, preset: WorldPreset | str = "full", log=print, reuse_from: str | Path | None = None,
           device: torch.device | str = "cpu") -> dict:
-    """Run the whole recipe; writes <out>/shapes-teacher, <out>/shapes-evaluator and recipe.json.
+    """Run the whole recipe; writes <out>/shapes-teacher, <out>/shapes-evaluator and recipe.json (arch "xl":
+    <out>/shapes-xl-teacher and recipe-xl.json).
 
     reuse_from: a finished build's folder; its VAE (with scaling factor) and evaluator are loaded instead of
-    retrained (stages 2-4), and their records are copied into recipe.json marked `reused_from`.
+    retrained (stages 2-4), and their records are copied into the record marked `reused_from`. An xl build reuses
+    <out>'s own SD build by default when it has one.
     device: where every stage trains (the CLI picks it with `training.device.pick_device`).
     """
     from .evaluator import Evaluator
@@ -87,23 +118,40 @@ def build(out: str | Path, preset: WorldPreset | str = "full", log=print, reuse_
     p = PRESETS[preset] if isinstance(preset, str) else preset
     out = Path(out)
     device = torch.device(device)
+    xl, smoke = p.arch == "xl", p.name.endswith("tiny")
     clock = Clock(p.deadline_s)
-    record: dict = {"preset": asdict(p), "torch_threads": torch.get_num_threads(), "device": str(device),
+    record: dict = {"preset": asdict(p), "arch": p.arch, "torch_threads": torch.get_num_threads(), "device": str(device),
                     "stages": {}}
-    teacher_dir, eval_dir = out / "shapes-teacher", out / "shapes-evaluator"
+    teacher_dir, eval_dir = out / TEACHER_DIRS[p.arch], out / "shapes-evaluator"
+    if xl and reuse_from is None and (out / RECIPE_FILES["sd"]).is_file() and (out / TEACHER_DIRS["sd"] / "vae").is_dir():
+        reuse_from = out
 
-    # 1. data and tokenizer
+    # 1. data and tokenizer (xl: each image at a drawn original size and crop, with its SDXL time ids)
     t = time.time()
     tokenizer = build_tokenizer(out / "_tokenizer_build")
     train_ds = ShapesDataset(p.n_train, seed=p.seed, split="train")
-    images_u8 = train_ds.render_all()  # (N, 3, 64, 64) uint8
-    ids = tokenize(tokenizer, [s.caption() for s in train_ds.specs])
+    if xl:
+        images_u8, size_ids = train_ds.render_all_sized(p.xl_plain, p.xl_lowres, p.xl_lowres_min, p.xl_scale_max)
+    else:
+        images_u8, size_ids = train_ds.render_all(), None  # (N, 3, 64, 64) uint8
+    captions = [s.caption() for s in train_ds.specs]
+    ids = tokenize(tokenizer, captions)
     empty_ids = tokenize(tokenizer, [""])[0]
     record["stages"]["data"] = {"n_train": len(train_ds), "wall_s": time.time() - t}
-    log(f"[data] {len(train_ds)} pairs rendered and tokenized in {time.time() - t:.1f}s")
-    vae, text_encoder, unet = build_models(tokenizer, p.seed, p.text_layers)
-    record["params"] = {n: sum(q.numel() for q in m.parameters())
-                        for n, m in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet))}
+    if xl:
+        plain = ((size_ids[:, :2] == RESOLUTION).all(1) & (size_ids[:, 2:4] == 0).all(1)).float().mean().item()
+        record["stages"]["data"]["size_conditioning"] = {
+            "plain_share": plain, "original_size_range": [size_ids[:, 0].min().item(), size_ids[:, 0].max().item()],
+            "cropped_share": (size_ids[:, 2:4] > 0).any(1).float().mean().item()}
+    log(f"[data] {len(train_ds)} pairs rendered and tokenized in {time.time() - t:.1f}s {record['stages']['data']}")
+    if xl:
+        vae, text_encoder, text_encoder_2, unet = build_xl_models(tokenizer, p.seed, p.text_layers)
+        models = (("vae", vae), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2), ("unet", unet))
+    else:
+        vae, text_encoder, unet = build_models(tokenizer, p.seed, p.text_layers)
+        text_encoder_2 = None
+        models = (("vae", vae), ("text_encoder", text_encoder), ("unet", unet))
+    record["params"] = {n: sum(q.numel() for q in m.parameters()) for n, m in models}
     log(f"[models] params {record['params']}")
 
     if reuse_from is not None:
@@ -116,7 +164,7 @@ def build(out: str | Path, preset: WorldPreset | str = "full", log=print, reuse_
         # 2. VAE
         record["stages"]["vae"] = train_vae(vae, images_u8, p, clock, reserve_s=0.75 * p.deadline_s, log=log,
                                             device=device)
-        heldout_u8 = ShapesDataset(256 if p.name != "tiny" else 8, seed=p.seed + 7, split="heldout").render_all()
+        heldout_u8 = ShapesDataset(256 if not smoke else 8, seed=p.seed + 7, split="heldout").render_all()
         record["stages"]["vae"]["heldout_recon"] = vae_report(vae, heldout_u8)
         log(f"[vae] done: {record['stages']['vae']}")
 
@@ -132,7 +180,7 @@ def build(out: str | Path, preset: WorldPreset | str = "full", log=print, reuse_
         evaluator, rec = train_evaluator(p, clock, reserve_s=0.62 * p.deadline_s, log=log, device=device)
         evaluator.save_pretrained(eval_dir)
         evaluator = Evaluator.from_pretrained(eval_dir, device=device)
-        test_ds = ShapesDataset(512 if p.name != "tiny" else 8, seed=p.seed + 8, split="all")
+        test_ds = ShapesDataset(512 if not smoke else 8, seed=p.seed + 8, split="all")
         test_u8 = test_ds.render_all()
         caps = [s.caption() for s in test_ds.specs]
         rec["real_accuracy"] = evaluator.prompt_accuracy(to_pm1(test_u8, device), caps)
@@ -142,59 +190,84 @@ def build(out: str | Path, preset: WorldPreset | str = "full", log=print, reuse_
         record["stages"]["evaluator"] = rec
         log(f"[evaluator] done: {rec}")
 
-    # 5. UNet + text encoder on cached latents
+    # 5. UNet (+ text encoder) on cached latents; xl: on the conditions of both frozen encoders and the time ids
     g = torch.Generator().manual_seed(p.seed + 5)
     latents = (mean + std * torch.randn(mean.shape, generator=g)) * sf  # one posterior sample per image
     del images_u8
     probe_p = replace(p, check_n=min(p.check_n, 32), check_steps=min(p.check_steps, 20))
+    conditions = None
+    if xl:
+        t = time.time()
+        text_encoder.to(device).eval().requires_grad_(False)
+        text_encoder_2.to(device).eval().requires_grad_(False)
+        conditions = _xl_conditions(make_pipeline(vae, text_encoder, tokenizer, unet, text_encoder_2), captions, size_ids)
+        record["stages"]["data"]["size_conditioning"]["distinct_time_ids_trained"] = len(
+            torch.unique(conditions[0].time_ids, dim=0))
+        log(f"[unet] SDXL conditions of {len(captions)} captions (embeds {tuple(conditions[0].embeds.shape[1:])}, "
+            f"pooled {conditions[0].pooled.shape[1]}) in {time.time() - t:.1f}s")
 
     def probe(ema_unet, ema_text) -> dict:
-        pipe = make_pipeline(vae, ema_text, tokenizer, ema_unet)
+        pipe = make_pipeline(vae, ema_text if ema_text is not None else text_encoder, tokenizer, ema_unet, text_encoder_2)
         pipe.set_progress_bar_config(disable=True)
         res = check_prompt_accuracy(pipe, evaluator, probe_p, "heldout", seed=p.seed + 11)
-        ema_unet.eval(), ema_text.eval()
+        ema_unet.eval()
         return {"heldout_accuracy": res["accuracy"], "position": res["per_attribute"]["position"], "n": res["n"]}
 
-    ema_unet, ema_text, rec = train_unet(unet, text_encoder, latents, ids, empty_ids, p, clock,
-                                         reserve_s=90 if p.name != "tiny" else 0, log=log, device=device,
-                                         probe=probe)
+    ema_unet, ema_text, rec = train_unet(unet, None if xl else text_encoder, latents, ids, empty_ids, p, clock,
+                                         reserve_s=90 if not smoke else 0, log=log, device=device,
+                                         probe=probe, conditions=conditions)
+    ema_text = ema_text if ema_text is not None else text_encoder
     record["stages"]["unet"] = rec
     log(f"[unet] done: {rec}")
 
     # 6. save, reload offline, check
     t = time.time()
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    make_pipeline(vae, ema_text, tokenizer, ema_unet).save_pretrained(str(teacher_dir), safe_serialization=True)
-    for name in ("vocab.json", "merges.txt"):  # the plain BPE files too, beside tokenizer.json
-        shutil.copy(out / "_tokenizer_build" / name, teacher_dir / "tokenizer" / name)
-    pipe = StableDiffusionPipeline.from_pretrained(str(teacher_dir), use_safetensors=True).to(device)
+    make_pipeline(vae, ema_text, tokenizer, ema_unet, text_encoder_2).save_pretrained(str(teacher_dir),
+                                                                                       safe_serialization=True)
+    for sub in ("tokenizer", "tokenizer_2") if xl else ("tokenizer",):
+        for name in ("vocab.json", "merges.txt"):  # the plain BPE files too, beside tokenizer.json
+            shutil.copy(out / "_tokenizer_build" / name, teacher_dir / sub / name)
+    cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    pipe = cls.from_pretrained(str(teacher_dir), use_safetensors=True, local_files_only=True).to(device)
     pipe.set_progress_bar_config(disable=True)
     record["stages"]["check"] = {
         split: check_prompt_accuracy(pipe, evaluator, p, split, seed=p.seed + 9) for split in ("train", "heldout")}
     record["stages"]["check"]["wall_s"] = time.time() - t
     log(f"[check] {record['stages']['check']}")
     record["total_wall_s"] = clock.elapsed()
-    (out / "recipe.json").write_text(json.dumps(record, indent=2))
-    log(f"[done] total {clock.elapsed() / 60:.1f} min -> {teacher_dir}, {eval_dir}, {out / 'recipe.json'}")
+    (out / RECIPE_FILES[p.arch]).write_text(json.dumps(record, indent=2))
+    log(f"[done] total {clock.elapsed() / 60:.1f} min -> {teacher_dir}, {eval_dir}, {out / RECIPE_FILES[p.arch]}")
     shutil.rmtree(out / "_tokenizer_build", ignore_errors=True)
     return record
 
 
-def bench(steps: int = 6, log=print, device: torch.device | str = "cpu") -> dict:
-    """Seconds per training step of each stage at the full preset's batch sizes (for sizing the build)."""
+def bench(steps: int = 6, log=print, device: torch.device | str = "cpu", preset: str = "full") -> dict:
+    """Seconds per training step of each stage at a preset's batch sizes (for sizing the build); an xl preset's
+    UNet step on its SDXL conditions (both frozen encoders precomputed, as the build trains)."""
     import tempfile
 
     from .evaluator import Evaluator, evaluator_loss
 
     device = torch.device(device)
-    p = PRESETS["full"]
+    p = PRESETS[preset]
     with tempfile.TemporaryDirectory() as d:
         tok = build_tokenizer(d)
-    vae, text_encoder, unet = (m.to(device) for m in build_models(tok, p.seed, p.text_layers))
     ds = ShapesDataset(max(p.vae_batch, p.unet_batch, p.eval_batch), seed=0)
     x_u8, labels = ds.render_all(), ds.label_tensor()
     ids = tokenize(tok, [s.caption() for s in ds.specs])
+    if p.arch == "xl":
+        vae, text_encoder, text_encoder_2, unet = (m.to(device) for m in build_xl_models(tok, p.seed, p.text_layers))
+        _, size_ids = ds.render_all_sized(p.xl_plain, p.xl_lowres, p.xl_lowres_min, p.xl_scale_max)
+        cond, _ = _xl_conditions(make_pipeline(vae, text_encoder, tok, unet, text_encoder_2),
+                                 [s.caption() for s in ds.specs], size_ids)
+        unet_kwargs = cond.map(lambda x: x[: p.unet_batch]).unet_kwargs(torch.float32)
+        unet_params = list(unet.parameters())
+    else:
+        vae, text_encoder, unet = (m.to(device) for m in build_models(tok, p.seed, p.text_layers))
+        unet_kwargs = None
+        unet_params = list(unet.parameters()) + list(text_encoder.parameters())
     res = {}
 
     def timeit(name, fn):
@@ -224,13 +297,13 @@ def bench(steps: int = 6, log=print, device: torch.device | str = "cpu") -> dict
         loss.backward()
         opt_e.step()
 
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt_u = torch.optim.AdamW(params)
+    opt_u = torch.optim.AdamW(unet_params)
 
     def unet_step():
         z = torch.randn(p.unet_batch, 4, 8, 8, device=device)
         t = torch.randint(0, 1000, (p.unet_batch,), device=device)
-        loss = F.mse_loss(unet(z, t, text_encoder(ids[: p.unet_batch].to(device))[0]).sample, z)
+        kw = unet_kwargs or {"encoder_hidden_states": text_encoder(ids[: p.unet_batch].to(device))[0]}
+        loss = F.mse_loss(unet(z, t, **kw).sample, z)
         opt_u.zero_grad()
         loss.backward()
         opt_u.step()

@@ -198,6 +198,35 @@ def render(spec: ShapeSpec, rng: int | np.random.Generator = 0, resolution: int 
     return img.resize((resolution, resolution), Image.LANCZOS)
 
 
+# ---- SDXL's size / crop conditioning: renders at another resolution, recorded as time ids ----------------------
+def draw_size(rng: np.random.Generator, plain: float, lowres: float, lowres_min: int,
+              scale_max: float) -> tuple[int, int, int]:
+    """(original size, crop top, crop left) of one training image at the native RESOLUTION.
+
+    With probability `plain` the native size uncropped; with `lowres` a size in [lowres_min, RESOLUTION) (rendered
+    there, then upscaled: original_size records the low resolution, as SDXL keeps it for small photos); otherwise a
+    size in (RESOLUTION, scale_max x RESOLUTION] and a uniform RESOLUTION-px crop of it (crops_coords_top_left).
+    """
+    u = rng.random()
+    if u < plain or (u >= plain + lowres and scale_max * RESOLUTION < RESOLUTION + 1):
+        return RESOLUTION, 0, 0
+    if u < plain + lowres:
+        return int(rng.integers(lowres_min, RESOLUTION)), 0, 0
+    size = int(rng.integers(RESOLUTION + 1, int(scale_max * RESOLUTION) + 1))
+    top, left = (int(v) for v in rng.integers(0, size - RESOLUTION + 1, 2))
+    return size, top, left
+
+
+def render_sized(spec: ShapeSpec, rng: int | np.random.Generator, size: int, top: int, left: int) -> Image.Image:
+    """The scene rendered at size x size, then cropped at (top, left) to RESOLUTION px, or upscaled when smaller."""
+    img = render(spec, rng, size)
+    if size < RESOLUTION:
+        if top or left:
+            raise ValueError(f"an image of {size} px < {RESOLUTION} has no crop, got ({top}, {left})")
+        return img.resize((RESOLUTION, RESOLUTION), Image.LANCZOS)
+    return img.crop((left, top, left + RESOLUTION, top + RESOLUTION))
+
+
 def to_tensor(images: list[Image.Image] | Image.Image) -> torch.Tensor:
     """PIL image(s) -> float32 tensor in [-1, 1], (B, 3, H, W) (or (3, H, W) for one image)."""
     if isinstance(images, Image.Image):
@@ -228,6 +257,26 @@ class ShapesDataset(torch.utils.data.Dataset):
             img = render(spec, np.random.default_rng([self.seed, i]), self.resolution)
             out[i] = torch.from_numpy(np.array(img)).permute(2, 0, 1)
         return out
+
+    def render_all_sized(self, plain: float, lowres: float, lowres_min: int,
+                         scale_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image at the native resolution after `draw_size`'s rescale and crop, uint8 (n, 3, 64, 64), and its
+        SDXL time ids (n, 6) float32 (original h, w, crop top, left, target h, w). The scene jitters come from the
+        same rng as `render_all`, the size from its own, so a plain draw is `render_all`'s image."""
+        from ..core.teacher import time_ids
+
+        if self.resolution != RESOLUTION:
+            raise ValueError(f"sized renders are at the native {RESOLUTION} px, the dataset is at {self.resolution}")
+        out = torch.empty(len(self), 3, RESOLUTION, RESOLUTION, dtype=torch.uint8)
+        sizes = []
+        for i, spec in enumerate(self.specs):
+            size, top, left = draw_size(np.random.default_rng([self.seed, i, 1]), plain, lowres, lowres_min, scale_max)
+            img = render_sized(spec, np.random.default_rng([self.seed, i]), size, top, left)
+            out[i] = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+            sizes.append((size, top, left))
+        sz = torch.tensor(sizes, dtype=torch.float32)  # (n, 3)
+        ids = time_ids(sz[:, [0, 0]], sz[:, 1:3], (RESOLUTION, RESOLUTION))
+        return out, ids
 
     def label_tensor(self) -> torch.Tensor:
         """(n, len(ATTRIBUTES)) int64 labels in ATTRIBUTES order."""

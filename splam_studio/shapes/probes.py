@@ -20,16 +20,19 @@ from .grammar import ATTRIBUTE_VALUES, ATTRIBUTES, POSITIONS, render, sample_spe
 from .recipe import PRESETS
 from ..core.metrics import feature_statistics, frechet_distance
 from ..core.sampler import generate
-from ..core.teacher import encode_text
+from ..core.teacher import as_condition, encode_condition
 from ..models.loading import load_teacher
 
 
 def evaluate(weights: str | Path = "weights", n: int = 1000, steps: int = 50, guidance: float | None = None,
              out: str | Path = "benchmarks/teacher.json", seed: int = 4321, log=print,
-             device: torch.device | str = "cpu") -> dict:
-    """Teacher quality per split: prompt accuracy and Shapes-FID of `steps`-step DDIM, next to the real-vs-real floor."""
+             device: torch.device | str = "cpu", teacher: str = "shapes-teacher") -> dict:
+    """Teacher quality per split: prompt accuracy and Shapes-FID of `steps`-step DDIM, next to the real-vs-real floor.
+
+    teacher: the pipeline folder under `weights` (shapes-xl-teacher for Shapes-XL, at its default size conditioning).
+    """
     weights = Path(weights)
-    pipe = load_teacher(str(weights / "shapes-teacher")).to(device)
+    pipe = load_teacher(str(weights / teacher)).to(device)
     ev = Evaluator.from_pretrained(weights / "shapes-evaluator", device=device)
     guidance = PRESETS["full"].guidance_scale if guidance is None else guidance
     res = {}
@@ -52,12 +55,12 @@ def evaluate(weights: str | Path = "weights", n: int = 1000, steps: int = 50, gu
     log(f"position probe: {probe}")
     probe["text_separation"] = text_separation(pipe)
     log(f"text separation: {probe['text_separation']}")
-    doc = {"description": f"`python -m splam_studio.tools.world evaluate`: the embedded teacher, {steps}-step DDIM at guidance {guidance}, "
+    doc = {"description": f"`python -m splam_studio.tools.world evaluate`: the embedded teacher ({teacher}), {steps}-step DDIM at guidance {guidance}, "
                           f"{n} captions per split (held-out = (shape, colour) pairs never seen in training), fixed seeds. "
                           "FID on the evaluator's features against real renders of the same captions; the floor is "
                           "real against an independent real draw. Real images score "
                           + ", ".join(f"{k} {v['real_prompt_acc']:.3f}" for k, v in res.items()) + " prompt accuracy.",
-           "steps": steps, "guidance": guidance, "splits": res, "position_probe": probe}
+           "teacher": teacher, "steps": steps, "guidance": guidance, "splits": res, "position_probe": probe}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(doc, indent=2))
     return doc
@@ -67,12 +70,13 @@ def evaluate(weights: str | Path = "weights", n: int = 1000, steps: int = 50, gu
 def text_separation(pipe, n: int = 64, seed: int = 0) -> dict:
     """How far the text encoder's output moves when one attribute's word changes (all else equal).
 
-    Per attribute: mean over n captions and over the other values of |e' - e| / |e|, e the encoder output
-    (last hidden state) summed over the tokens from the changed word on. Near 0: the encoder hands the UNet
-    (almost) the same conditioning whatever the word, so the teacher cannot follow that attribute.
+    Per attribute: mean over n captions and over the other values of |e' - e| / |e|, e the encoder output the UNet
+    reads (SD: the last hidden state; SDXL: both encoders' penultimate states), summed over the tokens from the
+    changed word on. Near 0: the encoder hands the UNet (almost) the same conditioning whatever the word, so the
+    teacher cannot follow that attribute.
     """
-    def enc(captions: list[str]) -> torch.Tensor:
-        return encode_text(pipe, captions).float().cpu()  # (B, L, D)
+    def enc(captions: list[str]) -> torch.Tensor:  # what the UNet cross-attends to (SDXL: both encoders' embeds)
+        return as_condition(encode_condition(pipe, captions)).embeds.float().cpu()  # (B, L, D)
 
     specs = sample_specs(n, seed, "train")
     base = enc([s.caption() for s in specs])
@@ -111,11 +115,12 @@ def position_probe(pipe, ev, n: int, steps: int, guidance: float, seed: int) -> 
 
 
 def sample_grid(weights: str | Path = "weights", out: str | Path = "docs/teacher_grid.png", n: int = 8, steps: int = 50,
-                guidance: float | None = None, seed: int = 7, device: torch.device | str = "cpu") -> Path:
+                guidance: float | None = None, seed: int = 7, device: torch.device | str = "cpu",
+                teacher: str = "shapes-teacher") -> Path:
     """A captioned grid of teacher samples: train captions on the top row, held-out captions below."""
     from PIL import Image, ImageDraw
 
-    pipe = load_teacher(str(Path(weights) / "shapes-teacher")).to(device)
+    pipe = load_teacher(str(Path(weights) / teacher)).to(device)
     guidance = PRESETS["full"].guidance_scale if guidance is None else guidance
     rows = [[s.caption() for s in sample_specs(n, seed + i, split)] for i, split in enumerate(("train", "heldout"))]
     cell, pad, text_h = 128, 6, 44

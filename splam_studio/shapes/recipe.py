@@ -8,6 +8,7 @@ measured.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -62,7 +63,71 @@ def build_models(tokenizer, seed: int, text_layers: int):
     return vae, text_encoder, unet
 
 
+# ---- the Shapes-XL teacher: SDXL's architecture at Shapes width ---------------------------------------
+XL_TEXT_WIDTHS = (64, 128)  # text_encoder (CLIP ViT-L's role, 768 in SDXL), text_encoder_2 (OpenCLIP bigG's, 1280)
+XL_POOLED = 64  # text_encoder_2's projection_dim: the pooled embedding's width (1280 in SDXL)
+XL_TIME_EMBED = 16  # addition_time_embed_dim, per time id (256 in SDXL)
+
+
+def xl_text_encoder_configs(tokenizer, layers: int) -> tuple:
+    """(CLIPTextConfig of text_encoder, of text_encoder_2): widths XL_TEXT_WIDTHS, `layers` layers each.
+
+    StableDiffusionXLPipeline feeds the UNet the penultimate hidden states, so with layers = 1 each token's vector is
+    its own word's embedding (+ position), as the SD teacher's 0-layer encoder gives; the pooled embedding is the one
+    layer's output at the end token, projected, so it sees the whole caption.
+    """
+    from transformers import CLIPTextConfig
+
+    def cfg(width: int, projection_dim: int):
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                              num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=MAX_LENGTH,
+                              projection_dim=projection_dim, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+    return cfg(XL_TEXT_WIDTHS[0], XL_TEXT_WIDTHS[0]), cfg(XL_TEXT_WIDTHS[1], XL_POOLED)
+
+
+def xl_unet_config() -> dict:
+    """SDXL's UNet2DConditionModel layout on 8x8 latents (8 -> 4 -> 2): a plain first level (DownBlock2D), then two
+    cross-attention levels of transformer depth 1 and 2 (SDXL: 2 and 10), linear projections, added text_time
+    conditioning (6 time ids x XL_TIME_EMBED + the pooled embedding); cross-attention over both encoders' widths."""
+    return dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                block_out_channels=(64, 96, 128),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 8), use_linear_projection=True,
+                cross_attention_dim=sum(XL_TEXT_WIDTHS), addition_embed_type="text_time",
+                addition_time_embed_dim=XL_TIME_EMBED, projection_class_embeddings_input_dim=6 * XL_TIME_EMBED + XL_POOLED,
+                norm_num_groups=32)
+
+
+def build_xl_models(tokenizer, seed: int, text_layers: int):
+    """The VAE, both text encoders and the SDXL-layout UNet at their seeded init, on the CPU.
+
+    The encoders' word embeddings are drawn at unit variance (CLIP's init is 0.02): the UNet's cross-attention reads
+    them raw (no final layer norm on the penultimate layer), and vectors of norm 0.3 would leave its attention flat.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**vae_config())
+    c1, c2 = xl_text_encoder_configs(tokenizer, text_layers)
+    text_encoder, text_encoder_2 = CLIPTextModel(c1), CLIPTextModelWithProjection(c2)
+    with torch.no_grad():
+        for enc in (text_encoder, text_encoder_2):
+            enc.get_input_embeddings().weight.normal_(0.0, 1.0)
+    unet = UNet2DConditionModel(**xl_unet_config())
+    return vae, text_encoder, text_encoder_2, unet
+
+
 # ---- presets ---------------------------------------------------------------------------------------
+# Shapes-XL UNet steps: its training step costs 0.68-0.70x the SD UNet's in CPU time (both at batch 64 on one
+# thread, alternating, 3 runs; no attention on the 8x8 level), so ~0.33 s/step against SD's measured 0.47: 6000 steps
+# ~33 min, plus ~3 min of rendering, encoding, probes and the final check.
+XL_UNET_STEPS = 6000
+
+
 @dataclass
 class WorldPreset:
     name: str
@@ -99,6 +164,34 @@ class WorldPreset:
     probe_every: int = 1000  # log a quick prompt-accuracy probe (32 captions, 20 steps) during UNet training
     deadline_s: float = 58 * 60  # safety: training stages stop early (and say so) past this wall time
     log_every: int = 100
+    # The pipeline family (a class constant, so the fields and a build's recorded preset stay as they were):
+    # "sd" a StableDiffusionPipeline -> <out>/shapes-teacher; XLPreset's "xl" a StableDiffusionXLPipeline.
+    arch: ClassVar[str] = "sd"
+
+
+@dataclass
+class XLPreset(WorldPreset):
+    """Shapes-XL: SDXL's architecture -> <out>/shapes-xl-teacher and recipe-xl.json, on the SD build's VAE and
+    evaluator when <out> (or --reuse-from) holds them, and training renders that vary SDXL's size conditioning."""
+
+    arch: ClassVar[str] = "xl"
+    text_layers: int = 1  # layers of each encoder: the UNet reads the penultimate, here the word embeddings
+    # SDXL size / crop conditioning of the training renders (grammar.draw_size): a share drawn at the native 64 px
+    # uncropped (what the default time ids ask for at sampling), a share rendered at a lower resolution and upscaled
+    # (original_size < 64), the rest rendered larger (up to xl_scale_max x) and randomly cropped to 64.
+    xl_plain: float = 0.4
+    xl_lowres: float = 0.2
+    xl_lowres_min: int = 32
+    xl_scale_max: float = 1.5
+
+    def __post_init__(self):
+        if self.text_layers < 1 or self.train_text_encoder:
+            raise ValueError("the xl teacher needs text_layers >= 1 (it reads the penultimate layer) and frozen encoders")
+        if not (0 <= self.xl_plain and 0 <= self.xl_lowres and self.xl_plain + self.xl_lowres <= 1):
+            raise ValueError(f"xl_plain + xl_lowres must lie in [0, 1], got {self.xl_plain} + {self.xl_lowres}")
+        if not (8 <= self.xl_lowres_min <= 64 and self.xl_scale_max >= 1):
+            raise ValueError(f"need 8 <= xl_lowres_min <= 64 and xl_scale_max >= 1, got {self.xl_lowres_min}, "
+                             f"{self.xl_scale_max}")
 
 
 PRESETS = {
@@ -110,4 +203,11 @@ PRESETS = {
     "tiny": WorldPreset("tiny", n_train=64, vae_steps=2, vae_batch=8, eval_n=64, eval_steps=2, eval_batch=8,
                         unet_steps=3, unet_batch=8, warmup=1, check_n=4, check_steps=2, log_every=1,
                         probe_every=2),
+    # Shapes-XL: the SDXL architecture (two frozen text encoders, text_time conditioning) on the full build's VAE
+    # and evaluator (`--reuse-from weights`, or <out> itself when it holds them); UNet steps sized by `world bench
+    # --preset xl` (XL_UNET_STEPS) to ~35 min on 2 cores, under the 42-min deadline.
+    "xl": XLPreset("xl", unet_steps=XL_UNET_STEPS, deadline_s=42 * 60),
+    "xl-tiny": XLPreset("xl-tiny", n_train=64, vae_steps=2, vae_batch=8, eval_n=64,
+                         eval_steps=2, eval_batch=8, unet_steps=3, unet_batch=8, warmup=1, check_n=4, check_steps=2,
+                         log_every=1, probe_every=2),
 }

@@ -17,6 +17,7 @@ from .grammar import ShapesDataset
 from .recipe import WorldPreset
 from ..core.schedule import SD15_SCHEDULER_CONFIG
 from ..core.student import ema_update
+from ..core.teacher import Condition, TextCondition, as_condition
 
 DTYPE = torch.float32  # trainable weights in fp32; the models are tiny
 
@@ -166,12 +167,28 @@ def train_evaluator(p: WorldPreset, clock: Clock, reserve_s: float, log, device:
     return model, {"steps_done": step + 1, "final_loss": loss.item() if step >= 0 else None, "wall_s": time.time() - t0}
 
 
+def pick_condition(cache: Condition, empty: Condition, idx: torch.Tensor, drop: torch.Tensor) -> Condition:
+    """The batch's conditions from a per-sample cache: rows idx, with the empty prompt's where drop (caption dropout).
+
+    SD: tensors (N, L, D) and (1, L, D). SDXL: TextConditions; a dropped sample takes the empty prompt's embeddings and
+    pooled embedding but keeps its own time ids, as StableDiffusionXLPipeline's unconditional branch does.
+    """
+    idx, drop = idx.to(cache.device), drop.to(cache.device)
+    if not isinstance(cache, TextCondition):
+        return torch.where(drop[:, None, None], empty, cache[idx])
+    return TextCondition(torch.where(drop[:, None, None], empty.embeds, cache.embeds[idx]),
+                         torch.where(drop[:, None], empty.pooled, cache.pooled[idx]), cache.time_ids[idx])
+
+
 def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor,
-               p: WorldPreset, clock: Clock, reserve_s: float, log, device: torch.device, probe=None) -> tuple:
+               p: WorldPreset, clock: Clock, reserve_s: float, log, device: torch.device, probe=None,
+               conditions: tuple[TextCondition, TextCondition] | None = None) -> tuple:
     """Epsilon loss on cached latents; the text encoder trained jointly or kept frozen; EMA of both returned.
 
     With a frozen text encoder its outputs are computed once for every caption (and for "") and looked up,
     which gives the same batches as encoding each one and spares the encoder's forward pass at every step.
+    conditions: (every sample's condition, the empty prompt's), precomputed by the caller (the SDXL teacher's two
+    frozen encoders, pooled embeddings and per-sample size / crop time ids); then text_encoder is None.
     probe(ema_unet, ema_text) -> dict, if given, runs every `probe_every` steps; its results are logged and kept.
     """
     from diffusers import DDPMScheduler
@@ -179,13 +196,19 @@ def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, emp
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SD15_SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
     g = torch.Generator().manual_seed(p.seed + 3)
     unet.train().to(device)
-    text_encoder.train(p.train_text_encoder).to(device).requires_grad_(p.train_text_encoder)
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    if (conditions is None) == (text_encoder is None):
+        raise ValueError("train_unet takes a text encoder or precomputed conditions, not both")
+    if text_encoder is not None:
+        text_encoder.train(p.train_text_encoder).to(device).requires_grad_(p.train_text_encoder)
+    ema_unet = copy.deepcopy(unet).eval()
+    ema_text = copy.deepcopy(text_encoder).eval() if text_encoder is not None else None
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if p.train_text_encoder else [])
     opt = torch.optim.AdamW(params, lr=p.unet_lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(p.warmup, p.unet_steps))
     enc_cache = None
-    if not p.train_text_encoder:
+    if conditions is not None:
+        enc_cache, enc_empty = (c.to(device) for c in conditions)
+    elif not p.train_text_encoder:
         with torch.no_grad():
             enc_cache = torch.cat([text_encoder(ids[i:i + 1024].to(device))[0] for i in range(0, len(ids), 1024)])
             enc_empty = text_encoder(empty_ids[None].to(device))[0]  # (1, L, 128)
@@ -203,8 +226,8 @@ def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, emp
         if enc_cache is None:
             enc = text_encoder(torch.where(drop[:, None], empty_ids[None], ids[idx]).to(device))[0]  # (B, L, 128)
         else:
-            enc = torch.where(drop.to(device)[:, None, None], enc_empty, enc_cache[idx.to(device)])
-        loss = F.mse_loss(unet(z_t, t, enc).sample, eps)
+            enc = pick_condition(enc_cache, enc_empty, idx, drop)  # SD (B, L, 128); SDXL + pooled and time ids
+        loss = F.mse_loss(unet(z_t, t, **as_condition(enc).unet_kwargs(DTYPE)).sample, eps)
         _optimizer_step(opt, sched, loss, params)
         # 4. EMA, with the usual warm-up of the decay
         decay = min(p.ema_decay, (1 + step) / (10 + step))
@@ -216,9 +239,9 @@ def train_unet(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, emp
             log(f"[unet] step {step}/{p.unet_steps} loss {loss.item():.4f} (ema {ema_loss:.4f}) "
                 f"{(step + 1) / (time.time() - t0):.2f} it/s  elapsed {clock.elapsed() / 60:.1f} min")
         if probe is not None and p.probe_every and (step + 1) % p.probe_every == 0 and step + 1 < p.unet_steps:
-            res = {"step": step + 1, **probe(ema_unet.eval(), ema_text.eval())}
+            res = {"step": step + 1, **probe(ema_unet.eval(), ema_text)}
             probes.append(res)
             log(f"[unet] probe {res}")
-    return ema_unet.eval(), ema_text.eval(), {"steps_done": step + 1, "final_loss_ema": ema_loss,
+    return ema_unet.eval(), ema_text, {"steps_done": step + 1, "final_loss_ema": ema_loss,
                                               "wall_s": time.time() - t0, "probes": probes}
 
