@@ -148,7 +148,8 @@ def test_one_step_students_are_labelled_beside_the_untrained_student(tmp_path):
         assert p.untrained_psnr == pytest.approx(image_psnr(raw.images[0], t.image), abs=0.01)
         word = "closer to" if p.latent_mse < mse else "**further from**"
         assert f"{word} the teacher than no distillation (untrained student: latent MSE {mse:.3g}" in p.caption()
+        assert "· lcm sampler · 1 step ·" in p.caption()
     assert f"1 step: no distillation (the teacher UNet as a 1-step sampler, same noise) is at latent MSE {mse:.3g}" \
-        in r.summary()
+        in r.summary() and "; latent MSE of LCM " in r.summary()
     two = studio.compare(PROMPT, seed=5, student_steps=2, teacher_steps=3, repeats=1, warmup=0)
     assert all(p.untrained_mse is None for p in two.panels) and "no distillation" not in two.summary()

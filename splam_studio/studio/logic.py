@@ -167,7 +167,8 @@ class Panel:
         else:
             baked = f"CFG {self.baked_guidance:g} baked in" if self.baked_guidance else "guidance baked in"
             g = f"{baked}, run at guidance 1"
-        return f"{self.metrics()}  \n`{self.model}` · {self.sampler} · {self.steps} steps · {g} · seed {self.seed}"
+        steps = f"{self.steps} step{'s' if self.steps != 1 else ''}"
+        return f"{self.metrics()}  \n`{self.model}` · {self.sampler} sampler · {steps} · {g} · seed {self.seed}"
 
 
 @dataclass
@@ -206,7 +207,7 @@ class CompareResult:
         verdicts = ", ".join(f"{p.title} {p.latent_mse:.3g} ({'closer' if p.latent_mse < u.untrained_mse else 'further'})"
                              for p in students)
         return (f"  \n1 step: no distillation (the teacher UNet as a 1-step sampler, same noise) is at latent MSE "
-                f"{u.untrained_mse:.3g} / PSNR {u.untrained_psnr:.1f} dB to the teacher; {verdicts}.")
+                f"{u.untrained_mse:.3g} / PSNR {u.untrained_psnr:.1f} dB to the teacher; latent MSE of {verdicts}.")
 
     def history_item(self) -> tuple[object, str]:
         """(teacher | LCM | SPLAM side by side, caption) for the history strip."""

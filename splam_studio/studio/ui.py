@@ -439,12 +439,14 @@ def _compare_events(studio: Studio, v: CompareView, go, examples, api_button) ->
         return (*shown(entry, show_diff), "", entry["images"], gr.skip(), gr.skip(), *entry["inputs"])
 
     page_inputs, slider = [*v.inputs, v.show_diff, v.history_state], [v.images_state, *v.slider_sides]
+    # progress on the three images only: the captions and summary of the previous run stay readable under it
     go.click(on_compare, page_inputs, v.outputs(), api_visibility="private", concurrency_id="generate",
-             ).then(on_slider, slider, v.slider, api_visibility="private")
+             show_progress_on=v.panels).then(on_slider, slider, v.slider, api_visibility="private")
     for button, text in zip(examples, EXAMPLES):  # an example fills the prompt, runs it, and shows the results
         button.click(None, None, None, js=SCROLL_TO_COMPARE)
         button.click(lambda t=text: t, None, v.inputs[0], api_visibility="private", queue=False).then(
-            on_compare, page_inputs, v.outputs(), api_visibility="private", concurrency_id="generate").then(
+            on_compare, page_inputs, v.outputs(), api_visibility="private", concurrency_id="generate",
+            show_progress_on=v.panels).then(
             on_slider, slider, v.slider, api_visibility="private")
     api_button.click(api_compare, v.inputs, [*v.panels, *v.captions, v.summary], api_name="compare",
                      concurrency_id="generate")
