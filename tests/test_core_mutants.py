@@ -13,7 +13,7 @@ from splam_studio.core.schedule import NoiseSchedule
 from splam_studio.core.splad import SpladConfig, splad_loss
 from splam_studio.core.student import build_student, make_target, unet_eps_model
 from splam_studio.core.teacher import vae_scale_factor
-from tests.tiny import make_tiny_pipeline, tiny_vae
+from tests.tiny import make_tiny_pipeline, tiny_vae, tiny_text
 
 T, N, K_PHI = 1000, 50, 20  # METHOD.md: DDIM grid t_i = 20 (i + 1) - 1, k_phi = 1000 / N
 
@@ -21,12 +21,6 @@ T, N, K_PHI = 1000, 50, 20  # METHOD.md: DDIM grid t_i = 20 (i + 1) - 1, k_phi =
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     return make_tiny_pipeline(tmp_path_factory.mktemp("tiny"))
-
-
-def _text(pipe, captions):
-    ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0]
 
 
 def _alphas_cumprod():
@@ -92,8 +86,8 @@ def models(pipe):
     with torch.no_grad():
         for p in target.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
-    cond = _text(pipe, ["one large red circle", "two small blue squares", "one small green triangle", "two red circles"])
-    uncond = _text(pipe, [""] * 4)
+    cond = tiny_text(pipe, ["one large red circle", "two small blue squares", "one small green triangle", "two red circles"])
+    uncond = tiny_text(pipe, [""] * 4)
     z_0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     return SimpleNamespace(teacher=teacher, student=student, target=target, cond=cond, uncond=uncond, z_0=z_0)
 
@@ -204,7 +198,7 @@ def test_fresh_cond_proj_is_nn_linears_default_init(pipe):
 def test_student_eps_embeds_the_given_gamma(pipe):
     """eps_theta(z, t, gamma) is the UNet at timestep_cond = embedding(10 (1 - gamma)), per sample."""
     student = build_student(pipe.unet, "fresh", generator=torch.Generator().manual_seed(0))
-    ehs = _text(pipe, ["one red circle"] * 3)
+    ehs = tiny_text(pipe, ["one red circle"] * 3)
     z, t = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([999, 499, 19])
     gamma = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
     with torch.no_grad():
@@ -259,7 +253,7 @@ def test_the_target_branch_carries_no_gradient():
 
 def test_student_eps_uses_the_gamma_scale(pipe):
     student = build_student(pipe.unet, "fresh", generator=torch.Generator().manual_seed(0))
-    ehs = _text(pipe, ["one red circle"] * 2)
+    ehs = tiny_text(pipe, ["one red circle"] * 2)
     z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([999, 19])
     gamma = torch.tensor([0.0, 0.5], dtype=torch.float64)
     with torch.no_grad():
@@ -289,7 +283,7 @@ def test_rms_and_the_guided_trajectory(pipe):
 
     x = torch.tensor([[3.0, 4.0], [1.0, 1.0]])
     assert torch.allclose(rms(x), torch.tensor([12.5**0.5, 1.0]))
-    cond, uncond = _text(pipe, ["one red circle"]), _text(pipe, [""])
+    cond, uncond = tiny_text(pipe, ["one red circle"]), tiny_text(pipe, [""])
     z_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     sched = NoiseSchedule.from_config()
     with torch.no_grad():

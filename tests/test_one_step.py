@@ -11,18 +11,12 @@ from splam_studio.core.splad import SpladConfig, one_step_regression, splad_loss
 from splam_studio.core.student import build_student, make_target, student_F
 from splam_studio.core.teacher import cfg_scale
 from splam_studio.training.latents import Prompt, teacher_data
-from tests.tiny import make_tiny_pipeline
+from tests.tiny import make_tiny_pipeline, tiny_text
 
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     return make_tiny_pipeline(tmp_path_factory.mktemp("tiny"))
-
-
-def _text(pipe, captions):
-    ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0]
 
 
 def _models(pipe):
@@ -89,7 +83,7 @@ def test_the_k_schedule_reaches_the_teacher_and_the_target(pipe, monkeypatch):
 
     monkeypatch.setattr(splad, "solve", spy_solve)
     monkeypatch.setattr(splad, "splam_loss", spy_loss)
-    cond, uncond = _text(pipe, ["one red circle"] * 16), _text(pipe, [""] * 16)
+    cond, uncond = tiny_text(pipe, ["one red circle"] * 16), tiny_text(pipe, [""] * 16)
     z_0 = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     cfg = SpladConfig(method="lcm", k_high=100, t_high=500)
     splad_loss(cfg, schedule, student, target, teacher, z_0, cond, uncond, torch.Generator().manual_seed(2))
@@ -107,7 +101,7 @@ def test_the_k_schedule_reaches_the_teacher_and_the_target(pipe, monkeypatch):
 def test_defaults_compute_the_papers_loss_bit_for_bit(pipe):
     """k_high = k and t_top_prob = 0 are the paper's Algorithm 1: the same loss from the same generator state."""
     teacher, student, target, schedule = _models(pipe)
-    cond, uncond = _text(pipe, ["one red circle", "two blue squares"]), _text(pipe, ["", ""])
+    cond, uncond = tiny_text(pipe, ["one red circle", "two blue squares"]), tiny_text(pipe, ["", ""])
     z_0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 
     def loss(**kw):
@@ -123,7 +117,7 @@ def test_defaults_compute_the_papers_loss_bit_for_bit(pipe):
 
 def test_regression_is_the_one_step_student_against_the_teachers_pair(pipe):
     teacher, student, target, schedule = _models(pipe)
-    cond, uncond = _text(pipe, ["one red circle", "two blue squares"]), _text(pipe, ["", ""])
+    cond, uncond = tiny_text(pipe, ["one red circle", "two blue squares"]), tiny_text(pipe, ["", ""])
     g = torch.Generator().manual_seed(1)
     z_0, z_T = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     F = student_F(student, cond)

@@ -9,17 +9,12 @@ from splam_studio.core.schedule import NoiseSchedule
 from splam_studio.core.solver import guided_eps
 from splam_studio.core.splad import SpladConfig, splad_loss
 from splam_studio.core.student import build_student, clean_fn, ema_update, make_target, unet_eps_model
-from tests.tiny import make_tiny_pipeline
+from tests.tiny import make_tiny_pipeline, tiny_text
 
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     return make_tiny_pipeline(tmp_path_factory.mktemp("tiny"))
-
-
-def _text(pipe, captions):
-    ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids)[0]
 
 
 @pytest.mark.parametrize("method", ["splam", "lcm"])
@@ -29,7 +24,7 @@ def test_one_splad_step_forward_backward(pipe, method):
     target = make_target(student)
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     with torch.no_grad():
-        cond, uncond = _text(pipe, ["one large red circle", "two small blue squares"]), _text(pipe, ["", ""])
+        cond, uncond = tiny_text(pipe, ["one large red circle", "two small blue squares"]), tiny_text(pipe, ["", ""])
     z_0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     loss = splad_loss(SpladConfig(method=method), schedule, student, target, teacher, z_0, cond, uncond,
                       torch.Generator().manual_seed(2))
@@ -50,7 +45,7 @@ def test_zero_init_student_is_the_teacher_at_every_gamma(pipe):
     teacher = pipe.unet
     zero = build_student(teacher, "zero")
     fresh = build_student(teacher, "fresh", generator=torch.Generator().manual_seed(0))
-    ehs = _text(pipe, ["one large red circle"] * 3)
+    ehs = tiny_text(pipe, ["one large red circle"] * 3)
     z, t = torch.randn(3, 4, 8, 8), torch.tensor([999, 499, 19])
     gamma = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
     with torch.no_grad():
@@ -66,7 +61,7 @@ def test_guided_eps_is_one_batched_call_in_lcm_form(pipe):
     unet = pipe.unet
     hook = unet.register_forward_hook(lambda m, a, k: calls.append(a[0].shape[0]))
     try:
-        cond, uncond = _text(pipe, ["one red circle"]), _text(pipe, [""])
+        cond, uncond = tiny_text(pipe, ["one red circle"]), tiny_text(pipe, [""])
         z, t = torch.randn(1, 4, 8, 8), torch.tensor([499])
         with torch.no_grad():
             eps = guided_eps(unet, cond, uncond, w=8.0)(z, t)
@@ -89,7 +84,7 @@ def test_student_runs_in_a_stock_pipeline_like_our_sampler(pipe, steps):
     with torch.no_grad():
         ref = stock("one red circle", num_inference_steps=steps, guidance_scale=1.0, latents=z_T.clone(),
                     generator=torch.Generator().manual_seed(5), output_type="latent").images
-        ehs = _text(pipe, ["one red circle"])
+        ehs = tiny_text(pipe, ["one red circle"])
         ours = consistency_sample(clean_fn(student, ehs, NoiseSchedule.from_scheduler(pipe.scheduler)),
                                   NoiseSchedule.from_scheduler(pipe.scheduler), z_T, steps, torch.Generator().manual_seed(5))
     assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
@@ -98,7 +93,7 @@ def test_student_runs_in_a_stock_pipeline_like_our_sampler(pipe, steps):
 def test_error_bound_dominates_the_real_error(pipe):
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     student = build_student(pipe.unet, "zero").eval()
-    cond, uncond = _text(pipe, ["one red circle"] * 2), _text(pipe, ["", ""])
+    cond, uncond = tiny_text(pipe, ["one red circle"] * 2), tiny_text(pipe, ["", ""])
     with torch.no_grad():
         traj, times = teacher_trajectory(guided_eps(pipe.unet, cond, uncond, 2.0), schedule, torch.randn(2, 4, 8, 8), N=10)
         assert traj.shape == (11, 2, 4, 8, 8) and times[0] == 999 and times[-1] == 0
@@ -114,7 +109,7 @@ def test_error_bound_dominates_the_real_error(pipe):
 
 
 def test_per_sample_w_in_guided_eps_equals_the_scalar_result_row_by_row(pipe):
-    cond, uncond = _text(pipe, ["one red circle", "two blue squares", "one red circle"]), _text(pipe, [""] * 3)
+    cond, uncond = tiny_text(pipe, ["one red circle", "two blue squares", "one red circle"]), tiny_text(pipe, [""] * 3)
     z, t = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([999, 499, 19])
     w = torch.tensor([3.0, 6.5, 10.0], dtype=torch.float64)  # float64, as the draws: must not reach the model
     with torch.no_grad():
@@ -137,7 +132,7 @@ def test_w_range_draws_reach_the_teacher_and_the_student_embedding(pipe, monkeyp
     student = build_student(teacher, "fresh", generator=torch.Generator().manual_seed(0))
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     with torch.no_grad():
-        cond, uncond = _text(pipe, ["one red circle"] * 4), _text(pipe, [""] * 4)
+        cond, uncond = tiny_text(pipe, ["one red circle"] * 4), tiny_text(pipe, [""] * 4)
     z_0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     cfg = SpladConfig(method="lcm", w_min=3.0, w_max=10.0)
     loss = splad_loss(cfg, schedule, student, make_target(student), teacher, z_0, cond, uncond, torch.Generator().manual_seed(2))
@@ -185,7 +180,7 @@ def test_w_conditioned_student_in_a_stock_pipeline_at_w_plus_one_like_our_sample
     stock.set_progress_bar_config(disable=True)
     z_T = initial_noise(7, 1, student, 8, 8, 1)
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
-    ehs = _text(pipe, ["one red circle"])
+    ehs = tiny_text(pipe, ["one red circle"])
     with torch.no_grad():
         ref = stock("one red circle", num_inference_steps=steps, guidance_scale=w + 1, latents=z_T.clone(),
                     generator=torch.Generator().manual_seed(8), output_type="latent").images

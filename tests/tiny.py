@@ -120,3 +120,11 @@ def make_tiny_xl_pipeline(tmp_path: Path | str | None = None, time_cond_proj_dim
                                      force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_text(pipe, captions: list[str]) -> torch.Tensor:
+    """The pipeline's text embeddings (B, L, D) for captions, padded to the tokenizer's length, without grad."""
+    ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
