@@ -53,6 +53,21 @@ def make_student(teacher, lora: int, checkpointing: bool):
     return student
 
 
+def _update(loss, opt, scaler, student, target) -> None:
+    """The training step after the loss: backward (scaled under fp16), optimiser step, EMA target update."""
+    from ..core.student import ema_update
+
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    ema_update(target, student)
+
+
 def time_steps(rt, teacher, schedule, text_shape: tuple[int, int], *, methods=("lcm", "splam"), batch: int, lora: int,
                checkpointing: bool, steps: int) -> list[dict]:
     """Median time of `steps` SPLAD steps (after one warm-up) per method (a VARIANTS name), and peak memory, on one
@@ -62,7 +77,7 @@ def time_steps(rt, teacher, schedule, text_shape: tuple[int, int], *, methods=("
     Mixed precision as in training: autocast in rt's dtype; fp16 adds a GradScaler.
     """
     from ..core.splad import SpladConfig, splad_loss
-    from ..core.student import ema_update, make_target
+    from ..core.student import make_target
 
     dev = rt.device
     teacher = teacher.requires_grad_(False).to(dev, rt.weight_dtype)
@@ -87,15 +102,7 @@ def time_steps(rt, teacher, schedule, text_shape: tuple[int, int], *, methods=("
             with torch.autocast(dev.type, dtype=rt.weight_dtype, enabled=rt.mixed_precision != "no"):
                 loss = splad_loss(SpladConfig(**VARIANTS[m]), schedule, student, target, teacher, z_0, cond, uncond, g,
                                   z_T=z_T)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema_update(target, student)
+            _update(loss, opt, scaler, student, target)
             sync()
             if i:
                 times[m].append(time.perf_counter() - t0)
@@ -116,7 +123,7 @@ def time_cache(rt, pipe, *, batch: int, lora: int, checkpointing: bool, steps: i
     """Median time of a whole training step (z_0 and text embeddings, then the SPLAD step) from pixels and captions
     against the same step from the latent cache, alternating step by step on one student (training/latents.py)."""
     from ..core.splad import SpladConfig, splad_loss
-    from ..core.student import ema_update, make_target
+    from ..core.student import make_target
     from ..core.schedule import NoiseSchedule
     from ..core.teacher import encode_text
     from ..training.latents import batch_latents
@@ -146,10 +153,7 @@ def time_cache(rt, pipe, *, batch: int, lora: int, checkpointing: bool, steps: i
             z_0, cond, uncond = batch_latents(b, pipe, dev, rt.vae_dtype, g, uncond_1)
             with torch.autocast(dev.type, dtype=rt.weight_dtype, enabled=rt.mixed_precision != "no"):
                 loss = splad_loss(SpladConfig(method="splam"), schedule, student, target, teacher, z_0, cond, uncond, g)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema_update(target, student)
+            _update(loss, opt, None, student, target)
             sync()
             if i:
                 times[kind].append(time.perf_counter() - t0)
