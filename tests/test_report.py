@@ -54,13 +54,22 @@ def test_plateau_and_seed_verdicts_are_computed_from_the_curves(tmp_path):
         for i in range(2):
             seeds["runs"][f"{m}-m2-s{i}"] = r = _run(m, i, [70, base + i])
             r["config"]["m"] = 2
+    for m, base in (("lcm", 55), ("splam", 46)):  # distilled from prompts only: judged on the same data and vs images
+        for i in range(2):
+            seeds["runs"][f"p-{m}-s{i}"] = r = _run(m, i, [70, base + i])
+            r["config"]["prompts"] = "prompts.txt"
     (folder / "seeds.json").write_text(json.dumps(seeds))
     text = write_benchmarks_md(folder, tmp_path / "B.md").read_text()
+    p_splam, p_lcm = "splam (p(gamma = 1) 0.5) (teacher data (prompts only))", "lcm (teacher data (prompts only))"
+    assert f"Verdict, {p_splam} against {p_lcm} (" in text and "- 2 step(s): FID ratio 0.838, lower" in text
+    assert f"Verdict, {p_splam} against splam (p(gamma = 1) 0.5) (" in text and "FID ratio 1.134, higher" in text
+    assert f"Verdict, {p_lcm} against lcm (" in text and "Verdict, splam (p(gamma = 1) 0.5) against lcm (" in text
     assert "| lcm | 3 | 204.0 ± 4.0 | 51.0 ± 1.0 |" in text  # final points 50, 51, 52 (x4 at 1 step)
     assert "| splam (p(gamma = 1) 0.5) | 3 | 164.0 ± 4.0 | 41.0 ± 1.0 |" in text
     assert "Verdict, splam (p(gamma = 1) 0.5) against lcm (" in text and "- 2 step(s): FID ratio 0.804, lower" in text
     assert "Verdict, splam (m 2) (p(gamma = 1) 0.5) against lcm (m 2) (" in text and "- 2 step(s): FID ratio 0.504, lower" in text
-    assert "- splam (p(gamma = 1) 0.5): 2 step FID beats, MSE beats; 4 step FID beats, MSE MISSES" in text  # 0.41 < 0.45 < 0.451
+    assert "- splam (p(gamma = 1) 0.5): 1 step FID MISSES, MSE MISSES; 2 step FID beats, MSE beats; 4 step FID beats, " \
+           "MSE MISSES" in text  # 0.41 < 0.45 < 0.451
 
 
 def test_server_attacks_section_follows_its_json(tmp_path):

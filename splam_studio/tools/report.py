@@ -201,10 +201,21 @@ def seed_groups(d: dict) -> dict[str, list[dict]]:
     return groups
 
 
+PROMPTS_ONLY = " (teacher data (prompts only))"
+
+
 def _lcm_group_for(label: str, groups: dict[str, list[dict]]) -> str | None:
-    """The LCM group a SPLAM group is judged against: LCM at the same m (the same sub-path length k)."""
-    m = groups[label][0]["config"].get("m") or 1
-    base = "lcm" if m == 1 else f"lcm (m {m})"
+    """The LCM group a SPLAM group is judged against: LCM at the same m (the same sub-path length k), on the same
+    data (teacher data from prompts, or the rendered images)."""
+    c = groups[label][0]["config"]
+    m = c.get("m") or 1
+    base = ("lcm" if m == 1 else f"lcm (m {m})") + (PROMPTS_ONLY if c.get("prompts") else "")
+    return base if base in groups else None
+
+
+def _image_group_for(label: str, groups: dict[str, list[dict]]) -> str | None:
+    """For a prompt-only group (teacher data, no other change), the same recipe on the rendered images (issue 23)."""
+    base = label[:-len(PROMPTS_ONLY)] if label.endswith(PROMPTS_ONLY) else None
     return base if base in groups else None
 
 
@@ -239,10 +250,9 @@ def seeds_section(d: dict) -> list[str]:
                 cells.append(f"{_f(m, nd)} ± {_f(sd, nd)}")
         L.append(f"| {g} | {len(pts)} | " + " | ".join(cells) + " |")
     L.append("")
-    for g in finals:
-        base = _lcm_group_for(g, groups)
-        if base is None or g == base or len(finals[g]) < 2:
-            continue
+    pairs = [(g, b) for g in finals for b in (_lcm_group_for(g, groups), _image_group_for(g, groups))
+             if b is not None and b != g and len(finals[g]) >= 2]
+    for g, base in pairs:
         L.append(f"Verdict, {g} against {base} (a difference counts when the means differ by more than the two spreads "
                  f"together):")
         for s in STEPS:
@@ -259,7 +269,7 @@ def seeds_section(d: dict) -> list[str]:
         for g, pts in finals.items():
             beats = [f"{s} step FID {'beats' if _mean_sd([p[s]['fid'] for p in pts])[0] < u[s]['fid'] else 'MISSES'}, "
                      f"MSE {'beats' if _mean_sd([p[s]['teacher_mse'] for p in pts])[0] < u[s]['teacher_mse'] else 'MISSES'}"
-                     for s in ("2", "4")]
+                     for s in STEPS]
             L.append(f"- {g}: " + "; ".join(beats))
     if d.get("note"):
         L += ["", f"- {d['note']}"]
