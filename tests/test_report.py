@@ -87,3 +87,13 @@ def test_server_attacks_section_follows_its_json(tmp_path):
     assert "| `Host: evil.example` | 400 | 400, echoed: no | yes |" in text
     assert "| seed 10**400 | one sentence | a \\| b | NO |" in text  # a pipe in what came back stays in its cell
     assert "- 1 of 2 attacks held; the run took 12 s" in text
+
+
+def test_xl_teacher_section_follows_its_json(tmp_path):
+    folder = tmp_path / "benchmarks"
+    folder.mkdir()
+    assert "Shapes-XL" not in write_benchmarks_md(folder, tmp_path / "B.md").read_text()
+    split = {"prompt_acc": 0.912, "per_attribute": {"shape": 0.95}, "fid": 31.5, "fid_floor": 3.3, "n": 100}
+    (folder / "teacher-xl.json").write_text(json.dumps({"description": "xl", "splits": {"held-out": split}}))
+    text = write_benchmarks_md(folder, tmp_path / "B.md").read_text()
+    assert "### The Shapes-XL teacher (SDXL architecture, issue 22)" in text and "| held-out | 0.912 | 0.950 |" in text

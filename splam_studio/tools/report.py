@@ -4,6 +4,7 @@ Each section appears only when its JSON exists; every number comes from those fi
     benchmarks/results.json      python -m splam_studio.tools.bench          (comparison, convergence, ablations, error bound)
     benchmarks/teacher.json      python -m splam_studio.tools.world evaluate (teacher quality on the Shapes world)
     benchmarks/teacher_history.json  earlier embedded teachers' teacher.json, each with its preset and commit
+    benchmarks/teacher-xl.json   python -m splam_studio.tools.world evaluate --teacher shapes-xl-teacher (the SDXL-architecture teacher)
     benchmarks/trainer.json      python -m splam_studio.tools.trainer_bench  (SPLAM vs LCM step time and memory)
     benchmarks/reliability.json  python -m splam_studio.tools.reliability    (faults, bad input, load)
     benchmarks/server_attacks.json python -m splam_studio.tools.server_attacks (the studio as a public server, attacked)
@@ -276,9 +277,9 @@ def seeds_section(d: dict) -> list[str]:
     return L + [""]
 
 
-def teacher_section(t: dict) -> list[str]:
+def teacher_section(t: dict, title: str = "## The Shapes teacher") -> list[str]:
     attrs = list(next(iter(t["splits"].values())).get("per_attribute", {}))
-    L = ["## The Shapes teacher", "", t.get("description", ""), "",
+    L = [title, "", t.get("description", ""), "",
          "| split | prompt accuracy (goal 0.9) | " + " | ".join(attrs) + " | Shapes-FID | real-vs-real FID floor | n |",
          "|---|---|" + "---|" * len(attrs) + "---|---|---|"]
     for split, d in t["splits"].items():
@@ -344,6 +345,8 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
         L += teacher_section(t)
     if (h := _load(folder, "teacher_history.json")):
         L += teacher_history_section(h, t)
+    if (tx := _load(folder, "teacher-xl.json")):
+        L += teacher_section(tx, "### The Shapes-XL teacher (SDXL architecture, issue 22)")
     if (r := _load(folder, "results.json")):
         L += comparison_section(r)
     if (sd := _load(folder, "seeds.json")) or _load(folder, "sweep.json") or _load(folder, "variants.json"):
