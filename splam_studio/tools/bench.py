@@ -59,14 +59,18 @@ def _pixels(images) -> torch.Tensor:
 
 class Bench:
     def __init__(self, weights: Path, n: int, batch: int, guidance: float, seed: int = 1234, split: str = "heldout", log=print,
-                 device: str = "cpu"):
+                 device: str = "cpu", teacher: str = "shapes-teacher", students: dict[str, str] | None = None):
+        """teacher: a teacher folder in weights (the Shapes teacher, or Shapes-XL's); students: method -> the embedded
+        student folder of that teacher (default the Shapes pair; {} for a teacher that has none, as --curves needs)."""
         from ..shapes.evaluator import Evaluator
         from ..models.loading import load_student, load_teacher
         from ..shapes.grammar import render, sample_specs
 
         self.log = log
-        self.pipe = load_teacher(str(weights / "shapes-teacher"))
-        self.students = {m: load_student(str(weights / f"shapes-{m}"), self.pipe) for m in ("lcm", "splam")}
+        self.teacher_name = teacher
+        self.pipe = load_teacher(str(weights / teacher))
+        students = {m: f"shapes-{m}" for m in ("lcm", "splam")} if students is None else students
+        self.students = {m: load_student(str(weights / name), self.pipe) for m, name in students.items()}
         self.evaluator = Evaluator.from_pretrained(weights / "shapes-evaluator")
         if device != "cpu":  # every model on the chosen device, in fp32; noise is still drawn on the CPU
             from ..training.device import pick_device
@@ -162,14 +166,15 @@ class Bench:
 
         if self.reference is not None:
             return
-        key = f"n{self.n}-seed{self.seed}-g{self.guidance:g}-{self.split}"
+        key = f"{self.teacher_name}-n{self.n}-seed{self.seed}-g{self.guidance:g}-{self.split}"  # one cache, many teachers
         if cache is not None and cache.is_file() and load_file(cache).get(key) is not None:
             lat = load_file(cache)[key]
         else:
             lat = self.sample("teacher-ddim", 50)
             if cache is not None:
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                save_file({key: lat.contiguous()}, str(cache))
+                kept = load_file(cache) if cache.is_file() else {}
+                save_file({**kept, key: lat.contiguous()}, str(cache))
         res, px = self.score(lat)
         self.reference, self.reference_px = lat, px
         self.log(f"teacher 50 steps: FID {res['fid']:.2f} acc {res['prompt_acc']:.3f}")
@@ -387,6 +392,8 @@ def plot_curves(d: dict, path: Path, title: str) -> Path:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", default=None, help="weights folder (default: the package's weights/)")
+    p.add_argument("--teacher", default="shapes-teacher", help="--curves: the teacher folder in --weights the runs were "
+                   "distilled from (shapes-xl-teacher: the Shapes-XL world); the full bench needs the Shapes teacher")
     p.add_argument("--n", type=int, default=1000, help="held-out captions (images) per row")
     p.add_argument("--n-curve", type=int, default=250, help="images per convergence / ablation point")
     p.add_argument("--batch", type=int, default=250, help="generation batch size")
@@ -415,7 +422,11 @@ def main(argv: list[str] | None = None) -> None:
         guidance = cfg_scale(float(cfg["w"]))
     torch.manual_seed(0)
     t0 = time.time()
-    bench = Bench(weights, a.n, a.batch, guidance, device=a.device)
+    if a.teacher != "shapes-teacher" and not a.curves:
+        raise SystemExit(f"--teacher {a.teacher}: only --curves runs on another teacher (its embedded students and "
+                         "latency rows are the Shapes teacher's)")
+    bench = Bench(weights, a.n, a.batch, guidance, device=a.device, teacher=a.teacher,
+                  students=None if a.teacher == "shapes-teacher" else {})
     if a.curves:
         bench.ensure_reference(Path(a.reference_cache) if a.reference_cache else None)
         done = json.loads(Path(a.curves_out).read_text()) if a.resume_curves and Path(a.curves_out).is_file() else None
