@@ -97,3 +97,13 @@ def test_xl_teacher_section_follows_its_json(tmp_path):
     (folder / "teacher-xl.json").write_text(json.dumps({"description": "xl", "splits": {"held-out": split}}))
     text = write_benchmarks_md(folder, tmp_path / "B.md").read_text()
     assert "### The Shapes-XL teacher (SDXL architecture, issue 22)" in text and "| held-out | 0.912 | 0.950 |" in text
+
+
+def test_xl_students_section_follows_its_json(tmp_path):
+    folder = tmp_path / "benchmarks"
+    folder.mkdir()
+    xl = {"n": 500, "guidance": 7.5, "teacher": {"fid": 60.0}, "untrained": {s: {"fid": 80.0, "teacher_mse": 0.45} for s in ("1", "2", "4")},
+          "runs": {"xl-splam": _run("splam", 0, [70, 40])}}
+    (folder / "xl_curves.json").write_text(json.dumps(xl))
+    text = write_benchmarks_md(folder, tmp_path / "B.md").read_text()
+    assert "### Shapes-XL students (issue 22): the SDXL path distils" in text and "| xl-splam | splam |" in text

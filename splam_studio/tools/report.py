@@ -4,6 +4,7 @@ Each section appears only when its JSON exists; every number comes from those fi
     benchmarks/results.json      python -m splam_studio.tools.bench          (comparison, convergence, ablations, error bound)
     benchmarks/teacher.json      python -m splam_studio.tools.world evaluate (teacher quality on the Shapes world)
     benchmarks/teacher_history.json  earlier embedded teachers' teacher.json, each with its preset and commit
+    benchmarks/xl_curves.json    python -m splam_studio.tools.bench --teacher shapes-xl-teacher --curves RUN... (Shapes-XL students)
     benchmarks/teacher-xl.json   python -m splam_studio.tools.world evaluate --teacher shapes-xl-teacher (the SDXL-architecture teacher)
     benchmarks/trainer.json      python -m splam_studio.tools.trainer_bench  (SPLAM vs LCM step time and memory)
     benchmarks/reliability.json  python -m splam_studio.tools.reliability    (faults, bad input, load)
@@ -363,6 +364,9 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
                 L += ["![variants](benchmarks/variants.png)", ""]
         if (os_ := _load(folder, "one_step.json")):
             L += sweep_section(os_, "1-step ablations (issue 25)", "`scripts/one_step.sh`")
+    if (xl := _load(folder, "xl_curves.json")):
+        L += sweep_section(xl, "Shapes-XL students (issue 22): the SDXL path distils",
+                           "`bench --teacher shapes-xl-teacher` (students of the Shapes-XL teacher)")
     if (tr := _load(folder, "trainer.json")):
         L += generic_section("Trainer: SPLAM vs LCM step time and memory", tr)
     if (tc := _load(folder, "trainer_cache.json")):
