@@ -28,7 +28,7 @@ VARIANTS: dict[str, dict] = {
     "splam + k 100 from t >= 500": {"method": "splam", "k_high": 100, "t_high": 500},
     "splam + p(t = 999) 0.25": {"method": "splam", "t_top_prob": 0.25},
 }
-ONE_STEP = ("splam", "splam + regression 0.25", "splam + k 100 from t >= 500", "splam + p(t = 999) 0.25")
+ONE_STEP = tuple(name for name in VARIANTS if name.startswith("splam"))  # plain SPLAM first, then each term
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -215,9 +215,7 @@ def cache_main(a) -> None:
                        "columns": ["model", "px", "batch", "LoRA rank", "grad. ckpt", "uncached s/step", "cached s/step",
                                    "cached / uncached"], "rows": rows}],
            "raw": raw}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(doc, indent=2))
-    print(f"wrote {a.out}")
+    _write(a.out, doc)
 
 
 def _one(args) -> dict:
