@@ -9,7 +9,7 @@ train_runs() {  # train_runs OUT SPEC...
   mkdir -p "$out"
   for spec in "$@"; do
     read -r name flags <<<"$spec"
-    [ -d "$out/$name/unet" ] && continue  # finished already
+    { [ -d "$out/$name/unet" ] || [ -d "$out/$name/lora" ]; } && continue  # finished already
     "$PY" train_cli.py --preset shapes --output-dir "$out" --snapshot-every 200 --validate-every 0 \
       --checkpoint-every 100000 ${TRAIN:-} --run-name "$name" --overwrite $flags >"$out/$name.log" 2>&1 &
     while [ "$(jobs -rp | wc -l)" -ge "$PAR" ]; do sleep 5; done

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from splam_studio.core.metrics import feature_statistics, frechet_distance
-from splam_studio.core.sampler import generate
+from splam_studio.models.generation import generate
 from splam_studio.core.student import build_student
 from splam_studio.shapes.evaluator import Evaluator
 from splam_studio.shapes.grammar import to_tensor

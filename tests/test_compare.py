@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splam_studio.core.sampler import generate
+from splam_studio.models.generation import generate
 from splam_studio.studio.logic import Panel, Studio, interleaved, latency_verdict, unet_calls
 from tests.test_app import PROMPT, make_fake_weights
 

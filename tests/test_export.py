@@ -3,7 +3,7 @@
 The student at gamma = 1 adds cond_proj(emb(omega)) to its time embedding; the stock forms carry it folded into
 time_embedding.linear_1.bias (models.export.fold_cond_proj). Each form is loaded with diffusers' own loader
 (StableDiffusionPipeline.from_single_file with the teacher's configs offline, from_pretrained, load_lora_weights on
-the teacher) and sampled from the same noise as the studio's student (core.sampler.generate, LCM, 4 steps).
+the teacher) and sampled from the same noise as the studio's student (models.generation.generate, LCM, 4 steps).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from splam_studio.core.metrics import psnr
-from splam_studio.core.sampler import decode_latents, generate
+from splam_studio.models.generation import decode_latents, generate
 from splam_studio.core.slode import guidance_embedding
 from splam_studio.models import export as X
 from splam_studio.models.loading import load_student, load_teacher, weights_dir

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from splam_studio.core.sampler import generate
+from splam_studio.models.generation import generate
 from splam_studio.core.teacher import cfg_scale, encode_text
 from splam_studio.training import latents as L
 from splam_studio.training.latents import LatentDataError, Prompt, batch_latents, latent_cache, read_prompts, teacher_data

@@ -4,10 +4,12 @@ import pytest
 import torch
 
 import splam_studio.core.splad as splad
-from splam_studio.core.sampler import generate
+from splam_studio.models.generation import generate
 from splam_studio.core.schedule import NoiseSchedule, ddim_grid, sample_grid_t, sub_path_k
 from splam_studio.core.solver import solve
-from splam_studio.core.splad import SpladConfig, one_step_regression, splad_loss
+from splam_studio.core.adversarial import one_step
+from splam_studio.core.slode import distance
+from splam_studio.core.splad import SpladConfig, splad_loss
 from splam_studio.core.student import build_student, make_target, student_F
 from splam_studio.core.teacher import cfg_scale
 from splam_studio.training.latents import Prompt, teacher_data
@@ -125,13 +127,13 @@ def test_regression_is_the_one_step_student_against_the_teachers_pair(pipe):
     with torch.no_grad():
         x0 = F(z_T, t, torch.ones(2, dtype=torch.float64), schedule.sigma(t), schedule.alpha(t))
         # the 1-step student's own output is its zero; the distance is to z_0 and is the configured one
-        assert one_step_regression(F, schedule, z_T, x0, "l2").item() < 1e-12
-        torch.testing.assert_close(one_step_regression(F, schedule, z_T, z_0, "l2"), ((x0 - z_0) ** 2).mean())
+        torch.testing.assert_close(one_step(F, schedule, z_T), x0, rtol=0, atol=0)
+        torch.testing.assert_close(distance(x0, z_0, "l2"), ((x0 - z_0) ** 2).mean())
     lam = 0.7
     base = splad_loss(SpladConfig(), schedule, student, target, teacher, z_0, cond, uncond, torch.Generator().manual_seed(2))
     with_reg = splad_loss(SpladConfig(regression=lam), schedule, student, target, teacher, z_0, cond, uncond,
                           torch.Generator().manual_seed(2), z_T=z_T)
-    reg = one_step_regression(F, schedule, z_T, z_0, "huber")
+    reg = distance(one_step(F, schedule, z_T), z_0, "huber")
     torch.testing.assert_close(with_reg, base + lam * reg)
     with_reg.backward()
     assert student.conv_in.weight.grad.abs().sum() > 0

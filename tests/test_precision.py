@@ -21,7 +21,7 @@ world = test_train.world  # the tiny teacher and image folder (a module fixture)
 def test_bf16_run_end_to_end(world, tmp_path, lora):
     """bf16 teacher/text encoder/VAE beside an fp32 student and EMA target; the crash was in validation."""
     from splam_studio.models.loading import load_student, load_teacher
-    from splam_studio.core.sampler import generate
+    from splam_studio.models.generation import generate
 
     name = f"bf16-{lora}"
     common = ("--precision", "bf16", "--lora-rank", str(lora), "--run-name", name, "--validate-every", "1",
@@ -75,7 +75,7 @@ def test_fp32_student_beside_low_precision_teacher(tiny_pipe):
     to bf16 rounding of the text embeddings."""
     import copy
 
-    from splam_studio.core.sampler import generate
+    from splam_studio.models.generation import generate
 
     student = _student(tiny_pipe)
     ref = generate(tiny_pipe, prompt=["one red circle"], sampler="lcm", steps=2, seed=1, unet=student)
@@ -98,7 +98,7 @@ def test_generate_matches_a_stock_pipeline(tiny_pipe):
     """Same numbers as StableDiffusionPipeline + the sampler's scheduler on the same components and noise."""
     from diffusers import StableDiffusionPipeline
 
-    from splam_studio.core.sampler import generate, initial_noise, make_scheduler
+    from splam_studio.models.generation import generate, initial_noise, make_scheduler
 
     ours = generate(tiny_pipe, prompt=["one red circle"], sampler="ddim", steps=3, seed=4, guidance_scale=3.0)
     stock = StableDiffusionPipeline(**{**tiny_pipe.components, "scheduler": make_scheduler("ddim", tiny_pipe.scheduler.config)})
@@ -111,7 +111,7 @@ def test_generate_matches_a_stock_pipeline(tiny_pipe):
 def test_fp16_decode_that_overflows_is_redone_in_fp32(tiny_pipe, monkeypatch):
     import copy
 
-    from splam_studio.core.sampler import decode_latents
+    from splam_studio.models.generation import decode_latents
 
     pipe = copy.deepcopy(tiny_pipe)
     pipe.vae.to(torch.float16)

@@ -8,7 +8,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UniPCMultistepScheduler
 
 from splam_studio.core.metrics import psnr
-from splam_studio.core.sampler import decode_latents, generate, initial_noise, make_scheduler
+from splam_studio.models.generation import decode_latents, generate, initial_noise, make_scheduler
 from splam_studio.core.student import build_student
 
 TEACHER = Path(__file__).resolve().parents[1] / "weights" / "shapes-teacher"

@@ -172,7 +172,7 @@ def xl_lora_student(pipe, seed: int = 4):
 
 
 def _images(pipe, latents):
-    from splam_studio.core.sampler import decode_latents
+    from splam_studio.models.generation import decode_latents
 
     ims = decode_latents(pipe, latents)
     return torch.stack([torch.tensor(list(im.getdata()), dtype=torch.float32) for im in ims]) / 127.5 - 1
@@ -190,7 +190,8 @@ def _stock_lcm(pipe, z_T, seed, steps=4, prompts=CAPTIONS, **sizes):
 @torch.no_grad()
 def test_lora_student_with_folded_gamma_samples_as_a_stock_sdxl_pipeline(xl, tmp_path):
     from splam_studio.core.metrics import psnr
-    from splam_studio.core.sampler import consistency_sample, generate, initial_noise
+    from splam_studio.core.sampler import consistency_sample
+    from splam_studio.models.generation import generate, initial_noise
     from splam_studio.core.schedule import NoiseSchedule
     from splam_studio.core.student import clean_fn
     from splam_studio.models import export as X
@@ -287,7 +288,7 @@ def _train_cli(world, out, *extra):
 
 
 def _sample(pipe, unet=None, seed=5):
-    from splam_studio.core.sampler import generate
+    from splam_studio.models.generation import generate
 
     return generate(pipe, prompt=CAPTIONS, sampler="lcm", steps=4, seed=seed, unet=unet, decode=False).latents
 

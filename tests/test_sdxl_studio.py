@@ -57,7 +57,7 @@ def _stock(snapshot, lora=None, fuse=False):
 
 def _stock_image(pipe, seed, steps, guidance=1.0, **kw):
     """The stock pipeline's image from the studio's initial noise of `seed` (re-noising generator seed + 1)."""
-    from splam_studio.core.sampler import initial_noise
+    from splam_studio.models.generation import initial_noise
 
     px = pipe.unet.config.sample_size * pipe.vae_scale_factor
     z_T = initial_noise(seed, 1, pipe.unet, px, px, pipe.vae_scale_factor)
@@ -173,7 +173,7 @@ def test_training_memory_counts_the_second_text_encoder(studio):
 
 def test_a_vae_that_overflowed_in_fp16_decodes_in_fp32_from_then_on(tmp_path):
     """The SDXL VAE overflows in fp16 at every image: after the first fallback it is not decoded in fp16 again."""
-    from splam_studio.core.sampler import decode_latents
+    from splam_studio.models.generation import decode_latents
     from tests.tiny import make_tiny_xl_pipeline
 
     pipe = make_tiny_xl_pipeline(tmp_path)

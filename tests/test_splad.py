@@ -170,7 +170,7 @@ def test_w_conditioned_student_in_a_stock_pipeline_at_w_plus_one_like_our_sample
     """A w-conditioned student: StableDiffusionPipeline + LCMScheduler at guidance_scale = w + 1 equals our sampler
     with w_c = w, and generate(student_guidance_scale = w + 1) is that stock pipeline."""
     from splam_studio.models.loading import sampling_guidance
-    from splam_studio.core.sampler import generate, initial_noise
+    from splam_studio.models.generation import generate, initial_noise
 
     w = 6.5
     assert sampling_guidance({"w": w, "w_min": 3.0, "w_max": 10.0}) == w + 1

@@ -64,7 +64,7 @@ def test_two_steps_checkpoint_and_resume(world, tmp_path, method, lora):
     assert "continuing at step 2" in r.stdout + r.stderr
     assert _state(run) == 4
     # the student loads on its teacher and runs in a stock pipeline with LCMScheduler at guidance 1
-    from splam_studio.core.sampler import generate
+    from splam_studio.models.generation import generate
 
     pipe = load_teacher(str(world / "teacher"))
     unet = load_student(str(run), pipe)
@@ -220,7 +220,7 @@ def test_checkpoints_round_trip_prune_and_refuse_incomplete(tmp_path):
 def test_bench_error_bound_uses_the_shared_runner(world):
     """bench's error-bound table averages core.error_bound's runner over prompts: same numbers as the runner."""
     from splam_studio.core.error_bound import guided_trajectory, student_error_bounds
-    from splam_studio.core.sampler import initial_noise
+    from splam_studio.models.generation import initial_noise
     from splam_studio.core.schedule import NoiseSchedule
     from splam_studio.core.student import build_student
     from splam_studio.core.teacher import encode_text

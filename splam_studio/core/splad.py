@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import UNet2DConditionModel
 
+from .adversarial import adversarial_losses, one_step
 from .schedule import NoiseSchedule, coef, ddim_grid, sample_grid_t, sub_path_k
 from .slode import GAMMA_SCALE_PAPER, GAMMA_TIMES, Distance, GammaTime, distance, sample_gamma, sample_w, splam_loss
 from .solver import guided_eps, solve
@@ -49,6 +50,12 @@ class SpladConfig:
     regression: float = field(default=0.0, metadata={
         "help": "weight of a regression of the 1-step student F(z_T, 999) onto the teacher's own z_0 from the same "
                 "noise z_T (DMD's paired loss); needs teacher data (--prompts), which stores each z_T"})
+    adversarial: float = field(default=0.0, metadata={
+        "help": "weight of an adversarial term on the 1-step student F(z_T, 999) (LADD style, core/adversarial.py): "
+                "a discriminator of small heads on the frozen teacher UNet's encoder features, hinge loss, the batch's "
+                "z_0 as real (0 = off, the paper)"})
+    adversarial_t_max: int = field(default=750, metadata={
+        "help": "the discriminator sees real and fake re-noised to t_d ~ U{0 .. this} (with --adversarial)"})
     # diffusers' LCM recipe (LCM only): w ~ U[w_min, w_max] per sample, used by the teacher and embedded for student
     # and target (omega = w at gamma = 1). None = the fixed w above, unembedded (= SPLAM at gamma = 1)
     w_min: float | None = field(default=None, metadata={
@@ -71,6 +78,10 @@ class SpladConfig:
             raise ValueError(f"k_high must be a positive multiple of k = m * k_phi, got {self.k_high}")
         if not 0.0 <= self.t_top_prob <= 1.0:
             raise ValueError(f"t_top_prob must be in [0, 1], got {self.t_top_prob}")
+        if not self.adversarial >= 0:
+            raise ValueError(f"adversarial weight must be >= 0, got {self.adversarial}")
+        if not 0 <= self.adversarial_t_max <= 999:
+            raise ValueError(f"adversarial_t_max must be in [0, 999], got {self.adversarial_t_max}")
         if not self.regression >= 0:
             raise ValueError(f"regression weight must be >= 0, got {self.regression}")
         if self.distance not in ("l2", "huber"):
@@ -100,14 +111,19 @@ def splad_loss(
     uncond: Condition,
     generator: torch.Generator | None = None,
     z_T: torch.Tensor | None = None,
+    discriminator: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """Steps 1-6 of Algorithm 1 for clean latents z_0 (B, C, h, w) and text conditions cond, uncond: embeddings
     (B, L, D), or SDXL TextConditions (core.teacher), each branch with its own pooled embeds and time ids.
 
-    z_T: the initial noise the teacher made each z_0 from (teacher data), for cfg.regression > 0."""
+    z_T: the initial noise the teacher made each z_0 from (teacher data), for cfg.regression > 0.
+    discriminator: the heads of core.adversarial, for cfg.adversarial > 0. The returned loss then also holds their
+    hinge loss L_D, whose gradient reaches only the heads (the student's gradient is that of the rest)."""
     B = z_0.shape[0]
     if cfg.regression > 0 and z_T is None:
         raise ValueError("the regression term needs the teacher's (z_T, z_0) pairs: train on teacher data (--prompts)")
+    if cfg.adversarial > 0 and discriminator is None:
+        raise ValueError("the adversarial term needs a discriminator (core.adversarial.Heads)")
     # 1. grid time t, s = t - k(t), and z_t = alpha(t) z_0 + sigma(t) eps
     grid = ddim_grid(schedule.T, cfg.num_ddim_steps)
     k_phi = schedule.T // cfg.num_ddim_steps
@@ -127,16 +143,15 @@ def splad_loss(
     F_student, F_target = student_F(student, cond, cfg.gamma_scale, w_c), student_F(target, cond, cfg.gamma_scale, w_c)
     loss = splam_loss(F_student, F_target, schedule, z_t, zhat_s, t, s.cpu(), gamma, cfg.distance, cfg.huber_c,
                       cfg.gamma_time)
-    if cfg.regression > 0:
-        loss = loss + cfg.regression * one_step_regression(F_student, schedule, z_T.to(z_0), z_0, cfg.distance, cfg.huber_c)
+    if cfg.regression > 0 or cfg.adversarial > 0:  # the 1-step terms share one student sample F(z_T, T - 1)
+        if z_T is None:  # image data: fresh noise (only the adversarial term runs without teacher pairs)
+            z_T = torch.randn(z_0.shape, generator=generator, dtype=z_0.dtype)
+        x_1 = one_step(F_student, schedule, z_T.to(z_0))
+        if cfg.regression > 0:  # DMD's regression: onto the teacher's own ODE solution from the same noise
+            loss = loss + cfg.regression * distance(x_1, z_0, cfg.distance, cfg.huber_c)
+        if cfg.adversarial > 0:
+            l_g, l_d = adversarial_losses(discriminator, teacher, schedule, x_1, z_0, cond, generator,
+                                          cfg.adversarial_t_max)
+            loss = loss + cfg.adversarial * l_g + l_d
     return loss
 
-
-def one_step_regression(F_student, schedule: NoiseSchedule, z_T: torch.Tensor, z_0: torch.Tensor,
-                        kind: Distance = "huber", huber_c: float = 1e-3) -> torch.Tensor:
-    """d(F_theta(z_T, T - 1, gamma = 1), z_0): the 1-step student from the teacher's initial noise z_T against the
-    teacher's own ODE solution z_0 from that noise (DMD's regression loss, on the pairs teacher data stores)."""
-    B = z_0.shape[0]
-    t = torch.full((B,), schedule.T - 1, dtype=torch.long)
-    pred = F_student(z_T, t, torch.ones(B, dtype=torch.float64), schedule.sigma(t), schedule.alpha(t))
-    return distance(pred, z_0, kind, huber_c)

@@ -19,7 +19,7 @@ from .evaluator import Evaluator
 from .grammar import ATTRIBUTE_VALUES, ATTRIBUTES, POSITIONS, render, sample_specs
 from .recipe import PRESETS
 from ..core.metrics import feature_statistics, frechet_distance
-from ..core.sampler import generate
+from ..models.generation import generate
 from ..core.teacher import as_condition, encode_condition
 from ..models.loading import load_teacher
 

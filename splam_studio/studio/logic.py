@@ -32,7 +32,7 @@ from ..models.loading import (
     ModelLoadError, RunInfo, hub_cache_text, hub_id_problem, list_runs, load_hub_teacher, load_student, load_teacher,
     resolve_run, sampling_guidance,
 )
-from ..core.sampler import decode_latents, generate, initial_noise
+from ..models.generation import decode_latents, generate, initial_noise
 from ..core.metrics import latent_mse
 from ..core.schedule import NoiseSchedule
 from ..core.student import clean_fn

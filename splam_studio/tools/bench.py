@@ -19,7 +19,7 @@ import torch
 
 from ..core.error_bound import guided_trajectory, student_error_bounds
 from ..core.metrics import feature_statistics, frechet_distance, latent_mse, psnr
-from ..core.sampler import decode_latents, generate, initial_noise
+from ..models.generation import decode_latents, generate, initial_noise
 from ..core.schedule import NoiseSchedule
 from ..core.teacher import cfg_scale, encode_text, lcm_w
 

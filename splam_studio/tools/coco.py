@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..core.metrics import feature_statistics, frechet_distance
-from ..core.sampler import generate
+from ..models.generation import generate
 
 # images (N, 3, H, W) in [-1, 1] -> features (N, D)
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]

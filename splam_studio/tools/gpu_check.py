@@ -6,7 +6,7 @@
    full fine-tune; batch 4 at 512 px; each with a mid-run and a final validation, the export, and a resume;
 3. the trainer bench grid (LoRA 64 and full, gradient checkpointing off/on, batch 4 and 8), plus the fp16 LoRA and
    full fine-tune at batch 4 with checkpointing for the memory target;
-4. studio latency: `sampler.generate` against a stock StableDiffusionPipeline on the same components (teacher DDIM 50
+4. studio latency: `models.generation.generate` against a stock StableDiffusionPipeline on the same components (teacher DDIM 50
    at CFG 7.5, student 1/2/4 LCM steps), batch 1, median of interleaved runs;
 and writes benchmarks/gpu.json (`render_markdown` turns it into a BENCHMARKS.md section).
 
@@ -174,10 +174,10 @@ def bench_grid(teacher_dir: Path, device: str, precision: str, batches, loras, c
 # ---------------------------------------------------------------- 4. studio latency against a stock pipeline
 
 def latency(pipe, student, repeats: int, teacher_steps: int = 50, student_steps=(1, 2, 4)) -> list[dict]:
-    """Median ms of `sampler.generate` and of a stock StableDiffusionPipeline on the same components, interleaved."""
+    """Median ms of `models.generation.generate` and of a stock StableDiffusionPipeline on the same components, interleaved."""
     from diffusers import StableDiffusionPipeline
 
-    from ..core.sampler import generate, make_scheduler
+    from ..models.generation import generate, make_scheduler
 
     dev = next(pipe.unet.parameters()).device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (torch.mps.synchronize if dev.type == "mps" else lambda: None)

@@ -2,7 +2,8 @@
 
 <run>/checkpoints/step-N/  student.safetensors, target.safetensors (theta^-), optimizer.safetensors + optimizer.json,
                            state.json (step, time, fp16's loss scale), the last file written: its presence marks
-                           a complete checkpoint; the newest `keep` are kept
+                           a complete checkpoint; the newest `keep` are kept; with --adversarial also
+                           discriminator.safetensors + discriminator_optimizer.{safetensors,json} (its heads, their AdamW)
 <run>/snapshots/step-N.safetensors  theta^-'s trainable tensors in fp16, for convergence curves
 
 Before a checkpoint is used, everything in it is checked against the run (`read_checkpoint` + `check_checkpoint`):
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from ..store.atomic import atomic_write, check_free, fsync_path, fsync_tree, write_fault
 
 FILES = ("student.safetensors", "target.safetensors", "optimizer.safetensors", "optimizer.json", "state.json")
+DISC_FILES = ("discriminator.safetensors", "discriminator_optimizer.safetensors", "discriminator_optimizer.json")
 STEP_DIR = re.compile(r"step-(\d+)\Z")
 _HEADROOM = 1.05  # free space asked for beyond a checkpoint's tensor bytes (headers, JSON, the file system's blocks)
 
@@ -75,8 +77,10 @@ def estimate_bytes(student: torch.nn.Module, opt: torch.optim.Optimizer | None =
     return int(trainable * (2 + moments)), int(2 * trainable if lora else whole)
 
 
-def save_checkpoint(run_dir: Path, step: int, student, target, opt, keep: int, grad_scaler: dict | None = None) -> Path:
-    """checkpoints/step-N/{student,target,optimizer}.safetensors + state.json (with fp16's loss scale), atomic.
+def save_checkpoint(run_dir: Path, step: int, student, target, opt, keep: int, grad_scaler: dict | None = None,
+                    discriminator: tuple | None = None) -> Path:
+    """checkpoints/step-N/{student,target,optimizer}.safetensors + state.json (with fp16's loss scale), atomic;
+    discriminator: (heads, their optimiser) of an adversarial run, saved beside them.
 
     Free space is checked first; a disk or permission fault is one WriteError sentence, the temp folder is removed
     and the previous checkpoint stays as it was."""
@@ -86,7 +90,12 @@ def save_checkpoint(run_dir: Path, step: int, student, target, opt, keep: int, g
     student_sd = _trainable_state(student)
     target_sd = {k: v.detach().cpu().contiguous() for k, v in target.state_dict().items() if k in student_sd}
     opt_t, opt_meta = _optimizer_tensors(opt)
-    need = int((_nbytes(student_sd) + _nbytes(target_sd) + _nbytes(opt_t)) * _HEADROOM) + 64 * 1024
+    if discriminator is not None:
+        disc_sd = _trainable_state(discriminator[0])
+        disc_t, disc_meta = _optimizer_tensors(discriminator[1])
+    else:
+        disc_sd, disc_t = {}, {}
+    need = int(sum(map(_nbytes, (student_sd, target_sd, opt_t, disc_sd, disc_t))) * _HEADROOM) + 64 * 1024
     what = f"checkpoint {final.name}"
     try:
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -97,6 +106,10 @@ def save_checkpoint(run_dir: Path, step: int, student, target, opt, keep: int, g
         save_file(target_sd, tmp / "target.safetensors")
         save_file(opt_t, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta, indent=2, default=str))
+        if discriminator is not None:
+            save_file(disc_sd, tmp / "discriminator.safetensors")
+            save_file(disc_t, tmp / "discriminator_optimizer.safetensors")
+            (tmp / "discriminator_optimizer.json").write_text(json.dumps(disc_meta, indent=2, default=str))
         (tmp / "state.json").write_text(json.dumps({"step": step, "time": time.time(), "grad_scaler": grad_scaler}))
         fsync_tree(tmp)
         if final.exists():
@@ -173,17 +186,29 @@ def read_checkpoint(ckpt: Path) -> dict:
         raise CheckpointError(f"state.json's step {step} disagrees with the folder name {ckpt.name}")
     if state.get("grad_scaler") is not None and not isinstance(state["grad_scaler"], dict):
         raise CheckpointError("state.json's grad_scaler is not an object")
-    meta = _json(ckpt / "optimizer.json")
+    ck = {"path": ckpt, "step": step, "state": state, "opt_meta": _optimizer_meta(ckpt / "optimizer.json"),
+          "student": _tensors(ckpt / "student.safetensors"), "target": _tensors(ckpt / "target.safetensors"),
+          "opt_tensors": _tensors(ckpt / "optimizer.safetensors")}
+    present = [f for f in DISC_FILES if (ckpt / f).is_file()]
+    if present and len(present) < len(DISC_FILES):
+        raise CheckpointError(f"it lacks {', '.join(f for f in DISC_FILES if f not in present)}")
+    if present:
+        ck["discriminator"] = {"params": _tensors(ckpt / DISC_FILES[0]), "opt_tensors": _tensors(ckpt / DISC_FILES[1]),
+                               "opt_meta": _optimizer_meta(ckpt / DISC_FILES[2])}
+    return ck
+
+
+def _optimizer_meta(path: Path) -> dict:
+    """An optimizer.json, checked for form: param_groups of integer indices, scalars that are numbers."""
+    meta = _json(path)
     groups = meta.get("param_groups") if isinstance(meta, dict) else None
     if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
                                                and all(_whole(i) for i in g["params"]) for g in groups):
-        raise CheckpointError("optimizer.json has no valid param_groups (a list of groups with integer params)")
+        raise CheckpointError(f"{path.name} has no valid param_groups (a list of groups with integer params)")
     scalars = meta.get("scalars", {})
     if not isinstance(scalars, dict) or not all(isinstance(v, (int, float, bool, type(None))) for v in scalars.values()):
-        raise CheckpointError("optimizer.json's scalars are not a mapping of numbers")
-    return {"path": ckpt, "step": step, "state": state, "opt_meta": {"param_groups": groups, "scalars": scalars},
-            "student": _tensors(ckpt / "student.safetensors"), "target": _tensors(ckpt / "target.safetensors"),
-            "opt_tensors": _tensors(ckpt / "optimizer.safetensors")}
+        raise CheckpointError(f"{path.name}'s scalars are not a mapping of numbers")
+    return {"param_groups": groups, "scalars": scalars}
 
 
 def _match(kind: str, found: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -202,43 +227,62 @@ def _match(kind: str, found: dict[str, torch.Tensor], expected: dict[str, torch.
             raise CheckpointError(f"{kind} tensor {k} holds non-finite values")
 
 
-def check_checkpoint(ck: dict, student, target, opt, max_steps: int | None = None) -> None:
-    """ck (read_checkpoint) against the run: tensors of student and theta^-, the optimiser's groups and moments, the step."""
+def check_checkpoint(ck: dict, student, target, opt, max_steps: int | None = None, discriminator: tuple | None = None) -> None:
+    """ck (read_checkpoint) against the run: tensors of student and theta^-, the optimiser's groups and moments, the
+    step; with discriminator (heads, optimiser) its heads and their optimiser too."""
     trainable = {k: p for k, p in student.named_parameters() if p.requires_grad}
     _match("student.safetensors", ck["student"], trainable)
     target_sd = target.state_dict()
     _match("target.safetensors", ck["target"], {k: target_sd[k] for k in trainable if k in target_sd})
-    groups, now = ck["opt_meta"]["param_groups"], opt.param_groups
+    _check_optimizer("optimizer.json", ck["opt_meta"], ck["opt_tensors"], opt,
+                     "another --cond-proj-lr-scale or --lora-rank?")
+    disc = ck.get("discriminator")
+    if (disc is None) != (discriminator is None):
+        raise CheckpointError("it has a discriminator and this run has none (resume with its --adversarial)"
+                              if discriminator is None else
+                              f"it lacks {DISC_FILES[0]}: it is not from an --adversarial run")
+    if disc is not None:
+        heads, d_opt = discriminator
+        _match(DISC_FILES[0], disc["params"], {k: p for k, p in heads.named_parameters() if p.requires_grad})
+        _check_optimizer(DISC_FILES[2], disc["opt_meta"], disc["opt_tensors"], d_opt, "another teacher?")
+    if max_steps is not None and ck["step"] > max_steps:
+        raise CheckpointBeyond(f"checkpoint {ck['path'].name} is at step {ck['step']}, past --max-steps {max_steps}; "
+                               f"pass --max-steps {ck['step']} or more to continue this run")
+
+
+def _check_optimizer(kind: str, meta: dict, tensors: dict[str, torch.Tensor], opt, hint: str) -> None:
+    """An optimiser's saved groups and moments against the run's optimiser `opt`."""
+    groups, now = meta["param_groups"], opt.param_groups
     if [len(g["params"]) for g in groups] != [len(g["params"]) for g in now]:
-        raise CheckpointError(f"optimizer.json has {len(groups)} parameter groups of sizes "
+        raise CheckpointError(f"{kind} has {len(groups)} parameter groups of sizes "
                               f"{[len(g['params']) for g in groups]}, this run's optimiser {len(now)} of sizes "
-                              f"{[len(g['params']) for g in now]} (another --cond-proj-lr-scale or --lora-rank?)")
+                              f"{[len(g['params']) for g in now]} ({hint})")
     params = [p for g in now for p in g["params"]]
     index = [i for g in groups for i in g["params"]]
     if sorted(index) != list(range(len(params))):
-        raise CheckpointError("optimizer.json's parameter indices are not 0..n-1, each once")
+        raise CheckpointError(f"{kind}'s parameter indices are not 0..n-1, each once")
     shape_of = dict(zip(index, (p.shape for p in params)))
-    for key in list(ck["opt_tensors"]) + list(ck["opt_meta"]["scalars"]):
+    for key in list(tensors) + list(meta["scalars"]):
         idx, _, name = key.partition(".")
         if not idx.isdigit() or int(idx) not in shape_of or not name:
             raise CheckpointError(f"optimizer state entry {key!r} names no parameter of this run's optimiser")
-    for key, t in ck["opt_tensors"].items():
+    for key, t in tensors.items():
         idx, name = key.split(".", 1)
         if name in ("exp_avg", "exp_avg_sq") and (tuple(t.shape) != tuple(shape_of[int(idx)]) or not t.is_floating_point()):
             raise CheckpointError(f"optimizer tensor {key} is {tuple(t.shape)} {t.dtype}, its parameter is "
                                   f"{tuple(shape_of[int(idx)])}")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"optimizer tensor {key} holds non-finite values")
-    if max_steps is not None and ck["step"] > max_steps:
-        raise CheckpointBeyond(f"checkpoint {ck['path'].name} is at step {ck['step']}, past --max-steps {max_steps}; "
-                               f"pass --max-steps {ck['step']} or more to continue this run")
 
 
-def _apply(ck: dict, student, target, opt, grad_scaler=None) -> int:
+def _apply(ck: dict, student, target, opt, grad_scaler=None, discriminator: tuple | None = None) -> int:
     try:
         student.load_state_dict(ck["student"], strict=False)
         target.load_state_dict(ck["target"], strict=False)
         _load_optimizer(opt, ck["opt_tensors"], ck["opt_meta"])
+        if discriminator is not None:
+            discriminator[0].load_state_dict(ck["discriminator"]["params"], strict=False)
+            _load_optimizer(discriminator[1], ck["discriminator"]["opt_tensors"], ck["discriminator"]["opt_meta"])
         if grad_scaler is not None and ck["state"].get("grad_scaler"):
             grad_scaler.load_state_dict(ck["state"]["grad_scaler"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
@@ -270,36 +314,38 @@ def last_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
     return None
 
 
-def load_checkpoint(ckpt: Path, student, target, opt, grad_scaler=None, max_steps: int | None = None) -> int:
-    """Validate, then restore student, target, optimiser and fp16's loss scale; returns the step to continue from."""
+def load_checkpoint(ckpt: Path, student, target, opt, grad_scaler=None, max_steps: int | None = None,
+                    discriminator: tuple | None = None) -> int:
+    """Validate, then restore student, target, optimiser, fp16's loss scale and an adversarial run's discriminator
+    (heads, optimiser); returns the step to continue from."""
     try:
         ck = read_checkpoint(ckpt)
-        check_checkpoint(ck, student, target, opt, max_steps)
+        check_checkpoint(ck, student, target, opt, max_steps, discriminator)
     except CheckpointBeyond:
         raise
     except CheckpointError as e:
         raise CheckpointError(f"checkpoint {ckpt} cannot be resumed from: {e}") from None
     try:
-        return _apply(ck, student, target, opt, grad_scaler)
+        return _apply(ck, student, target, opt, grad_scaler, discriminator)
     except CheckpointError as e:
         raise CheckpointError(f"checkpoint {ckpt} cannot be resumed from: {e}") from None
 
 
 def resume_checkpoint(run_dir: Path, resume: str, student, target, opt, grad_scaler=None,
-                      max_steps: int | None = None, log=print) -> tuple[Path | None, int]:
+                      max_steps: int | None = None, log=print, discriminator: tuple | None = None) -> tuple[Path | None, int]:
     """(checkpoint, step) restored for --resume: an explicit folder, or for 'latest' the newest one that validates.
 
     A damaged newer checkpoint is named in the log and skipped; (None, 0) when the run has no checkpoint at all;
     CheckpointError when it has some and none validates (they are left as they are)."""
     if resume != "latest":
-        return Path(resume), load_checkpoint(Path(resume), student, target, opt, grad_scaler, max_steps)
+        return Path(resume), load_checkpoint(Path(resume), student, target, opt, grad_scaler, max_steps, discriminator)
     candidates = sorted((p for p in (Path(run_dir) / "checkpoints").glob("step-*") if p.is_dir()), reverse=True)
     damaged = []
     for ckpt in candidates:
         try:
             ck = read_checkpoint(ckpt)
-            check_checkpoint(ck, student, target, opt, max_steps)
-            step = _apply(ck, student, target, opt, grad_scaler)
+            check_checkpoint(ck, student, target, opt, max_steps, discriminator)
+            step = _apply(ck, student, target, opt, grad_scaler, discriminator)
         except CheckpointBeyond:
             raise
         except CheckpointError as e:

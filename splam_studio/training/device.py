@@ -8,9 +8,9 @@
 
 `sample_dtype` is fp16 on CUDA and MPS (what a stock pipeline runs in) and fp32 on the CPU. The SD1.5 VAE can
 overflow fp16 at 512 px: training encodes in fp32 under fp16 (bf16 has fp32's range), and sampling decodes in fp16
-and decodes again in fp32 only when an image comes out non-finite (`sampler.decode_latents`). Models of different
+and decodes again in fp32 only when an image comes out non-finite (`models.generation.decode_latents`). Models of different
 dtypes meet only at their boundaries, where the caller casts (`student.unet_eps_model`, `solver.guided_eps`,
-`sampler.generate`).
+`models.generation.generate`).
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..core.sampler import generate
+from ..models.generation import generate
 from ..core.teacher import (TextCondition, added_conditioning, cfg_scale, encode_condition, encode_text, native_size,
                             uncond_like, vae_scale_factor)
 from .data import time_ids_of

@@ -29,10 +29,12 @@ from .device import resolve_runtime
 from .latents import LatentStore, batch_latents, files_identity, latent_cache, read_prompts, teacher_data
 from .memory import warn_if_short
 from ..core.schedule import NoiseSchedule
+from ..core.adversarial import Heads, feature_channels
 from ..core.splad import SpladConfig, splad_loss
 from ..core.student import build_student, ema_update, make_target
 from ..core.teacher import added_conditioning, cfg_scale, empty_condition, native_size, text_encoders, vae_scale_factor
 from ..models.export import export_run
+from ..models.generation import generate
 from ..models.loading import load_student, load_teacher, sampling_guidance
 from ..models.sdxl import load_vae
 from ..store.runs import (TRAINING_CONFIG, RunBusy, RunLock, StepLog, default_run_name, holds_only_the_lock,
@@ -105,6 +107,8 @@ class Optimisation:
     cond_proj_lr_scale: float = arg(1.0, "learning rate of the gamma projection (cond_proj) relative to --lr")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
+    adversarial_lr: float = arg(1e-4, "learning rate of the discriminator heads with --adversarial (AdamW, betas "
+                                      "(0, 0.99) as in LADD)")
     use_8bit_adam: bool = arg(False, "8-bit AdamW from bitsandbytes (CUDA)")
     gradient_checkpointing: bool = arg(False, "trade compute for memory in the student UNet (activations about 0.44x; "
                                               "the sd15 preset turns it on)")
@@ -200,6 +204,7 @@ class TrainConfig:
             "ema_decay": 0 <= self.ema_decay <= 1,
             "gamma_one_prob": 0 <= self.gamma_one_prob <= 1,
             "cond_proj_lr_scale": self.cond_proj_lr_scale > 0,
+            "adversarial_lr": 0 < self.adversarial_lr < 1,
             "num_ddim_steps": self.num_ddim_steps <= 1000,
             "lora_rank": self.lora_rank >= 0,
             "images_per_prompt": self.images_per_prompt >= 1,
@@ -608,6 +613,7 @@ class Models:
     student: torch.nn.Module
     target: torch.nn.Module
     uncond_1: Any  # the empty prompt's condition: (1, L, D) embeddings, SDXL a TextCondition
+    discriminator: torch.nn.Module | None = None  # --adversarial: heads on the teacher's features (core/adversarial.py)
 
 
 def setup_models(cfg: TrainConfig, rt, device: torch.device) -> Models:
@@ -625,7 +631,15 @@ def setup_models(cfg: TrainConfig, rt, device: torch.device) -> Models:
     target.to(device)
     with torch.no_grad():  # (1, L, D); SDXL a TextCondition (zeros with force_zeros_for_empty_prompt)
         uncond_1 = empty_condition(pipe, device)
-    return Models(pipe, NoiseSchedule.from_scheduler(pipe.scheduler), teacher, student, target, uncond_1)
+    heads = Heads(feature_channels(teacher)).to(device) if cfg.adversarial > 0 else None
+    return Models(pipe, NoiseSchedule.from_scheduler(pipe.scheduler), teacher, student, target, uncond_1, heads)
+
+
+def make_discriminator_optimizer(heads, cfg: TrainConfig) -> torch.optim.Optimizer | None:
+    """AdamW over the discriminator heads at adversarial_lr, betas (0, 0.99) (LADD); None without --adversarial."""
+    if heads is None:
+        return None
+    return torch.optim.AdamW(heads.parameters(), lr=cfg.adversarial_lr, betas=(0.0, 0.99))
 
 
 def _warn_if_disk_short(run_dir: Path, m: Models, opt, cfg: TrainConfig, log) -> None:
@@ -636,12 +650,15 @@ def _warn_if_disk_short(run_dir: Path, m: Models, opt, cfg: TrainConfig, log) ->
             f"(about {human_bytes(need)}); the run will stop at the checkpoint that does not fit")
 
 
-def _resume(cfg: TrainConfig, run_dir: Path, m: Models, opt, acc, log) -> int:
-    """The step the run continues at: 0, or that of the checkpoint --resume names (student, theta^-, optimiser loaded)."""
+def _resume(cfg: TrainConfig, run_dir: Path, m: Models, opt, acc, log, d_opt=None) -> int:
+    """The step the run continues at: 0, or that of the checkpoint --resume names (student, theta^-, optimiser and an
+    adversarial run's discriminator loaded)."""
     if not cfg.resume:
         return 0
+    disc = (m.discriminator, d_opt) if m.discriminator is not None else None
     try:
-        ckpt, start = resume_checkpoint(run_dir, cfg.resume, m.student, m.target, opt, acc.scaler, cfg.max_steps, log)
+        ckpt, start = resume_checkpoint(run_dir, cfg.resume, m.student, m.target, opt, acc.scaler, cfg.max_steps, log,
+                                        disc)
     except CheckpointError as e:
         raise TrainError(str(e)) from None
     if ckpt is None:
@@ -700,19 +717,26 @@ def batches(loader, skip: int, acc, source: str, counter=None):
 
 
 def train_step(m: Models, batch: dict, gen: torch.Generator, splad: SpladConfig, acc, opt, params, step: int,
-               cfg: TrainConfig, rt, lr_scheduler, loss_fn) -> tuple[torch.Tensor, float] | None:
+               cfg: TrainConfig, rt, lr_scheduler, loss_fn, d_opt=None) -> tuple[torch.Tensor, float] | None:
     """Algorithm 1 on one micro-batch: z_0 and text (step 1), loss_fn (steps 2-6, core/splad.py), backward, and on the
-    syncing micro-step the optimiser step. (loss, lr used), or None when the loss is non-finite on some rank: the
-    gradients are dropped and every rank skips the step."""
+    syncing micro-step the optimiser step (and the discriminator's, d_opt, with --adversarial). (loss, lr used), or
+    None when the loss is non-finite on some rank: the gradients are dropped and every rank skips the step."""
     with acc.accumulate(m.student):
         z_0, cond, uncond = encode_batch(m.pipe, batch, m.uncond_1, gen, rt.vae_dtype)
         with acc.autocast():
-            pairs = {"z_T": batch["z_T"]} if splad.regression > 0 else {}  # teacher data's initial noise
-            loss = loss_fn(splad, m.schedule, m.student, m.target, m.teacher, z_0, cond, uncond, gen, **pairs)
+            extra = {"z_T": batch["z_T"]} if splad.regression > 0 else {}  # teacher data's initial noise
+            if m.discriminator is not None:
+                extra["discriminator"] = m.discriminator
+            loss = loss_fn(splad, m.schedule, m.student, m.target, m.teacher, z_0, cond, uncond, gen, **extra)
         if not finite_on_all_ranks(loss, acc):
             opt.zero_grad(set_to_none=True)
+            if d_opt is not None:
+                d_opt.zero_grad(set_to_none=True)
             return None
         acc.backward(loss)
+        if d_opt is not None:  # an AcceleratedOptimizer: steps and zeroes only on the syncing micro-step
+            d_opt.step()
+            d_opt.zero_grad(set_to_none=True)
         return loss, optimizer_step(acc, opt, params, step, cfg, lr_scheduler)
 
 
@@ -765,7 +789,7 @@ class Trail:
                              f"checkpoint in {self.run_dir / 'checkpoints'} is intact; lower --lr or check the data")
         self.bar.update(1)
 
-    def stepped(self, step: int, loss: float, lr: float, m: Models, opt) -> None:
+    def stepped(self, step: int, loss: float, lr: float, m: Models, opt, d_opt=None) -> None:
         """Optimiser step `step` done (1-based): stats.jsonl (the lr it used, as diffusers' LCM script logs it),
         TensorBoard every log_every, checkpoint, snapshot and validation at their intervals."""
         cfg, acc = self.cfg, self.acc
@@ -782,8 +806,9 @@ class Trail:
             return
         student = acc.unwrap_model(m.student)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            disc = (acc.unwrap_model(m.discriminator), d_opt) if m.discriminator is not None else None
             save_checkpoint(self.run_dir, step, student, m.target, opt, cfg.keep_checkpoints,
-                            acc.scaler.state_dict() if acc.scaler is not None else None)
+                            acc.scaler.state_dict() if acc.scaler is not None else None, disc)
         if cfg.snapshot_every and step % cfg.snapshot_every == 0:
             save_snapshot(self.run_dir, step, student, m.target)
         if cfg.validate_every and step % cfg.validate_every == 0 and step < cfg.max_steps:
@@ -825,9 +850,10 @@ def _train(cfg: TrainConfig, run_dir: Path, log=print, loss_fn=None) -> Path:
     m = setup_models(cfg, rt, acc.device)
     params = trainable_parameters(m.student)  # what the gradient norm is clipped over
     opt = make_optimizer(m.student, cfg)
+    d_opt = make_discriminator_optimizer(m.discriminator, cfg)
     if acc.is_main_process:
         _warn_if_disk_short(run_dir, m, opt, cfg, log)
-    start = _resume(cfg, run_dir, m, opt, acc, log)
+    start = _resume(cfg, run_dir, m, opt, acc, log, d_opt)
     lr_scheduler = make_lr_scheduler(opt, cfg, start)
     # ---- 2. data and loader
     resolution = cfg.resolution or m.teacher.config.sample_size * vae_scale_factor(m.pipe.vae)
@@ -838,6 +864,8 @@ def _train(cfg: TrainConfig, run_dir: Path, log=print, loss_fn=None) -> Path:
     loader, skip, batch_size = make_loader(cfg, dataset, start, acc, log)
     requested, cfg = cfg.batch_size, dataclasses.replace(cfg, batch_size=batch_size)  # a small data set clamps it
     m.student, opt = acc.prepare(m.student, opt)
+    if m.discriminator is not None:
+        m.discriminator, d_opt = acc.prepare(m.discriminator, d_opt)
     # ---- 3. bookkeeping: the resolved config, trackers, stats.jsonl, progress
     resolved = resolved_config(cfg, run_dir.name, resolution, requested, m, rt, acc, dataset, store)
     trail = Trail(cfg, run_dir, resolved, start, acc, log)
@@ -855,7 +883,7 @@ def _train(cfg: TrainConfig, run_dir: Path, log=print, loss_fn=None) -> Path:
             micro += 1
             continue
         out = train_step(m, batch, step_generator(cfg.seed, step, micro, acc.process_index), splad, acc, opt, params,
-                         step, cfg, rt, lr_scheduler, loss_fn)
+                         step, cfg, rt, lr_scheduler, loss_fn, d_opt)
         if out is None:  # a non-finite loss: the whole step is skipped on every rank, its schedule step too
             trail.skipped(step)
             advance_schedule(lr_scheduler)
@@ -866,7 +894,7 @@ def _train(cfg: TrainConfig, run_dir: Path, log=print, loss_fn=None) -> Path:
             continue
         ema_update(m.target, acc.unwrap_model(m.student), cfg.ema_decay)  # 7. theta^- <- mu theta^- + (1 - mu) theta
         step, micro = step + 1, 0
-        trail.stepped(step, out[0].item(), out[1], m, opt)
+        trail.stepped(step, out[0].item(), out[1], m, opt, d_opt)
     # ---- 5. the end: export theta^-, the last validation, the done line
     trail.finish(step, start, m, resolved, counter)
     acc.end_training()
@@ -926,8 +954,6 @@ def _latent_source(cfg: TrainConfig, pipe, acc, resolution: int, log) -> tuple[t
 @torch.no_grad()
 def _validate(pipe, student, cfg: TrainConfig, run_dir: Path, step: int) -> Path | None:
     """A grid of 1/2/4-step samples of the validation prompts, saved as validation/step-N.png."""
-    from ..core.sampler import generate
-
     prompts = cfg.validation_prompts
     if not prompts:
         return None
