@@ -3,16 +3,32 @@
 # trainer, as a full pair and a LoRA pair, on 2 CPU cores (two runs at a time, one thread each, about 8 minutes a pair).
 #   bash scripts/xl_students.sh                 # all seeds, then the bench curves
 #   STAGE=lora bash scripts/xl_students.sh      # only the LoRA pair (seed 0)
+#   STAGE=embed bash scripts/xl_students.sh     # copy the seed-0 full pair into weights/ as the `shapes-xl` set
 # Every run is the `shapes` preset (600 steps, batch 32, p(gamma = 1) 0.8) with --teacher weights/shapes-xl-teacher;
 # SPLAM and LCM differ only in --method. The full pair is lr 1e-5 (the SD pair's recipe); the LoRA pair is rank 16 at
 # lr 5e-4 with the gamma projection at the same lr (--cond-proj-lr-scale 1). Seed 0 of each pair is what the
-# `shapes-xl` model set embeds (copy with `python -m splam_studio.tools.world embed-xl`); seeds 1 and 2 stay in runs/xl.
+# `shapes-xl` model set embeds (STAGE=embed: weights/shapes-xl-{splam,lcm}); seeds 1 and 2 stay in runs/xl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 OUT=${OUT:-runs/xl}
 TRAIN="--teacher weights/shapes-xl-teacher --threads 1 ${TRAIN:-}"
 LORA="--lora-rank 16 --lr 5e-4 --cond-proj-lr-scale 1"
+embed() {  # embed RUN NAME: the exported student of a finished run, its config, stats and last validation grid
+  local src=$OUT/$1 dst=weights/$2
+  rm -rf "$dst.tmp" && mkdir -p "$dst.tmp"
+  cp -r "$src/unet" "$src/stats.jsonl" "$src/validation" "$dst.tmp/"
+  "$PY" - "$src/training_config.json" "$dst.tmp/training_config.json" "$2" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c.update(run_name=sys.argv[3], output_dir="weights")
+json.dump(c, open(sys.argv[2], "w"), indent=2)
+PY
+  rm -rf "$dst" && mv "$dst.tmp" "$dst"
+}
+if [ "${STAGE:-all}" = embed ]; then
+  embed xl-splam shapes-xl-splam && embed xl-lcm shapes-xl-lcm && exit 0
+fi
 SPECS=()
 case "${STAGE:-all}" in
   lora) SPECS+=("xl-splam-lora --method splam $LORA" "xl-lcm-lora --method lcm $LORA") ;;

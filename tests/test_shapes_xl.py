@@ -234,3 +234,24 @@ def test_a_short_distillation_on_the_xl_teacher_beats_the_untrained_student(tmp_
             mse[name, k] = float(((lat - ref) ** 2).mean())
     for k in (2, 4):
         assert mse["trained", k] < 0.98 * mse["untrained", k], mse
+
+
+def test_the_embedded_shapes_xl_set_compares_offline():
+    """`--models shapes-xl`: the embedded XL teacher and its two students, loaded from weights/ with no hub, compared
+    on one prompt and seed; both students are SDXL-architecture UNets with the gamma projection."""
+    from pathlib import Path
+
+    from splam_studio.models.model_sets import get_model_set
+    from splam_studio.studio.logic import Studio
+
+    weights = Path(__file__).resolve().parents[1] / "weights"
+    ms = get_model_set("shapes-xl")
+    studio = Studio.for_model_set("shapes-xl", weights, device="cpu", allow_hub=False, warm_up=False)
+    assert (studio.defaults["teacher"], studio.defaults["splam"], studio.defaults["lcm"]) == \
+        (ms.teacher, ms.splam.repo, ms.lcm.repo)
+    r = studio.compare(CAPTIONS[0], seed=3, student_steps=2, teacher_steps=4, guidance_scale=7.5, repeats=1, warmup=0)
+    assert [p.role for p in r.panels] == ["teacher", "lcm", "splam"]
+    assert all(np.asarray(p.image).std() > 1 for p in r.panels)  # real images, not a flat fill
+    for role in ("splam", "lcm"):
+        unet = studio.student(getattr(ms, role).repo, ms.teacher, role)
+        assert unet.config.addition_embed_type == "text_time" and unet.config.time_cond_proj_dim is not None

@@ -59,6 +59,12 @@ MODEL_SETS: dict[str, ModelSet] = {
         lcm=Student("shapes-lcm", "run", 7.5), splam=Student("shapes-splam", "run", 7.5),
         resolution=64, teacher_guidance=7.5, gpu_precision="auto",
         about="The project's own small world: trained here on a CPU, runs anywhere, offline."),
+    "shapes-xl": ModelSet(
+        name="shapes-xl", title="Shapes-XL (embedded, SDXL architecture, 64 px)", teacher="shapes-xl-teacher",
+        lcm=Student("shapes-xl-lcm", "run", 7.5), splam=Student("shapes-xl-splam", "run", 7.5),
+        resolution=64, teacher_guidance=7.5, gpu_precision="auto",
+        about="The same world on an SDXL-architecture teacher (two text encoders, pooled embeds, size and crop time "
+              "ids), its students distilled here by the SDXL path of the trainer; offline."),
     "dreamshaper7": ModelSet(
         name="dreamshaper7", title="Dreamshaper 7 (512 px): the released matched trio",
         teacher="Lykon/dreamshaper-7",
