@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from ..core.teacher import cfg_scale
 from .export import COND_PROJ_FILE, COND_PROJ_KEY, LDM_PREFIXES, LORA_WEIGHTS, STUDENT_UNET_CONFIG
+from ..store.atomic import one_line
 from ..store.runs import RUN_NAME, TRAINING_CONFIG, WEIGHTS_ENV, valid_run_name, weights_dir  # noqa: F401  (re-exported)
 
 EMBEDDED = {
@@ -46,12 +47,8 @@ class ModelLoadError(ValueError):
 
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:400]
-
-
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE is set (huggingface_hub's constant, or the environment after import): only the cache is read."""
     import huggingface_hub
 
     return bool(huggingface_hub.constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
@@ -146,11 +143,11 @@ def _hub_snapshot(repo_id: str, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     check_hub_id(repo_id)
-    return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=_hub_offline()))
+    return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=hub_offline()))
 
 
 def _hub_failure(e: BaseException) -> str:
-    return hub_cache_text(_one_line(e))
+    return hub_cache_text(one_line(e))
 
 
 def _check_sd_folder(path: Path, allow_pickle: bool) -> None:
@@ -212,7 +209,7 @@ def _load_diffusers_folder(path: Path, dtype: torch.dtype, allow_pickle: bool) -
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - one readable line instead of a traceback
-        raise ModelLoadError(f"cannot load the diffusers folder {path}: {_one_line(e)}") from None
+        raise ModelLoadError(f"cannot load the diffusers folder {path}: {one_line(e)}") from None
     return _finish(pipe)
 
 
@@ -221,7 +218,7 @@ def _checkpoint_keys(path: Path) -> list[str]:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"{path} is not a readable .safetensors file: {_one_line(e)}") from None
+        raise ModelLoadError(f"{path} is not a readable .safetensors file: {one_line(e)}") from None
 
 
 def _load_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool,
@@ -244,11 +241,11 @@ def _load_single_file(path: Path, dtype: torch.dtype, allow_pickle: bool,
     try:
         pipe = StableDiffusionPipeline.from_single_file(
             str(path), config=str(config) if config else None, torch_dtype=dtype, safety_checker=None,
-            requires_safety_checker=False, local_files_only=config is not None or _hub_offline())
+            requires_safety_checker=False, local_files_only=config is not None or hub_offline())
     except Exception as e:  # noqa: BLE001
         hint = ("" if config else " Offline, the SD1.5 component configs cannot be fetched: pass config=<a local "
                 "diffusers SD1.5 folder> (CLI: --teacher-config) holding model_index.json and the component configs.")
-        raise ModelLoadError(f"cannot load single-file checkpoint {path.name}: {_one_line(e)}.{hint}") from None
+        raise ModelLoadError(f"cannot load single-file checkpoint {path.name}: {one_line(e)}.{hint}") from None
     return _finish(pipe)
 
 
@@ -263,7 +260,7 @@ def load_hub_teacher(repo_id: str, *, torch_dtype: torch.dtype = torch.float32,
     from .sdxl import hub_is_sdxl, load_sdxl_teacher
 
     check_hub_id(repo_id)
-    offline = _hub_offline()
+    offline = hub_offline()
     if hub_is_sdxl(repo_id):
         from diffusers import StableDiffusionXLPipeline
 
@@ -317,7 +314,7 @@ def load_hub_student(repo_id: str, teacher_pipe: StableDiffusionPipeline, kind: 
             return loaders[k](repo_id, teacher_pipe, allow_pickle).eval()
         except ModelLoadError as e:
             errors.append(str(e))
-    offline = " (HF_HUB_OFFLINE is set: only the local Hugging Face cache is read)" if _hub_offline() else ""
+    offline = " (HF_HUB_OFFLINE is set: only the local Hugging Face cache is read)" if hub_offline() else ""
     raise ModelLoadError(f"cannot load student {repo_id!r}{offline}: " + "; ".join(errors))
 
 
@@ -370,7 +367,7 @@ def _hub_lora(repo_id: str, pipe, allow_pickle: bool) -> UNet2DConditionModel:
         unet.fuse_lora()
         unet.unload_lora()
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"{repo_id} as a LoRA does not fit the teacher: {_one_line(e)}") from None
+        raise ModelLoadError(f"{repo_id} as a LoRA does not fit the teacher: {one_line(e)}") from None
     return unet
 
 
@@ -383,7 +380,7 @@ def _hub_adapter(repo_id: str, pipe, allow_pickle: bool):
     try:
         return share_lora(pipe.unet, adapter_name(repo_id), state, alphas, pipeline_class(pipe))
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"{repo_id} as a LoRA adapter does not fit the teacher: {_one_line(e)}") from None
+        raise ModelLoadError(f"{repo_id} as a LoRA adapter does not fit the teacher: {one_line(e)}") from None
 
 
 # ---- students --------------------------------------------------------------------------------------------------
@@ -438,7 +435,7 @@ def _load_full_student(folder: Path, teacher: UNet2DConditionModel) -> UNet2DCon
     try:
         return UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=teacher.dtype, use_safetensors=True)
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"cannot load the student UNet {folder}: {_one_line(e)}") from None
+        raise ModelLoadError(f"cannot load the student UNet {folder}: {one_line(e)}") from None
 
 
 def _load_lora_student(folder: Path, teacher: UNet2DConditionModel, fuse: bool) -> UNet2DConditionModel:
@@ -461,7 +458,7 @@ def _load_lora_student(folder: Path, teacher: UNet2DConditionModel, fuse: bool) 
         unet.load_state_dict(state, strict=True, assign=True)
         unet.load_lora_adapter(str(folder), weight_name=LORA_WEIGHTS, prefix="unet", adapter_name="student")
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"LoRA student {folder} does not fit its teacher: {_one_line(e)}") from None
+        raise ModelLoadError(f"LoRA student {folder} does not fit its teacher: {one_line(e)}") from None
     if fuse:
         unet.fuse_lora()
         unet.unload_lora()

@@ -46,13 +46,13 @@ def hub_is_sdxl(repo_id: str) -> bool:
     """The hub repo's (or the local cache's) model_index.json names an SDXL pipeline; False when it cannot be read."""
     from huggingface_hub import hf_hub_download
 
-    from .loading import _hub_offline, is_hub_id
+    from .loading import hub_offline, is_hub_id
 
     if not is_hub_id(repo_id):
         return False
     try:
         return _index_is_sdxl(json.loads(Path(hf_hub_download(repo_id, "model_index.json",
-                                                             local_files_only=_hub_offline())).read_text()))
+                                                             local_files_only=hub_offline())).read_text()))
     except Exception:  # noqa: BLE001 - unreachable or no index: the SD loader reports it
         return False
 
@@ -94,7 +94,8 @@ def load_sdxl_teacher(source: str | Path, *, torch_dtype: torch.dtype = torch.fl
     diffusers SDXL folder with the component configs, offline); `vae` a diffusers VAE folder replacing the teacher's."""
     from diffusers import StableDiffusionXLPipeline
 
-    from .loading import ModelLoadError, _hub_failure, _hub_offline, _is, _one_line, check_hub_id
+    from ..store.atomic import one_line
+    from .loading import ModelLoadError, _hub_failure, _is, check_hub_id, hub_offline
 
     source = str(source)
     path = Path(source).expanduser()
@@ -109,11 +110,11 @@ def load_sdxl_teacher(source: str | Path, *, torch_dtype: torch.dtype = torch.fl
                 raise ModelLoadError(f"config={config} must be a local diffusers SDXL folder (model_index.json of a "
                                      f"{SDXL_PIPELINE})")
             pipe = StableDiffusionXLPipeline.from_single_file(str(path), config=str(config) if config else None,
-                                                              local_files_only=config is not None or _hub_offline(), **kw)
+                                                              local_files_only=config is not None or hub_offline(), **kw)
         else:
             check_hub_id(source)
             folder = StableDiffusionXLPipeline.download(source, use_safetensors=not allow_pickle,
-                                                        local_files_only=_hub_offline())
+                                                        local_files_only=hub_offline())
             pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), local_files_only=True,
                                                              use_safetensors=not allow_pickle, **kw)
     except ModelLoadError:
@@ -121,7 +122,7 @@ def load_sdxl_teacher(source: str | Path, *, torch_dtype: torch.dtype = torch.fl
     except Exception as e:  # noqa: BLE001 - one readable line instead of a traceback
         hint = (" Offline, the SDXL component configs cannot be fetched: pass --teacher-config <a local diffusers SDXL "
                 "folder>." if _is(path.is_file) and config is None else "")
-        raise ModelLoadError(f"cannot load SDXL teacher {source}: {_hub_failure(e) if not _is(path.exists) else _one_line(e)}."
+        raise ModelLoadError(f"cannot load SDXL teacher {source}: {_hub_failure(e) if not _is(path.exists) else one_line(e)}."
                              f"{hint}") from None
     if vae is not None:
         pipe.vae = load_vae(vae, torch_dtype)
@@ -133,13 +134,14 @@ def load_vae(folder: str | Path, dtype: torch.dtype = torch.float32):
     """A diffusers AutoencoderKL folder (e.g. a fixed fp16 SDXL VAE), checked for re-initialised weights."""
     from diffusers import AutoencoderKL
 
-    from .loading import ModelLoadError, _check_loaded, _one_line
+    from ..store.atomic import one_line
+    from .loading import ModelLoadError, _check_loaded
 
     try:
         vae, info = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True, use_safetensors=True,
                                                   output_loading_info=True)
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"--vae {folder}: not a diffusers AutoencoderKL folder ({_one_line(e)})") from None
+        raise ModelLoadError(f"--vae {folder}: not a diffusers AutoencoderKL folder ({one_line(e)})") from None
     _check_loaded(info, Path(folder))
     return vae
 

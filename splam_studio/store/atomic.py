@@ -73,6 +73,12 @@ class WriteError(RuntimeError):
     """A write that the disk refused (full, read-only, no permission): one sentence with the folder and the sizes."""
 
 
+def one_line(e: BaseException, limit: int = 400) -> str:
+    """An exception as one line for a user's message: its type and the first line of its text, at most `limit` chars."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}"[:limit] if text else type(e).__name__
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "an unknown amount"

@@ -29,11 +29,11 @@ from ..training.memory import weights_bytes
 from ..core.error_bound import ErrorBound, guided_trajectory, student_error_bounds
 from ..models.adapters import activate
 from ..models.loading import (
-    ModelLoadError, RunInfo, hub_cache_text, hub_id_problem, list_runs, load_hub_teacher, load_student, load_teacher,
-    resolve_run, sampling_guidance,
+    ModelLoadError, RunInfo, hub_cache_text, hub_id_problem, hub_offline, list_runs, load_hub_teacher, load_student,
+    load_teacher, resolve_run, sampling_guidance,
 )
 from ..models.generation import decode_latents, generate, initial_noise
-from ..core.metrics import latent_mse
+from ..core.metrics import latent_mse, psnr
 from ..core.schedule import NoiseSchedule
 from ..core.student import clean_fn
 from ..core.teacher import cfg_scale, lcm_w, pipeline_conditions, vae_scale_factor
@@ -911,9 +911,9 @@ def _abs_diff(image, ref):
 
 
 def image_psnr(image, ref) -> float:
-    """PSNR in dB of two same-size images (data range 1); inf when identical."""
-    mse = float(((_pixels(image) - _pixels(ref)) ** 2).mean())
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+    """PSNR in dB of two same-size images (core.metrics.psnr, data range 1); inf when identical."""
+    a, b = (torch.from_numpy(_pixels(x))[None] for x in (image, ref))
+    return math.inf if torch.equal(a, b) else float(psnr(a, b, data_range=1.0)[0])
 
 
 def difference_heatmap(image, ref, scale: float | None = None, min_size: int = 256):
@@ -964,9 +964,7 @@ _reachable: dict[str, tuple[float, bool]] = {}  # host -> (checked at, reachable
 
 def hub_reachable(timeout: float = 1.0) -> bool:
     """False when HF_HUB_OFFLINE is set or huggingface.co does not accept a connection within `timeout` seconds."""
-    from huggingface_hub import constants
-
-    if bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+    if hub_offline():
         return False
     host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("//")[-1].split("/")[0].split(":")[0]
     checked = _reachable.get(host)
@@ -1015,6 +1013,3 @@ def _load_hub_student(repo: str, pipe):
         raise StudioError(_hub_hint(str(e), repo)) from None
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:200]

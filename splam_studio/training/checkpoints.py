@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..store.atomic import atomic_write, check_free, fsync_path, fsync_tree, write_fault
+from ..store.atomic import atomic_write, check_free, fsync_path, fsync_tree, one_line, write_fault
 
 FILES = ("student.safetensors", "target.safetensors", "optimizer.safetensors", "optimizer.json", "state.json")
 DISC_FILES = ("discriminator.safetensors", "discriminator_optimizer.safetensors", "discriminator_optimizer.json")
@@ -144,23 +144,18 @@ def save_snapshot(run_dir: Path, step: int, student, target) -> Path:
 
 # ---------------------------------------------------------------- reading and validating
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
 def _json(path: Path):
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path.name} is unreadable ({_first_line(e)})") from None
+        raise CheckpointError(f"{path.name} is unreadable ({one_line(e, 240)})") from None
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for truncated or garbage files
-        raise CheckpointError(f"{path.name} is unreadable ({_first_line(e)})") from None
+        raise CheckpointError(f"{path.name} is unreadable ({one_line(e, 240)})") from None
 
 
 def _whole(v) -> bool:
@@ -286,7 +281,7 @@ def _apply(ck: dict, student, target, opt, grad_scaler=None, discriminator: tupl
         if grad_scaler is not None and ck["state"].get("grad_scaler"):
             grad_scaler.load_state_dict(ck["state"]["grad_scaler"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise CheckpointError(f"it does not load ({_first_line(e)})") from None
+        raise CheckpointError(f"it does not load ({one_line(e, 240)})") from None
     return ck["step"]
 
 
