@@ -50,7 +50,9 @@ class ModelSet:
     @property
     def hub(self) -> bool:
         """Whether any model comes from the hub (or a Hugging Face cache)."""
-        return any(s.kind != "run" for s in (self.lcm, self.splam)) or "/" in self.teacher
+        from .loading import is_hub_id  # the one hub-id rule (huggingface_hub's)
+
+        return any(s.kind != "run" for s in (self.lcm, self.splam)) or is_hub_id(self.teacher)
 
 
 MODEL_SETS: dict[str, ModelSet] = {

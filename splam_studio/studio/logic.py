@@ -29,7 +29,7 @@ from ..training.memory import weights_bytes
 from ..core.error_bound import ErrorBound, guided_trajectory, student_error_bounds
 from ..models.adapters import activate
 from ..models.loading import (
-    ModelLoadError, RunInfo, hub_cache_text, hub_id_problem, hub_offline, list_runs, load_hub_teacher, load_student,
+    ModelLoadError, RunInfo, hub_cache_text, hub_offline, is_hub_id, list_runs, load_hub_teacher, load_student,
     load_teacher, resolve_run, sampling_guidance,
 )
 from ..models.generation import decode_latents, generate, initial_noise
@@ -532,7 +532,7 @@ class Studio:
                     raise StudioError(f"{name!r} is a {kind}, not a {what}; choose one of "
                                       f"{self.teacher_choices() if role == 'teacher' else self.student_choices(role)}")
                 return "path", path
-        if "/" in name and hub_id_problem(name) is None:  # huggingface_hub's rules, before any cache path is built
+        if is_hub_id(name):  # huggingface_hub's rules, before any cache path is built
             if not self.allow_hub:
                 raise StudioError(f"hub models are disabled on this server; choose one of {self._choices(role)}")
             return "hub", name  # loaded from the hub (or its cache) only: never a folder of that name on this machine
