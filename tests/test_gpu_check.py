@@ -48,3 +48,17 @@ def test_failed_run_is_reported_and_fails_the_check():
     doc["summary"] = gpu_check._summary(doc)
     assert doc["summary"]["train_runs_ok"] == {"value": "0/1", "target": "all", "met": False}
     assert "FAILED in resume" in gpu_check.render_markdown(doc)
+
+
+def test_latency_times_an_sdxl_teacher_against_the_stock_sdxl_pipeline(tmp_path):
+    """The studio-vs-stock latency rows for an SDXL teacher: the stock side is the teacher family's pipeline (a
+    StableDiffusionPipeline cannot take an SDXL teacher's second text encoder)."""
+    from splam_studio.core.student import build_student
+    from splam_studio.tools.gpu_check import latency
+    from tests.tiny import make_tiny_xl_pipeline
+
+    pipe = make_tiny_xl_pipeline(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    rows = latency(pipe, build_student(pipe.unet, "zero").eval(), repeats=1, teacher_steps=2, student_steps=(1,))
+    assert [(r["model"], r["steps"]) for r in rows] == [("teacher", 2), ("student", 1)]
+    assert all(r["studio_ms"] > 0 and r["stock_ms"] > 0 for r in rows)

@@ -12,6 +12,7 @@ and writes benchmarks/gpu.json (`render_markdown` turns it into a BENCHMARKS.md 
 
     python -m splam_studio.tools.gpu_check --tiny                   # the same code path at tiny size (CPU, CI)
     python -m splam_studio.tools.gpu_check --only latency --teacher shapes --device cpu --out benchmarks/latency_cpu.json
+    python -m splam_studio.tools.gpu_check --only latency --teacher shapes-xl-teacher --device cpu --out benchmarks/latency_cpu_xl.json
 
 Random weights make no sensible pictures, but every shape, dtype, time and memory figure is the real one.
 """
@@ -174,9 +175,9 @@ def bench_grid(teacher_dir: Path, device: str, precision: str, batches, loras, c
 # ---------------------------------------------------------------- 4. studio latency against a stock pipeline
 
 def latency(pipe, student, repeats: int, teacher_steps: int = 50, student_steps=(1, 2, 4)) -> list[dict]:
-    """Median ms of `models.generation.generate` and of a stock StableDiffusionPipeline on the same components, interleaved."""
-    from diffusers import StableDiffusionPipeline
-
+    """Median ms of `models.generation.generate` and of the stock pipeline of the teacher's family (a
+    StableDiffusionPipeline, or a StableDiffusionXLPipeline for an SDXL teacher) on the same components, interleaved."""
+    from ..core.teacher import pipeline_class
     from ..models.generation import generate, make_scheduler
 
     dev = next(pipe.unet.parameters()).device
@@ -185,7 +186,7 @@ def latency(pipe, student, repeats: int, teacher_steps: int = 50, student_steps=
     cases = [("teacher", "ddim", teacher_steps, 7.5, None)] + [("student", "lcm", n, 1.0, student) for n in student_steps]
     rows = []
     for who, sampler, steps, cfg, unet in cases:
-        stock = StableDiffusionPipeline(**{**pipe.components, "unet": unet if unet is not None else pipe.unet,
+        stock = pipeline_class(pipe)(**{**pipe.components, "unet": unet if unet is not None else pipe.unet,
                                            "scheduler": make_scheduler(sampler, pipe.scheduler.config)})
         stock.set_progress_bar_config(disable=True)
         fns = {"studio": lambda: generate(pipe, prompt=prompt, sampler=sampler, steps=steps, seed=0, unet=unet, guidance_scale=cfg),
@@ -211,6 +212,7 @@ def latency_for(teacher: str, device: str, repeats: int, teacher_steps: int = 50
     from ..training.device import resolve_runtime
     from ..models.loading import load_teacher
     from ..core.student import build_student
+    from ..core.teacher import vae_scale_factor
 
     rt = resolve_runtime(device, "auto")
     pipe = load_teacher(teacher, torch_dtype=rt.sample_dtype).to(rt.device)
@@ -220,7 +222,7 @@ def latency_for(teacher: str, device: str, repeats: int, teacher_steps: int = 50
     t50 = next(r for r in rows if r["model"] == "teacher")["studio_ms"]
     s4 = next((r for r in rows if r["model"] == "student" and r["steps"] == 4), None)
     return {"device": str(rt.device), "dtype": str(rt.sample_dtype).removeprefix("torch."), "teacher": teacher,
-            "resolution": pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1), "rows": rows,
+            "resolution": pipe.unet.config.sample_size * vae_scale_factor(pipe.vae), "rows": rows,
             "speedup_4_steps": round(t50 / s4["studio_ms"], 2) if s4 else None}
 
 
