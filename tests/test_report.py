@@ -100,10 +100,21 @@ def test_xl_teacher_section_follows_its_json(tmp_path):
 
 
 def test_xl_students_section_follows_its_json(tmp_path):
+    """The Shapes-XL section: a seed table (full pair and LoRA pair apart, each SPLAM judged against the LCM of the
+    same form) and the curves per run."""
     folder = tmp_path / "benchmarks"
     folder.mkdir()
+    runs = {f"xl-{m}-s{i}": _run(m, i, [70, base + i]) for m, base in (("splam", 40), ("lcm", 50)) for i in range(2)}
+    for m, base in (("splam", 120), ("lcm", 110)):
+        for i in range(2):
+            runs[f"xl-{m}-lora-s{i}"] = r = _run(m, i, [150, base + i])
+            r["config"].update(lora_rank=16, lr=5e-4)
     xl = {"n": 500, "guidance": 7.5, "teacher": {"fid": 60.0}, "untrained": {s: {"fid": 80.0, "teacher_mse": 0.45} for s in ("1", "2", "4")},
-          "runs": {"xl-splam": _run("splam", 0, [70, 40])}}
+          "runs": runs}
     (folder / "xl_curves.json").write_text(json.dumps(xl))
     text = write_benchmarks_md(folder, tmp_path / "B.md").read_text()
-    assert "### Shapes-XL students (issue 22): the SDXL path distils" in text and "| xl-splam | splam |" in text
+    assert "### Shapes-XL students over training seeds (issue 22): the SDXL path distils" in text
+    assert "### Shapes-XL students along training (issue 22)" in text and "| xl-splam-s0 | splam |" in text
+    assert "| lcm (LoRA rank 16, lr 0.0005) | 2 |" in text and "| lcm | 2 |" in text
+    assert "Verdict, splam (LoRA rank 16, lr 0.0005)" in text and "against lcm (LoRA rank 16, lr 0.0005)" in text
+    assert "lora_rank 16" in text  # the recipe column names the LoRA

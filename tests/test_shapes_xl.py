@@ -255,3 +255,9 @@ def test_the_embedded_shapes_xl_set_compares_offline():
     for role in ("splam", "lcm"):
         unet = studio.student(getattr(ms, role).repo, ms.teacher, role)
         assert unet.config.addition_embed_type == "text_time" and unet.config.time_cond_proj_dim is not None
+    from diffusers import StableDiffusionXLPipeline
+
+    from splam_studio.models.loading import load_teacher
+
+    for name in ("shapes-xl", "shapes-xl-teacher"):  # embedded names, as --teacher takes them
+        assert isinstance(load_teacher(name, weights=weights), StableDiffusionXLPipeline)

@@ -30,6 +30,10 @@ EMBEDDED = {
     "shapes-splam": "shapes-splam",
     "shapes-lcm": "shapes-lcm",
     "shapes-evaluator": "shapes-evaluator",
+    "shapes-xl": "shapes-xl-teacher",
+    "shapes-xl-teacher": "shapes-xl-teacher",
+    "shapes-xl-splam": "shapes-xl-splam",
+    "shapes-xl-lcm": "shapes-xl-lcm",
 }
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -64,16 +68,15 @@ def load_teacher(source: str | Path, *, torch_dtype: torch.dtype = torch.float32
     SD1.5 configs cannot be fetched from the hub).
     """
     source = str(source)
-    if source not in EMBEDDED:  # the family is read from the source: SDXL folders, single files and hub repos
-        from .sdxl import is_sdxl_source, load_sdxl_teacher
-
-        if is_sdxl_source(source):
-            return load_sdxl_teacher(source, torch_dtype=torch_dtype, allow_pickle=allow_pickle, config=config)
-    if source in EMBEDDED:
+    if source in EMBEDDED:  # an embedded name is its folder under weights/
         path = (weights or weights_dir()) / EMBEDDED[source]
         if not path.is_dir():
             raise ModelLoadError(f"embedded model {source!r} not found at {path} (set {WEIGHTS_ENV} to the weights folder)")
-        return _load_diffusers_folder(path, torch_dtype, allow_pickle)
+        source = str(path)
+    from .sdxl import is_sdxl_source, load_sdxl_teacher
+
+    if is_sdxl_source(source):  # the family is read from the source: SDXL folders, single files and hub repos
+        return load_sdxl_teacher(source, torch_dtype=torch_dtype, allow_pickle=allow_pickle, config=config)
     path = Path(source).expanduser()
     if _is(path.is_dir):
         return _load_diffusers_folder(path, torch_dtype, allow_pickle)

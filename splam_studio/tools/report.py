@@ -14,6 +14,7 @@ Each section appears only when its JSON exists; every number comes from those fi
     benchmarks/threads.json      python -m splam_studio.tools.threads_bench  (torch threads, idle and loaded)
     benchmarks/compare_latency.json python -m splam_studio.tools.compare_latency (the Compare tab's latencies, idle and loaded)
     benchmarks/sweep.json        python -m splam_studio.tools.bench --curves RUN... (the recipe sweep, curves along training)
+    benchmarks/latency_cpu_xl.json  python -m splam_studio.tools.gpu_check --only latency --teacher shapes-xl-teacher --device cpu
     benchmarks/seeds.json        python -m splam_studio.tools.bench --curves RUN... (SPLAM vs LCM, several training seeds)
 """
 from __future__ import annotations
@@ -129,7 +130,7 @@ def plateau(points: list[dict], steps: str, key: str) -> tuple[float, float, boo
 
 
 def _recipe(cfg: dict) -> str:
-    keys = ("lr", "lr_schedule", "ema_decay", "batch_size", "seed", "m", "gamma_one_prob", "gamma_scale", "gamma_time",
+    keys = ("lora_rank", "lr", "lr_schedule", "ema_decay", "batch_size", "seed", "m", "gamma_one_prob", "gamma_scale", "gamma_time",
             "cond_proj_lr_scale", "huber_c", "w", "w_min", "w_max", "init_from")
     gamma_only = ("gamma_one_prob", "gamma_scale", "gamma_time", "cond_proj_lr_scale")  # meaningless at gamma = 1 (LCM)
     parts = [f"{k} {cfg[k]}" for k in keys if cfg.get(k) is not None
@@ -146,6 +147,9 @@ def _one_step_recipe(cfg: dict) -> list[str]:
         out.append(f"p(t = 999) {cfg['t_top_prob']:g}")
     if cfg.get("regression"):
         out.append(f"regression {cfg['regression']:g}")
+    if cfg.get("adversarial"):
+        out.append(f"adversarial {cfg['adversarial']:g} (t_d <= {cfg.get('adversarial_t_max', 750)}, "
+                   f"lr {cfg.get('adversarial_lr', 1e-4):g})")
     if cfg.get("prompts"):
         out.append("teacher data (prompts only)")
     return out
@@ -186,7 +190,7 @@ def seed_groups(d: dict) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for r in d["runs"].values():
         c = r["config"]
-        label = c["method"]
+        label = c["method"] + _lora_label(c)
         if (c.get("m") or 1) != 1:
             label += f" (m {c['m']})"
         if c["method"] == "splam" and (c.get("gamma_scale") or 10.0) != 10.0:
@@ -206,12 +210,16 @@ def seed_groups(d: dict) -> dict[str, list[dict]]:
 PROMPTS_ONLY = " (teacher data (prompts only))"
 
 
+def _lora_label(c: dict) -> str:
+    return f" (LoRA rank {c['lora_rank']}, lr {c['lr']:g})" if c.get("lora_rank") else ""
+
+
 def _lcm_group_for(label: str, groups: dict[str, list[dict]]) -> str | None:
     """The LCM group a SPLAM group is judged against: LCM at the same m (the same sub-path length k), on the same
     data (teacher data from prompts, or the rendered images)."""
     c = groups[label][0]["config"]
     m = c.get("m") or 1
-    base = ("lcm" if m == 1 else f"lcm (m {m})") + (PROMPTS_ONLY if c.get("prompts") else "")
+    base = ("lcm" + _lora_label(c) + ("" if m == 1 else f" (m {m})") + (PROMPTS_ONLY if c.get("prompts") else ""))
     return base if base in groups else None
 
 
@@ -231,10 +239,11 @@ def verdict(a: list[float], b: list[float]) -> str:
     return "lower" if ma < mb else "higher"
 
 
-def seeds_section(d: dict) -> list[str]:
+def seeds_section(d: dict, title: str = "SPLAM against LCM over training seeds",
+                  source: str = "`scripts/train_students.sh`") -> list[str]:
     groups = seed_groups(d)
-    L = ["### SPLAM against LCM over training seeds", "",
-         f"`python -m splam_studio.tools.bench --curves RUN...` over the final students of `scripts/train_students.sh` "
+    L = [f"### {title}", "",
+         f"`python -m splam_studio.tools.bench --curves RUN...` over the final students of {source} "
          f"(identical recipe and budget, seeds differ): {d['n']} held-out captions per cell; mean ± standard deviation "
          f"over the seeds.", "",
          "| student | seeds | " + " | ".join(f"FID {s} step" for s in STEPS) + " | " + " | ".join(f"MSE {s} step" for s in STEPS) + " |",
@@ -365,8 +374,10 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
         if (os_ := _load(folder, "one_step.json")):
             L += sweep_section(os_, "1-step ablations (issue 25)", "`scripts/one_step.sh`")
     if (xl := _load(folder, "xl_curves.json")):
-        L += sweep_section(xl, "Shapes-XL students (issue 22): the SDXL path distils",
-                           "`bench --teacher shapes-xl-teacher` (students of the Shapes-XL teacher)")
+        L += seeds_section(xl, "Shapes-XL students over training seeds (issue 22): the SDXL path distils",
+                           "`scripts/xl_students.sh` (students of the Shapes-XL teacher)")
+        L += sweep_section(xl, "Shapes-XL students along training (issue 22)",
+                           "`scripts/xl_students.sh` (students of the Shapes-XL teacher)")
     if (tr := _load(folder, "trainer.json")):
         L += generic_section("Trainer: SPLAM vs LCM step time and memory", tr)
     if (tc := _load(folder, "trainer_cache.json")):
@@ -379,6 +390,10 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
         from .gpu_check import render_markdown
 
         L += [render_markdown(lat, "Studio latency against a stock pipeline, CPU"), ""]
+    if (lx := _load(folder, "latency_cpu_xl.json")):
+        from .gpu_check import render_markdown
+
+        L += [render_markdown(lx, "Studio latency against a stock StableDiffusionXLPipeline, CPU (Shapes-XL teacher)"), ""]
     if (g := _load(folder, "gpu.json")):
         from .gpu_check import render_markdown
 
