@@ -292,3 +292,15 @@ def test_gpu_calls_are_sized_and_wrapped(monkeypatch, tmp_path):
         importlib.reload(ui)
     assert seen == [("compare_on_gpu", S.gpu_seconds(IMAGE_PX, 4 * (3 + 2 * 2 + 3))),  # 1 warm-up + 3 timed rounds
                     ("error_bound_on_gpu", S.gpu_seconds(IMAGE_PX, 50 + 2 * 11 + 13))]
+
+
+def test_the_baked_cfg_has_one_owner_per_kind(tmp_path, monkeypatch):
+    """An embedded run's CFG comes from its training_config.json (the table records none for runs); a hub student's
+    from the table, which the studio consults."""
+    assert all(s.baked_guidance is None for m in S.MODEL_SETS.values() for s in (m.lcm, m.splam) if s.kind == "run")
+    studio = Studio(tmp_path, device="cpu", warm_up=False)
+    assert studio.baked_guidance("SimianLuo/LCM_Dreamshaper_v7") is None  # not recorded
+    ds = S.MODEL_SETS["dreamshaper7"]
+    monkeypatch.setitem(S.MODEL_SETS, "dreamshaper7",
+                        S.ModelSet(**{**ds.__dict__, "lcm": S.Student(ds.lcm.repo, "unet", 9.0)}))
+    assert studio.baked_guidance("SimianLuo/LCM_Dreamshaper_v7") == 9.0

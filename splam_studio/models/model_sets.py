@@ -31,7 +31,8 @@ class Student:
 
     repo: str  # run name under weights/ (kind "run") or hub id
     kind: StudentKind
-    baked_guidance: float | None = None  # CFG (usual form) the student was distilled at, when published
+    baked_guidance: float | None = None  # a hub student: the CFG (usual form) it was distilled at, when published
+    # (an embedded run's own training_config.json owns its w; the studio reads it there)
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,12 @@ class ModelSet:
 MODEL_SETS: dict[str, ModelSet] = {
     "shapes": ModelSet(
         name="shapes", title="Shapes (embedded, 64 px)", teacher="shapes-teacher",
-        lcm=Student("shapes-lcm", "run", 7.5), splam=Student("shapes-splam", "run", 7.5),
+        lcm=Student("shapes-lcm", "run"), splam=Student("shapes-splam", "run"),
         resolution=64, teacher_guidance=7.5, gpu_precision="auto",
         about="The project's own small world: trained here on a CPU, runs anywhere, offline."),
     "shapes-xl": ModelSet(
         name="shapes-xl", title="Shapes-XL (embedded, SDXL architecture, 64 px)", teacher="shapes-xl-teacher",
-        lcm=Student("shapes-xl-lcm", "run", 7.5), splam=Student("shapes-xl-splam", "run", 7.5),
+        lcm=Student("shapes-xl-lcm", "run"), splam=Student("shapes-xl-splam", "run"),
         resolution=64, teacher_guidance=7.5, gpu_precision="auto",
         about="The same world on an SDXL-architecture teacher (two text encoders, pooled embeds, size and crop time "
               "ids), its students distilled here by the SDXL path of the trainer; offline."),

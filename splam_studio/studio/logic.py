@@ -617,11 +617,16 @@ class Studio:
         return self._cached(("student", str(source), str(self.resolve(tname, "teacher")[1])), build)
 
     def baked_guidance(self, name: str | None) -> float | None:
-        """CFG a student was distilled at (training_config.json: w in the LCM form, CFG = w + 1), when known."""
+        """CFG a student was distilled at, when known: a run's training_config.json (w in the LCM form, CFG = w + 1),
+        or for a hub student what the model table records of its release (models.model_sets.baked_guidance)."""
         try:
             kind, source = self.resolve(name, "splam")
         except StudioError:
             return None
+        if kind == "hub":
+            from ..models.model_sets import baked_guidance
+
+            return baked_guidance(str(source))
         if kind != "path":
             return None
         w = _config(source).get("w")
