@@ -87,7 +87,7 @@ def one_step(F_student, schedule: NoiseSchedule, z_T: torch.Tensor) -> torch.Ten
 
 def adversarial_losses(heads: nn.Module, teacher: nn.Module, schedule: NoiseSchedule, fake: torch.Tensor,
                        z_0: torch.Tensor, cond: Condition, generator: torch.Generator | None = None,
-                       t_d_max: int = 750) -> tuple[torch.Tensor, torch.Tensor]:
+                       t_d_max: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_G, L_D) for the student's 1-step images `fake` (`one_step`, with their graph) against the batch's real
     latents z_0, both under its text condition. Gradients routed as the module docstring says; the heads run once on
     real and fake together (one forward, as a DDP wrapper needs)."""

@@ -54,8 +54,9 @@ class SpladConfig:
         "help": "weight of an adversarial term on the 1-step student F(z_T, 999) (LADD style, core/adversarial.py): "
                 "a discriminator of small heads on the frozen teacher UNet's encoder features, hinge loss, the batch's "
                 "z_0 as real (0 = off, the paper)"})
-    adversarial_t_max: int = field(default=750, metadata={
-        "help": "the discriminator sees real and fake re-noised to t_d ~ U{0 .. this} (with --adversarial)"})
+    adversarial_t_max: int = field(default=250, metadata={
+        "help": "the discriminator sees real and fake re-noised to t_d ~ U{0 .. this} (with --adversarial; at 750 the "
+                "Shapes discriminator stayed at chance for 600 steps)"})
     # diffusers' LCM recipe (LCM only): w ~ U[w_min, w_max] per sample, used by the teacher and embedded for student
     # and target (omega = w at gamma = 1). None = the fixed w above, unembedded (= SPLAM at gamma = 1)
     w_min: float | None = field(default=None, metadata={

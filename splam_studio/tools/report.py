@@ -133,7 +133,7 @@ def _recipe(cfg: dict) -> str:
     keys = ("lora_rank", "lr", "lr_schedule", "ema_decay", "batch_size", "seed", "m", "gamma_one_prob", "gamma_scale", "gamma_time",
             "cond_proj_lr_scale", "huber_c", "w", "w_min", "w_max", "init_from")
     gamma_only = ("gamma_one_prob", "gamma_scale", "gamma_time", "cond_proj_lr_scale")  # meaningless at gamma = 1 (LCM)
-    parts = [f"{k} {cfg[k]}" for k in keys if cfg.get(k) is not None
+    parts = [f"{k} {cfg[k]}" for k in keys if cfg.get(k) is not None and not (k == "lora_rank" and not cfg[k])
              and not (cfg.get("method") == "lcm" and k in gamma_only)]
     return ", ".join(parts + _one_step_recipe(cfg))
 
@@ -148,8 +148,8 @@ def _one_step_recipe(cfg: dict) -> list[str]:
     if cfg.get("regression"):
         out.append(f"regression {cfg['regression']:g}")
     if cfg.get("adversarial"):
-        out.append(f"adversarial {cfg['adversarial']:g} (t_d <= {cfg.get('adversarial_t_max', 750)}, "
-                   f"lr {cfg.get('adversarial_lr', 1e-4):g})")
+        out.append(f"adversarial {cfg['adversarial']:g} (t_d <= {cfg.get('adversarial_t_max')}, "
+                   f"D lr {cfg.get('adversarial_lr'):g})")
     if cfg.get("prompts"):
         out.append("teacher data (prompts only)")
     return out

@@ -27,6 +27,7 @@ VARIANTS: dict[str, dict] = {
     "splam + regression 0.25": {"method": "splam", "regression": 0.25},
     "splam + k 100 from t >= 500": {"method": "splam", "k_high": 100, "t_high": 500},
     "splam + p(t = 999) 0.25": {"method": "splam", "t_top_prob": 0.25},
+    "splam + adversarial 0.1": {"method": "splam", "adversarial": 0.1},
 }
 ONE_STEP = tuple(name for name in VARIANTS if name.startswith("splam"))  # plain SPLAM first, then each term
 
@@ -76,6 +77,7 @@ def time_steps(rt, teacher, schedule, text_shape: tuple[int, int], *, methods=("
     The methods alternate step by step on the same student, target and teacher, so they share the machine's state.
     Mixed precision as in training: autocast in rt's dtype; fp16 adds a GradScaler.
     """
+    from ..core.adversarial import Heads, feature_channels
     from ..core.splad import SpladConfig, splad_loss
     from ..core.student import make_target
 
@@ -85,6 +87,10 @@ def time_steps(rt, teacher, schedule, text_shape: tuple[int, int], *, methods=("
     target = make_target(student)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
     scaler = torch.amp.GradScaler(dev.type) if rt.grad_scaler else None
+    heads = d_opt = None
+    if any(VARIANTS[m].get("adversarial") for m in methods):  # the discriminator and its optimiser, as the loop makes them
+        heads = Heads(feature_channels(teacher)).to(dev)
+        d_opt = torch.optim.AdamW(heads.parameters(), lr=1e-3, betas=(0.0, 0.99))
     C, S = teacher.config.in_channels, teacher.config.sample_size
     (L, Dm), g = text_shape, torch.Generator().manual_seed(0)
     z_0 = torch.randn(batch, C, S, S, generator=g).to(dev)
@@ -100,9 +106,13 @@ def time_steps(rt, teacher, schedule, text_shape: tuple[int, int], *, methods=("
             sync()
             t0 = time.perf_counter()
             with torch.autocast(dev.type, dtype=rt.weight_dtype, enabled=rt.mixed_precision != "no"):
+                adv = {"discriminator": heads} if VARIANTS[m].get("adversarial") else {}
                 loss = splad_loss(SpladConfig(**VARIANTS[m]), schedule, student, target, teacher, z_0, cond, uncond, g,
-                                  z_T=z_T)
+                                  z_T=z_T, **adv)
             _update(loss, opt, scaler, student, target)
+            if adv:
+                d_opt.step()
+                d_opt.zero_grad(set_to_none=True)
             sync()
             if i:
                 times[m].append(time.perf_counter() - t0)
@@ -340,7 +350,9 @@ def one_step_doc(results: list[dict], a) -> dict:
             "notes": ["Step times: the variants alternate step by step on one student in one process, so a change of "
                       "the machine's load hits all alike; peak memory: each variant in its own process.",
                       "The regression adds one student call, on z_T at t = 999, to the student's one (and its backward); "
-                      "the k schedule and the t-top draw change which t is drawn, not the work per step."],
+                      "the k schedule and the t-top draw change which t is drawn, not the work per step; the "
+                      "adversarial term adds two passes of the teacher's encoder half (fake with its backward, real "
+                      "without) and the heads' step, on top of the 1-step student call."],
             "raw": results}
 
 
