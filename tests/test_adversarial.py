@@ -148,6 +148,25 @@ def test_adversarial_run_checkpoints_and_resumes_its_discriminator_exactly(world
     for name in ("student", "discriminator"):
         a, b = ckpt(straight, 2, name), ckpt(split, 2, name)
         assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, name
+    # the checkpoint check itself: a discriminator's checkpoint against a run without one, and the reverse
+    from splam_studio.core.student import build_student, make_target
+    from splam_studio.models.loading import load_teacher
+    from splam_studio.training.checkpoints import CheckpointError, check_checkpoint, read_checkpoint
+    from splam_studio.training.loop import TrainConfig, make_discriminator_optimizer, make_optimizer
+
+    teacher = load_teacher(str(world / "teacher")).unet
+    student = build_student(teacher, "fresh")
+    opt = make_optimizer(student, TrainConfig())
+    heads = Heads(feature_channels(teacher))
+    disc = (heads, make_discriminator_optimizer(heads, TrainConfig(adversarial=0.5)))
+    ck = read_checkpoint(straight / "checkpoints" / "step-0000002")
+    check_checkpoint(ck, student, make_target(student), opt, 2, disc)
+    with pytest.raises(CheckpointError, match="has a discriminator and this run has none"):
+        check_checkpoint(ck, student, make_target(student), opt, 2, None)
+    plain, _ = train(world, tmp_path, run_name="plain", max_steps=1)
+    with pytest.raises(CheckpointError, match="lacks discriminator.safetensors"):
+        check_checkpoint(read_checkpoint(plain / "checkpoints" / "step-0000001"), student, make_target(student), opt, 2,
+                         disc)
     # a plain run cannot resume an adversarial checkpoint, and the reverse: each says why
     from splam_studio.training.loop import TrainError
 

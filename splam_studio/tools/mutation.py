@@ -223,6 +223,9 @@ MUTANTS: dict[str, list[Mutant]] = {
         M("snapshots in fp32", "v.detach().cpu().half().contiguous()", "v.detach().cpu().contiguous()"),
         M("optimiser state not restored", '        _load_optimizer(opt, ck["opt_tensors"], ck["opt_meta"])', "        pass"),
         M("a checkpoint past --max-steps accepted", "if max_steps is not None and ck[\"step\"] > max_steps:", "if False:"),
+        M("the discriminator not restored", '            discriminator[0].load_state_dict(ck["discriminator"]["params"], strict=False)\n',
+          "            pass\n"),
+        M("a discriminator mismatch accepted", 'if (disc is None) != (discriminator is None):', "if False:"),
     ],
     "training/data.py": [
         M("is_relative_to(root) traversal guard removed", "if not path.is_relative_to(self.root) or not path.is_file():",
@@ -307,7 +310,7 @@ TESTS: dict[str, list[str]] = {
     "models/generation.py": ["test_samplers", "test_splad"],
     "core/error_bound.py": ["test_core_mutants", "test_splad"],
     "core/metrics.py": ["test_core_mutants"],
-    "training/checkpoints.py": ["test_checkpoints"],
+    "training/checkpoints.py": ["test_checkpoints", "test_adversarial"],
     "training/data.py": ["test_data"],
     "training/loop.py": ["test_loop"],
     "training/latents.py": ["test_loop", "test_latents"],
