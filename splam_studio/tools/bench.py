@@ -228,7 +228,7 @@ def run_points(run_dir: Path) -> list[tuple[int, Path | None]]:
 
 CURVE_CONFIG_KEYS = ("method", "lr", "lr_schedule", "ema_decay", "batch_size", "seed", "w", "gamma_one_prob",
                      "gamma_scale", "gamma_time", "m", "cond_proj_lr_scale", "huber_c", "max_steps", "init_from", "w_min",
-                     "w_max", "k_high", "t_high", "t_top_prob", "regression", "prompts", "lora_rank",
+                     "w_max", "k_high", "t_high", "t_top_prob", "regression", "prompts", "images_per_prompt", "lora_rank",
                      "adversarial", "adversarial_t_max", "adversarial_lr")
 
 

@@ -151,7 +151,8 @@ def _one_step_recipe(cfg: dict) -> list[str]:
         out.append(f"adversarial {cfg['adversarial']:g} (t_d <= {cfg.get('adversarial_t_max')}, "
                    f"D lr {cfg.get('adversarial_lr'):g})")
     if cfg.get("prompts"):
-        out.append("teacher data (prompts only)")
+        n = cfg.get("images_per_prompt") or 1
+        out.append("teacher data (prompts only)" + (f", {n} images per prompt" if n > 1 else ""))
     return out
 
 
