@@ -212,7 +212,11 @@ PROMPTS_ONLY = " (teacher data (prompts only))"
 
 
 def _lora_label(c: dict) -> str:
-    return f" (LoRA rank {c['lora_rank']}, lr {c['lr']:g})" if c.get("lora_rank") else ""
+    """A LoRA recipe's part of a group label: rank, lr and, when recorded, the gamma projection's lr scale."""
+    if not c.get("lora_rank"):
+        return ""
+    scale = f", gamma projection at {c['cond_proj_lr_scale']:g}x lr" if c.get("cond_proj_lr_scale") is not None else ""
+    return f" (LoRA rank {c['lora_rank']}, lr {c['lr']:g}{scale})"
 
 
 def _lcm_group_for(label: str, groups: dict[str, list[dict]]) -> str | None:
