@@ -25,14 +25,10 @@ from splam_studio.store.runs import default_run_name, weights_dir  # noqa: E402
 from splam_studio.training.device import configure_threads  # noqa: E402
 
 PRESETS: dict[str, dict] = {
-    # the embedded Shapes students: CPU-sized, same budget for both methods (benchmarks/sweep.json measures why):
-    # - lr 1e-5, 600 steps: at a constant lr both methods drift past their best point (at 1e-4 from ~400 steps, at
-    #   1e-5 from ~600: 2-step FID 45 at 600, 61 at 1200 for LCM); 600 is where the 1e-5 curves plateau.
-    # - w = 6.5 is the teacher's default CFG 7.5; constant lr, so snapshots double as shorter-budget runs.
-    # - cond_proj_init zero: in a budget of minutes the student must start as the teacher (the authors' fresh init
-    #   drifted far from it here); the gamma projection at 30x lr. gamma_one_prob 0.8: the paper's U[0, 1] never
-    #   trains the sampler's gamma = 1 and collapsed; over p(gamma = 1) in 0.5 / 0.8 / 0.9 (1 = LCM) 0.8 gave the
-    #   lowest 2- and 4-step FID, below LCM's over 3 seeds (benchmarks/seeds.json, variants.json; README).
+    # the embedded Shapes students: CPU-sized, one budget for both methods. Each value is the best of the measured
+    # sweep (benchmarks/sweep.json, variants.json, seeds.json; the README's "Shapes students" section says why):
+    # 600 steps at a constant lr 1e-5, w 6.5 (the teacher's CFG 7.5), the gamma projection from zero at 30x lr,
+    # p(gamma = 1) 0.8.
     "shapes": dict(teacher="shapes", data="shapes", max_steps=600, batch_size=32, lr=1e-5, w=6.5, cond_proj_init="zero",
                    gamma_one_prob=0.8, cond_proj_lr_scale=30.0, save_fp16=True,
                    checkpoint_every=200, validate_every=200, snapshot_every=200, shapes_size=20000,
