@@ -26,7 +26,7 @@ from splam_studio.training.device import configure_threads  # noqa: E402
 
 PRESETS: dict[str, dict] = {
     # the embedded Shapes students: CPU-sized, one budget for both methods. Each value is the best of the measured
-    # sweep (benchmarks/sweep.json, variants.json, seeds.json; the README's "Shapes students" section says why):
+    # sweep (benchmarks/sweep.json, variants.json, seeds.json; the README's "Does it distil?" section says why):
     # 600 steps at a constant lr 1e-5, w 6.5 (the teacher's CFG 7.5), the gamma projection from zero at 30x lr,
     # p(gamma = 1) 0.8.
     "shapes": dict(teacher="shapes", data="shapes", max_steps=600, batch_size=32, lr=1e-5, w=6.5, cond_proj_init="zero",
