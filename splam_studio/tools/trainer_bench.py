@@ -89,8 +89,10 @@ def time_steps(rt, teacher, schedule, text_shape: tuple[int, int], *, methods=("
     scaler = torch.amp.GradScaler(dev.type) if rt.grad_scaler else None
     heads = d_opt = None
     if any(VARIANTS[m].get("adversarial") for m in methods):  # the discriminator and its optimiser, as the loop makes them
+        from ..training.loop import TrainConfig, make_discriminator_optimizer
+
         heads = Heads(feature_channels(teacher)).to(dev)
-        d_opt = torch.optim.AdamW(heads.parameters(), lr=1e-3, betas=(0.0, 0.99))
+        d_opt = make_discriminator_optimizer(heads, TrainConfig(adversarial=0.1))
     C, S = teacher.config.in_channels, teacher.config.sample_size
     (L, Dm), g = text_shape, torch.Generator().manual_seed(0)
     z_0 = torch.randn(batch, C, S, S, generator=g).to(dev)
