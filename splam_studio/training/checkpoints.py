@@ -59,8 +59,13 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters a checkpoint holds: those that train."""
+    return {k: p for k, p in model.named_parameters() if p.requires_grad}
+
+
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: p.detach().cpu().contiguous() for k, p in model.named_parameters() if p.requires_grad}
+    return {k: p.detach().cpu().contiguous() for k, p in _trainable(model).items()}
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -225,7 +230,7 @@ def _match(kind: str, found: dict[str, torch.Tensor], expected: dict[str, torch.
 def check_checkpoint(ck: dict, student, target, opt, max_steps: int | None = None, discriminator: tuple | None = None) -> None:
     """ck (read_checkpoint) against the run: tensors of student and theta^-, the optimiser's groups and moments, the
     step; with discriminator (heads, optimiser) its heads and their optimiser too."""
-    trainable = {k: p for k, p in student.named_parameters() if p.requires_grad}
+    trainable = _trainable(student)
     _match("student.safetensors", ck["student"], trainable)
     target_sd = target.state_dict()
     _match("target.safetensors", ck["target"], {k: target_sd[k] for k in trainable if k in target_sd})
@@ -238,7 +243,7 @@ def check_checkpoint(ck: dict, student, target, opt, max_steps: int | None = Non
                               f"it lacks {DISC_FILES[0]}: it is not from an --adversarial run")
     if disc is not None:
         heads, d_opt = discriminator
-        _match(DISC_FILES[0], disc["params"], {k: p for k, p in heads.named_parameters() if p.requires_grad})
+        _match(DISC_FILES[0], disc["params"], _trainable(heads))
         _check_optimizer(DISC_FILES[2], disc["opt_meta"], disc["opt_tensors"], d_opt, "another teacher?")
     if max_steps is not None and ck["step"] > max_steps:
         raise CheckpointBeyond(f"checkpoint {ck['path'].name} is at step {ck['step']}, past --max-steps {max_steps}; "
