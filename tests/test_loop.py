@@ -377,7 +377,7 @@ def test_lora_run_with_cosine_lr_and_gamma_projection_group(world, tmp_path):
     from splam_studio.models.loading import load_teacher
 
     run, _ = train(world, tmp_path, run_name="lora", max_steps=3, lora_rank=4, lr=1e-4, lr_schedule="cosine",
-                   cond_proj_lr_scale=10.0)
+                   cond_proj_lr_scale=10.0, snapshot_every=1)
     rows = stats(run)
     expected = [1e-4 * 0.5 * (1 + math.cos(math.pi * s / 3)) for s in range(3)]  # 1e-4, 7.5e-5, 2.5e-5
     assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)
@@ -391,6 +391,27 @@ def test_lora_run_with_cosine_lr_and_gamma_projection_group(world, tmp_path):
     trained = s["time_embedding.cond_proj.weight"]  # the LoRA run trains the gamma projection
     assert not torch.allclose(trained, fresh.time_embedding.cond_proj.weight)
     assert (run / "lora").is_dir() and (run / "lora_kohya.safetensors").is_file()
+    # bench --curves scores each snapshot with its own LoRA weights (training's adapter "default", the loaded
+    # student's "student"), not the final adapter with the snapshot's gamma projection
+    from splam_studio.tools.bench import curves
+
+    seen = {}
+
+    class Bench:  # the part of bench.Bench that curves() uses, without the evaluator
+        n, guidance, pipe, log = 1, 7.5, load_teacher(str(world / "teacher")), staticmethod(lambda *a: None)
+
+        def evaluate_unet(self, method, unet, steps, student_guidance=1.0):
+            seen.setdefault(len(seen) // 1, {k: v.clone() for k, v in unet.state_dict().items() if "lora_B" in k})
+            return {"fid": 0.0, "teacher_mse": 0.0}
+
+    curves(Bench(), [run], steps=(1,), untrained=False)
+    snaps = [load_file(p) for p in sorted((run / "snapshots").glob("step-*.safetensors"))]
+    assert len(snaps) == 3 and len(seen) == 3
+    for i, snap in enumerate(snaps):
+        got = {k.replace(".student.", ".default."): v for k, v in seen[i].items()}
+        assert got.keys() == {k for k in snap if "lora_B" in k}
+        assert all(torch.equal(got[k].half(), snap[k]) for k in got), i
+    assert any(not torch.equal(snaps[0][k], snaps[2][k]) for k in got)  # the points are different models
 
 
 def test_grad_accum_resume_is_exact_and_cleans_stale_tmp_checkpoints(world, tmp_path):

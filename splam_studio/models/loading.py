@@ -51,6 +51,8 @@ class ModelLoadError(ValueError):
 
 
 
+STUDENT_ADAPTER = "student"  # the peft adapter name of a loaded LoRA student (training names its own "default")
+
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE is set (huggingface_hub's constant, or the environment after import): only the cache is read."""
     import huggingface_hub
@@ -366,7 +368,7 @@ def _hub_lora(repo_id: str, pipe, allow_pickle: bool) -> UNet2DConditionModel:
     state, alphas = _hub_lora_state(repo_id, pipe, allow_pickle)
     unet = copy.deepcopy(pipe.unet)
     try:
-        pipeline_class(pipe).load_lora_into_unet(state, alphas, unet=unet, adapter_name="student")
+        pipeline_class(pipe).load_lora_into_unet(state, alphas, unet=unet, adapter_name=STUDENT_ADAPTER)
         unet.fuse_lora()
         unet.unload_lora()
     except Exception as e:  # noqa: BLE001
@@ -416,7 +418,7 @@ def load_student(path_or_name: str | Path, teacher_pipe: StableDiffusionPipeline
                  weights: Path | None = None) -> UNet2DConditionModel:
     """The student UNet of a run folder (unet/ or lora/), in the teacher's dtype and device.
 
-    A LoRA student is the teacher UNet + cond_proj + the adapter (active, named "student"); fuse=True merges it.
+    A LoRA student is the teacher UNet + cond_proj + the adapter (active, named STUDENT_ADAPTER); fuse=True merges it.
     """
     run = _student_dir(path_or_name, weights)
     teacher = teacher_pipe.unet
@@ -459,7 +461,7 @@ def _load_lora_student(folder: Path, teacher: UNet2DConditionModel, fuse: bool) 
         unet = UNet2DConditionModel.from_config(cfg)
     try:
         unet.load_state_dict(state, strict=True, assign=True)
-        unet.load_lora_adapter(str(folder), weight_name=LORA_WEIGHTS, prefix="unet", adapter_name="student")
+        unet.load_lora_adapter(str(folder), weight_name=LORA_WEIGHTS, prefix="unet", adapter_name=STUDENT_ADAPTER)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"LoRA student {folder} does not fit its teacher: {one_line(e)}") from None
     if fuse:

@@ -226,10 +226,26 @@ def run_points(run_dir: Path) -> list[tuple[int, Path | None]]:
     return pts
 
 
+def snapshot_state(snap: dict[str, torch.Tensor], unet, name: str = "snapshot") -> dict[str, torch.Tensor]:
+    """A snapshot's tensors under the evaluated UNet's names, in its dtype: training names its LoRA adapter "default",
+    a loaded LoRA student STUDENT_ADAPTER. Every tensor must land (a partial load would score another model)."""
+    from ..models.loading import STUDENT_ADAPTER
+
+    keys = set(unet.state_dict())
+    out = {}
+    for k, v in snap.items():
+        mapped = k if k in keys else k.replace(".default.", f".{STUDENT_ADAPTER}.")
+        if mapped not in keys:
+            raise ValueError(f"{name}: {k} has no place in the evaluated student (a LoRA run still training has no "
+                             "adapter to load it into: evaluate it once it is finished)")
+        out[mapped] = v.to(unet.dtype)
+    return out
+
+
 CURVE_CONFIG_KEYS = ("method", "lr", "lr_schedule", "ema_decay", "batch_size", "seed", "w", "gamma_one_prob",
                      "gamma_scale", "gamma_time", "m", "cond_proj_lr_scale", "huber_c", "max_steps", "init_from", "w_min",
                      "w_max", "k_high", "t_high", "t_top_prob", "regression", "prompts", "images_per_prompt", "lora_rank",
-                     "adversarial", "adversarial_t_max", "adversarial_lr")
+                     "adversarial", "adversarial_t_max", "adversarial_lr", "dmd", "dmd_lr")
 
 
 def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = True, done: dict | None = None,
@@ -256,7 +272,7 @@ def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = Tr
         bench.log(f"untrained {out['untrained']}")
     for run in runs:
         pts_at = run_points(run)
-        if pts_at and pts_at[-1][1] is None:  # finished: its exported student gives the architecture
+        if (run / "unet").is_dir() or (run / "lora").is_dir():  # finished: its exported student gives the architecture
             unet = load_student(str(run), bench.pipe)
         else:  # still training: its snapshots on the zero-initialised student's architecture
             unet = untrained_student(bench.pipe)
@@ -269,7 +285,7 @@ def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = Tr
             if (run.name, it) in old:
                 pts.append(old[(run.name, it)])
                 continue
-            unet.load_state_dict({k: v.to(unet.dtype) for k, v in load_file(snap).items()} if snap else final, strict=False)
+            unet.load_state_dict(snapshot_state(load_file(snap), unet, snap.name) if snap else final, strict=False)
             pts.append({"iteration": it, **{str(s): bench.evaluate_unet("lcm", unet, s, g) for s in steps}})
             if save is not None:
                 save({**out, "runs": {**out["runs"], run.name: {"config": conf, "sampling_guidance": g, "points": pts}}})
