@@ -111,7 +111,7 @@ def test_splad_loss_adds_the_weighted_term_on_the_one_step_sample(models, pipe):
     z_0, z_T = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     lam = 0.3
     got = splad_loss(SpladConfig(adversarial=lam), schedule, student, target, teacher, z_0, cond, uncond,
-                     torch.Generator().manual_seed(7), discriminator=heads)
+                     torch.Generator().manual_seed(7), critic=heads)
     ref_gen = torch.Generator().manual_seed(7)
     base = splad_loss(SpladConfig(), schedule, student, target, teacher, z_0, cond, uncond, ref_gen)
     fresh = torch.randn(z_0.shape, generator=ref_gen)  # the fake's noise: drawn after the SPLAD draws
@@ -120,7 +120,7 @@ def test_splad_loss_adds_the_weighted_term_on_the_one_step_sample(models, pipe):
     torch.testing.assert_close(got, base + lam * l_g + l_d, rtol=1e-5, atol=1e-6)
     # teacher data: the fake starts from the stored z_T, as the regression's sample does
     got_T = splad_loss(SpladConfig(adversarial=lam), schedule, student, target, teacher, z_0, cond, uncond,
-                       torch.Generator().manual_seed(7), z_T=z_T, discriminator=heads)
+                       torch.Generator().manual_seed(7), z_T=z_T, critic=heads)
     ref_gen = torch.Generator().manual_seed(7)
     base = splad_loss(SpladConfig(), schedule, student, target, teacher, z_0, cond, uncond, ref_gen)
     l_g, l_d = adversarial_losses(heads, teacher, schedule, one_step(student_F(student, cond), schedule, z_T), z_0,
@@ -136,35 +136,35 @@ def test_splad_loss_adds_the_weighted_term_on_the_one_step_sample(models, pipe):
 def test_adversarial_run_checkpoints_and_resumes_its_discriminator_exactly(world, tmp_path):  # noqa: F811
     straight, _ = train(world, tmp_path, run_name="adv", max_steps=2, adversarial=0.5, adversarial_t_max=500)
     assert all(map(lambda r: r["loss"] == r["loss"], stats(straight)))  # finite
-    d1, d2 = ckpt(straight, 1, "discriminator"), ckpt(straight, 2, "discriminator")
+    d1, d2 = ckpt(straight, 1, "critic"), ckpt(straight, 2, "critic")
     assert d1.keys() == d2.keys() and any((d1[k] - d2[k]).abs().max() > 0 for k in d1)  # the heads train
-    assert (straight / "checkpoints" / "step-0000002" / "discriminator_optimizer.json").is_file()
+    assert (straight / "checkpoints" / "step-0000002" / "critic_optimizer.json").is_file()
     exported = load_file(next((straight / "unet").glob("*.safetensors")))
     assert not any("heads" in k for k in exported)  # the discriminator is not part of the student
     split, _ = train(world, tmp_path, run_name="adv-split", max_steps=1, adversarial=0.5, adversarial_t_max=500)
     _, lines = train(world, tmp_path, run_name="adv-split", max_steps=2, adversarial=0.5, adversarial_t_max=500,
                      resume="latest")
     assert any("continuing at step 1" in x for x in lines)
-    for name in ("student", "discriminator"):
+    for name in ("student", "critic"):
         a, b = ckpt(straight, 2, name), ckpt(split, 2, name)
         assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6, name
     # the checkpoint check itself: a discriminator's checkpoint against a run without one, and the reverse
     from splam_studio.core.student import build_student, make_target
     from splam_studio.models.loading import load_teacher
     from splam_studio.training.checkpoints import CheckpointError, check_checkpoint, read_checkpoint
-    from splam_studio.training.loop import TrainConfig, make_discriminator_optimizer, make_optimizer
+    from splam_studio.training.loop import TrainConfig, make_critic_optimizer, make_optimizer
 
     teacher = load_teacher(str(world / "teacher")).unet
     student = build_student(teacher, "fresh")
     opt = make_optimizer(student, TrainConfig())
     heads = Heads(feature_channels(teacher))
-    disc = (heads, make_discriminator_optimizer(heads, TrainConfig(adversarial=0.5)))
+    disc = (heads, make_critic_optimizer(heads, TrainConfig(adversarial=0.5)))
     ck = read_checkpoint(straight / "checkpoints" / "step-0000002")
     check_checkpoint(ck, student, make_target(student), opt, 2, disc)
-    with pytest.raises(CheckpointError, match="has a discriminator and this run has none"):
+    with pytest.raises(CheckpointError, match="has a critic and this run has none"):
         check_checkpoint(ck, student, make_target(student), opt, 2, None)
     plain, _ = train(world, tmp_path, run_name="plain", max_steps=1)
-    with pytest.raises(CheckpointError, match="lacks discriminator.safetensors"):
+    with pytest.raises(CheckpointError, match="lacks critic.safetensors"):
         check_checkpoint(read_checkpoint(plain / "checkpoints" / "step-0000001"), student, make_target(student), opt, 2,
                          disc)
     # a plain run cannot resume an adversarial checkpoint, and the reverse: each says why

@@ -10,6 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from .adversarial import adversarial_losses, one_step
+from .dmd import dmd_losses
 from .schedule import NoiseSchedule, coef, ddim_grid, sample_grid_t, sub_path_k
 from .slode import GAMMA_SCALE_PAPER, GAMMA_TIMES, Distance, GammaTime, distance, sample_gamma, sample_w, splam_loss
 from .solver import guided_eps, solve
@@ -57,6 +58,10 @@ class SpladConfig:
     adversarial_t_max: int = field(default=250, metadata={
         "help": "the discriminator sees real and fake re-noised to t_d ~ U{0 .. this} (with --adversarial; at 750 the "
                 "Shapes discriminator stayed at chance for 600 steps)"})
+    dmd: float = field(default=0.0, metadata={
+        "help": "weight of distribution matching on the 1-step student F(z_T, 999) (DMD / DMD2, core/dmd.py): the "
+                "gradient between the teacher's CFG score and a fake score fitted online to the student's images "
+                "(0 = off, the paper; not with --adversarial)"})
     # diffusers' LCM recipe (LCM only): w ~ U[w_min, w_max] per sample, used by the teacher and embedded for student
     # and target (omega = w at gamma = 1). None = the fixed w above, unembedded (= SPLAM at gamma = 1)
     w_min: float | None = field(default=None, metadata={
@@ -83,6 +88,10 @@ class SpladConfig:
             raise ValueError(f"adversarial weight must be >= 0, got {self.adversarial}")
         if not 0 <= self.adversarial_t_max <= 999:
             raise ValueError(f"adversarial_t_max must be in [0, 999], got {self.adversarial_t_max}")
+        if not self.dmd >= 0:
+            raise ValueError(f"dmd weight must be >= 0, got {self.dmd}")
+        if self.dmd > 0 and self.adversarial > 0:
+            raise ValueError("--dmd and --adversarial each train their own critic; use one of them")
         if not self.regression >= 0:
             raise ValueError(f"regression weight must be >= 0, got {self.regression}")
         if self.distance not in ("l2", "huber"):
@@ -112,19 +121,22 @@ def splad_loss(
     uncond: Condition,
     generator: torch.Generator | None = None,
     z_T: torch.Tensor | None = None,
-    discriminator: torch.nn.Module | None = None,
+    critic: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """Steps 1-6 of Algorithm 1 for clean latents z_0 (B, C, h, w) and text conditions cond, uncond: embeddings
     (B, L, D), or SDXL TextConditions (core.teacher), each branch with its own pooled embeds and time ids.
 
     z_T: the initial noise the teacher made each z_0 from (teacher data), for cfg.regression > 0.
-    discriminator: the heads of core.adversarial, for cfg.adversarial > 0. The returned loss then also holds their
-    hinge loss L_D, whose gradient reaches only the heads (the student's gradient is that of the rest)."""
+    critic: the network trained against the student: the heads of core.adversarial (cfg.adversarial > 0), or the fake
+    score of core.dmd (cfg.dmd > 0). The returned loss then also holds its own loss (the heads' hinge loss L_D, the fake
+    score's denoising loss L_fake), whose gradient reaches only the critic (the student's gradient is that of the rest)."""
     B = z_0.shape[0]
     if cfg.regression > 0 and z_T is None:
         raise ValueError("the regression term needs the teacher's (z_T, z_0) pairs: train on teacher data (--prompts)")
-    if cfg.adversarial > 0 and discriminator is None:
-        raise ValueError("the adversarial term needs a discriminator (core.adversarial.Heads)")
+    if cfg.adversarial > 0 and critic is None:
+        raise ValueError("the adversarial term needs a critic: the discriminator heads (core.adversarial.Heads)")
+    if cfg.dmd > 0 and critic is None:
+        raise ValueError("distribution matching needs a critic: the fake score (core.dmd.make_fake_score)")
     # 1. grid time t, s = t - k(t), and z_t = alpha(t) z_0 + sigma(t) eps
     grid = ddim_grid(schedule.T, cfg.num_ddim_steps)
     k_phi = schedule.T // cfg.num_ddim_steps
@@ -144,15 +156,18 @@ def splad_loss(
     F_student, F_target = student_F(student, cond, cfg.gamma_scale, w_c), student_F(target, cond, cfg.gamma_scale, w_c)
     loss = splam_loss(F_student, F_target, schedule, z_t, zhat_s, t, s.cpu(), gamma, cfg.distance, cfg.huber_c,
                       cfg.gamma_time)
-    if cfg.regression > 0 or cfg.adversarial > 0:  # the 1-step terms share one student sample F(z_T, T - 1)
-        if z_T is None:  # image data: fresh noise (only the adversarial term runs without teacher pairs)
+    if cfg.regression > 0 or cfg.adversarial > 0 or cfg.dmd > 0:  # the 1-step terms share one sample F(z_T, T - 1)
+        if z_T is None:  # image data: fresh noise (only the critics' terms run without teacher pairs)
             z_T = torch.randn(z_0.shape, generator=generator, dtype=z_0.dtype)
         x_1 = one_step(F_student, schedule, z_T.to(z_0))
         if cfg.regression > 0:  # DMD's regression: onto the teacher's own ODE solution from the same noise
             loss = loss + cfg.regression * distance(x_1, z_0, cfg.distance, cfg.huber_c)
         if cfg.adversarial > 0:
-            l_g, l_d = adversarial_losses(discriminator, teacher, schedule, x_1, z_0, cond, generator,
+            l_g, l_d = adversarial_losses(critic, teacher, schedule, x_1, z_0, cond, generator,
                                           cfg.adversarial_t_max)
             loss = loss + cfg.adversarial * l_g + l_d
+        if cfg.dmd > 0:  # the real score at the step's w, the fake score fitted to the student here
+            l_dm, l_fake = dmd_losses(critic, teacher, schedule, x_1, cond, uncond, w, generator)
+            loss = loss + cfg.dmd * l_dm + l_fake
     return loss
 

@@ -64,6 +64,9 @@ MUTANTS: dict[str, list[Mutant]] = {
           "x_1 = one_step(F_student, schedule, z_0)"),
         M("adversarial weight ignored", "loss + cfg.adversarial * l_g + l_d", "loss + l_g + l_d"),
         M("discriminator loss dropped", "loss + cfg.adversarial * l_g + l_d", "loss + cfg.adversarial * l_g"),
+        M("dmd weight ignored", "loss + cfg.dmd * l_dm + l_fake", "loss + l_dm + l_fake"),
+        M("fake score's loss dropped", "loss + cfg.dmd * l_dm + l_fake", "loss + cfg.dmd * l_dm"),
+        M("real score without CFG", "x_1, cond, uncond, w, generator)", "x_1, cond, uncond, 0.0, generator)"),
         M("distance ignored (always l2)", "gamma, cfg.distance, cfg.huber_c,", "gamma, 'l2', cfg.huber_c,"),
         M("gamma_time ignored", "cfg.gamma_time)\n", "'t')\n"),
         M("target without the drawn w", "student_F(target, cond, cfg.gamma_scale, w_c)",
@@ -83,6 +86,18 @@ MUTANTS: dict[str, list[Mutant]] = {
           "teacher_features(teacher, a * z_0 + s * torch.randn_like(noise), t_d, cond)"),
         M("discriminator sees the clean latents", "a, s = coef(schedule.alpha(t_d), z_0), coef(schedule.sigma(t_d), z_0)",
           "a, s = coef(schedule.alpha(t_d) * 0 + 1, z_0), coef(schedule.sigma(t_d) * 0, z_0)"),
+    ],
+    "core/dmd.py": [
+        M("gradient sign swapped", "(x0_fake - x0_real) / weight", "(x0_real - x0_fake) / weight"),
+        M("gradient not normalised", "torch.nan_to_num((x0_fake - x0_real) / weight)", "torch.nan_to_num(x0_fake - x0_real)"),
+        M("normalised by the fake's distance", "weight = (x_hat - x0_real).abs()", "weight = (x_hat - x0_fake).abs()"),
+        M("L_fake reaches the student", "x_f = coef(schedule.alpha(t_f), x) * x + coef(schedule.sigma(t_f), x) * n_f",
+          "x_f = coef(schedule.alpha(t_f), x) * x_hat + coef(schedule.sigma(t_f), x) * n_f"),
+        M("real score unguided", "guided_eps(teacher, cond, uncond, w)(x_t, t_dev)", "guided_eps(teacher, cond, uncond, 0.0)(x_t, t_dev)"),
+        M("fake score fitted to x0, not eps", "t_f.to(x.device), cond), n_f)", "t_f.to(x.device), cond), x)"),
+        M("fake score shares the teacher", "fake = copy.deepcopy(teacher).float()", "fake = teacher.float()"),
+        M("t drawn from 0", "t = torch.randint(t_min, t_max + 1, (B,), generator=generator)",
+          "t = torch.randint(0, t_max + 1, (B,), generator=generator)"),
     ],
     "core/slode.py": [
         M("sigma_gamma with gamma for gamma^2", "g**2 * (1 - r**2)", "g * (1 - r**2)"),
@@ -223,9 +238,9 @@ MUTANTS: dict[str, list[Mutant]] = {
         M("snapshots in fp32", "v.detach().cpu().half().contiguous()", "v.detach().cpu().contiguous()"),
         M("optimiser state not restored", '        _load_optimizer(opt, ck["opt_tensors"], ck["opt_meta"])', "        pass"),
         M("a checkpoint past --max-steps accepted", "if max_steps is not None and ck[\"step\"] > max_steps:", "if False:"),
-        M("the discriminator not restored", '            discriminator[0].load_state_dict(ck["discriminator"]["params"], strict=False)\n',
+        M("the critic not restored", '            critic[0].load_state_dict(ck["critic"]["params"], strict=False)\n',
           "            pass\n"),
-        M("a discriminator mismatch accepted", 'if (disc is None) != (discriminator is None):', "if False:"),
+        M("a critic mismatch accepted", 'if (disc is None) != (critic is None):', "if False:"),
     ],
     "training/data.py": [
         M("is_relative_to(root) traversal guard removed", "if not path.is_relative_to(self.root) or not path.is_file():",
@@ -298,8 +313,9 @@ MUTANTS: dict[str, list[Mutant]] = {
 
 # the test modules of tests/ that reach each file; fast, sharp ones first (pytest runs with -x)
 TESTS: dict[str, list[str]] = {
-    "core/splad.py": ["test_core_mutants", "test_splad", "test_one_step", "test_adversarial"],
+    "core/splad.py": ["test_core_mutants", "test_splad", "test_one_step", "test_adversarial", "test_dmd"],
     "core/adversarial.py": ["test_adversarial", "test_one_step"],
+    "core/dmd.py": ["test_dmd"],
     "core/slode.py": ["test_math", "test_core_mutants"],
     "core/student.py": ["test_core_mutants", "test_splad"],
     "core/schedule.py": ["test_math", "test_core_mutants", "test_one_step"],

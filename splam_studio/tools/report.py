@@ -150,6 +150,8 @@ def _one_step_recipe(cfg: dict) -> list[str]:
     if cfg.get("adversarial"):
         out.append(f"adversarial {cfg['adversarial']:g} (t_d <= {cfg.get('adversarial_t_max')}, "
                    f"D lr {cfg.get('adversarial_lr'):g})")
+    if cfg.get("dmd"):
+        out.append(f"DMD {cfg['dmd']:g} (fake score lr {cfg.get('dmd_lr'):g})")
     if cfg.get("prompts"):
         n = cfg.get("images_per_prompt") or 1
         out.append("teacher data (prompts only)" + (f", {n} images per prompt" if n > 1 else ""))

@@ -28,6 +28,7 @@ VARIANTS: dict[str, dict] = {
     "splam + k 100 from t >= 500": {"method": "splam", "k_high": 100, "t_high": 500},
     "splam + p(t = 999) 0.25": {"method": "splam", "t_top_prob": 0.25},
     "splam + adversarial 0.1": {"method": "splam", "adversarial": 0.1},
+    "splam + dmd 1": {"method": "splam", "dmd": 1.0},
 }
 ONE_STEP = tuple(name for name in VARIANTS if name.startswith("splam"))  # plain SPLAM first, then each term
 
@@ -78,6 +79,7 @@ def time_steps(rt, teacher, schedule, text_shape: tuple[int, int], *, methods=("
     Mixed precision as in training: autocast in rt's dtype; fp16 adds a GradScaler.
     """
     from ..core.adversarial import Heads, feature_channels
+    from ..core.dmd import make_fake_score
     from ..core.splad import SpladConfig, splad_loss
     from ..core.student import make_target
 
@@ -87,12 +89,14 @@ def time_steps(rt, teacher, schedule, text_shape: tuple[int, int], *, methods=("
     target = make_target(student)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
     scaler = torch.amp.GradScaler(dev.type) if rt.grad_scaler else None
-    heads = d_opt = None
-    if any(VARIANTS[m].get("adversarial") for m in methods):  # the discriminator and its optimiser, as the loop makes them
-        from ..training.loop import TrainConfig, make_discriminator_optimizer
+    critics = {}  # variant -> (critic, its optimiser), as the loop makes them
+    for m in methods:
+        if VARIANTS[m].get("adversarial") or VARIANTS[m].get("dmd"):
+            from ..training.loop import TrainConfig, make_critic_optimizer
 
-        heads = Heads(feature_channels(teacher)).to(dev)
-        d_opt = make_discriminator_optimizer(heads, TrainConfig(adversarial=0.1))
+            net = (Heads(feature_channels(teacher)) if VARIANTS[m].get("adversarial") else make_fake_score(teacher)).to(dev)
+            critics[m] = (net, make_critic_optimizer(net, TrainConfig(**{k: VARIANTS[m][k] for k in ("adversarial", "dmd")
+                                                                         if k in VARIANTS[m]})))
     C, S = teacher.config.in_channels, teacher.config.sample_size
     (L, Dm), g = text_shape, torch.Generator().manual_seed(0)
     z_0 = torch.randn(batch, C, S, S, generator=g).to(dev)
@@ -108,13 +112,13 @@ def time_steps(rt, teacher, schedule, text_shape: tuple[int, int], *, methods=("
             sync()
             t0 = time.perf_counter()
             with torch.autocast(dev.type, dtype=rt.weight_dtype, enabled=rt.mixed_precision != "no"):
-                adv = {"discriminator": heads} if VARIANTS[m].get("adversarial") else {}
+                adv = {"critic": critics[m][0]} if m in critics else {}
                 loss = splad_loss(SpladConfig(**VARIANTS[m]), schedule, student, target, teacher, z_0, cond, uncond, g,
                                   z_T=z_T, **adv)
             _update(loss, opt, scaler, student, target)
             if adv:
-                d_opt.step()
-                d_opt.zero_grad(set_to_none=True)
+                critics[m][1].step()
+                critics[m][1].zero_grad(set_to_none=True)
             sync()
             if i:
                 times[m].append(time.perf_counter() - t0)

@@ -3,7 +3,8 @@
 <run>/checkpoints/step-N/  student.safetensors, target.safetensors (theta^-), optimizer.safetensors + optimizer.json,
                            state.json (step, time, fp16's loss scale), the last file written: its presence marks
                            a complete checkpoint; the newest `keep` are kept; with --adversarial also
-                           discriminator.safetensors + discriminator_optimizer.{safetensors,json} (its heads, their AdamW)
+                           critic.safetensors + critic_optimizer.{safetensors,json} (with --adversarial the
+                           discriminator heads, with --dmd the fake score; and its optimiser)
 <run>/snapshots/step-N.safetensors  theta^-'s trainable tensors in fp16, for convergence curves
 
 Before a checkpoint is used, everything in it is checked against the run (`read_checkpoint` + `check_checkpoint`):
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from ..store.atomic import atomic_write, check_free, fsync_path, fsync_tree, one_line, write_fault
 
 FILES = ("student.safetensors", "target.safetensors", "optimizer.safetensors", "optimizer.json", "state.json")
-DISC_FILES = ("discriminator.safetensors", "discriminator_optimizer.safetensors", "discriminator_optimizer.json")
+CRITIC_FILES = ("critic.safetensors", "critic_optimizer.safetensors", "critic_optimizer.json")
 STEP_DIR = re.compile(r"step-(\d+)\Z")
 _HEADROOM = 1.05  # free space asked for beyond a checkpoint's tensor bytes (headers, JSON, the file system's blocks)
 
@@ -83,9 +84,9 @@ def estimate_bytes(student: torch.nn.Module, opt: torch.optim.Optimizer | None =
 
 
 def save_checkpoint(run_dir: Path, step: int, student, target, opt, keep: int, grad_scaler: dict | None = None,
-                    discriminator: tuple | None = None) -> Path:
+                    critic: tuple | None = None) -> Path:
     """checkpoints/step-N/{student,target,optimizer}.safetensors + state.json (with fp16's loss scale), atomic;
-    discriminator: (heads, their optimiser) of an adversarial run, saved beside them.
+    critic: (the critic, its optimiser) of an --adversarial run (the heads) or a --dmd run (the fake score), saved beside them.
 
     Free space is checked first; a disk or permission fault is one WriteError sentence, the temp folder is removed
     and the previous checkpoint stays as it was."""
@@ -95,12 +96,12 @@ def save_checkpoint(run_dir: Path, step: int, student, target, opt, keep: int, g
     student_sd = _trainable_state(student)
     target_sd = {k: v.detach().cpu().contiguous() for k, v in target.state_dict().items() if k in student_sd}
     opt_t, opt_meta = _optimizer_tensors(opt)
-    if discriminator is not None:
-        disc_sd = _trainable_state(discriminator[0])
-        disc_t, disc_meta = _optimizer_tensors(discriminator[1])
+    if critic is not None:
+        critic_sd = _trainable_state(critic[0])
+        critic_t, critic_meta = _optimizer_tensors(critic[1])
     else:
-        disc_sd, disc_t = {}, {}
-    need = int(sum(map(_nbytes, (student_sd, target_sd, opt_t, disc_sd, disc_t))) * _HEADROOM) + 64 * 1024
+        critic_sd, critic_t = {}, {}
+    need = int(sum(map(_nbytes, (student_sd, target_sd, opt_t, critic_sd, critic_t))) * _HEADROOM) + 64 * 1024
     what = f"checkpoint {final.name}"
     try:
         ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -111,10 +112,10 @@ def save_checkpoint(run_dir: Path, step: int, student, target, opt, keep: int, g
         save_file(target_sd, tmp / "target.safetensors")
         save_file(opt_t, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta, indent=2, default=str))
-        if discriminator is not None:
-            save_file(disc_sd, tmp / "discriminator.safetensors")
-            save_file(disc_t, tmp / "discriminator_optimizer.safetensors")
-            (tmp / "discriminator_optimizer.json").write_text(json.dumps(disc_meta, indent=2, default=str))
+        if critic is not None:
+            save_file(critic_sd, tmp / "critic.safetensors")
+            save_file(critic_t, tmp / "critic_optimizer.safetensors")
+            (tmp / "critic_optimizer.json").write_text(json.dumps(critic_meta, indent=2, default=str))
         (tmp / "state.json").write_text(json.dumps({"step": step, "time": time.time(), "grad_scaler": grad_scaler}))
         fsync_tree(tmp)
         if final.exists():
@@ -189,12 +190,12 @@ def read_checkpoint(ckpt: Path) -> dict:
     ck = {"path": ckpt, "step": step, "state": state, "opt_meta": _optimizer_meta(ckpt / "optimizer.json"),
           "student": _tensors(ckpt / "student.safetensors"), "target": _tensors(ckpt / "target.safetensors"),
           "opt_tensors": _tensors(ckpt / "optimizer.safetensors")}
-    present = [f for f in DISC_FILES if (ckpt / f).is_file()]
-    if present and len(present) < len(DISC_FILES):
-        raise CheckpointError(f"it lacks {', '.join(f for f in DISC_FILES if f not in present)}")
+    present = [f for f in CRITIC_FILES if (ckpt / f).is_file()]
+    if present and len(present) < len(CRITIC_FILES):
+        raise CheckpointError(f"it lacks {', '.join(f for f in CRITIC_FILES if f not in present)}")
     if present:
-        ck["discriminator"] = {"params": _tensors(ckpt / DISC_FILES[0]), "opt_tensors": _tensors(ckpt / DISC_FILES[1]),
-                               "opt_meta": _optimizer_meta(ckpt / DISC_FILES[2])}
+        ck["critic"] = {"params": _tensors(ckpt / CRITIC_FILES[0]), "opt_tensors": _tensors(ckpt / CRITIC_FILES[1]),
+                               "opt_meta": _optimizer_meta(ckpt / CRITIC_FILES[2])}
     return ck
 
 
@@ -227,24 +228,24 @@ def _match(kind: str, found: dict[str, torch.Tensor], expected: dict[str, torch.
             raise CheckpointError(f"{kind} tensor {k} holds non-finite values")
 
 
-def check_checkpoint(ck: dict, student, target, opt, max_steps: int | None = None, discriminator: tuple | None = None) -> None:
+def check_checkpoint(ck: dict, student, target, opt, max_steps: int | None = None, critic: tuple | None = None) -> None:
     """ck (read_checkpoint) against the run: tensors of student and theta^-, the optimiser's groups and moments, the
-    step; with discriminator (heads, optimiser) its heads and their optimiser too."""
+    step; with critic (the critic, its optimiser) those too."""
     trainable = _trainable(student)
     _match("student.safetensors", ck["student"], trainable)
     target_sd = target.state_dict()
     _match("target.safetensors", ck["target"], {k: target_sd[k] for k in trainable if k in target_sd})
     _check_optimizer("optimizer.json", ck["opt_meta"], ck["opt_tensors"], opt,
                      "another --cond-proj-lr-scale or --lora-rank?")
-    disc = ck.get("discriminator")
-    if (disc is None) != (discriminator is None):
-        raise CheckpointError("it has a discriminator and this run has none (resume with its --adversarial)"
-                              if discriminator is None else
-                              f"it lacks {DISC_FILES[0]}: it is not from an --adversarial run")
+    disc = ck.get("critic")
+    if (disc is None) != (critic is None):
+        raise CheckpointError("it has a critic and this run has none (resume with its --adversarial or --dmd)"
+                              if critic is None else
+                              f"it lacks {CRITIC_FILES[0]}: it is not from an --adversarial or --dmd run")
     if disc is not None:
-        heads, d_opt = discriminator
-        _match(DISC_FILES[0], disc["params"], _trainable(heads))
-        _check_optimizer(DISC_FILES[2], disc["opt_meta"], disc["opt_tensors"], d_opt, "another teacher?")
+        net, d_opt = critic
+        _match(CRITIC_FILES[0], disc["params"], _trainable(net))
+        _check_optimizer(CRITIC_FILES[2], disc["opt_meta"], disc["opt_tensors"], d_opt, "another teacher?")
     if max_steps is not None and ck["step"] > max_steps:
         raise CheckpointBeyond(f"checkpoint {ck['path'].name} is at step {ck['step']}, past --max-steps {max_steps}; "
                                f"pass --max-steps {ck['step']} or more to continue this run")
@@ -275,14 +276,14 @@ def _check_optimizer(kind: str, meta: dict, tensors: dict[str, torch.Tensor], op
             raise CheckpointError(f"optimizer tensor {key} holds non-finite values")
 
 
-def _apply(ck: dict, student, target, opt, grad_scaler=None, discriminator: tuple | None = None) -> int:
+def _apply(ck: dict, student, target, opt, grad_scaler=None, critic: tuple | None = None) -> int:
     try:
         student.load_state_dict(ck["student"], strict=False)
         target.load_state_dict(ck["target"], strict=False)
         _load_optimizer(opt, ck["opt_tensors"], ck["opt_meta"])
-        if discriminator is not None:
-            discriminator[0].load_state_dict(ck["discriminator"]["params"], strict=False)
-            _load_optimizer(discriminator[1], ck["discriminator"]["opt_tensors"], ck["discriminator"]["opt_meta"])
+        if critic is not None:
+            critic[0].load_state_dict(ck["critic"]["params"], strict=False)
+            _load_optimizer(critic[1], ck["critic"]["opt_tensors"], ck["critic"]["opt_meta"])
         if grad_scaler is not None and ck["state"].get("grad_scaler"):
             grad_scaler.load_state_dict(ck["state"]["grad_scaler"])
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
@@ -315,37 +316,37 @@ def last_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
 
 
 def load_checkpoint(ckpt: Path, student, target, opt, grad_scaler=None, max_steps: int | None = None,
-                    discriminator: tuple | None = None) -> int:
-    """Validate, then restore student, target, optimiser, fp16's loss scale and an adversarial run's discriminator
-    (heads, optimiser); returns the step to continue from."""
+                    critic: tuple | None = None) -> int:
+    """Validate, then restore student, target, optimiser, fp16's loss scale and the critic of an --adversarial or --dmd run
+    (net, optimiser); returns the step to continue from."""
     try:
         ck = read_checkpoint(ckpt)
-        check_checkpoint(ck, student, target, opt, max_steps, discriminator)
+        check_checkpoint(ck, student, target, opt, max_steps, critic)
     except CheckpointBeyond:
         raise
     except CheckpointError as e:
         raise CheckpointError(f"checkpoint {ckpt} cannot be resumed from: {e}") from None
     try:
-        return _apply(ck, student, target, opt, grad_scaler, discriminator)
+        return _apply(ck, student, target, opt, grad_scaler, critic)
     except CheckpointError as e:
         raise CheckpointError(f"checkpoint {ckpt} cannot be resumed from: {e}") from None
 
 
 def resume_checkpoint(run_dir: Path, resume: str, student, target, opt, grad_scaler=None,
-                      max_steps: int | None = None, log=print, discriminator: tuple | None = None) -> tuple[Path | None, int]:
+                      max_steps: int | None = None, log=print, critic: tuple | None = None) -> tuple[Path | None, int]:
     """(checkpoint, step) restored for --resume: an explicit folder, or for 'latest' the newest one that validates.
 
     A damaged newer checkpoint is named in the log and skipped; (None, 0) when the run has no checkpoint at all;
     CheckpointError when it has some and none validates (they are left as they are)."""
     if resume != "latest":
-        return Path(resume), load_checkpoint(Path(resume), student, target, opt, grad_scaler, max_steps, discriminator)
+        return Path(resume), load_checkpoint(Path(resume), student, target, opt, grad_scaler, max_steps, critic)
     candidates = sorted((p for p in (Path(run_dir) / "checkpoints").glob("step-*") if p.is_dir()), reverse=True)
     damaged = []
     for ckpt in candidates:
         try:
             ck = read_checkpoint(ckpt)
-            check_checkpoint(ck, student, target, opt, max_steps, discriminator)
-            step = _apply(ck, student, target, opt, grad_scaler, discriminator)
+            check_checkpoint(ck, student, target, opt, max_steps, critic)
+            step = _apply(ck, student, target, opt, grad_scaler, critic)
         except CheckpointBeyond:
             raise
         except CheckpointError as e:

@@ -30,6 +30,7 @@ from .latents import LatentStore, batch_latents, files_identity, latent_cache, r
 from .memory import warn_if_short
 from ..core.schedule import NoiseSchedule
 from ..core.adversarial import Heads, feature_channels
+from ..core.dmd import make_fake_score
 from ..core.splad import SpladConfig, splad_loss
 from ..core.student import build_student, ema_update, make_target
 from ..core.teacher import added_conditioning, cfg_scale, empty_condition, native_size, text_encoders, vae_scale_factor
@@ -109,6 +110,8 @@ class Optimisation:
     max_grad_norm: float = arg(1.0, "gradient clipping norm")
     adversarial_lr: float = arg(1e-3, "learning rate of the discriminator heads with --adversarial (AdamW, betas "
                                       "(0, 0.99) as in LADD; at 1e-4 they learned too slowly on Shapes)")
+    dmd_lr: float = arg(1e-4, "learning rate of the fake score with --dmd (AdamW, as DMD2; it starts as the teacher "
+                              "and must follow the student's images)")
     use_8bit_adam: bool = arg(False, "8-bit AdamW from bitsandbytes (CUDA)")
     gradient_checkpointing: bool = arg(False, "trade compute for memory in the student UNet (activations about 0.44x; "
                                               "the sd15 preset turns it on)")
@@ -205,6 +208,7 @@ class TrainConfig:
             "gamma_one_prob": 0 <= self.gamma_one_prob <= 1,
             "cond_proj_lr_scale": self.cond_proj_lr_scale > 0,
             "adversarial_lr": 0 < self.adversarial_lr < 1,
+            "dmd_lr": 0 < self.dmd_lr < 1,
             "num_ddim_steps": self.num_ddim_steps <= 1000,
             "lora_rank": self.lora_rank >= 0,
             "images_per_prompt": self.images_per_prompt >= 1,
@@ -613,7 +617,8 @@ class Models:
     student: torch.nn.Module
     target: torch.nn.Module
     uncond_1: Any  # the empty prompt's condition: (1, L, D) embeddings, SDXL a TextCondition
-    discriminator: torch.nn.Module | None = None  # --adversarial: heads on the teacher's features (core/adversarial.py)
+    critic: torch.nn.Module | None = None  # --adversarial: heads on the teacher's features (core/adversarial.py);
+    #                                          --dmd: the fake score, a trainable copy of the teacher (core/dmd.py)
 
 
 def setup_models(cfg: TrainConfig, rt, device: torch.device) -> Models:
@@ -631,15 +636,19 @@ def setup_models(cfg: TrainConfig, rt, device: torch.device) -> Models:
     target.to(device)
     with torch.no_grad():  # (1, L, D); SDXL a TextCondition (zeros with force_zeros_for_empty_prompt)
         uncond_1 = empty_condition(pipe, device)
-    heads = Heads(feature_channels(teacher)).to(device) if cfg.adversarial > 0 else None
-    return Models(pipe, NoiseSchedule.from_scheduler(pipe.scheduler), teacher, student, target, uncond_1, heads)
+    critic = (Heads(feature_channels(teacher)).to(device) if cfg.adversarial > 0 else
+              make_fake_score(teacher).to(device) if cfg.dmd > 0 else None)
+    return Models(pipe, NoiseSchedule.from_scheduler(pipe.scheduler), teacher, student, target, uncond_1, critic)
 
 
-def make_discriminator_optimizer(heads, cfg: TrainConfig) -> torch.optim.Optimizer | None:
-    """AdamW over the discriminator heads at adversarial_lr, betas (0, 0.99) (LADD); None without --adversarial."""
-    if heads is None:
+def make_critic_optimizer(critic, cfg: TrainConfig) -> torch.optim.Optimizer | None:
+    """The critic's AdamW: the discriminator heads at adversarial_lr, betas (0, 0.99) (LADD); the fake score at dmd_lr
+    with AdamW's defaults (DMD2); None without a critic."""
+    if critic is None:
         return None
-    return torch.optim.AdamW(heads.parameters(), lr=cfg.adversarial_lr, betas=(0.0, 0.99))
+    if cfg.dmd > 0:
+        return torch.optim.AdamW(critic.parameters(), lr=cfg.dmd_lr)
+    return torch.optim.AdamW(critic.parameters(), lr=cfg.adversarial_lr, betas=(0.0, 0.99))
 
 
 def _warn_if_disk_short(run_dir: Path, m: Models, opt, cfg: TrainConfig, log) -> None:
@@ -651,11 +660,11 @@ def _warn_if_disk_short(run_dir: Path, m: Models, opt, cfg: TrainConfig, log) ->
 
 
 def _resume(cfg: TrainConfig, run_dir: Path, m: Models, opt, acc, log, d_opt=None) -> int:
-    """The step the run continues at: 0, or that of the checkpoint --resume names (student, theta^-, optimiser and an
-    adversarial run's discriminator loaded)."""
+    """The step the run continues at: 0, or that of the checkpoint --resume names (student, theta^-, optimiser and the
+    critic of an --adversarial or --dmd run loaded)."""
     if not cfg.resume:
         return 0
-    disc = (m.discriminator, d_opt) if m.discriminator is not None else None
+    disc = (m.critic, d_opt) if m.critic is not None else None
     try:
         ckpt, start = resume_checkpoint(run_dir, cfg.resume, m.student, m.target, opt, acc.scaler, cfg.max_steps, log,
                                         disc)
@@ -719,14 +728,14 @@ def batches(loader, skip: int, acc, source: str, counter=None):
 def train_step(m: Models, batch: dict, gen: torch.Generator, splad: SpladConfig, acc, opt, params, step: int,
                cfg: TrainConfig, rt, lr_scheduler, loss_fn, d_opt=None) -> tuple[torch.Tensor, float] | None:
     """Algorithm 1 on one micro-batch: z_0 and text (step 1), loss_fn (steps 2-6, core/splad.py), backward, and on the
-    syncing micro-step the optimiser step (and the discriminator's, d_opt, with --adversarial). (loss, lr used), or
+    syncing micro-step the optimiser step (and the critic's, d_opt, with --adversarial or --dmd). (loss, lr used), or
     None when the loss is non-finite on some rank: the gradients are dropped and every rank skips the step."""
     with acc.accumulate(m.student):
         z_0, cond, uncond = encode_batch(m.pipe, batch, m.uncond_1, gen, rt.vae_dtype)
         with acc.autocast():
             extra = {"z_T": batch["z_T"]} if splad.regression > 0 else {}  # teacher data's initial noise
-            if m.discriminator is not None:
-                extra["discriminator"] = m.discriminator
+            if m.critic is not None:
+                extra["critic"] = m.critic
             loss = loss_fn(splad, m.schedule, m.student, m.target, m.teacher, z_0, cond, uncond, gen, **extra)
         if not finite_on_all_ranks(loss, acc):
             opt.zero_grad(set_to_none=True)
@@ -806,7 +815,7 @@ class Trail:
             return
         student = acc.unwrap_model(m.student)
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            disc = (acc.unwrap_model(m.discriminator), d_opt) if m.discriminator is not None else None
+            disc = (acc.unwrap_model(m.critic), d_opt) if m.critic is not None else None
             save_checkpoint(self.run_dir, step, student, m.target, opt, cfg.keep_checkpoints,
                             acc.scaler.state_dict() if acc.scaler is not None else None, disc)
         if cfg.snapshot_every and step % cfg.snapshot_every == 0:
@@ -850,7 +859,7 @@ def _train(cfg: TrainConfig, run_dir: Path, log=print, loss_fn=None) -> Path:
     m = setup_models(cfg, rt, acc.device)
     params = trainable_parameters(m.student)  # what the gradient norm is clipped over
     opt = make_optimizer(m.student, cfg)
-    d_opt = make_discriminator_optimizer(m.discriminator, cfg)
+    d_opt = make_critic_optimizer(m.critic, cfg)
     if acc.is_main_process:
         _warn_if_disk_short(run_dir, m, opt, cfg, log)
     start = _resume(cfg, run_dir, m, opt, acc, log, d_opt)
@@ -864,8 +873,8 @@ def _train(cfg: TrainConfig, run_dir: Path, log=print, loss_fn=None) -> Path:
     loader, skip, batch_size = make_loader(cfg, dataset, start, acc, log)
     requested, cfg = cfg.batch_size, dataclasses.replace(cfg, batch_size=batch_size)  # a small data set clamps it
     m.student, opt = acc.prepare(m.student, opt)
-    if m.discriminator is not None:
-        m.discriminator, d_opt = acc.prepare(m.discriminator, d_opt)
+    if m.critic is not None:
+        m.critic, d_opt = acc.prepare(m.critic, d_opt)
     # ---- 3. bookkeeping: the resolved config, trackers, stats.jsonl, progress
     resolved = resolved_config(cfg, run_dir.name, resolution, requested, m, rt, acc, dataset, store)
     trail = Trail(cfg, run_dir, resolved, start, acc, log)

@@ -1,0 +1,52 @@
+"""The teacher data of a prompts file as an image folder (issue 23's diagnostic): PNG + same-name .txt captions.
+
+It makes (or reuses) exactly the store that `train_cli.py --preset shapes --prompts FILE --prompts-seed S` makes, then
+VAE-decodes its z_0. A student trained on this folder through the plain image path (`--data DIR`) sees the teacher's
+own images, re-encoded by the VAE at every step as rendered data is, so its gap to a `--prompts` student isolates the
+pipeline (stored deterministic latents vs VAE posterior draws) from the content (the teacher's images vs renders).
+
+    python scripts/teacher_images.py --prompts runs/shapes_prompts.txt --cache runs/prompt_gap/.cache --out runs/teacher_images
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from splam_studio.models.generation import decode_latents  # noqa: E402
+from splam_studio.models.loading import load_teacher  # noqa: E402
+from splam_studio.training.cli import PRESETS  # noqa: E402
+from splam_studio.training.latents import read_prompts, teacher_data  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", required=True)
+    ap.add_argument("--cache", required=True, help="the runs' <output_dir>/.cache, so the training runs reuse the store")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    p = PRESETS["shapes"]
+    pipe = load_teacher(p["teacher"])
+    store = teacher_data(pipe, read_prompts(a.prompts), Path(a.cache), w=p["w"], steps=50, seed=a.seed,
+                         images_per_prompt=1, batch_size=p["batch_size"])
+    data = store.dataset()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for b0 in range(0, len(data), 64):
+        items = [data[i] for i in range(b0, min(len(data), b0 + 64))]
+        images = decode_latents(pipe, torch.stack([it["z_0"] for it in items]))
+        for i, (im, it) in enumerate(zip(images, items)):
+            im.save(out / f"{b0 + i:05d}.png")
+            (out / f"{b0 + i:05d}.txt").write_text(it["caption"] + "\n")
+    print(f"{len(data)} teacher images in {out}")
+
+
+if __name__ == "__main__":
+    main()
