@@ -27,16 +27,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", required=True)
     ap.add_argument("--cache", required=True, help="the runs' <output_dir>/.cache, so the training runs reuse the store")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="the image folder (none: only make the store, for --prompts runs to reuse)")
+    ap.add_argument("--w", type=float, help="the data's guidance w (train_cli --prompts-w; default: the preset's --w)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     p = PRESETS["shapes"]
     pipe = load_teacher(p["teacher"])
-    store = teacher_data(pipe, read_prompts(a.prompts), Path(a.cache), w=p["w"], steps=50, seed=a.seed,
-                         images_per_prompt=1, batch_size=p["batch_size"])
+    store = teacher_data(pipe, read_prompts(a.prompts), Path(a.cache), w=p["w"] if a.w is None else a.w, steps=50,
+                         seed=a.seed, images_per_prompt=1, batch_size=p["batch_size"])
     data = store.dataset()
+    if not a.out:
+        print(f"{len(data)} teacher latents in {store.root}")
+        return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for b0 in range(0, len(data), 64):

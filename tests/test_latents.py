@@ -251,3 +251,32 @@ def test_a_prompts_run_needs_no_vae_and_no_images(pipe, teacher_dir, tmp_path, m
     assert json.loads(stats)["latent_store"]["kind"] == "teacher" and json.loads(stats)["latent_store"]["items"] == 4
     assert json.loads(stats)["validation_prompts"] == ["one red circle", "two small blue squares"]
     assert len(_losses(run_dir)) == 2
+
+
+def test_prompts_w_makes_the_teacher_data_at_its_own_guidance(pipe, teacher_dir, tmp_path):
+    """--prompts-w: the store is the teacher's DDIM run at CFG prompts_w + 1 (its own key), the distillation's w apart;
+    it needs --prompts, and --regression (pairs at the distillation's w) refuses other pairs."""
+    from splam_studio.training.loop import TrainConfig, TrainError, run
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one red circle\ntwo small blue squares\n")
+    base = dict(teacher=str(teacher_dir), prompts=str(prompts), num_ddim_steps=4, output_dir=str(tmp_path), max_steps=1,
+                batch_size=2, checkpoint_every=10, device="cpu", seed=1, w=6.5)
+    run_dir = run(TrainConfig(**base, run_name="w0", prompts_w=0.0), log=lambda *a: None)
+    folder = tmp_path / json.loads((run_dir / "training_config.json").read_text())["latent_store"]["folder"]
+    manifest = json.loads((folder / L.MANIFEST).read_text())
+    assert manifest["key"]["w"] == 0.0
+    ref = teacher_data(pipe, read_prompts(prompts), tmp_path / "ref", w=0.0, steps=4, images_per_prompt=1, seed=1,
+                       batch_size=2).dataset()
+    got = L.LatentStore(folder, manifest).dataset()
+    torch.testing.assert_close(got[0]["z_0"], ref[0]["z_0"], rtol=0, atol=0)
+    guided = teacher_data(pipe, read_prompts(prompts), tmp_path / "ref", w=6.5, steps=4, images_per_prompt=1, seed=1,
+                          batch_size=2).dataset()
+    assert (ref[0]["z_0"] - guided[0]["z_0"]).abs().max() > 1e-3  # another guidance, other latents
+    with pytest.raises(TrainError, match="needs --prompts"):
+        TrainConfig(teacher=str(teacher_dir), prompts_w=0.0).validate()
+    with pytest.raises(TrainError, match="prompts-w 0"):
+        TrainConfig(**base, prompts_w=0.0, regression=0.25).validate()
+    with pytest.raises(TrainError, match=">= 0"):
+        TrainConfig(**base, prompts_w=-1.0).validate()
+    TrainConfig(**base, prompts_w=6.5, regression=0.25).validate()  # the distillation's own w: the same pairs

@@ -245,7 +245,8 @@ def snapshot_state(snap: dict[str, torch.Tensor], unet, name: str = "snapshot") 
 CURVE_CONFIG_KEYS = ("method", "lr", "lr_schedule", "ema_decay", "batch_size", "seed", "w", "gamma_one_prob",
                      "gamma_scale", "gamma_time", "m", "cond_proj_lr_scale", "huber_c", "max_steps", "init_from", "w_min",
                      "w_max", "k_high", "t_high", "t_top_prob", "regression", "prompts", "images_per_prompt", "lora_rank",
-                     "adversarial", "adversarial_t_max", "adversarial_lr", "dmd", "dmd_lr")
+                     "adversarial", "adversarial_t_max", "adversarial_lr", "dmd", "dmd_lr",
+                     "prompts_w")
 
 
 def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = True, done: dict | None = None,

@@ -154,7 +154,8 @@ def _one_step_recipe(cfg: dict) -> list[str]:
         out.append(f"DMD {cfg['dmd']:g} (fake score lr {cfg.get('dmd_lr'):g})")
     if cfg.get("prompts"):
         n = cfg.get("images_per_prompt") or 1
-        out.append("teacher data (prompts only)" + (f", {n} images per prompt" if n > 1 else ""))
+        out.append("teacher data (prompts only)" + (f", {n} images per prompt" if n > 1 else "")
+                   + (f", made at CFG {cfg['prompts_w'] + 1:g}" if cfg.get("prompts_w") is not None else ""))
     return out
 
 

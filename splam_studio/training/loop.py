@@ -79,6 +79,9 @@ class Inputs:
     images_per_prompt: int = arg(1, "teacher-made images per prompt with --prompts")
     prompts_seed: int | None = arg(None, "seed of the teacher data's initial noise (default: --seed); one value lets "
                                          "runs of several seeds share one generation")
+    prompts_w: float | None = arg(None, "guidance w of the teacher data (CFG w + 1; default: --w, the distillation's). "
+                                        "z_t = alpha z_0 + sigma eps then lies where the teacher saw data: 0 (CFG 1) "
+                                        "samples its own data distribution (issue 23, README 'From prompts alone')")
     cache_latents: bool = arg(False, "encode each image (VAE posterior) and caption once into <output-dir>/.cache "
                                      "instead of at every step (a finite --data source; keyed by the VAE, text encoder, "
                                      "resolution and data files; SD1.5-family teachers: an SDXL recipe draws its crops afresh)")
@@ -228,6 +231,13 @@ class TrainConfig:
         if self.regression > 0 and not self.prompts:
             raise TrainError(f"--regression {self.regression:g} regresses onto the teacher's own (z_T, z_0) pairs: it "
                              "needs teacher data (--prompts FILE), not --data")
+        if self.prompts_w is not None and not self.prompts:
+            raise TrainError("--prompts-w is the guidance of teacher data: it needs --prompts FILE")
+        if self.prompts_w is not None and self.prompts_w < 0:
+            raise TrainError(f"--prompts-w must be >= 0 (CFG w + 1), got {self.prompts_w:g}")
+        if self.regression > 0 and self.prompts_w is not None and self.prompts_w != self.w:
+            raise TrainError(f"--regression pairs z_T with the teacher's z_0 at the distillation's w ({self.w:g}); teacher "
+                             f"data at --prompts-w {self.prompts_w:g} are other pairs: drop one of the two")
         if self.run_name is not None and not valid_run_name(self.run_name):
             raise TrainError(f"run_name must be a plain folder name (letters, digits, . _ -), got {self.run_name!r}")
 
@@ -939,12 +949,13 @@ def _latent_source(cfg: TrainConfig, pipe, acc, resolution: int, log) -> tuple[t
         prompts = read_prompts(cfg.prompts)
         with acc.main_process_first():
             seed = cfg.seed if cfg.prompts_seed is None else cfg.prompts_seed
-            store = teacher_data(pipe, prompts, root, w=cfg.w, steps=cfg.num_ddim_steps, seed=seed,
+            w_data = cfg.w if cfg.prompts_w is None else cfg.prompts_w
+            store = teacher_data(pipe, prompts, root, w=w_data, steps=cfg.num_ddim_steps, seed=seed,
                                  images_per_prompt=cfg.images_per_prompt, batch_size=cfg.batch_size)
         dataset = store.dataset()
         per = f", {store.seconds / store.n:.2f} s per image" if store.seconds else " (reused)"
         log(f"teacher data: {len(prompts)} prompts x {cfg.images_per_prompt} = {store.n} images, DDIM {cfg.num_ddim_steps} at "
-            f"CFG {cfg_scale(cfg.w):g}{per}; in {root.name}/{store.root.name}")
+            f"CFG {cfg_scale(w_data):g}{per}; in {root.name}/{store.root.name}")
         return dataset, store
     dataset = build_dataset(cfg.data, resolution, caption_column=cfg.caption_column, image_column=cfg.image_column,
                             seed=cfg.seed, num_examples=cfg.shapes_size, size_conditioning=added_conditioning(pipe))
