@@ -49,6 +49,9 @@ def test_terms_scale_as_a_step_holds_them():
         == SD15["unet_params"] * 6
     assert base.student == 2 * (SD15["unet_params"] + lora["lora_params"]) * 4  # student and theta^-, fp32
     assert base.total == int(Mem.MARGIN * (base.frozen + base.student + base.optimiser + base.activations))
+    dmd = Mem.estimate_need(**SD15, **lora, batch=8, critic_params=SD15["unet_params"])  # --dmd: a fake-score UNet
+    assert dmd.critic == SD15["unet_params"] * 16 and "critic" in dmd.describe()
+    assert dmd.total > base.total + SD15["unet_params"] * 16 and "critic" not in base.describe()
     with pytest.raises(ValueError, match="positive"):
         Mem.estimate_need(**SD15, trainable_params=1, batch=0)
 

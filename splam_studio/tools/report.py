@@ -5,6 +5,7 @@ Each section appears only when its JSON exists; every number comes from those fi
     benchmarks/teacher.json      python -m splam_studio.tools.world evaluate (teacher quality on the Shapes world)
     benchmarks/teacher_history.json  earlier embedded teachers' teacher.json, each with its preset and commit
     benchmarks/xl_curves.json    python -m splam_studio.tools.bench --teacher shapes-xl-teacher --curves RUN... (Shapes-XL students)
+    benchmarks/prompt_gap.json   bash scripts/prompt_gap.sh (issue 23: teacher images through the image path; --prompts-w)
     benchmarks/teacher-xl.json   python -m splam_studio.tools.world evaluate --teacher shapes-xl-teacher (the SDXL-architecture teacher)
     benchmarks/trainer.json      python -m splam_studio.tools.trainer_bench  (SPLAM vs LCM step time and memory)
     benchmarks/reliability.json  python -m splam_studio.tools.reliability    (faults, bad input, load)
@@ -380,7 +381,10 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
             if (folder / "variants.png").is_file():
                 L += ["![variants](benchmarks/variants.png)", ""]
         if (os_ := _load(folder, "one_step.json")):
-            L += sweep_section(os_, "1-step ablations (issue 25)", "`scripts/one_step.sh`")
+            L += sweep_section(os_, "1-step ablations (issue 25)", "`scripts/one_step.sh`, `scripts/one_step_dmd.sh`")
+        if (pg := _load(folder, "prompt_gap.json")):
+            L += sweep_section(pg, "Prompt-only students: where the gap to image data comes from (issue 23)",
+                               "`scripts/prompt_gap.sh`")
     if (xl := _load(folder, "xl_curves.json")):
         L += seeds_section(xl, "Shapes-XL students over training seeds (issue 22): the SDXL path distils",
                            "`scripts/xl_students.sh` (students of the Shapes-XL teacher)")

@@ -891,7 +891,8 @@ def _train(cfg: TrainConfig, run_dir: Path, log=print, loss_fn=None) -> Path:
     if acc.is_main_process:  # one warning before the first step when the estimated need exceeds the device (memory.py)
         warn_if_short(acc.unwrap_model(m.student), m.pipe, resolution=resolution, batch=cfg.batch_size, device=acc.device,
                       mixed_precision=rt.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing,
-                      use_8bit_adam=cfg.use_8bit_adam, log=log)
+                      use_8bit_adam=cfg.use_8bit_adam, log=log,
+                      critic=acc.unwrap_model(m.critic) if m.critic is not None else None)
     # ---- 4. the steps: Algorithm 1 per micro-batch, step 7 (EMA) per optimiser step
     splad, counter = cfg.splad(), getattr(dataset, "counter", None)
     step, micro = start, 0

@@ -46,26 +46,27 @@ class MemoryNeed:
     student: int  # student + theta^- in fp32
     optimiser: int  # gradients + AdamW moments of the trainable parameters
     activations: int
+    critic: int = 0  # --adversarial heads or --dmd's fake score: fp32 weights, gradients and AdamW moments
 
     @property
     def total(self) -> int:
-        return int(MARGIN * (self.frozen + self.student + self.optimiser + self.activations))
+        return int(MARGIN * (self.frozen + self.student + self.optimiser + self.activations + self.critic))
 
     def describe(self) -> str:
         parts = (("frozen models", self.frozen), ("student + target", self.student), ("optimiser", self.optimiser),
-                 ("activations", self.activations))
+                 ("activations", self.activations)) + ((("critic", self.critic),) if self.critic else ())
         return f"{self.total / GIB:.1f} GiB (" + ", ".join(f"{n} {b / GIB:.1f}" for n, b in parts) + ")"
 
 
 def estimate_need(*, unet_params: int, other_params: int, trainable_params: int, resolution: int, batch: int,
                   lora_params: int = 0, vae_scale: int = 8, weight_bytes: int = 4, activation_bytes: int = 4,
-                  gradient_checkpointing: bool = False, adam_state_bytes: int = 8) -> MemoryNeed:
+                  gradient_checkpointing: bool = False, adam_state_bytes: int = 8, critic_params: int = 0) -> MemoryNeed:
     """Memory of one SPLAD training process, from parameter counts (pure).
 
     unet_params: the student UNet without LoRA layers (cond_proj included); lora_params: its LoRA layers (0 for a full
     fine-tune); other_params: text encoder(s) + VAE; trainable_params: the whole UNet for a full fine-tune, else the
     LoRA layers + cond_proj; weight_bytes / activation_bytes: 2 under fp16 / bf16 mixed precision, 4 in fp32;
-    adam_state_bytes: 8 (two fp32 moments), 2 for 8-bit AdamW.
+    adam_state_bytes: 8 (two fp32 moments), 2 for 8-bit AdamW; critic_params: the critic's (its AdamW is 32-bit).
     """
     if min(unet_params, resolution, batch) <= 0 or min(trainable_params, other_params, lora_params) < 0:
         raise ValueError("estimate_need needs positive parameter counts, resolution and batch")
@@ -76,6 +77,7 @@ def estimate_need(*, unet_params: int, other_params: int, trainable_params: int,
         student=2 * (unet_params + lora_params) * 4,
         optimiser=trainable_params * (4 + adam_state_bytes),
         activations=int(batch * latent_px * per_px * activation_bytes),
+        critic=critic_params * (4 + 4 + 8),
     )
 
 
@@ -98,7 +100,7 @@ def device_memory(device: torch.device) -> int | None:
 
 def warn_if_short(student: torch.nn.Module, pipe, *, resolution: int, batch: int, device: torch.device,
                   mixed_precision: str, gradient_checkpointing: bool, use_8bit_adam: bool = False,
-                  available: int | None = None, log=print) -> MemoryNeed:
+                  available: int | None = None, log=print, critic: torch.nn.Module | None = None) -> MemoryNeed:
     """Log one warning, before the first step, when the estimated need exceeds what `device` has; returns the need."""
     params = list(student.parameters())
     lora = sum(p.numel() for n, p in student.named_parameters() if "lora_" in n)
@@ -110,7 +112,8 @@ def warn_if_short(student: torch.nn.Module, pipe, *, resolution: int, batch: int
                          trainable_params=trainable, resolution=resolution, batch=batch, lora_params=lora,
                          vae_scale=2 ** (len(pipe.vae.config.block_out_channels) - 1), weight_bytes=half,
                          activation_bytes=half, gradient_checkpointing=gradient_checkpointing,
-                         adam_state_bytes=2 if use_8bit_adam else 8)
+                         adam_state_bytes=2 if use_8bit_adam else 8,
+                         critic_params=sum(p.numel() for p in critic.parameters()) if critic is not None else 0)
     have = device_memory(device) if available is None else available
     if have is not None and need.total > have:
         hints = [h for h, off in (("--gradient-checkpointing", not gradient_checkpointing),
