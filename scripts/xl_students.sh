@@ -2,7 +2,8 @@
 # The Shapes-XL students (issue 22): SPLAM and LCM distilled from weights/shapes-xl-teacher by the SDXL path of the
 # trainer, as a full pair and a LoRA pair, on 2 CPU cores (two runs at a time, one thread each, about 8 minutes a pair).
 #   bash scripts/xl_students.sh                 # all seeds, then the bench curves
-#   STAGE=lora bash scripts/xl_students.sh      # only the LoRA pair (seed 0)
+#   STAGE=lora bash scripts/xl_students.sh      # only the LoRA pair (seed 0); STAGE=lora-seeds: seeds 1 and 2
+#   STAGE=embed-lora bash scripts/xl_students.sh  # the seed-0 LoRA pair as the `shapes-xl-lora` set
 #   STAGE=embed bash scripts/xl_students.sh     # copy the seed-0 full pair into weights/ as the `shapes-xl` set
 # Every run is the `shapes` preset (600 steps, batch 32, p(gamma = 1) 0.8) with --teacher weights/shapes-xl-teacher;
 # SPLAM and LCM differ only in --method. The full pair is lr 1e-5 (the SD pair's recipe); the LoRA pair is rank 16 at
@@ -17,7 +18,7 @@ LORA="--lora-rank 16 --lr 5e-4 --cond-proj-lr-scale 1"
 embed() {  # embed RUN NAME: the exported student of a finished run, its config, stats and last validation grid
   local src=$OUT/$1 dst=weights/$2
   rm -rf "$dst.tmp" && mkdir -p "$dst.tmp"
-  cp -r "$src/unet" "$src/stats.jsonl" "$src/validation" "$dst.tmp/"
+  cp -r "$src/$( [ -d "$src/lora" ] && echo lora || echo unet )" "$src/stats.jsonl" "$src/validation" "$dst.tmp/"
   "$PY" - "$src/training_config.json" "$dst.tmp/training_config.json" "$2" <<'PY'
 import json, sys
 c = json.load(open(sys.argv[1]))
@@ -29,15 +30,19 @@ PY
 if [ "${STAGE:-all}" = embed ]; then
   embed xl-splam shapes-xl-splam && embed xl-lcm shapes-xl-lcm && exit 0
 fi
+if [ "${STAGE:-all}" = embed-lora ]; then
+  embed xl-splam-lora shapes-xl-lora-splam && embed xl-lcm-lora shapes-xl-lora-lcm && exit 0
+fi
 SPECS=()
 case "${STAGE:-all}" in
   lora) SPECS+=("xl-splam-lora --method splam $LORA" "xl-lcm-lora --method lcm $LORA") ;;
+  lora-seeds) for s in 1 2; do SPECS+=("xl-splam-lora-s$s --method splam --seed $s $LORA" "xl-lcm-lora-s$s --method lcm --seed $s $LORA"); done ;;
   full) SPECS+=("xl-splam --method splam" "xl-lcm --method lcm")
        for s in 1 2; do SPECS+=("xl-splam-s$s --method splam --seed $s" "xl-lcm-s$s --method lcm --seed $s"); done ;;
   all) SPECS+=("xl-splam-lora --method splam $LORA" "xl-lcm-lora --method lcm $LORA")
        SPECS+=("xl-splam --method splam" "xl-lcm --method lcm")
        for s in 1 2; do SPECS+=("xl-splam-s$s --method splam --seed $s" "xl-lcm-s$s --method lcm --seed $s"); done ;;
-  *) echo "STAGE is lora, full or all" >&2; exit 2 ;;
+  *) echo "STAGE is lora, lora-seeds, full, all, embed or embed-lora" >&2; exit 2 ;;
 esac
 train_runs "$OUT" "${SPECS[@]}"
 [ "${BENCH:-1}" = 1 ] || exit 0

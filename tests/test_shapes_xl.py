@@ -236,17 +236,22 @@ def test_a_short_distillation_on_the_xl_teacher_beats_the_untrained_student(tmp_
         assert mse["trained", k] < 0.98 * mse["untrained", k], mse
 
 
-def test_the_embedded_shapes_xl_set_compares_offline():
-    """`--models shapes-xl`: the embedded XL teacher and its two students, loaded from weights/ with no hub, compared
-    on one prompt and seed; both students are SDXL-architecture UNets with the gamma projection."""
+@pytest.mark.parametrize("set_name", ["shapes-xl", "shapes-xl-lora"])
+def test_the_embedded_shapes_xl_sets_compare_offline(set_name):
+    """`--models shapes-xl` / `shapes-xl-lora`: the embedded XL teacher and its two students (full UNets, or LoRA
+    runs), loaded from weights/ with no hub, compared on one prompt and seed; both students are SDXL-architecture
+    UNets with the gamma projection."""
     from pathlib import Path
 
     from splam_studio.models.model_sets import get_model_set
     from splam_studio.studio.logic import Studio
 
     weights = Path(__file__).resolve().parents[1] / "weights"
-    ms = get_model_set("shapes-xl")
-    studio = Studio.for_model_set("shapes-xl", weights, device="cpu", allow_hub=False, warm_up=False)
+    ms = get_model_set(set_name)
+    lora = set_name.endswith("lora")
+    for role in ("splam", "lcm"):  # the set's kind of student, as embedded
+        assert (weights / getattr(ms, role).repo / ("lora" if lora else "unet")).is_dir()
+    studio = Studio.for_model_set(set_name, weights, device="cpu", allow_hub=False, warm_up=False)
     assert (studio.defaults["teacher"], studio.defaults["splam"], studio.defaults["lcm"]) == \
         (ms.teacher, ms.splam.repo, ms.lcm.repo)
     r = studio.compare(CAPTIONS[0], seed=3, student_steps=2, teacher_steps=4, guidance_scale=7.5, repeats=1, warmup=0)
@@ -255,6 +260,7 @@ def test_the_embedded_shapes_xl_set_compares_offline():
     for role in ("splam", "lcm"):
         unet = studio.student(getattr(ms, role).repo, ms.teacher, role)
         assert unet.config.addition_embed_type == "text_time" and unet.config.time_cond_proj_dim is not None
+        assert any("lora" in k for k in unet.state_dict()) == lora
     from diffusers import StableDiffusionXLPipeline
 
     from splam_studio.models.loading import load_teacher

@@ -34,6 +34,8 @@ EMBEDDED = {
     "shapes-xl-teacher": "shapes-xl-teacher",
     "shapes-xl-splam": "shapes-xl-splam",
     "shapes-xl-lcm": "shapes-xl-lcm",
+    "shapes-xl-lora-splam": "shapes-xl-lora-splam",
+    "shapes-xl-lora-lcm": "shapes-xl-lora-lcm",
 }
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

@@ -68,6 +68,12 @@ MODEL_SETS: dict[str, ModelSet] = {
         resolution=64, teacher_guidance=7.5, gpu_precision="auto",
         about="The same world on an SDXL-architecture teacher (two text encoders, pooled embeds, size and crop time "
               "ids), its students distilled here by the SDXL path of the trainer; offline."),
+    "shapes-xl-lora": ModelSet(
+        name="shapes-xl-lora", title="Shapes-XL LoRA (embedded, 64 px)", teacher="shapes-xl-teacher",
+        lcm=Student("shapes-xl-lora-lcm", "run"), splam=Student("shapes-xl-lora-splam", "run"),
+        resolution=64, teacher_guidance=7.5, gpu_precision="auto",
+        about="The Shapes-XL teacher with LoRA students (rank 16, as SDXL users train them): the LoRA layers and the "
+              "gamma projection on the teacher's own weights; offline."),
     "dreamshaper7": ModelSet(
         name="dreamshaper7", title="Dreamshaper 7 (512 px): the released matched trio",
         teacher="Lykon/dreamshaper-7",

@@ -358,7 +358,9 @@ def one_step_doc(results: list[dict], a) -> dict:
                       "The regression adds one student call, on z_T at t = 999, to the student's one (and its backward); "
                       "the k schedule and the t-top draw change which t is drawn, not the work per step; the "
                       "adversarial term adds two passes of the teacher's encoder half (fake with its backward, real "
-                      "without) and the heads' step, on top of the 1-step student call."],
+                      "without) and the heads' step, on top of the 1-step student call; distribution matching adds "
+                      "the teacher's guided call and two fake-score calls (one with its backward) and the fake score's "
+                      "AdamW step (a teacher-sized UNet in fp32, with its moments), on top of the 1-step student call."],
             "raw": results}
 
 
