@@ -151,6 +151,37 @@ def test_wrong_pooled_or_uncond_time_ids_change_the_loss(xl_models):
         assert abs(changed.item() - base.item()) > 1e-4 * base.item(), (changed.item(), base.item())
 
 
+
+def test_sdxl_dmd_scores_see_the_added_conditioning(xl_models):
+    """--dmd on an SDXL teacher: the fake score is an SDXL UNet like the teacher, both scores take the condition's
+    pooled embeds and time ids (a wrong pooled embedding moves both losses), and the 1-step terms run in splad_loss."""
+    from splam_studio.core.dmd import dmd_losses, make_fake_score
+    from splam_studio.core.schedule import NoiseSchedule
+
+    teacher, _, _, cond, uncond, z_0 = xl_models
+    fake = make_fake_score(teacher)
+    assert fake.config.addition_embed_type == "text_time"
+    schedule = NoiseSchedule.from_scheduler(sdxl_sched())
+    with torch.no_grad():
+        for p in fake.parameters():  # apart from the teacher, as after some steps
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() % 97)))
+
+    def losses(c):
+        return dmd_losses(fake, teacher, schedule, z_0.clone().requires_grad_(True), c, uncond, 6.5,
+                          torch.Generator().manual_seed(4))
+
+    base = losses(cond)
+    swapped = losses(TextCondition(cond.embeds, cond.pooled.flip(0), cond.time_ids))
+    for a, b in zip(base, swapped):
+        assert torch.isfinite(a) and abs(a.item() - b.item()) > 1e-5 * abs(a.item()), (a.item(), b.item())
+    from splam_studio.core.splad import SpladConfig, splad_loss
+
+    _, student, target, *_ = xl_models
+    loss = splad_loss(SpladConfig(dmd=0.5, regression=0.25), schedule, student, target, teacher, z_0, cond, uncond,
+                      torch.Generator().manual_seed(5), z_T=torch.randn_like(z_0), critic=fake)
+    assert torch.isfinite(loss)
+
+
 # ---- 3. the studio's SDXL student samples as a stock StableDiffusionXLPipeline + LCMScheduler -----------------------------
 XL_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "conv1", "time_emb_proj"]
 
