@@ -22,15 +22,12 @@ train_runs "$OUT" "${SPECS[@]}"
 # Then the remedy that the diagnostic points to: teacher data at a lower guidance (--prompts-w), so that z_0 and so
 # z_t = alpha z_0 + sigma eps lie where the teacher saw data; the distillation itself stays at w 6.5 (CFG 7.5).
 # - pw0-*: teacher data at CFG 1 (w 0, the teacher's own data distribution), seeds 0-2 (one store, --prompts-seed 0,
-#   as the CFG 7.5 prompt-only students of one_step.sh); pw2-splam: CFG 3 (w 2), seed 0
-for W in 0 2; do
-  "$PY" scripts/teacher_images.py --prompts runs/shapes_prompts.txt --cache "$OUT/.cache" --w $W --threads "$PAR"
-done
+#   as the CFG 7.5 prompt-only students of one_step.sh)
+"$PY" scripts/teacher_images.py --prompts runs/shapes_prompts.txt --cache "$OUT/.cache" --w 0 --threads "$PAR"
 P="--prompts runs/shapes_prompts.txt --prompts-seed 0"
 SPECS2=(
   "pw0-splam --method splam $P --prompts-w 0"
   "pw0-lcm --method lcm $P --prompts-w 0"
-  "pw2-splam --method splam $P --prompts-w 2"
   "pw0-splam-s1 --method splam $P --prompts-w 0 --seed 1"
   "pw0-lcm-s1 --method lcm $P --prompts-w 0 --seed 1"
   "pw0-splam-s2 --method splam $P --prompts-w 0 --seed 2"

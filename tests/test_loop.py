@@ -542,3 +542,15 @@ def test_a_run_written_with_the_flat_layout_resumes(world, tmp_path):
     resumed, lines = train(world, tmp_path, run_name="old", max_steps=2, lr=2e-5, resume="latest")
     assert any("continuing at step 1" in x for x in lines) and [r["step"] for r in stats(resumed)] == [1, 2]
     assert json.loads((run / "training_config.json").read_text())["lr_warmup_steps"] == 0
+
+
+def test_resumed_curves_keep_the_runs_not_measured_again():
+    """bench --curves --resume-curves over some runs keeps the file's other runs and its note (it dropped them)."""
+    from splam_studio.tools.bench import merge_curves
+
+    done = {"n": 500, "guidance": 7.5, "note": "how", "untrained": {"1": 1}, "runs": {"a": {"points": [1]}, "b": {"points": [2]}}}
+    new = {"n": 500, "guidance": 7.5, "untrained": {"1": 1}, "runs": {"b": {"points": [3]}, "c": {"points": [4]}}, "wall_s": 9}
+    out = merge_curves(done, new)
+    assert out["runs"] == {"a": {"points": [1]}, "b": {"points": [3]}, "c": {"points": [4]}}
+    assert out["note"] == "how" and out["wall_s"] == 9
+    assert merge_curves(None, new) == new

@@ -249,6 +249,12 @@ CURVE_CONFIG_KEYS = ("method", "lr", "lr_schedule", "ema_decay", "batch_size", "
                      "prompts_w")
 
 
+def merge_curves(done: dict | None, new: dict) -> dict:
+    """An earlier curves file (--resume-curves) updated by a new result: its other runs and keys (a note) kept, the
+    runs measured now replaced, the new top-level values (untrained row, wall time) taken."""
+    return {**(done or {}), **new, "runs": {**(done or {}).get("runs", {}), **new["runs"]}}
+
+
 def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = True, done: dict | None = None,
            save=None) -> dict:
     """FID, prompt accuracy and teacher distance at 1/2/4 sampling steps along each run (snapshots of theta^-).
@@ -450,12 +456,12 @@ def main(argv: list[str] | None = None) -> None:
         done = json.loads(Path(a.curves_out).read_text()) if a.resume_curves and Path(a.curves_out).is_file() else None
         Path(a.curves_out).parent.mkdir(parents=True, exist_ok=True)
 
-        def save(partial: dict) -> None:  # earlier points and this run's so far, merged
-            merged = {**(done or {}), **partial, "runs": {**(done or {}).get("runs", {}), **partial["runs"]}}
-            Path(a.curves_out).write_text(json.dumps(merged, indent=2, default=float))
+        def save(partial: dict) -> None:  # earlier points and this run's so far
+            Path(a.curves_out).write_text(json.dumps(merge_curves(done, partial), indent=2, default=float))
 
         res = curves(bench, [Path(r) for r in a.curves], untrained=not a.no_untrained, done=done, save=save)
         res["wall_s"] = time.time() - t0
+        res = merge_curves(done, res)
         Path(a.curves_out).write_text(json.dumps(res, indent=2, default=float))
         if a.curves_plot:
             plot_curves(res, Path(a.curves_plot), f"{len(res['runs'])} runs, {a.n} held-out captions per point")
