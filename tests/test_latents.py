@@ -280,3 +280,11 @@ def test_prompts_w_makes_the_teacher_data_at_its_own_guidance(pipe, teacher_dir,
     with pytest.raises(TrainError, match=">= 0"):
         TrainConfig(**base, prompts_w=-1.0).validate()
     TrainConfig(**base, prompts_w=6.5, regression=0.25).validate()  # the distillation's own w: the same pairs
+    # the default: CFG 1 data; with --regression the distillation's w (its pairs)
+    from splam_studio.training.loop import teacher_data_w
+
+    assert teacher_data_w(TrainConfig(**base)) == 0.0 and teacher_data_w(TrainConfig(**base, regression=0.25)) == 6.5
+    assert teacher_data_w(TrainConfig(**base, prompts_w=2.0)) == 2.0
+    plain = run(TrainConfig(**base, run_name="default"), log=lambda *a: None)
+    folder = tmp_path / json.loads((plain / "training_config.json").read_text())["latent_store"]["folder"]
+    assert json.loads((folder / L.MANIFEST).read_text())["key"]["w"] == 0.0

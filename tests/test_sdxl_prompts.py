@@ -167,10 +167,10 @@ def _train_cli(teacher, out, prompts, name, *extra):
 def test_train_cli_sdxl_prompts_run_exports_and_reuses_its_store(xl_teacher, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("one red circle\n" + json.dumps({"prompt": "two big blue squares", "negative_prompt": "green"}) + "\n")
-    r = _train_cli(xl_teacher, tmp_path, prompts, "a")
+    r = _train_cli(xl_teacher, tmp_path, prompts, "a", "--prompts-w", "8")  # the preset's w: --regression's pairs
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
-    assert "teacher data: 2 prompts x 1 = 2 images" in log and "(reused)" not in log
+    assert "teacher data: 2 prompts x 1 = 2 images, DDIM 2 at CFG 9" in log and "(reused)" not in log
     run = tmp_path / "a"
     cfg = json.loads((run / "training_config.json").read_text())
     assert cfg["latent_store"]["kind"] == "teacher" and cfg["latent_store"]["items"] == 2
@@ -179,7 +179,8 @@ def test_train_cli_sdxl_prompts_run_exports_and_reuses_its_store(xl_teacher, tmp
     assert all((run / p).exists() for p in done["exports"].values())
     stores = list((tmp_path / ".cache").iterdir())
     assert len(stores) == 1 and json.loads((stores[0] / "manifest.json").read_text())["tensors"] == XL_TENSORS
-    # a second run (another objective term that reads z_T) reuses the store: nothing is generated again
+    # a second run (another objective term that reads z_T, so its data default to the distillation's w) reuses the
+    # store: nothing is generated again
     mtimes = {p.name: p.stat().st_mtime_ns for p in stores[0].glob("shard-*")}
     r = _train_cli(xl_teacher, tmp_path, prompts, "b", "--regression", "0.5", "--max-steps", "1")
     log = r.stdout + r.stderr

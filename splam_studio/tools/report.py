@@ -153,6 +153,8 @@ def _one_step_recipe(cfg: dict) -> list[str]:
                    f"D lr {cfg.get('adversarial_lr'):g})")
     if cfg.get("dmd"):
         out.append(f"DMD {cfg['dmd']:g} (fake score lr {cfg.get('dmd_lr'):g})")
+    if cfg.get("data") not in (None, "shapes") and not cfg.get("prompts"):
+        out.append(f"data {cfg['data']}")
     if cfg.get("prompts"):
         n = cfg.get("images_per_prompt") or 1
         out.append("teacher data (prompts only)" + (f", {n} images per prompt" if n > 1 else "")
@@ -383,8 +385,9 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
         if (os_ := _load(folder, "one_step.json")):
             L += sweep_section(os_, "1-step ablations (issue 25)", "`scripts/one_step.sh`, `scripts/one_step_dmd.sh`")
         if (pg := _load(folder, "prompt_gap.json")):
-            L += sweep_section(pg, "Prompt-only students: where the gap to image data comes from (issue 23)",
+            L += seeds_section(pg, "Prompt-only students: where the gap to image data comes from (issue 23)",
                                "`scripts/prompt_gap.sh`")
+            L += sweep_section(pg, "Prompt-only students along training (issue 23)", "`scripts/prompt_gap.sh`")
     if (xl := _load(folder, "xl_curves.json")):
         L += seeds_section(xl, "Shapes-XL students over training seeds (issue 22): the SDXL path distils",
                            "`scripts/xl_students.sh` (students of the Shapes-XL teacher)")

@@ -79,9 +79,10 @@ class Inputs:
     images_per_prompt: int = arg(1, "teacher-made images per prompt with --prompts")
     prompts_seed: int | None = arg(None, "seed of the teacher data's initial noise (default: --seed); one value lets "
                                          "runs of several seeds share one generation")
-    prompts_w: float | None = arg(None, "guidance w of the teacher data (CFG w + 1; default: --w, the distillation's). "
-                                        "z_t = alpha z_0 + sigma eps then lies where the teacher saw data: 0 (CFG 1) "
-                                        "samples its own data distribution (issue 23, README 'From prompts alone')")
+    prompts_w: float | None = arg(None, "guidance w of the teacher data (CFG w + 1). Default: 0, CFG 1, the teacher's "
+                                        "own data distribution, so that z_t = alpha z_0 + sigma eps lies where it saw "
+                                        "data (measured best, README 'From prompts alone'); with --regression the "
+                                        "distillation's --w (its (z_T, z_0) pairs are the guided ODE)")
     cache_latents: bool = arg(False, "encode each image (VAE posterior) and caption once into <output-dir>/.cache "
                                      "instead of at every step (a finite --data source; keyed by the VAE, text encoder, "
                                      "resolution and data files; SD1.5-family teachers: an SDXL recipe draws its crops afresh)")
@@ -933,6 +934,14 @@ def _export_teacher(cfg: TrainConfig, pipe):
     return fresh
 
 
+def teacher_data_w(cfg: TrainConfig) -> float:
+    """The guidance w of --prompts teacher data: --prompts-w; else 0 (CFG 1, the teacher's own data distribution), or
+    the distillation's w with --regression, whose (z_T, z_0) pairs must be the guided ODE the student matches."""
+    if cfg.prompts_w is not None:
+        return cfg.prompts_w
+    return cfg.w if cfg.regression > 0 else 0.0
+
+
 def _latent_source(cfg: TrainConfig, pipe, acc, resolution: int, log) -> tuple[torch.utils.data.Dataset, LatentStore | None]:
     """The run's data: teacher data from --prompts, the latent cache of --data with --cache-latents, or --data as is.
     Stores are made by the main process first (the others then find them complete) under <output_dir>/.cache."""
@@ -950,7 +959,7 @@ def _latent_source(cfg: TrainConfig, pipe, acc, resolution: int, log) -> tuple[t
         prompts = read_prompts(cfg.prompts)
         with acc.main_process_first():
             seed = cfg.seed if cfg.prompts_seed is None else cfg.prompts_seed
-            w_data = cfg.w if cfg.prompts_w is None else cfg.prompts_w
+            w_data = teacher_data_w(cfg)
             store = teacher_data(pipe, prompts, root, w=w_data, steps=cfg.num_ddim_steps, seed=seed,
                                  images_per_prompt=cfg.images_per_prompt, batch_size=cfg.batch_size)
         dataset = store.dataset()
