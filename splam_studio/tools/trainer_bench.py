@@ -78,8 +78,6 @@ def time_steps(rt, teacher, schedule, text_shape: tuple[int, int], *, methods=("
     The methods alternate step by step on the same student, target and teacher, so they share the machine's state.
     Mixed precision as in training: autocast in rt's dtype; fp16 adds a GradScaler.
     """
-    from ..core.adversarial import Heads, feature_channels
-    from ..core.dmd import make_fake_score
     from ..core.splad import SpladConfig, splad_loss
     from ..core.student import make_target
 
@@ -89,14 +87,13 @@ def time_steps(rt, teacher, schedule, text_shape: tuple[int, int], *, methods=("
     target = make_target(student)
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-5)
     scaler = torch.amp.GradScaler(dev.type) if rt.grad_scaler else None
+    from ..training.loop import TrainConfig, make_critic, make_critic_optimizer
+
     critics = {}  # variant -> (critic, its optimiser), as the loop makes them
     for m in methods:
-        if VARIANTS[m].get("adversarial") or VARIANTS[m].get("dmd"):
-            from ..training.loop import TrainConfig, make_critic_optimizer
-
-            net = (Heads(feature_channels(teacher)) if VARIANTS[m].get("adversarial") else make_fake_score(teacher)).to(dev)
-            critics[m] = (net, make_critic_optimizer(net, TrainConfig(**{k: VARIANTS[m][k] for k in ("adversarial", "dmd")
-                                                                         if k in VARIANTS[m]})))
+        cfg = TrainConfig(**{k: VARIANTS[m][k] for k in ("adversarial", "dmd") if k in VARIANTS[m]})
+        if (net := make_critic(teacher, cfg)) is not None:
+            critics[m] = (net.to(dev), make_critic_optimizer(net, cfg))
     C, S = teacher.config.in_channels, teacher.config.sample_size
     (L, Dm), g = text_shape, torch.Generator().manual_seed(0)
     z_0 = torch.randn(batch, C, S, S, generator=g).to(dev)

@@ -647,9 +647,17 @@ def setup_models(cfg: TrainConfig, rt, device: torch.device) -> Models:
     target.to(device)
     with torch.no_grad():  # (1, L, D); SDXL a TextCondition (zeros with force_zeros_for_empty_prompt)
         uncond_1 = empty_condition(pipe, device)
-    critic = (Heads(feature_channels(teacher)).to(device) if cfg.adversarial > 0 else
-              make_fake_score(teacher).to(device) if cfg.dmd > 0 else None)
-    return Models(pipe, NoiseSchedule.from_scheduler(pipe.scheduler), teacher, student, target, uncond_1, critic)
+    critic = make_critic(teacher, cfg)
+    return Models(pipe, NoiseSchedule.from_scheduler(pipe.scheduler), teacher, student, target, uncond_1,
+                  critic.to(device) if critic is not None else None)
+
+
+def make_critic(teacher, cfg: TrainConfig) -> torch.nn.Module | None:
+    """The network trained against the student: the discriminator heads (--adversarial), the fake score (--dmd), or
+    None."""
+    if cfg.adversarial > 0:
+        return Heads(feature_channels(teacher))
+    return make_fake_score(teacher) if cfg.dmd > 0 else None
 
 
 def make_critic_optimizer(critic, cfg: TrainConfig) -> torch.optim.Optimizer | None:
