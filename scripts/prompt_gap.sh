@@ -11,7 +11,7 @@ source scripts/lib.sh
 OUT=runs/prompt_gap
 "$PY" -m splam_studio.tools.world prompts --n 2048 --seed 12345 --out runs/shapes_prompts.txt
 [ -f runs/teacher_images/02047.txt ] || "$PY" scripts/teacher_images.py --prompts runs/shapes_prompts.txt \
-  --cache "$OUT/.cache" --out runs/teacher_images --threads "$PAR"
+  --cache "$OUT/.cache" --w 6.5 --out runs/teacher_images --threads "$PAR"  # the CFG 7.5 data of --prompts --prompts-w 6.5
 SPECS=(
   "ti-splam --method splam --data runs/teacher_images"
   "ti-lcm --method lcm --data runs/teacher_images"

@@ -41,6 +41,7 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 UNET_MATCH_KEYS = ("in_channels", "out_channels", "block_out_channels", "cross_attention_dim", "layers_per_block",
                    "down_block_types", "up_block_types", "attention_head_dim")
+STUDENT_ADAPTER = "student"  # the peft adapter name of a loaded LoRA student (training names its own "default")
 PICKLE_REASON = ("pickle files can run arbitrary code when loaded; convert to .safetensors, or pass "
                  "allow_pickle=True (CLI: --allow-pickle) if you trust the source")
 
@@ -52,8 +53,10 @@ class ModelLoadError(ValueError):
     """A model that cannot be loaded; the message says why and what would work."""
 
 
+def holds_student(run: Path) -> bool:
+    """Whether a run folder holds a finished student: unet/ (full) or lora/ (LoRA)."""
+    return (run / "unet").is_dir() or (run / "lora").is_dir()
 
-STUDENT_ADAPTER = "student"  # the peft adapter name of a loaded LoRA student (training names its own "default")
 
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE is set (huggingface_hub's constant, or the environment after import): only the cache is read."""

@@ -29,8 +29,8 @@ from ..training.memory import weights_bytes
 from ..core.error_bound import ErrorBound, guided_trajectory, student_error_bounds
 from ..models.adapters import activate
 from ..models.loading import (
-    ModelLoadError, RunInfo, hub_cache_text, hub_offline, is_hub_id, list_runs, load_hub_teacher, load_student,
-    load_teacher, resolve_run, sampling_guidance,
+    ModelLoadError, RunInfo, holds_student, hub_cache_text, hub_offline, is_hub_id, list_runs, load_hub_teacher,
+    load_student, load_teacher, resolve_run, sampling_guidance,
 )
 from ..models.generation import decode_latents, generate, initial_noise
 from ..core.metrics import latent_mse, psnr
@@ -471,7 +471,7 @@ class Studio:
         """local:NAME -> its method (training_config.json), for the student folders given on the command line."""
         out = {}
         for k, p in self.local.items():
-            if (p / "unet").is_dir() or (p / "lora").is_dir():
+            if holds_student(p):
                 out[k] = _config(p).get("method")
         return out
 

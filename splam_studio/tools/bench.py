@@ -20,6 +20,7 @@ import torch
 from ..core.error_bound import guided_trajectory, student_error_bounds
 from ..core.metrics import feature_statistics, frechet_distance, latent_mse, psnr
 from ..models.generation import decode_latents, generate, initial_noise
+from ..models.loading import STUDENT_ADAPTER, holds_student
 from ..core.schedule import NoiseSchedule
 from ..core.teacher import cfg_scale, encode_text, lcm_w
 
@@ -220,8 +221,7 @@ def run_points(run_dir: Path) -> list[tuple[int, Path | None]]:
     cfg = json.loads((run_dir / "training_config.json").read_text())
     snaps = sorted((run_dir / "snapshots").glob("step-*.safetensors"))
     pts = [(int(p.stem.split("-")[1]), p) for p in snaps]
-    finished = (run_dir / "unet").is_dir() or (run_dir / "lora").is_dir()
-    if finished and (not pts or pts[-1][0] != cfg["max_steps"]):
+    if holds_student(run_dir) and (not pts or pts[-1][0] != cfg["max_steps"]):
         pts.append((cfg["max_steps"], None))
     return pts
 
@@ -229,8 +229,6 @@ def run_points(run_dir: Path) -> list[tuple[int, Path | None]]:
 def snapshot_state(snap: dict[str, torch.Tensor], unet, name: str = "snapshot") -> dict[str, torch.Tensor]:
     """A snapshot's tensors under the evaluated UNet's names, in its dtype: training names its LoRA adapter "default",
     a loaded LoRA student STUDENT_ADAPTER. Every tensor must land (a partial load would score another model)."""
-    from ..models.loading import STUDENT_ADAPTER
-
     keys = set(unet.state_dict())
     out = {}
     for k, v in snap.items():
@@ -279,7 +277,7 @@ def curves(bench: Bench, runs: list[Path], steps=(1, 2, 4), untrained: bool = Tr
         bench.log(f"untrained {out['untrained']}")
     for run in runs:
         pts_at = run_points(run)
-        if (run / "unet").is_dir() or (run / "lora").is_dir():  # finished: its exported student gives the architecture
+        if holds_student(run):  # finished: its exported student gives the architecture
             unet = load_student(str(run), bench.pipe)
         else:  # still training: its snapshots on the zero-initialised student's architecture
             unet = untrained_student(bench.pipe)
