@@ -32,10 +32,12 @@ def main() -> None:
     ap.add_argument("--out", help="the image folder (none: only make the store, for --prompts runs to reuse)")
     ap.add_argument("--w", type=float, help="the data's guidance w (train_cli --prompts-w; default: train_cli's, CFG 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--images-per-prompt", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = TrainConfig(**PRESETS["shapes"], prompts=a.prompts, prompts_seed=a.seed, prompts_w=a.w)
+    cfg = TrainConfig(**PRESETS["shapes"], prompts=a.prompts, prompts_seed=a.seed, prompts_w=a.w,
+                      images_per_prompt=a.images_per_prompt)
     pipe = load_teacher(cfg.teacher)
     store = teacher_data(pipe, read_prompts(a.prompts), Path(a.cache), w=teacher_data_w(cfg), steps=cfg.num_ddim_steps,
                          seed=a.seed, images_per_prompt=cfg.images_per_prompt, batch_size=cfg.batch_size)

@@ -255,7 +255,7 @@ def test_a_prompts_run_needs_no_vae_and_no_images(pipe, teacher_dir, tmp_path, m
 
 def test_prompts_w_makes_the_teacher_data_at_its_own_guidance(pipe, teacher_dir, tmp_path):
     """--prompts-w: the store is the teacher's DDIM run at CFG prompts_w + 1 (its own key), the distillation's w apart;
-    it needs --prompts, and --regression (pairs at the distillation's w) refuses other pairs."""
+    it needs --prompts."""
     from splam_studio.training.loop import TrainConfig, TrainError, run
 
     prompts = tmp_path / "prompts.txt"
@@ -275,16 +275,72 @@ def test_prompts_w_makes_the_teacher_data_at_its_own_guidance(pipe, teacher_dir,
     assert (ref[0]["z_0"] - guided[0]["z_0"]).abs().max() > 1e-3  # another guidance, other latents
     with pytest.raises(TrainError, match="needs --prompts"):
         TrainConfig(teacher=str(teacher_dir), prompts_w=0.0).validate()
-    with pytest.raises(TrainError, match="prompts-w 0"):
-        TrainConfig(**base, prompts_w=0.0, regression=0.25).validate()
     with pytest.raises(TrainError, match=">= 0"):
         TrainConfig(**base, prompts_w=-1.0).validate()
-    TrainConfig(**base, prompts_w=6.5, regression=0.25).validate()  # the distillation's own w: the same pairs
-    # the default: CFG 1 data; with --regression the distillation's w (its pairs)
-    from splam_studio.training.loop import teacher_data_w
+    # the default: CFG 1 data; with --regression on the batch's own pairs the distillation's w; with a pairs store of
+    # their own (--regression-prompts, or --prompts-w apart from w) the data keep their guidance
+    from splam_studio.training.loop import regression_pairs_prompts, teacher_data_w
 
     assert teacher_data_w(TrainConfig(**base)) == 0.0 and teacher_data_w(TrainConfig(**base, regression=0.25)) == 6.5
     assert teacher_data_w(TrainConfig(**base, prompts_w=2.0)) == 2.0
+    assert teacher_data_w(TrainConfig(**base, regression=0.25, regression_prompts="p.txt")) == 0.0
+    assert regression_pairs_prompts(TrainConfig(**base, regression=0.25)) is None  # the batch holds its pairs
+    assert regression_pairs_prompts(TrainConfig(**base, regression=0.25, prompts_w=0.0)) == str(prompts)
+    assert regression_pairs_prompts(TrainConfig(**base, regression=0.25, regression_prompts="p.txt")) == "p.txt"
+    assert regression_pairs_prompts(TrainConfig(**base, prompts_w=0.0)) is None
     plain = run(TrainConfig(**base, run_name="default"), log=lambda *a: None)
     folder = tmp_path / json.loads((plain / "training_config.json").read_text())["latent_store"]["folder"]
     assert json.loads((folder / L.MANIFEST).read_text())["key"]["w"] == 0.0
+
+
+def test_regression_pairs_store_beside_image_data(pipe, teacher_dir, folder, tmp_path):
+    """--data with --regression-prompts: the pairs are teacher data at the distillation's w in a store of their own,
+    and each step's loss receives a pair batch read from it (z_T, z_0 and the pairs' text, not the batch's), in an
+    order that is a function of the micro-step alone (so a resume reads the same pairs)."""
+    import splam_studio.training.loop as loop
+    from splam_studio.core.splad import splad_loss
+    from splam_studio.training.loop import PairBatches, TrainConfig, run
+
+    prompts = tmp_path / "pairs.txt"
+    prompts.write_text("one red circle\ntwo small blue squares\nthree green triangles\n")
+    seen = []
+
+    def spy(*a, **k):
+        seen.append(k["pairs"])
+        assert "z_T" not in k  # image data: no pairs of its own
+        return splad_loss(*a, **k)
+
+    cfg = TrainConfig(teacher=str(teacher_dir), data=str(folder), regression=0.5, regression_prompts=str(prompts),
+                      num_ddim_steps=4, output_dir=str(tmp_path), run_name="img-reg", max_steps=2, batch_size=2,
+                      checkpoint_every=10, device="cpu", seed=1, w=6.5)
+    run_dir = run(cfg, log=lambda *a: None, loss_fn=spy)
+    resolved = json.loads((run_dir / "training_config.json").read_text())
+    assert resolved["latent_store"] is None and resolved["regression_pairs"]["w"] == 6.5
+    folder_p = tmp_path / resolved["regression_pairs"]["folder"]
+    manifest = json.loads((folder_p / L.MANIFEST).read_text())
+    assert manifest["key"]["w"] == 6.5 and manifest["items"] == 3
+    ds = L.LatentStore(folder_p, manifest).dataset()
+    order = PairBatches(ds, 2, cfg.seed + 1, 0, 1)
+    assert len(seen) == 2
+    for step, (z_T, z_0, c) in enumerate(seen):
+        want = order(step)
+        torch.testing.assert_close(z_T, want["z_T"], rtol=0, atol=0)
+        torch.testing.assert_close(z_0, want["z_0"].float(), rtol=0, atol=0)
+        torch.testing.assert_close(c.float(), want["cond"].float(), rtol=0, atol=0)
+    assert not torch.equal(order(0)["z_T"], order(1)["z_T"]) or not torch.equal(order(0)["z_T"], order(2)["z_T"])
+
+
+def test_prompts_at_cfg_1_with_regression_make_a_pairs_store_at_w(pipe, teacher_dir, tmp_path):
+    """--prompts --prompts-w 0 --regression: the data at CFG 1 and the pairs from the same prompts at the
+    distillation's w, two stores with their own keys."""
+    from splam_studio.training.loop import TrainConfig, run
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one red circle\ntwo small blue squares\n")
+    cfg = TrainConfig(teacher=str(teacher_dir), prompts=str(prompts), prompts_w=0.0, regression=0.25, num_ddim_steps=4,
+                      output_dir=str(tmp_path), run_name="split", max_steps=1, batch_size=2, checkpoint_every=10,
+                      device="cpu", seed=1, w=6.5)
+    resolved = json.loads((run(cfg, log=lambda *a: None) / "training_config.json").read_text())
+    data, pairs = (json.loads((tmp_path / resolved[k]["folder"] / L.MANIFEST).read_text())
+                   for k in ("latent_store", "regression_pairs"))
+    assert data["key"]["w"] == 0.0 and pairs["key"]["w"] == 6.5 and data["key"]["prompts"] == pairs["key"]["prompts"]

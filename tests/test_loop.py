@@ -518,7 +518,7 @@ def test_config_is_nested_and_keeps_its_flat_names():
     assert cfg.optimisation.lr == cfg.lr == 2e-4 and cfg.inputs.data == cfg.data == "x" and cfg.run.seed == 4
     assert TrainConfig(optimisation=Optimisation(lr=3e-4), max_steps=7).optimisation == Optimisation(lr=3e-4, max_steps=7)
     names = [f.name for _, f in flat_fields()]
-    assert sorted(names) == sorted(FLAT_LAYOUT + ["lr_warmup_steps", "vae", "prompts_seed", "k_high", "t_high", "t_top_prob", "regression", "adversarial", "adversarial_t_max", "adversarial_lr", "dmd", "dmd_lr", "prompts_w"]) and list(cfg.flat()) == names
+    assert sorted(names) == sorted(FLAT_LAYOUT + ["lr_warmup_steps", "vae", "prompts_seed", "k_high", "t_high", "t_top_prob", "regression", "adversarial", "adversarial_t_max", "adversarial_lr", "dmd", "dmd_lr", "prompts_w", "regression_prompts"]) and list(cfg.flat()) == names
     assert all(f.metadata["help"] for _, f in flat_fields())  # every default documented where it is declared
     with pytest.raises(TypeError, match="unknown settings"):
         TrainConfig(learning_rate=1e-4)

@@ -143,6 +143,26 @@ def test_regression_is_the_one_step_student_against_the_teachers_pair(pipe):
         SpladConfig(regression=-1.0)
 
 
+def test_regression_on_a_pairs_store_is_the_student_on_the_pairs_own_condition(pipe):
+    """pairs=(z_T, z_0, c) apart from the batch (a pairs store beside image data): the regression is the 1-step student
+    on the pairs' own noise and text against their z_0; the batch's consistency loss is unchanged, drawn alike."""
+    teacher, student, target, schedule = _models(pipe)
+    cond, uncond = tiny_text(pipe, ["one red circle", "two blue squares"]), tiny_text(pipe, ["", ""])
+    p_cond = tiny_text(pipe, ["three green triangles", "a large yellow circle"])
+    g = torch.Generator().manual_seed(1)
+    z_0, p_0, p_T = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    lam = 0.4
+    base = splad_loss(SpladConfig(), schedule, student, target, teacher, z_0, cond, uncond, torch.Generator().manual_seed(2))
+    got = splad_loss(SpladConfig(regression=lam), schedule, student, target, teacher, z_0, cond, uncond,
+                     torch.Generator().manual_seed(2), pairs=(p_T, p_0, p_cond))
+    reg = distance(one_step(student_F(student, p_cond), schedule, p_T), p_0, "huber")
+    torch.testing.assert_close(got, base + lam * reg)
+    wrong_text = distance(one_step(student_F(student, cond), schedule, p_T), p_0, "huber")
+    assert (reg - wrong_text).abs() > 1e-6  # the pairs' text matters here
+    with pytest.raises(ValueError, match="w range"):
+        SpladConfig(method="lcm", regression=0.5, w_min=3.0, w_max=10.0)
+
+
 def test_teacher_data_stores_the_noise_each_z0_was_made_from(pipe, tmp_path):
     prompts = [Prompt("one red circle"), Prompt("two blue squares")]
     ds = teacher_data(pipe, prompts, tmp_path, w=3.0, steps=2, images_per_prompt=1, seed=5, batch_size=2).dataset()
@@ -158,6 +178,11 @@ def test_regression_needs_teacher_data():
 
     with pytest.raises(TrainError, match="--prompts"):
         TrainConfig(regression=0.5).validate()
+    with pytest.raises(TrainError, match="--regression-prompts"):
+        TrainConfig(regression=0.5).validate()
+    with pytest.raises(TrainError, match="needs --regression"):
+        TrainConfig(regression_prompts="pairs.txt").validate()
+    TrainConfig(regression=0.5, regression_prompts="pairs.txt").validate()  # image data beside a pairs store
 
 
 def test_trainer_bench_times_every_one_step_term_on_one_student(pipe):

@@ -50,7 +50,8 @@ class SpladConfig:
                 "the grid; 0 = the paper)"})
     regression: float = field(default=0.0, metadata={
         "help": "weight of a regression of the 1-step student F(z_T, 999) onto the teacher's own z_0 from the same "
-                "noise z_T (DMD's paired loss); needs teacher data (--prompts), which stores each z_T"})
+                "noise z_T (DMD's paired loss); its pairs: teacher data (--prompts), which stores each z_T, or a "
+                "pairs store of their own (--regression-prompts)"})
     adversarial: float = field(default=0.0, metadata={
         "help": "weight of an adversarial term on the 1-step student F(z_T, 999) (LADD style, core/adversarial.py): "
                 "a discriminator of small heads on the frozen teacher UNet's encoder features, hinge loss, the batch's "
@@ -94,6 +95,9 @@ class SpladConfig:
             raise ValueError("--dmd and --adversarial each train their own critic; use one of them")
         if not self.regression >= 0:
             raise ValueError(f"regression weight must be >= 0, got {self.regression}")
+        if self.regression > 0 and self.w_min is not None:
+            raise ValueError("the regression's teacher pairs are made at one w; it does not go with a w range "
+                             "(w_min, w_max)")
         if self.distance not in ("l2", "huber"):
             raise ValueError(f"distance must be 'l2' or 'huber', got {self.distance!r}")
         if (self.w_min is None) != (self.w_max is None):
@@ -122,17 +126,21 @@ def splad_loss(
     generator: torch.Generator | None = None,
     z_T: torch.Tensor | None = None,
     critic: torch.nn.Module | None = None,
+    pairs: tuple[torch.Tensor, torch.Tensor, Condition] | None = None,
 ) -> torch.Tensor:
     """Steps 1-6 of Algorithm 1 for clean latents z_0 (B, C, h, w) and text conditions cond, uncond: embeddings
     (B, L, D), or SDXL TextConditions (core.teacher), each branch with its own pooled embeds and time ids.
 
     z_T: the initial noise the teacher made each z_0 from (teacher data), for cfg.regression > 0.
+    pairs: (z_T, z_0, cond) of the teacher's guided ODE apart from the batch (a pairs store beside image data, or
+    beside teacher data at another guidance), for cfg.regression > 0; default: the batch's own (z_T, z_0, cond).
     critic: the network trained against the student: the heads of core.adversarial (cfg.adversarial > 0), or the fake
     score of core.dmd (cfg.dmd > 0). The returned loss then also holds its own loss (the heads' hinge loss L_D, the fake
     score's denoising loss L_fake), whose gradient reaches only the critic (the student's gradient is that of the rest)."""
     B = z_0.shape[0]
-    if cfg.regression > 0 and z_T is None:
-        raise ValueError("the regression term needs the teacher's (z_T, z_0) pairs: train on teacher data (--prompts)")
+    if cfg.regression > 0 and z_T is None and pairs is None:
+        raise ValueError("the regression term needs the teacher's (z_T, z_0) pairs: train on teacher data (--prompts), "
+                         "or give a pairs store (--regression-prompts)")
     if cfg.adversarial > 0 and critic is None:
         raise ValueError("the adversarial term needs a critic: the discriminator heads (core.adversarial.Heads)")
     if cfg.dmd > 0 and critic is None:
@@ -156,12 +164,20 @@ def splad_loss(
     F_student, F_target = student_F(student, cond, cfg.gamma_scale, w_c), student_F(target, cond, cfg.gamma_scale, w_c)
     loss = splam_loss(F_student, F_target, schedule, z_t, zhat_s, t, s.cpu(), gamma, cfg.distance, cfg.huber_c,
                       cfg.gamma_time)
-    if cfg.regression > 0 or cfg.adversarial > 0 or cfg.dmd > 0:  # the 1-step terms share one sample F(z_T, T - 1)
-        if z_T is None:  # image data: fresh noise (only the critics' terms run without teacher pairs)
-            z_T = torch.randn(z_0.shape, generator=generator, dtype=z_0.dtype)
-        x_1 = one_step(F_student, schedule, z_T.to(z_0))
-        if cfg.regression > 0:  # DMD's regression: onto the teacher's own ODE solution from the same noise
+    x_1 = None  # the 1-step sample F(z_T, T - 1), shared by the 1-step terms on the batch
+    if cfg.regression > 0:  # DMD's regression: onto the teacher's own ODE solution from the same noise
+        if pairs is None:  # teacher data: the batch holds its own pairs
+            x_1 = one_step(F_student, schedule, z_T.to(z_0))
             loss = loss + cfg.regression * distance(x_1, z_0, cfg.distance, cfg.huber_c)
+        else:
+            p_T, p_0, p_cond = pairs
+            x_p = one_step(student_F(student, p_cond, cfg.gamma_scale), schedule, p_T.to(p_0))
+            loss = loss + cfg.regression * distance(x_p, p_0, cfg.distance, cfg.huber_c)
+    if cfg.adversarial > 0 or cfg.dmd > 0:
+        if x_1 is None:
+            if z_T is None:  # image data: fresh noise
+                z_T = torch.randn(z_0.shape, generator=generator, dtype=z_0.dtype)
+            x_1 = one_step(F_student, schedule, z_T.to(z_0))
         if cfg.adversarial > 0:
             l_g, l_d = adversarial_losses(critic, teacher, schedule, x_1, z_0, cond, generator,
                                           cfg.adversarial_t_max)

@@ -82,7 +82,13 @@ class Inputs:
     prompts_w: float | None = arg(None, "guidance w of the teacher data (CFG w + 1). Default: 0, CFG 1, the teacher's "
                                         "own data distribution, so that z_t = alpha z_0 + sigma eps lies where it saw "
                                         "data (measured best, README 'From prompts alone'); with --regression the "
-                                        "distillation's --w (its (z_T, z_0) pairs are the guided ODE)")
+                                        "distillation's --w (its (z_T, z_0) pairs are the guided ODE). With "
+                                        "--regression and another value, the pairs are a store of their own, made "
+                                        "from the same prompts at --w")
+    regression_prompts: str | None = arg(None, "prompts file of --regression's pairs (z_T, z_0): the teacher's guided "
+                                               "DDIM at --w, --images-per-prompt each, stored under <output-dir>/.cache "
+                                               "apart from the data, one pair batch per step; lets the regression run "
+                                               "beside --data (default: the pairs of --prompts)")
     cache_latents: bool = arg(False, "encode each image (VAE posterior) and caption once into <output-dir>/.cache "
                                      "instead of at every step (a finite --data source; keyed by the VAE, text encoder, "
                                      "resolution and data files; SD1.5-family teachers: an SDXL recipe draws its crops afresh)")
@@ -229,16 +235,15 @@ class TrainConfig:
         if self.w_min is not None and not self.w_min <= self.w <= self.w_max:
             raise TrainError(f"need 0 <= w_min <= w <= w_max (w is the guidance the student samples at, CFG w + 1), "
                              f"got w_min={self.w_min}, w={self.w}, w_max={self.w_max}")
-        if self.regression > 0 and not self.prompts:
+        if self.regression > 0 and not self.prompts and not self.regression_prompts:
             raise TrainError(f"--regression {self.regression:g} regresses onto the teacher's own (z_T, z_0) pairs: it "
-                             "needs teacher data (--prompts FILE), not --data")
+                             "needs teacher data (--prompts FILE) or a pairs store beside --data (--regression-prompts FILE)")
+        if self.regression_prompts and not self.regression > 0:
+            raise TrainError("--regression-prompts makes the pairs of the regression term: it needs --regression W")
         if self.prompts_w is not None and not self.prompts:
             raise TrainError("--prompts-w is the guidance of teacher data: it needs --prompts FILE")
         if self.prompts_w is not None and self.prompts_w < 0:
             raise TrainError(f"--prompts-w must be >= 0 (CFG w + 1), got {self.prompts_w:g}")
-        if self.regression > 0 and self.prompts_w is not None and self.prompts_w != self.w:
-            raise TrainError(f"--regression pairs z_T with the teacher's z_0 at the distillation's w ({self.w:g}); teacher "
-                             f"data at --prompts-w {self.prompts_w:g} are other pairs: drop one of the two")
         if self.run_name is not None and not valid_run_name(self.run_name):
             raise TrainError(f"run_name must be a plain folder name (letters, digits, . _ -), got {self.run_name!r}")
 
@@ -259,12 +264,16 @@ class StepBatchSampler(torch.utils.data.Sampler):
         self.n, self.bs, self.seed, self.start, self.rank, self.world = n, batch_size, seed, start_step, rank, world
         self.per_epoch = n // (batch_size * world)  # batches per epoch and rank
 
+    def indices(self, step: int) -> list[int]:
+        """This rank's batch of micro-step `step`."""
+        epoch, pos = divmod(step, self.per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        off = (pos * self.world + self.rank) * self.bs
+        return perm[off: off + self.bs].tolist()
+
     def __iter__(self):
         for step in itertools.count(self.start):
-            epoch, pos = divmod(step, self.per_epoch)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-            off = (pos * self.world + self.rank) * self.bs
-            yield perm[off: off + self.bs].tolist()
+            yield self.indices(step)
 
 
 # ---------------------------------------------------------------- the run folder and its trail
@@ -745,14 +754,21 @@ def batches(loader, skip: int, acc, source: str, counter=None):
 
 
 def train_step(m: Models, batch: dict, gen: torch.Generator, splad: SpladConfig, acc, opt, params, step: int,
-               cfg: TrainConfig, rt, lr_scheduler, loss_fn, d_opt=None) -> tuple[torch.Tensor, float] | None:
+               cfg: TrainConfig, rt, lr_scheduler, loss_fn, d_opt=None,
+               pair_batch: dict | None = None) -> tuple[torch.Tensor, float] | None:
     """Algorithm 1 on one micro-batch: z_0 and text (step 1), loss_fn (steps 2-6, core/splad.py), backward, and on the
-    syncing micro-step the optimiser step (and the critic's, d_opt, with --adversarial or --dmd). (loss, lr used), or
-    None when the loss is non-finite on some rank: the gradients are dropped and every rank skips the step."""
+    syncing micro-step the optimiser step (and the critic's, d_opt, with --adversarial or --dmd). pair_batch: the
+    regression's (z_T, z_0, c) from a pairs store apart from the data (PairBatches). (loss, lr used), or None when the
+    loss is non-finite on some rank: the gradients are dropped and every rank skips the step."""
     with acc.accumulate(m.student):
         z_0, cond, uncond = encode_batch(m.pipe, batch, m.uncond_1, gen, rt.vae_dtype)
+        extra = {}
+        if pair_batch is not None:  # stored latents and conditions: no VAE, no text encoder, no draw from gen
+            p_0, p_cond, _ = encode_batch(m.pipe, pair_batch, m.uncond_1, gen, rt.vae_dtype)
+            extra["pairs"] = (pair_batch["z_T"].to(p_0.device), p_0, p_cond)
+        elif splad.regression > 0:
+            extra["z_T"] = batch["z_T"]  # teacher data's initial noise: the batch holds its own pairs
         with acc.autocast():
-            extra = {"z_T": batch["z_T"]} if splad.regression > 0 else {}  # teacher data's initial noise
             if m.critic is not None:
                 extra["critic"] = m.critic
             loss = loss_fn(splad, m.schedule, m.student, m.target, m.teacher, z_0, cond, uncond, gen, **extra)
@@ -769,10 +785,10 @@ def train_step(m: Models, batch: dict, gen: torch.Generator, splad: SpladConfig,
 
 
 def resolved_config(cfg: TrainConfig, run_name: str, resolution: int, requested_batch: int, m: Models, rt, acc,
-                    dataset, store) -> dict:
+                    dataset, store, pair_store=None) -> dict:
     """training_config.json: the flat settings (batch_size as used, batch_size_requested as asked: a resume compares
     that one) and what the run derived: resolution, k, gamma sampling, devices, dtypes, the teacher's scheduler, the
-    latent store."""
+    latent store and the regression's pairs store."""
     dtypes = (("student", acc.unwrap_model(m.student).dtype), ("target", m.target.dtype), ("teacher", m.teacher.dtype),
               ("text_encoder", m.pipe.text_encoder.dtype), ("vae", m.pipe.vae.dtype))
     return {**cfg.flat(), "run_name": run_name, "resolution": resolution, "batch_size_requested": requested_batch,
@@ -783,7 +799,10 @@ def resolved_config(cfg: TrainConfig, run_name: str, resolution: int, requested_
             "dtypes": {k: str(v).removeprefix("torch.") for k, v in dtypes},
             "teacher_scheduler": dict(m.pipe.scheduler.config),
             "latent_store": None if store is None else {"folder": f".cache/{store.root.name}", "kind": store.manifest["kind"],
-                                                        "items": len(dataset), "seconds_here": round(store.seconds, 1)}}
+                                                        "items": len(dataset), "seconds_here": round(store.seconds, 1)},
+            "regression_pairs": None if pair_store is None else {"folder": f".cache/{pair_store.root.name}",
+                                                                 "items": pair_store.n, "w": cfg.w,
+                                                                 "seconds_here": round(pair_store.seconds, 1)}}
 
 
 class Trail:
@@ -891,11 +910,12 @@ def _train(cfg: TrainConfig, run_dir: Path, log=print, loss_fn=None) -> Path:
                                   else first_captions(dataset, 4))
     loader, skip, batch_size = make_loader(cfg, dataset, start, acc, log)
     requested, cfg = cfg.batch_size, dataclasses.replace(cfg, batch_size=batch_size)  # a small data set clamps it
+    pairs, pair_store = _regression_pairs(cfg, m.pipe, acc, log)
     m.student, opt = acc.prepare(m.student, opt)
     if m.critic is not None:
         m.critic, d_opt = acc.prepare(m.critic, d_opt)
     # ---- 3. bookkeeping: the resolved config, trackers, stats.jsonl, progress
-    resolved = resolved_config(cfg, run_dir.name, resolution, requested, m, rt, acc, dataset, store)
+    resolved = resolved_config(cfg, run_dir.name, resolution, requested, m, rt, acc, dataset, store, pair_store)
     trail = Trail(cfg, run_dir, resolved, start, acc, log)
     if acc.is_main_process:  # one warning before the first step when the estimated need exceeds the device (memory.py)
         warn_if_short(acc.unwrap_model(m.student), m.pipe, resolution=resolution, batch=cfg.batch_size, device=acc.device,
@@ -912,7 +932,8 @@ def _train(cfg: TrainConfig, run_dir: Path, log=print, loss_fn=None) -> Path:
             micro += 1
             continue
         out = train_step(m, batch, step_generator(cfg.seed, step, micro, acc.process_index), splad, acc, opt, params,
-                         step, cfg, rt, lr_scheduler, loss_fn, d_opt)
+                         step, cfg, rt, lr_scheduler, loss_fn, d_opt,
+                         pairs(step * cfg.grad_accum + micro) if pairs is not None else None)
         if out is None:  # a non-finite loss: the whole step is skipped on every rank, its schedule step too
             trail.skipped(step)
             advance_schedule(lr_scheduler)
@@ -944,10 +965,55 @@ def _export_teacher(cfg: TrainConfig, pipe):
 
 def teacher_data_w(cfg: TrainConfig) -> float:
     """The guidance w of --prompts teacher data: --prompts-w; else 0 (CFG 1, the teacher's own data distribution), or
-    the distillation's w with --regression, whose (z_T, z_0) pairs must be the guided ODE the student matches."""
+    the distillation's w with --regression on the batch's own pairs, which must be the guided ODE the student matches
+    (with --regression-prompts the pairs are a store of their own, and the data keep CFG 1)."""
     if cfg.prompts_w is not None:
         return cfg.prompts_w
-    return cfg.w if cfg.regression > 0 else 0.0
+    return cfg.w if cfg.regression > 0 and not cfg.regression_prompts else 0.0
+
+
+def regression_pairs_prompts(cfg: TrainConfig) -> str | None:
+    """The prompts file of the regression's own pairs store: --regression-prompts, or --prompts when its data are made
+    at another guidance than the distillation's w; None when the batch holds its pairs (or there is no regression)."""
+    if not cfg.regression > 0:
+        return None
+    if cfg.regression_prompts:
+        return cfg.regression_prompts
+    return cfg.prompts if teacher_data_w(cfg) != cfg.w else None
+
+
+class PairBatches:
+    """The regression's pair batch of each micro-step, read from its store in an order of its own (StepBatchSampler
+    at seed + 1): a function of the micro-step alone, so a resumed run reads the pairs an uninterrupted one did."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int, world: int):
+        self.dataset, self.sampler = dataset, StepBatchSampler(len(dataset), batch_size, seed, 0, rank, world)
+
+    def __call__(self, micro_step: int) -> dict:
+        from .data import collate_drop_none
+
+        return collate_drop_none([self.dataset[i] for i in self.sampler.indices(micro_step)])
+
+
+def _regression_pairs(cfg: TrainConfig, pipe, acc, log) -> tuple[PairBatches | None, LatentStore | None]:
+    """The regression's pairs store apart from the data (regression_pairs_prompts), made by the main process first
+    under <output_dir>/.cache as teacher data at the distillation's w, and its batches; (None, None) without one."""
+    from .data import fit_batch_size
+
+    path = regression_pairs_prompts(cfg)
+    if path is None:
+        return None, None
+    prompts = read_prompts(path)
+    with acc.main_process_first():
+        store = teacher_data(pipe, prompts, Path(cfg.output_dir) / ".cache", w=cfg.w, steps=cfg.num_ddim_steps,
+                             seed=cfg.seed if cfg.prompts_seed is None else cfg.prompts_seed,
+                             images_per_prompt=cfg.images_per_prompt, batch_size=cfg.batch_size)
+    dataset = store.dataset()
+    batch_size, _ = fit_batch_size(len(dataset), cfg.batch_size, acc.num_processes)
+    per = f", {store.seconds / store.n:.2f} s per pair" if store.seconds else " (reused)"
+    log(f"regression pairs: {len(prompts)} prompts x {cfg.images_per_prompt} = {store.n} teacher ODE pairs (z_T, z_0), "
+        f"DDIM {cfg.num_ddim_steps} at CFG {cfg_scale(cfg.w):g}{per}; in .cache/{store.root.name}")
+    return PairBatches(dataset, batch_size, cfg.seed + 1, acc.process_index, acc.num_processes), store
 
 
 def _latent_source(cfg: TrainConfig, pipe, acc, resolution: int, log) -> tuple[torch.utils.data.Dataset, LatentStore | None]:
