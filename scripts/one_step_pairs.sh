@@ -3,7 +3,7 @@
 # (--regression-prompts, or --prompts at another --prompts-w), so that the consistency loss keeps the data it is best
 # on (the rendered images, or teacher data at CFG 1) while the 1-step student regresses onto the guided ODE. Beside
 # the best 1-step recipe so far (p-splam-reg-k: teacher data at CFG 7.5 serving both), 3 seeds each, 600 steps:
-#   bash scripts/one_step_pairs.sh    # about 50 minutes on an idle 2-core machine (two runs at a time)
+#   bash scripts/one_step_pairs.sh    # about 70 minutes on an idle 2-core machine (two runs at a time)
 # - r-img: image data (the shapes renders, as the embedded students) + pairs from 2,048 training-split captions
 # - r-pw0: teacher data at CFG 1 (--prompts-w 0) + pairs from the same prompts at CFG 7.5
 # Both add regression 0.25 and the k schedule (k 100 from t >= 500). The pair store is the one of one_step.sh (seed 0).
@@ -25,5 +25,15 @@ SPECS=(
 )
 train_runs "$OUT" "${SPECS[@]}"
 "$PY" -m splam_studio.tools.bench --n 500 --curves $(run_dirs "$OUT" "${SPECS[@]}") --resume-curves \
+  --curves-out benchmarks/one_step.json --reference-cache runs/reference.safetensors
+# Then what the split recipe costs at 2 and 4 steps (teacher MSE), one knob at a time, seed 0:
+# - r-img-w01: regression 0.1 instead of 0.25; r-img-nok: without the k schedule; r-img-lcm: LCM on the split recipe
+SPECS2=(
+  "r-img-w01 --method splam --regression 0.1 --k-high 100 --t-high 500 --prompts-seed 0 --regression-prompts runs/shapes_prompts.txt"
+  "r-img-nok --method splam --regression 0.25 --prompts-seed 0 --regression-prompts runs/shapes_prompts.txt"
+  "r-img-lcm ${I/--method splam/--method lcm}"
+)
+train_runs "$OUT" "${SPECS2[@]}"
+"$PY" -m splam_studio.tools.bench --n 500 --curves $(run_dirs "$OUT" "${SPECS2[@]}") --resume-curves \
   --curves-out benchmarks/one_step.json --reference-cache runs/reference.safetensors
 "$PY" -m splam_studio.tools.report

@@ -118,3 +118,15 @@ def test_xl_students_section_follows_its_json(tmp_path):
     assert "| lcm (LoRA rank 16, lr 0.0005) | 2 |" in text and "| lcm | 2 |" in text
     assert "Verdict, splam (LoRA rank 16, lr 0.0005)" in text and "against lcm (LoRA rank 16, lr 0.0005)" in text
     assert "lora_rank 16" in text  # the recipe column names the LoRA
+
+
+def test_a_regression_on_a_pairs_store_of_its_own_is_named_so():
+    """The 1-step recipe label tells the regression on the batch's own pairs from one on a store of their own."""
+    from splam_studio.tools.report import _one_step_recipe
+
+    own = " (its pairs a store of their own)"
+    batch = {"regression": 0.25, "prompts": "p.txt", "prompts_w": None, "w": 6.5}
+    assert _one_step_recipe(batch)[0] == "regression 0.25"
+    assert _one_step_recipe({**batch, "prompts_w": 6.5})[0] == "regression 0.25"  # the distillation's w: the batch's
+    assert _one_step_recipe({**batch, "prompts_w": 0.0})[0] == "regression 0.25" + own
+    assert _one_step_recipe({"regression": 0.25, "regression_prompts": "p.txt", "w": 6.5})[0] == "regression 0.25" + own

@@ -244,7 +244,7 @@ CURVE_CONFIG_KEYS = ("method", "lr", "lr_schedule", "ema_decay", "batch_size", "
                      "gamma_scale", "gamma_time", "m", "cond_proj_lr_scale", "huber_c", "max_steps", "init_from", "w_min",
                      "w_max", "k_high", "t_high", "t_top_prob", "regression", "prompts", "images_per_prompt", "lora_rank",
                      "adversarial", "adversarial_t_max", "adversarial_lr", "dmd", "dmd_lr",
-                     "prompts_w", "data")
+                     "prompts_w", "data", "regression_prompts")
 
 
 def merge_curves(done: dict | None, new: dict) -> dict:

@@ -147,7 +147,9 @@ def _one_step_recipe(cfg: dict) -> list[str]:
     if cfg.get("t_top_prob"):
         out.append(f"p(t = 999) {cfg['t_top_prob']:g}")
     if cfg.get("regression"):
-        out.append(f"regression {cfg['regression']:g}")
+        own = cfg.get("regression_prompts") or (cfg.get("prompts") and cfg.get("prompts_w") is not None
+                                                 and cfg["prompts_w"] != cfg.get("w"))
+        out.append(f"regression {cfg['regression']:g}" + (" (its pairs a store of their own)" if own else ""))
     if cfg.get("adversarial"):
         out.append(f"adversarial {cfg['adversarial']:g} (t_d <= {cfg.get('adversarial_t_max')}, "
                    f"D lr {cfg.get('adversarial_lr'):g})")
@@ -383,7 +385,7 @@ def write_benchmarks_md(folder: Path | str = "benchmarks", out: Path | str = "BE
             if (folder / "variants.png").is_file():
                 L += ["![variants](benchmarks/variants.png)", ""]
         if (os_ := _load(folder, "one_step.json")):
-            L += sweep_section(os_, "1-step ablations (issue 25)", "`scripts/one_step.sh`, `scripts/one_step_dmd.sh`")
+            L += sweep_section(os_, "1-step ablations (issue 25)", "`scripts/one_step.sh`, `scripts/one_step_dmd.sh`, `scripts/one_step_pairs.sh`")
         if (pg := _load(folder, "prompt_gap.json")):
             L += seeds_section(pg, "Prompt-only students: where the gap to image data comes from (issue 23)",
                                "`scripts/prompt_gap.sh`")
