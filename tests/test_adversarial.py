@@ -7,24 +7,14 @@ from safetensors.torch import load_file
 
 from splam_studio.core.adversarial import (Heads, adversarial_losses, feature_channels, hinge_losses, one_step,
                                            teacher_features)
-from splam_studio.core.schedule import NoiseSchedule
 from splam_studio.core.splad import SpladConfig, splad_loss
-from splam_studio.core.student import build_student, make_target, student_F
+from splam_studio.core.student import make_target, student_F
 from tests.test_loop import ckpt, stats, train, world  # noqa: F401 (world is a fixture)
-from tests.tiny import make_tiny_pipeline, tiny_text
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def models(pipe):
-    teacher = pipe.unet.requires_grad_(False)
-    student = build_student(teacher, "fresh", generator=torch.Generator().manual_seed(0))
-    cond = tiny_text(pipe, ["one red circle", "two blue squares"])
-    return teacher, student, NoiseSchedule.from_scheduler(pipe.scheduler), cond
+def models(one_step_models):
+    return one_step_models[:4]  # (teacher, student, schedule, cond)
 
 
 def _heads(teacher, seed=0):
@@ -103,9 +93,9 @@ def test_losses_derived_independently(models):
     torch.testing.assert_close(l_same, torch.relu(1 - d).mean() + torch.relu(1 + d).mean(), rtol=1e-5, atol=1e-6)
 
 
-def test_splad_loss_adds_the_weighted_term_on_the_one_step_sample(models, pipe):
-    teacher, student, schedule, cond = models
-    target, uncond = make_target(student), tiny_text(pipe, ["", ""])
+def test_splad_loss_adds_the_weighted_term_on_the_one_step_sample(one_step_models):
+    teacher, student, schedule, cond, uncond = one_step_models
+    target = make_target(student)
     heads = _heads(teacher)
     g = torch.Generator().manual_seed(6)
     z_0, z_T = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)

@@ -6,24 +6,14 @@ import torch
 
 from splam_studio.core.adversarial import one_step
 from splam_studio.core.dmd import dm_gradient, dmd_losses, make_fake_score
-from splam_studio.core.schedule import NoiseSchedule
 from splam_studio.core.splad import SpladConfig, splad_loss
-from splam_studio.core.student import build_student, make_target, student_F
+from splam_studio.core.student import make_target, student_F
 from tests.test_loop import ckpt, stats, train, world  # noqa: F401 (world is a fixture)
-from tests.tiny import make_tiny_pipeline, tiny_text
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def models(pipe):
-    teacher = pipe.unet.requires_grad_(False)
-    student = build_student(teacher, "fresh", generator=torch.Generator().manual_seed(0))
-    cond, uncond = tiny_text(pipe, ["one red circle", "two blue squares"]), tiny_text(pipe, ["", ""])
-    return teacher, student, NoiseSchedule.from_scheduler(pipe.scheduler), cond, uncond
+def models(one_step_models):
+    return one_step_models  # (teacher, student, schedule, cond, uncond)
 
 
 def _fake(teacher, seed=0):
@@ -149,3 +139,18 @@ def test_dmd_run_checkpoints_and_resumes_its_fake_score_exactly(world, tmp_path)
 
     with pytest.raises(TrainError, match="dmd"):  # a plain resume of a --dmd run says what differs
         train(world, tmp_path, run_name="dmd-split", max_steps=3, resume="latest")
+
+
+def test_the_fake_score_starts_from_the_fp32_teacher_under_bf16(world):  # noqa: F811
+    """--precision bf16 casts the frozen teacher; the fake score, trained in fp32, is copied from its fp32 weights."""
+    from splam_studio.models.loading import load_teacher
+    from splam_studio.training.device import resolve_runtime
+    from splam_studio.training.loop import TrainConfig, setup_models
+
+    rt = resolve_runtime("cpu", "bf16")
+    m = setup_models(TrainConfig(teacher=str(world / "teacher"), dmd=0.5), rt, rt.device)
+    fp32 = load_teacher(str(world / "teacher"), torch_dtype=torch.float32).unet.state_dict()
+    assert m.teacher.dtype == rt.weight_dtype != torch.float32  # the cast happened
+    fake = m.critic.state_dict()
+    assert all(fake[k].dtype == torch.float32 for k in fake)
+    assert max((fake[k] - fp32[k]).abs().max().item() for k in fp32) == 0.0

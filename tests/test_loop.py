@@ -554,3 +554,23 @@ def test_resumed_curves_keep_the_runs_not_measured_again():
     assert out["runs"] == {"a": {"points": [1]}, "b": {"points": [3]}, "c": {"points": [4]}}
     assert out["note"] == "how" and out["wall_s"] == 9
     assert merge_curves(None, new) == new
+
+
+def test_curves_are_written_atomically(tmp_path, monkeypatch):
+    """A bench killed while writing its curves leaves the earlier file whole (--resume-curves reads it next)."""
+    import numpy as np
+
+    from splam_studio.tools.bench import write_curves
+
+    path = tmp_path / "c.json"
+    write_curves(path, {"runs": {"a": {"fid": np.float32(1.5)}}})
+    assert json.loads(path.read_text()) == {"runs": {"a": {"fid": 1.5}}}
+
+    def killed(self, *a, **k):  # the file opened for writing (truncated), then the process is killed
+        open(self, "w").close()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(type(path), "write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_curves(path, {"runs": {}})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"runs": {"a": {"fid": 1.5}}} and [p.name for p in tmp_path.iterdir()] == ["c.json"]

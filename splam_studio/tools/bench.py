@@ -247,6 +247,14 @@ CURVE_CONFIG_KEYS = ("method", "lr", "lr_schedule", "ema_decay", "batch_size", "
                      "prompts_w", "data", "regression_prompts")
 
 
+def write_curves(path: str | Path, res: dict) -> Path:
+    """The curves JSON written atomically (a killed bench leaves the earlier file whole: --resume-curves reads it)."""
+    from ..store.atomic import atomic_write
+
+    payload = json.dumps(res, indent=2, default=float)
+    return atomic_write(path, lambda p: p.write_text(payload))
+
+
 def merge_curves(done: dict | None, new: dict) -> dict:
     """An earlier curves file (--resume-curves) updated by a new result: its other runs and keys (a note) kept, the
     runs measured now replaced, the new top-level values (untrained row, wall time) taken."""
@@ -455,12 +463,12 @@ def main(argv: list[str] | None = None) -> None:
         Path(a.curves_out).parent.mkdir(parents=True, exist_ok=True)
 
         def save(partial: dict) -> None:  # earlier points and this run's so far
-            Path(a.curves_out).write_text(json.dumps(merge_curves(done, partial), indent=2, default=float))
+            write_curves(a.curves_out, merge_curves(done, partial))
 
         res = curves(bench, [Path(r) for r in a.curves], untrained=not a.no_untrained, done=done, save=save)
         res["wall_s"] = time.time() - t0
         res = merge_curves(done, res)
-        Path(a.curves_out).write_text(json.dumps(res, indent=2, default=float))
+        write_curves(a.curves_out, res)
         if a.curves_plot:
             plot_curves(res, Path(a.curves_plot), f"{len(res['runs'])} runs, {a.n} held-out captions per point")
         print(f"wrote {a.curves_out} in {res['wall_s']:.0f}s")

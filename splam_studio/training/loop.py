@@ -649,6 +649,7 @@ def setup_models(cfg: TrainConfig, rt, device: torch.device) -> Models:
     teacher = pipe.unet.requires_grad_(False).eval()
     student = make_student(pipe, teacher, cfg)
     target = make_target(student)
+    critic = make_critic(teacher, cfg)  # before the cast: the fake score starts from the fp32 teacher, not its bf16 copy
     teacher.to(device, rt.weight_dtype)
     for te in text_encoders(pipe).values():  # SDXL: both
         te.requires_grad_(False).to(device, rt.weight_dtype)
@@ -656,7 +657,6 @@ def setup_models(cfg: TrainConfig, rt, device: torch.device) -> Models:
     target.to(device)
     with torch.no_grad():  # (1, L, D); SDXL a TextCondition (zeros with force_zeros_for_empty_prompt)
         uncond_1 = empty_condition(pipe, device)
-    critic = make_critic(teacher, cfg)
     return Models(pipe, NoiseSchedule.from_scheduler(pipe.scheduler), teacher, student, target, uncond_1,
                   critic.to(device) if critic is not None else None)
 
