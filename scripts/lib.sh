@@ -21,3 +21,16 @@ run_dirs() {  # run_dirs OUT SPEC...: the run folders of the specs
   local out=$1 spec; shift
   for spec in "$@"; do echo "$out/${spec%% *}"; done
 }
+
+embed() {  # embed RUN_DIR NAME: a finished run's exported student, config, stats and last validation grid -> weights/NAME
+  local src=$1 dst=weights/$2
+  rm -rf "$dst.tmp" && mkdir -p "$dst.tmp"
+  cp -r "$src/$( [ -d "$src/lora" ] && echo lora || echo unet )" "$src/stats.jsonl" "$src/validation" "$dst.tmp/"
+  "$PY" - "$src/training_config.json" "$dst.tmp/training_config.json" "$2" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c.update(run_name=sys.argv[3], output_dir="weights")
+json.dump(c, open(sys.argv[2], "w"), indent=2)
+PY
+  rm -rf "$dst" && mv "$dst.tmp" "$dst"
+}

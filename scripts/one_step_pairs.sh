@@ -4,6 +4,7 @@
 # on (the rendered images, or teacher data at CFG 1) while the 1-step student regresses onto the guided ODE. Beside
 # the best 1-step recipe so far (p-splam-reg-k: teacher data at CFG 7.5 serving both), 3 seeds each, 600 steps:
 #   bash scripts/one_step_pairs.sh    # about 70 minutes on an idle 2-core machine (two runs at a time)
+#   STAGE=embed bash scripts/one_step_pairs.sh   # then r-img / r-img-lcm into weights/ as the `shapes-1step` set
 # - r-img: image data (the shapes renders, as the embedded students) + pairs from 2,048 training-split captions
 # - r-pw0: teacher data at CFG 1 (--prompts-w 0) + pairs from the same prompts at CFG 7.5
 # Both add regression 0.25 and the k schedule (k 100 from t >= 500). The pair store is the one of one_step.sh (seed 0).
@@ -11,6 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 OUT=runs/one_step
+if [ "${STAGE:-all}" = embed ]; then  # the seed-0 pair of the split recipe as the `shapes-1step` model set
+  embed "$OUT/r-img" shapes-1step-splam && embed "$OUT/r-img-lcm" shapes-1step-lcm && exit 0
+fi
 "$PY" -m splam_studio.tools.world prompts --n 2048 --seed 12345 --out runs/shapes_prompts.txt
 K="--method splam --regression 0.25 --k-high 100 --t-high 500 --prompts-seed 0"
 I="$K --regression-prompts runs/shapes_prompts.txt"

@@ -15,23 +15,11 @@ source scripts/lib.sh
 OUT=${OUT:-runs/xl}
 TRAIN="--teacher weights/shapes-xl-teacher --threads 1 ${TRAIN:-}"
 LORA="--lora-rank 16 --lr 5e-4 --cond-proj-lr-scale 1"
-embed() {  # embed RUN NAME: the exported student of a finished run, its config, stats and last validation grid
-  local src=$OUT/$1 dst=weights/$2
-  rm -rf "$dst.tmp" && mkdir -p "$dst.tmp"
-  cp -r "$src/$( [ -d "$src/lora" ] && echo lora || echo unet )" "$src/stats.jsonl" "$src/validation" "$dst.tmp/"
-  "$PY" - "$src/training_config.json" "$dst.tmp/training_config.json" "$2" <<'PY'
-import json, sys
-c = json.load(open(sys.argv[1]))
-c.update(run_name=sys.argv[3], output_dir="weights")
-json.dump(c, open(sys.argv[2], "w"), indent=2)
-PY
-  rm -rf "$dst" && mv "$dst.tmp" "$dst"
-}
 if [ "${STAGE:-all}" = embed ]; then
-  embed xl-splam shapes-xl-splam && embed xl-lcm shapes-xl-lcm && exit 0
+  embed "$OUT/xl-splam" shapes-xl-splam && embed "$OUT/xl-lcm" shapes-xl-lcm && exit 0
 fi
 if [ "${STAGE:-all}" = embed-lora ]; then
-  embed xl-splam-lora shapes-xl-lora-splam && embed xl-lcm-lora shapes-xl-lora-lcm && exit 0
+  embed "$OUT/xl-splam-lora" shapes-xl-lora-splam && embed "$OUT/xl-lcm-lora" shapes-xl-lora-lcm && exit 0
 fi
 SPECS=()
 case "${STAGE:-all}" in

@@ -44,19 +44,20 @@ def studios(hub_cache, tmp_path_factory):
 
 # ---- the table and the default ----------------------------------------------------------------------------------
 def test_table_names_every_released_repo():
-    assert set(S.MODEL_SETS) == {"shapes", "shapes-xl", "shapes-xl-lora", "dreamshaper7", "sd15", "sdxl"}  # sdxl: test_sdxl_studio.py
+    assert set(S.MODEL_SETS) == {"shapes", "shapes-1step", "shapes-xl", "shapes-xl-lora", "dreamshaper7", "sd15",
+                                 "sdxl"}  # sdxl: test_sdxl_studio.py
     ds, sd = S.MODEL_SETS["dreamshaper7"], S.MODEL_SETS["sd15"]
     assert (ds.teacher, ds.lcm, ds.splam) == ("Lykon/dreamshaper-7", S.Student("SimianLuo/LCM_Dreamshaper_v7", "unet"),
                                               S.Student("alimama-creative/slam-dreamshaper7", "unet"))
     assert sd.teacher == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert (sd.lcm.kind, sd.splam.kind) == ("lora", "unet") and sd.splam.repo == "alimama-creative/slam-sd1.5"
     assert S.student_kind("latent-consistency/lcm-lora-sdv1-5") == "lora" and S.student_kind("a/b") is None
-    assert not any(S.MODEL_SETS[n].hub for n in ("shapes", "shapes-xl", "shapes-xl-lora")) and ds.hub and sd.hub
+    assert not any(S.MODEL_SETS[n].hub for n in ("shapes", "shapes-1step", "shapes-xl", "shapes-xl-lora")) and ds.hub and sd.hub
     # the fake caches replicate exactly the repos the table names
     assert {r for m in S.MODEL_SETS.values() if m.hub for r in (m.teacher, m.lcm.repo, m.splam.repo)} == \
         set(TEACHERS) | set(FULL_STUDENTS) | set(LORAS) | {XL_TEACHER, *XL_LORAS}
     with pytest.raises(ValueError, match=r"unknown model set 'sd3'; choose one of \['dreamshaper7', 'sd15', 'sdxl', "
-                       r"'shapes', 'shapes-xl', 'shapes-xl-lora'\]"):
+                       r"'shapes', 'shapes-1step', 'shapes-xl', 'shapes-xl-lora'\]"):
         S.get_model_set("sd3")
     with pytest.raises(StudioError, match="unknown model set"):
         Studio.for_model_set("sd3")

@@ -36,6 +36,8 @@ EMBEDDED = {
     "shapes-xl-lcm": "shapes-xl-lcm",
     "shapes-xl-lora-splam": "shapes-xl-lora-splam",
     "shapes-xl-lora-lcm": "shapes-xl-lora-lcm",
+    "shapes-1step-splam": "shapes-1step-splam",
+    "shapes-1step-lcm": "shapes-1step-lcm",
 }
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
