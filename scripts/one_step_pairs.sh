@@ -31,11 +31,13 @@ train_runs "$OUT" "${SPECS[@]}"
 "$PY" -m splam_studio.tools.bench --n 500 --curves $(run_dirs "$OUT" "${SPECS[@]}") --resume-curves \
   --curves-out benchmarks/one_step.json --reference-cache runs/reference.safetensors
 # Then what the split recipe costs at 2 and 4 steps (teacher MSE), one knob at a time, seed 0:
-# - r-img-w01: regression 0.1 instead of 0.25; r-img-nok: without the k schedule; r-img-lcm: LCM on the split recipe
+# - r-img-w01: regression 0.1 instead of 0.25; r-img-nok: without the k schedule; r-img-lcm: LCM on the split recipe;
+#   r-img-p09: p(gamma = 1) 0.9
 SPECS2=(
   "r-img-w01 --method splam --regression 0.1 --k-high 100 --t-high 500 --prompts-seed 0 --regression-prompts runs/shapes_prompts.txt"
   "r-img-nok --method splam --regression 0.25 --prompts-seed 0 --regression-prompts runs/shapes_prompts.txt"
   "r-img-lcm ${I/--method splam/--method lcm}"
+  "r-img-p09 $I --gamma-one-prob 0.9"
 )
 train_runs "$OUT" "${SPECS2[@]}"
 "$PY" -m splam_studio.tools.bench --n 500 --curves $(run_dirs "$OUT" "${SPECS2[@]}") --resume-curves \
