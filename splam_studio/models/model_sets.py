@@ -68,7 +68,7 @@ MODEL_SETS: dict[str, ModelSet] = {
         resolution=64, teacher_guidance=7.5, gpu_precision="auto",
         about="The Shapes teacher with students of the 1-step recipe (README 'The 1-step student'): the regression "
               "onto the teacher's own ODE pairs and the k schedule on top of the paper's loss. At 1 step closer to "
-              "the teacher than no distillation on average (latent MSE 0.278 against 0.350 over 500 held-out "
+              "the teacher than no distillation on average (latent MSE 0.27 against 0.35 over 500 held-out "
               "captions), though not on every prompt; sharper at 2 and 4 steps and a little further from the "
               "teacher than the `shapes` pair; offline."),
     "shapes-xl": ModelSet(
