@@ -166,13 +166,12 @@ def splad_loss(
                       cfg.gamma_time)
     x_1 = None  # the 1-step sample F(z_T, T - 1), shared by the 1-step terms on the batch
     if cfg.regression > 0:  # DMD's regression: onto the teacher's own ODE solution from the same noise
-        if pairs is None:  # teacher data: the batch holds its own pairs
-            x_1 = one_step(F_student, schedule, z_T.to(z_0))
-            loss = loss + cfg.regression * distance(x_1, z_0, cfg.distance, cfg.huber_c)
-        else:
-            p_T, p_0, p_cond = pairs
-            x_p = one_step(student_F(student, p_cond, cfg.gamma_scale), schedule, p_T.to(p_0))
-            loss = loss + cfg.regression * distance(x_p, p_0, cfg.distance, cfg.huber_c)
+        # teacher data: the batch holds its own pairs (and its 1-step sample serves the critics too)
+        p_T, p_0, F_p = (z_T, z_0, F_student) if pairs is None else \
+            (pairs[0], pairs[1], student_F(student, pairs[2], cfg.gamma_scale))
+        x_p = one_step(F_p, schedule, p_T.to(p_0))
+        loss = loss + cfg.regression * distance(x_p, p_0, cfg.distance, cfg.huber_c)
+        x_1 = x_p if pairs is None else None
     if cfg.adversarial > 0 or cfg.dmd > 0:
         if x_1 is None:
             if z_T is None:  # image data: fresh noise

@@ -995,6 +995,18 @@ class PairBatches:
         return collate_drop_none([self.dataset[i] for i in self.sampler.indices(micro_step)])
 
 
+def _teacher_store(cfg: TrainConfig, pipe, acc, path: str, w: float) -> tuple[list, LatentStore]:
+    """(prompts, store): teacher data of a prompts file at guidance w (CFG w + 1), --num-ddim-steps and
+    --images-per-prompt, its noise from --prompts-seed (default --seed); made by the main process first under
+    <output_dir>/.cache (the others then find it complete). The data of --prompts and the regression's pairs store."""
+    prompts = read_prompts(path)
+    with acc.main_process_first():
+        store = teacher_data(pipe, prompts, Path(cfg.output_dir) / ".cache", w=w, steps=cfg.num_ddim_steps,
+                             seed=cfg.seed if cfg.prompts_seed is None else cfg.prompts_seed,
+                             images_per_prompt=cfg.images_per_prompt, batch_size=cfg.batch_size)
+    return prompts, store
+
+
 def _regression_pairs(cfg: TrainConfig, pipe, acc, log) -> tuple[PairBatches | None, LatentStore | None]:
     """The regression's pairs store apart from the data (regression_pairs_prompts), made by the main process first
     under <output_dir>/.cache as teacher data at the distillation's w, and its batches; (None, None) without one."""
@@ -1003,11 +1015,7 @@ def _regression_pairs(cfg: TrainConfig, pipe, acc, log) -> tuple[PairBatches | N
     path = regression_pairs_prompts(cfg)
     if path is None:
         return None, None
-    prompts = read_prompts(path)
-    with acc.main_process_first():
-        store = teacher_data(pipe, prompts, Path(cfg.output_dir) / ".cache", w=cfg.w, steps=cfg.num_ddim_steps,
-                             seed=cfg.seed if cfg.prompts_seed is None else cfg.prompts_seed,
-                             images_per_prompt=cfg.images_per_prompt, batch_size=cfg.batch_size)
+    prompts, store = _teacher_store(cfg, pipe, acc, path, cfg.w)
     dataset = store.dataset()
     batch_size, _ = fit_batch_size(len(dataset), cfg.batch_size, acc.num_processes)
     per = f", {store.seconds / store.n:.2f} s per pair" if store.seconds else " (reused)"
@@ -1030,12 +1038,8 @@ def _latent_source(cfg: TrainConfig, pipe, acc, resolution: int, log) -> tuple[t
         native = native_size(pipe)
         if resolution != native:
             raise TrainError(f"--prompts makes z_0 at the teacher's native size ({native} px); drop --resolution {resolution}")
-        prompts = read_prompts(cfg.prompts)
-        with acc.main_process_first():
-            seed = cfg.seed if cfg.prompts_seed is None else cfg.prompts_seed
-            w_data = teacher_data_w(cfg)
-            store = teacher_data(pipe, prompts, root, w=w_data, steps=cfg.num_ddim_steps, seed=seed,
-                                 images_per_prompt=cfg.images_per_prompt, batch_size=cfg.batch_size)
+        w_data = teacher_data_w(cfg)
+        prompts, store = _teacher_store(cfg, pipe, acc, cfg.prompts, w_data)
         dataset = store.dataset()
         per = f", {store.seconds / store.n:.2f} s per image" if store.seconds else " (reused)"
         log(f"teacher data: {len(prompts)} prompts x {cfg.images_per_prompt} = {store.n} images, DDIM {cfg.num_ddim_steps} at "
